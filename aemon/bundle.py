@@ -1,0 +1,301 @@
+"""Model bundles: a directory with ``model.keras`` and ``bundle.json``, saved atomically.
+
+A bundle is written into a hidden temporary directory beside its destination, every file
+fsync'd, then renamed into place, so a reader sees either no bundle or a whole one. Loading
+checks the format version and the model file's sha256 before Keras reads it in safe mode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aemon import __version__
+from aemon.calibration import p_values
+from aemon.errors import BundleError
+from aemon.images import Preprocessing
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MODEL_FILE",
+    "META_FILE",
+    "BundleMeta",
+    "Bundle",
+    "save_bundle",
+    "write_meta",
+    "read_meta",
+    "load_bundle",
+    "default_bundle_path",
+    "sha256_of",
+    "fsync_dir",
+    "utc_now",
+]
+
+#: Version of the bundle layout this aemon reads and writes.
+FORMAT_VERSION = 1
+MODEL_FILE = "model.keras"
+META_FILE = "bundle.json"
+
+
+def utc_now() -> str:
+    """The current time, ISO 8601 in UTC."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+class Calibration(BaseModel):
+    """Where the threshold came from."""
+
+    model_config = ConfigDict(extra="allow")
+    source: str
+    n: int
+    #: Sorted calibration scores (for p-values).
+    scores: list[float]
+    created_at: str
+
+
+class BundleMeta(BaseModel):
+    """The contents of ``bundle.json``."""
+
+    model_config = ConfigDict(extra="allow", protected_namespaces=())
+
+    format_version: int
+    name: str
+    arch: str
+    task: str = Field("detect", description="detect or denoise")
+    input_shape: list[int]
+    latent_dim: int | None = None
+    preprocessing: dict[str, Any]
+    score_fn: str = "mse"
+    threshold: float
+    target_fpr: float
+    calibration: Calibration
+    training: dict[str, Any]
+    created_at: str
+    aemon_version: str
+    keras_version: str | None = None
+    model_file: str = MODEL_FILE
+    model_sha256: str
+    #: Bumped by every recalibration of the same model file.
+    revision: int = 1
+
+    @property
+    def version(self) -> str:
+        """The model version shown in records and metrics: sha256 prefix and revision."""
+        return f"{self.model_sha256[:12]}-r{self.revision}"
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fp:
+        for block in iter(lambda: fp.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as fp:
+        os.fsync(fp.fileno())
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("w") as fp:
+        json.dump(data, fp, indent=2)
+        fp.write("\n")
+        fp.flush()
+        os.fsync(fp.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = False) -> Path:
+    """Write ``model`` and its metadata as a bundle at ``out``, atomically.
+
+    Args:
+        model: The trained Keras model.
+        meta: Every ``bundle.json`` field except ``model_sha256``, ``format_version``,
+            ``created_at`` and ``aemon_version``, which are filled in here.
+        out: The bundle directory to create.
+        overwrite: Replace an existing bundle at ``out``.
+
+    Raises:
+        BundleError: ``out`` exists (without ``overwrite``) or cannot be written.
+    """
+    import keras
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        model_path = tmp / MODEL_FILE
+        model.save(model_path)
+        _fsync_file(model_path)
+        full = {
+            **meta,
+            "format_version": FORMAT_VERSION,
+            "created_at": meta.get("created_at") or utc_now(),
+            "aemon_version": __version__,
+            "keras_version": keras.__version__,
+            "model_file": MODEL_FILE,
+            "model_sha256": sha256_of(model_path),
+        }
+        BundleMeta.model_validate(full)
+        _write_json_atomic(tmp / META_FILE, full)
+        fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def read_meta(path: Path) -> BundleMeta:
+    """Read and validate ``bundle.json`` (no model loading, no TensorFlow).
+
+    Raises:
+        BundleError: missing directory or file, bad JSON, unknown format version.
+    """
+    path = Path(path)
+    meta_path = path / META_FILE
+    if not path.is_dir():
+        raise BundleError(f"no model bundle at {path} (expected a directory with {META_FILE} and {MODEL_FILE})")
+    if not meta_path.is_file():
+        raise BundleError(f"{path} is not a model bundle: {META_FILE} is missing")
+    try:
+        raw = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise BundleError(f"{meta_path} is not a JSON object")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path} has bundle format_version {version!r}; this aemon {__version__} reads version {FORMAT_VERSION}"
+        )
+    try:
+        return BundleMeta.model_validate(raw)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise BundleError(f"{meta_path} is invalid: {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+
+
+def write_meta(path: Path, meta: BundleMeta) -> None:
+    """Replace a bundle's ``bundle.json`` atomically (used by recalibration)."""
+    _write_json_atomic(Path(path) / META_FILE, meta.model_dump(mode="json"))
+
+
+@dataclass
+class Bundle:
+    """A loaded, verified bundle ready to score."""
+
+    path: Path
+    meta: BundleMeta
+    model: Any
+    scorer: Any
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    @property
+    def version(self) -> str:
+        return self.meta.version
+
+    @property
+    def threshold(self) -> float:
+        return self.meta.threshold
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing.from_dict(self.meta.preprocessing)
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Per-image scores of model input ``x``."""
+        return self.scorer.score(x)
+
+    def p_values(self, scores: np.ndarray) -> np.ndarray:
+        """Share of calibration scores at or above each score."""
+        return p_values(scores, np.asarray(self.meta.calibration.scores))
+
+
+def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
+    """Load a bundle, verifying its format and the model file's sha256.
+
+    Raises:
+        BundleError: any problem, with a message that says what to do.
+    """
+    from aemon.logs import get_logger, quiet_tensorflow
+
+    quiet_tensorflow()
+    import keras
+
+    from aemon.scoring import Scorer
+
+    path = Path(path)
+    meta = read_meta(path)
+    model_path = path / meta.model_file
+    if not model_path.is_file():
+        raise BundleError(f"{path} is incomplete: {meta.model_file} is missing")
+    actual = sha256_of(model_path)
+    if actual != meta.model_sha256:
+        raise BundleError(
+            f"{model_path} does not match bundle.json (sha256 {actual[:12]}… != {meta.model_sha256[:12]}…); "
+            "the file was changed or truncated: restore it or retrain"
+        )
+    if meta.keras_version and meta.keras_version.split(".")[0] != keras.__version__.split(".")[0]:
+        get_logger().warning("bundle.version_mismatch", bundle=str(path), saved_with=meta.keras_version,
+                             running=keras.__version__)
+    try:
+        model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
+    except Exception as exc:  # Keras raises many types for a bad file
+        raise BundleError(f"{model_path} could not be loaded by Keras: {exc}") from exc
+    return Bundle(path=path, meta=meta, model=model, scorer=Scorer(model, meta.score_fn, chunk=chunk))
+
+
+def default_bundle_path(task: str = "detect") -> Path:
+    """The bundle shipped with aemon for ``task`` (``detect`` or ``denoise``).
+
+    Looks inside the installed package first (wheels carry the bundles as package data),
+    then in the ``models/`` folder of a source checkout.
+
+    Raises:
+        BundleError: no default bundle is installed.
+    """
+    name = {"detect": "mnist-detect", "denoise": "mnist-denoise"}[task]
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_bundles" / name, here.parent / "models" / name):
+        if (candidate / META_FILE).is_file():
+            return candidate
+    raise BundleError(
+        f"the default {task} bundle {name!r} is not installed; pass a bundle path or set AEMON_MODEL"
+    )

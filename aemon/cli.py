@@ -1,0 +1,257 @@
+"""The command line: parse arguments, build settings once, run one verb, map errors to exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+from aemon import __version__
+from aemon.errors import AemonError, ItemRejected, UsageError
+from aemon.logs import configure, quiet_tensorflow
+from aemon.settings import Settings, load_settings
+
+__all__ = ["main", "build_parser"]
+
+_VERBS: dict[str, Callable[[argparse.Namespace, Settings], int]] = {}
+
+
+def _verb(name: str):
+    def register(fn):
+        _VERBS[name] = fn
+        return fn
+
+    return register
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of exiting, so ``main`` owns every exit."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("common options")
+    group.add_argument("--config", type=Path, help="TOML settings file (default: $AEMON_CONFIG)")
+    group.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    group.add_argument("--log-format", choices=["json", "console"], help="log line format (default: $AEMON_LOG_FORMAT)")
+    group.add_argument("--log-level", help="lowest log level (default: $AEMON_LOG_LEVEL or INFO)")
+
+
+def _add(sub, name: str, summary: str, examples: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        name, help=summary, description=summary,
+        epilog="examples:\n" + textwrap.indent(textwrap.dedent(examples).strip(), "  "),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _common(parser)
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (every verb with its ``--help`` and examples)."""
+    parser = _Parser(
+        prog="aemon",
+        description="Anomaly detection for images with Keras autoencoders: train, calibrate, score, watch a folder.",
+        epilog="Run 'aemon VERB --help' for a verb's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"aemon {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+
+    p = _add(sub, "train", "train an autoencoder on normal data, calibrate its threshold, write a bundle", """
+        aemon train --data sample:mnist --arch conv --out bundles/digits --epochs 10
+        aemon train --data 'sample:mnist?digits=0,1' --arch dense --latent-dim 16 --out bundles/01
+        aemon train --data mnist.npz?key=x_train --arch conv --denoise --out bundles/denoise
+    """)
+    p.add_argument("--data", required=True, metavar="SRC",
+                   help="normal images: folder, .npy/.npz, sample:mnist, keras:mnist (options after ?)")
+    p.add_argument("--arch", default="conv", help="dense, deep or conv (default: conv)")
+    p.add_argument("--out", required=True, type=Path, metavar="BUNDLE_DIR", help="bundle directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--denoise", action="store_true", help="train on noisy inputs against clean targets")
+    p.add_argument("--noise-factor", type=float, default=0.5, help="Gaussian noise scale for --denoise (0.5)")
+    p.add_argument("--epochs", type=int, default=20, help="most epochs; early stopping may end sooner (20)")
+    p.add_argument("--latent-dim", type=int, default=32, help="code size of dense/deep (32)")
+    p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the threshold (0.01)")
+    p.add_argument("--batch-size", type=int, default=256, help="training batch size (256)")
+    p.add_argument("--optimizer", default="adam", help="adam, adadelta, rmsprop or sgd (adam)")
+    p.add_argument("--learning-rate", type=float, help="optimizer learning rate (Keras default)")
+    p.add_argument("--loss", default="binary_crossentropy", help="binary_crossentropy or mse")
+    p.add_argument("--score", default="mse", dest="score_fn", help="score function: mse or bce (mse)")
+    p.add_argument("--calibration-split", type=float, default=0.1, help="share held out for calibration (0.1)")
+    p.add_argument("--validation-split", type=float, default=0.1, help="share of the rest for early stopping (0.1)")
+    p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (3)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    p.add_argument("--name", help="bundle name (default: the --out folder's name)")
+
+    p = _add(sub, "calibrate", "recalibrate a bundle's threshold on new normal data", """
+        aemon calibrate bundles/digits --data sample:mnist --target-fpr 0.05
+        aemon calibrate bundles/digits --data normal_images/ --out bundles/digits-site2
+    """)
+    p.add_argument("bundle", type=Path, metavar="BUNDLE")
+    p.add_argument("--data", required=True, metavar="SRC", help="normal images to calibrate on")
+    p.add_argument("--target-fpr", type=float, help="new target false-positive rate (default: the bundle's)")
+    p.add_argument("--out", type=Path, help="write a new bundle here instead of updating BUNDLE in place")
+
+    p = _add(sub, "score", "score images or arrays once; one JSON record per item on stdout", """
+        aemon score bundles/digits digit.png more_images/
+        aemon score batch.npy            # uses the default bundle (or $AEMON_MODEL)
+        aemon score bundles/digits x.npz | jq 'select(.verdict == "anomaly")'
+    """)
+    p.add_argument("paths", nargs="+", metavar="[BUNDLE] PATH",
+                   help="an optional bundle directory first, then images, arrays or folders")
+
+    p = _add(sub, "info", "print a bundle's metadata", """
+        aemon info bundles/digits
+        aemon info --json bundles/digits | jq .threshold
+    """)
+    p.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE", help="bundle (default: the default bundle)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (calibration scores omitted)")
+    return parser
+
+
+def _load_bundle_meta(path: Path | None, settings: Settings, task: str = "detect"):
+    from aemon.bundle import default_bundle_path, read_meta
+
+    path = path or settings.model or default_bundle_path(task)
+    return path, read_meta(path)
+
+
+@_verb("train")
+def _train(args: argparse.Namespace, settings: Settings) -> int:
+    from aemon.sources import load_source
+
+    quiet_tensorflow()
+    from aemon.train import TrainConfig, train_bundle
+
+    cfg = TrainConfig(
+        arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, latent_dim=args.latent_dim,
+        denoise=args.denoise, noise_factor=args.noise_factor, target_fpr=args.target_fpr,
+        calibration_split=args.calibration_split, validation_split=args.validation_split,
+        patience=args.patience, optimizer=args.optimizer, learning_rate=args.learning_rate,
+        loss=args.loss, score_fn=args.score_fn, seed=args.seed, name=args.name,
+    )
+    cfg.check()
+    if args.out.exists() and not args.force:
+        raise UsageError(f"{args.out} already exists; choose another --out or pass --force to replace it")
+    data = load_source(args.data)
+    path = train_bundle(data, cfg, args.out, overwrite=args.force)
+    print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+@_verb("calibrate")
+def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
+    from aemon.bundle import load_bundle
+    from aemon.recalibrate import recalibrate
+    from aemon.sources import load_source
+
+    bundle = load_bundle(args.bundle)
+    data = load_source(args.data, bundle.preprocessing)
+    meta = recalibrate(bundle, data, args.target_fpr, args.out)
+    where = args.out or args.bundle
+    print(f"{where}: threshold {meta.threshold:.6g} at target FPR {meta.target_fpr} "
+          f"from {meta.calibration.n} samples (revision {meta.revision})", file=sys.stderr)
+    return 0
+
+
+def _split_bundle_arg(paths: list[str], settings: Settings) -> tuple[Path, list[Path]]:
+    from aemon.bundle import META_FILE, default_bundle_path
+
+    first = Path(paths[0])
+    if (first / META_FILE).is_file():
+        if len(paths) == 1:
+            raise UsageError("give at least one PATH to score after the bundle")
+        return first, [Path(p) for p in paths[1:]]
+    return settings.model or default_bundle_path("detect"), [Path(p) for p in paths]
+
+
+@_verb("score")
+def _score(args: argparse.Namespace, settings: Settings) -> int:
+    from aemon.bundle import load_bundle
+    from aemon.oneshot import score_paths
+
+    bundle_path, paths = _split_bundle_arg(args.paths, settings)
+    bundle = load_bundle(bundle_path)
+    rejected = 0
+    for record in score_paths(bundle, paths, settings):
+        rejected += record["verdict"] == "rejected"
+        sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+    if rejected:
+        print(f"Error: {rejected} item(s) could not be scored (see their 'reason' and 'error')", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _info_lines(path: Path, meta) -> Iterator[str]:
+    t = meta.training
+    yield f"bundle        {path}"
+    yield f"name          {meta.name}"
+    yield f"version       {meta.version}"
+    yield f"task          {meta.task}"
+    yield f"arch          {meta.arch}" + (f" (latent {meta.latent_dim})" if meta.latent_dim else "")
+    yield f"input         {'x'.join(map(str, meta.input_shape))}, {meta.preprocessing.get('color_mode')}"
+    yield f"score         {meta.score_fn}"
+    yield f"threshold     {meta.threshold:.6g} (target FPR {meta.target_fpr})"
+    yield f"calibration   {meta.calibration.n} samples from {meta.calibration.source} at {meta.calibration.created_at}"
+    epochs = f"{t.get('epochs_run')}/{t.get('epochs_max')} epochs"
+    yield f"training      {t.get('source')}: {t.get('n_fit')} fitted, {epochs}"
+    yield f"final loss    {t.get('final_loss')} (validation {t.get('final_val_loss')})"
+    yield f"created       {meta.created_at} with aemon {meta.aemon_version}, keras {meta.keras_version}"
+    yield f"model sha256  {meta.model_sha256}"
+
+
+@_verb("info")
+def _info(args: argparse.Namespace, settings: Settings) -> int:
+    path, meta = _load_bundle_meta(args.bundle, settings)
+    if args.json:
+        data = meta.model_dump(mode="json")
+        data["calibration"].pop("scores", None)
+        data["version"] = meta.version
+        print(json.dumps(data, indent=2))
+    else:
+        print("\n".join(_info_lines(path, meta)))
+    return 0
+
+
+@_verb("evaluate")
+def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
+    from aemon.evaluate import evaluate_command
+
+    return evaluate_command(args, settings)
+
+
+def _settings_flags(args: argparse.Namespace) -> dict:
+    names = ("log_format", "log_level", "root", "model", "mode", "metrics_host", "metrics_port",
+             "batch_size", "batch_wait_ms", "settle_seconds", "polling")
+    return {name: getattr(args, name, None) for name in names}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.verb is None:
+            parser.print_help()
+            return 2
+        settings = load_settings(args.config, **_settings_flags(args))
+        log_stream = sys.stdout if args.verb == "run" else sys.stderr
+        configure(settings.log_format, settings.log_level, stream=log_stream)
+        return _VERBS[args.verb](args, settings)
+    except (AemonError, ItemRejected) as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130

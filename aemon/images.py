@@ -1,0 +1,278 @@
+"""Decode one input (image file or array file) into model-ready pixels.
+
+This is the single decoding path shared by the CLI, the training sources and the daemon.
+Policy (also in the README):
+
+* Images: any mode is converted to 8-bit grayscale (Pillow ``L``; alpha is dropped,
+  palette and colour images use ITU-R 601 luma), the first frame of an animation is used,
+  an image of another size is resized to the bundle's input size with bilinear filtering,
+  and pixels are scaled from 0–255 to [0, 1].
+* Arrays: shapes ``(N, H, W)``, ``(N, H*W)`` or ``(N, H, W, 1)`` with H×W the bundle's input
+  size. ``uint8`` (and other integer types holding 0–255) are divided by 255; floats already
+  in [0, 1] are used as they are; floats in (1, 255] are taken as 0–255 and divided by 255.
+  Anything else (negative values, NaN, bool, complex, object) is refused.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from aemon.errors import BadShape, EmptyItem, TooLarge, Unreadable, UnsafeItem, UnsupportedType
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "ARRAY_SUFFIXES",
+    "Preprocessing",
+    "Limits",
+    "is_image_name",
+    "is_array_name",
+    "decode_image",
+    "read_array",
+    "array_to_input",
+    "decode_file",
+]
+
+#: File name endings read as images (Pillow decodes them).
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+#: File name endings read as arrays of images (numpy, never with pickles).
+ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How raw pixels become model input; stored in every bundle."""
+
+    #: Colour mode every image is converted to.
+    color_mode: str = "grayscale"
+    #: Input height and width of the model.
+    size: tuple[int, int] = (28, 28)
+    #: ``unit``: 0–255 integers are divided by 255, floats in [0, 1] kept.
+    scaling: str = "unit"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The model's input shape, ``(H, W, 1)``."""
+        return (self.size[0], self.size[1], 1)
+
+    def to_dict(self) -> dict:
+        """Plain form for ``bundle.json``."""
+        return {"color_mode": self.color_mode, "size": list(self.size), "scaling": self.scaling}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Preprocessing:
+        """Read the form written by :meth:`to_dict`."""
+        return cls(
+            color_mode=str(data.get("color_mode", "grayscale")),
+            size=(int(data["size"][0]), int(data["size"][1])),
+            scaling=str(data.get("scaling", "unit")),
+        )
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Size limits that keep a hostile or mistaken input from exhausting memory."""
+
+    #: Largest file accepted, in bytes (uncompressed size for ``.npz``).
+    max_bytes: int = 256 * 1024 * 1024
+    #: Largest image accepted, in pixels (width × height), checked before decoding.
+    max_pixels: int = 40_000_000
+    #: Largest number of rows accepted in one array file.
+    max_rows: int = 1_000_000
+
+
+def is_image_name(name: str) -> bool:
+    """True when the name ends in an image suffix aemon decodes."""
+    return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
+def is_array_name(name: str) -> bool:
+    """True when the name ends in ``.npy`` or ``.npz``."""
+    return Path(name).suffix.lower() in ARRAY_SUFFIXES
+
+
+def _check_file(path: Path, limits: Limits) -> int:
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise Unreadable(f"cannot read {path.name}: {exc.strerror}") from exc
+    if size == 0:
+        raise EmptyItem(f"{path.name} is empty (0 bytes)")
+    if size > limits.max_bytes:
+        raise TooLarge(f"{path.name} is {size} bytes; the limit is {limits.max_bytes} bytes")
+    return size
+
+
+def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:
+    """Decode one image file into a float32 array of shape ``(H, W, 1)`` in [0, 1].
+
+    Args:
+        path: The image file.
+        prep: The bundle's preprocessing (size and colour mode).
+        limits: Size limits; the pixel limit is checked before any pixel is decoded.
+
+    Raises:
+        ItemRejected: a subclass naming why the file cannot be used.
+    """
+    _check_file(path, limits)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > limits.max_pixels:
+                    raise TooLarge(
+                        f"{path.name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels"
+                    )
+                img.seek(0)
+                gray = img.convert("L")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooLarge(f"{path.name} looks like a decompression bomb: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise Unreadable(f"{path.name} is not a readable image") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise Unreadable(f"{path.name} could not be decoded: {exc}") from exc
+    if gray.size != (prep.size[1], prep.size[0]):
+        gray = gray.resize((prep.size[1], prep.size[0]), Image.Resampling.BILINEAR)
+    pixels = np.asarray(gray, dtype=np.float32) / 255.0
+    return pixels[:, :, None]
+
+
+def _npy_header(fp, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    try:
+        version = np.lib.format.read_magic(fp)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
+    except (ValueError, OSError, SyntaxError) as exc:
+        raise Unreadable(f"{name} is not a valid .npy array: {exc}") from exc
+    return shape, dtype
+
+
+def _check_header(shape: tuple[int, ...], dtype: np.dtype, name: str, limits: Limits) -> None:
+    if dtype.hasobject:
+        raise UnsafeItem(f"{name} holds Python objects (pickles); aemon never unpickles, save numeric arrays")
+    if len(shape) >= 1 and shape[0] > limits.max_rows:
+        raise TooLarge(f"{name} has {shape[0]} rows; the limit is {limits.max_rows}")
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if nbytes > limits.max_bytes:
+        raise TooLarge(f"{name} holds {nbytes} bytes of data; the limit is {limits.max_bytes} bytes")
+
+
+def _pick_npz_key(keys: list[str], name: str, key: str | None) -> str:
+    if key is not None:
+        if key not in keys:
+            raise BadShape(f"{name} has no array named {key!r}; it holds {', '.join(keys) or 'nothing'}")
+        return key
+    if not keys:
+        raise EmptyItem(f"{name} holds no arrays")
+    if len(keys) == 1:
+        return keys[0]
+    for preferred in ("x", "images", "x_test", "x_train"):
+        if preferred in keys:
+            return preferred
+    raise BadShape(
+        f"{name} holds several arrays ({', '.join(keys)}); keep one, or name one 'x' or 'images'"
+    )
+
+
+def read_array(path: Path, limits: Limits = Limits(), key: str | None = None) -> tuple[np.ndarray, str | None]:
+    """Read a ``.npy`` or ``.npz`` file safely, exactly as stored (no scaling).
+
+    Headers are checked before any data is read: object arrays (pickles) are refused and
+    oversized arrays never reach memory.
+
+    Returns:
+        The array and, for ``.npz``, the name of the array used.
+    """
+    _check_file(path, limits)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            with path.open("rb") as fp:
+                shape, dtype = _npy_header(fp, path.name)
+                _check_header(shape, dtype, path.name, limits)
+                fp.seek(0)
+                return np.load(fp, allow_pickle=False), None
+        if suffix == ".npz":
+            try:
+                archive = zipfile.ZipFile(path)
+            except zipfile.BadZipFile as exc:
+                raise Unreadable(f"{path.name} is not a valid .npz archive") from exc
+            with archive:
+                members = {n.removesuffix(".npy"): n for n in archive.namelist()}
+                chosen = _pick_npz_key(sorted(members), path.name, key)
+                info = archive.getinfo(members[chosen])
+                if info.file_size > limits.max_bytes:
+                    raise TooLarge(
+                        f"{path.name}[{chosen}] unpacks to {info.file_size} bytes; the limit is {limits.max_bytes}"
+                    )
+                with archive.open(info) as fp:
+                    shape, dtype = _npy_header(fp, f"{path.name}[{chosen}]")
+                    _check_header(shape, dtype, f"{path.name}[{chosen}]", limits)
+                with archive.open(info) as fp:
+                    return np.lib.format.read_array(fp, allow_pickle=False), chosen
+    except (UnsafeItem, TooLarge, BadShape, EmptyItem, Unreadable):
+        raise
+    except ValueError as exc:
+        if "pickle" in str(exc).lower():
+            raise UnsafeItem(f"{path.name} needs pickles to load; aemon never unpickles") from exc
+        raise Unreadable(f"{path.name} could not be read as an array: {exc}") from exc
+    except (OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise Unreadable(f"{path.name} could not be read as an array: {exc}") from exc
+    raise UnsupportedType(f"{path.name} is not a .npy or .npz file")
+
+
+def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name: str = "array") -> np.ndarray:
+    """Convert a raw array of images into float32 model input ``(N, H, W, 1)`` in [0, 1].
+
+    Raises:
+        BadShape: the shape is not ``(N, H, W)``, ``(N, H*W)`` or ``(N, H, W, 1)``.
+        EmptyItem: the array has no rows.
+        Unreadable: the values are not pixels (negative, above 255, NaN, non-numeric).
+    """
+    height, width = prep.size
+    shape = raw.shape
+    if raw.ndim >= 1 and shape[0] == 0:
+        raise EmptyItem(f"{name} has 0 rows")
+    if raw.ndim == 2 and shape[1] == height * width:
+        raw = raw.reshape(shape[0], height, width)
+    elif raw.ndim == 4 and shape[1:] == (height, width, 1):
+        raw = raw[..., 0]
+    elif not (raw.ndim == 3 and shape[1:] == (height, width)):
+        raise BadShape(
+            f"{name} has shape {shape}; expected (N, {height}, {width}), (N, {height * width}) "
+            f"or (N, {height}, {width}, 1)"
+        )
+    kind = raw.dtype.kind
+    if kind not in "uif":
+        raise Unreadable(f"{name} has dtype {raw.dtype}; expected uint8 pixels or floats in [0, 1]")
+    if kind == "f" and not np.isfinite(raw).all():
+        raise Unreadable(f"{name} contains NaN or infinite values")
+    low, high = (float(raw.min()), float(raw.max()))
+    if low < 0 or high > 255:
+        raise Unreadable(f"{name} has values in [{low:g}, {high:g}]; expected 0–255 or [0, 1]")
+    pixels = raw.astype(np.float32)
+    if kind in "ui" or high > 1.0:
+        pixels /= 255.0
+    return pixels[..., None]
+
+
+def decode_file(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:
+    """Decode an image or array file into model input ``(N, H, W, 1)``; N is 1 for an image."""
+    if is_image_name(path.name):
+        return decode_image(path, prep, limits)[None]
+    if is_array_name(path.name):
+        raw, key = read_array(path, limits)
+        label = f"{path.name}[{key}]" if key else path.name
+        return array_to_input(raw, prep, label)
+    raise UnsupportedType(
+        f"{path.name}: unsupported file type; expected an image "
+        f"({', '.join(sorted(IMAGE_SUFFIXES))}) or an array (.npy, .npz)"
+    )

@@ -1,0 +1,63 @@
+"""structlog set-up (once per process) and TensorFlow's start-up noise kept quiet."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+import structlog
+
+__all__ = ["configure", "quiet_tensorflow", "get_logger"]
+
+
+def quiet_tensorflow() -> None:
+    """Keep TensorFlow's C++ and Python start-up chatter off the user's terminal.
+
+    Must run before TensorFlow is imported; safe to call many times.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+    # oneDNN prints a banner on import and gains nothing for models this small.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="tensorflow")
+    warnings.filterwarnings("ignore", module="keras")
+
+
+def configure(fmt: str | None = None, level: str = "INFO", stream=None) -> None:
+    """Configure structlog: one event per line, JSON or readable console lines.
+
+    Args:
+        fmt: ``json`` or ``console``; ``None`` picks JSON unless the stream is a terminal.
+        level: Lowest level logged.
+        stream: Where lines go (stdout by default).
+    """
+    stream = stream or sys.stdout
+    if fmt is None:
+        fmt = "console" if stream.isatty() else "json"
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=stream.isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(stream),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(**context) -> structlog.typing.FilteringBoundLogger:
+    """A structlog logger bound to ``context``."""
+    return structlog.get_logger(**context)

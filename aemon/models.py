@@ -1,0 +1,93 @@
+"""The autoencoder zoo: one small Keras 3 functional builder per architecture.
+
+Every model takes and returns images of shape ``(H, W, 1)`` in [0, 1] and is made of two
+named sub-models, ``encoder`` and ``decoder``, so that evaluation can read the latent codes.
+The dense models flatten the image first and reshape at the end (no parameters), so the
+layers are exactly the classic recipe's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import layers
+
+__all__ = ["ARCHS", "build", "encoder_of"]
+
+#: Architectures ``build`` knows, with a one-line description for ``--help``.
+ARCHS: dict[str, str] = {
+    "dense": "784→latent→784, relu then sigmoid (latent 32 by default)",
+    "deep": "784→128→64→latent→64→128→784 (latent 32 by default)",
+    "conv": "Conv2D 16 + MaxPool, Conv2D 8 + MaxPool (7×7×8 code); mirrored Conv2D + UpSampling2D",
+}
+
+
+def _dense_stack(
+    input_shape: tuple[int, int, int], hidden: list[int], latent_dim: int
+) -> tuple[keras.Model, keras.Model]:
+    pixels = math.prod(input_shape)
+    enc_in = keras.Input(shape=input_shape, name="image")
+    x = layers.Flatten(name="flatten")(enc_in)
+    for i, units in enumerate(hidden):
+        x = layers.Dense(units, activation="relu", name=f"enc_dense_{i}")(x)
+    code = layers.Dense(latent_dim, activation="relu", name="code")(x)
+    encoder = keras.Model(enc_in, code, name="encoder")
+
+    dec_in = keras.Input(shape=(latent_dim,), name="code_in")
+    y = dec_in
+    for i, units in enumerate(reversed(hidden)):
+        y = layers.Dense(units, activation="relu", name=f"dec_dense_{i}")(y)
+    y = layers.Dense(pixels, activation="sigmoid", name="pixels")(y)
+    out = layers.Reshape(input_shape, name="unflatten")(y)
+    decoder = keras.Model(dec_in, out, name="decoder")
+    return encoder, decoder
+
+
+def _conv_stack(input_shape: tuple[int, int, int]) -> tuple[keras.Model, keras.Model]:
+    if input_shape[0] % 4 or input_shape[1] % 4:
+        raise ValueError(f"the conv architecture needs height and width divisible by 4, got {input_shape}")
+    enc_in = keras.Input(shape=input_shape, name="image")
+    x = layers.Conv2D(16, 3, activation="relu", padding="same", name="enc_conv_0")(enc_in)
+    x = layers.MaxPooling2D(2, padding="same", name="enc_pool_0")(x)
+    x = layers.Conv2D(8, 3, activation="relu", padding="same", name="enc_conv_1")(x)
+    code = layers.MaxPooling2D(2, padding="same", name="code")(x)
+    encoder = keras.Model(enc_in, code, name="encoder")
+
+    dec_in = keras.Input(shape=tuple(code.shape[1:]), name="code_in")
+    y = layers.Conv2D(8, 3, activation="relu", padding="same", name="dec_conv_0")(dec_in)
+    y = layers.UpSampling2D(2, name="dec_up_0")(y)
+    y = layers.Conv2D(16, 3, activation="relu", padding="same", name="dec_conv_1")(y)
+    y = layers.UpSampling2D(2, name="dec_up_1")(y)
+    out = layers.Conv2D(input_shape[2], 3, activation="sigmoid", padding="same", name="pixels")(y)
+    decoder = keras.Model(dec_in, out, name="decoder")
+    return encoder, decoder
+
+
+def build(arch: str, input_shape: tuple[int, int, int] = (28, 28, 1), latent_dim: int = 32) -> keras.Model:
+    """Build an untrained autoencoder.
+
+    Args:
+        arch: One of :data:`ARCHS`.
+        input_shape: ``(H, W, 1)``.
+        latent_dim: Size of the code for the dense architectures (ignored by ``conv``).
+
+    Raises:
+        ValueError: unknown architecture or impossible shape.
+    """
+    if arch == "dense":
+        encoder, decoder = _dense_stack(input_shape, [], latent_dim)
+    elif arch == "deep":
+        encoder, decoder = _dense_stack(input_shape, [128, 64], latent_dim)
+    elif arch == "conv":
+        encoder, decoder = _conv_stack(input_shape)
+    else:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    image = keras.Input(shape=input_shape, name="input")
+    model = keras.Model(image, decoder(encoder(image)), name=f"{arch}_autoencoder")
+    return model
+
+
+def encoder_of(model: keras.Model) -> keras.Model:
+    """The named encoder sub-model of an aemon autoencoder."""
+    return model.get_layer("encoder")

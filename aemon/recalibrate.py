@@ -1,0 +1,55 @@
+"""Recalibration: a new threshold for an existing bundle, from new normal data."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+from aemon.bundle import Bundle, BundleMeta, fsync_dir, write_meta
+from aemon.errors import BundleError
+from aemon.sources import Dataset
+from aemon.train import calibration_payload
+
+__all__ = ["recalibrate"]
+
+
+def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, out: Path | None = None) -> BundleMeta:
+    """Score ``data`` and store the new threshold as the bundle's next revision.
+
+    Args:
+        bundle: The loaded bundle.
+        data: Normal images, decoded with the bundle's preprocessing.
+        target_fpr: New target; ``None`` keeps the bundle's.
+        out: Write a new bundle directory here (atomically) instead of updating in place.
+
+    Raises:
+        CalibrationError: too few samples for the target FPR (with the number needed).
+    """
+    fpr = bundle.meta.target_fpr if target_fpr is None else target_fpr
+    threshold, calibration = calibration_payload(bundle.score(data.x), fpr, data.source)
+    meta = bundle.meta.model_copy(update={
+        "threshold": threshold,
+        "target_fpr": fpr,
+        "calibration": calibration,
+        "revision": bundle.meta.revision + 1,
+    })
+    meta = BundleMeta.model_validate(meta.model_dump())
+    if out is None:
+        write_meta(bundle.path, meta)
+        return meta
+    out = Path(out)
+    if out.exists():
+        raise BundleError(f"{out} already exists; choose a new --out")
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    try:
+        shutil.copytree(bundle.path, tmp)
+        write_meta(tmp, meta.model_copy(update={"name": out.name}))
+        fsync_dir(tmp)
+        os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta

@@ -1,0 +1,43 @@
+"""Result records (``NAME.json``): the fields fixed by the contract, built in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["scored_record", "rejected_record"]
+
+
+def scored_record(*, item: str, verdict: str, score: float, threshold: float, p_value: float,
+                  model_name: str, model_version: str, received_at: str, decided_at: str,
+                  **extra: Any) -> dict[str, Any]:
+    """The record of one scored item (or of one part of an array)."""
+    return {
+        "item": item,
+        "verdict": verdict,
+        "score": float(score),
+        "threshold": float(threshold),
+        "p_value": float(p_value),
+        "model": {"name": model_name, "version": model_version},
+        "received_at": received_at,
+        "decided_at": decided_at,
+        **extra,
+    }
+
+
+def rejected_record(*, item: str, reason: str, error: str, received_at: str, decided_at: str,
+                    model_name: str | None = None, model_version: str | None = None,
+                    **extra: Any) -> dict[str, Any]:
+    """The record of an item that could not be scored."""
+    return {
+        "item": item,
+        "verdict": "rejected",
+        "reason": reason,
+        "error": error,
+        "score": None,
+        "threshold": None,
+        "p_value": None,
+        "model": {"name": model_name, "version": model_version},
+        "received_at": received_at,
+        "decided_at": decided_at,
+        **extra,
+    }

@@ -1,0 +1,69 @@
+"""One compiled model call per batch, and the reconstruction-error score in numpy.
+
+``model.predict`` costs tens of milliseconds per call whatever the batch; a ``tf.function``
+traced once over a ``(None, H, W, 1)`` signature costs about a millisecond, so one scorer
+serves 1 image or 10,000 at full speed. Large inputs are cut into chunks of ``chunk``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import tensorflow as tf
+
+__all__ = ["SCORE_FUNCTIONS", "reconstruction_error", "Scorer"]
+
+#: Per-image score functions, by the name stored in a bundle.
+SCORE_FUNCTIONS = ("mse", "bce")
+
+
+def reconstruction_error(x: np.ndarray, recon: np.ndarray, kind: str = "mse") -> np.ndarray:
+    """Per-image reconstruction error.
+
+    Args:
+        x: Inputs, ``(N, H, W, 1)`` in [0, 1].
+        recon: The model's reconstructions, same shape.
+        kind: ``mse`` (mean squared pixel error, the default) or ``bce``
+            (mean binary cross-entropy of the reconstruction against the input).
+    """
+    x = x.reshape(len(x), -1).astype(np.float32, copy=False)
+    recon = recon.reshape(len(recon), -1).astype(np.float32, copy=False)
+    if kind == "mse":
+        return np.mean(np.square(x - recon), axis=1, dtype=np.float64)
+    if kind == "bce":
+        r = np.clip(recon, 1e-7, 1 - 1e-7)
+        return -np.mean(x * np.log(r) + (1 - x) * np.log1p(-r), axis=1, dtype=np.float64)
+    raise ValueError(f"unknown score function {kind!r}; choose one of {', '.join(SCORE_FUNCTIONS)}")
+
+
+class Scorer:
+    """Reconstructs and scores images with a compiled call of a Keras model.
+
+    Args:
+        model: A Keras autoencoder taking ``(N, H, W, 1)`` float32.
+        score_fn: Name of the score function (see :data:`SCORE_FUNCTIONS`).
+        chunk: Largest batch sent to the model in one call.
+    """
+
+    def __init__(self, model, score_fn: str = "mse", chunk: int = 1024) -> None:
+        self.model = model
+        self.score_fn = score_fn
+        self.chunk = chunk
+        shape = tuple(model.input_shape[1:])
+        self.input_shape = shape
+        spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.float32)
+        self._call = tf.function(lambda x: model(x, training=False), input_signature=[spec])
+        # Trace now, so the first real item does not pay for it.
+        self._call(tf.zeros((1, *shape), tf.float32))
+
+    def reconstruct(self, x: np.ndarray) -> np.ndarray:
+        """The model's reconstructions of ``x`` (float32, same shape)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if len(x) <= self.chunk:
+            return self._call(x).numpy()
+        return np.concatenate([self._call(x[i : i + self.chunk]).numpy() for i in range(0, len(x), self.chunk)])
+
+    def score(self, x: np.ndarray) -> np.ndarray:
+        """Per-image reconstruction error of ``x``."""
+        if len(x) == 0:
+            return np.zeros(0, dtype=np.float64)
+        return reconstruction_error(x, self.reconstruct(x), self.score_fn)

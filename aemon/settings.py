@@ -1,0 +1,128 @@
+"""All configuration, in one pydantic-settings object (the only module that reads the environment).
+
+Precedence, lowest first: defaults < TOML file (``--config`` or ``AEMON_CONFIG``) <
+``AEMON_*`` environment variables < values passed by the CLI (flags).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from aemon.errors import UsageError
+
+__all__ = ["Settings", "load_settings", "config_path_from_env", "log_format_from_env"]
+
+
+class Settings(BaseSettings):
+    """Every setting of aemon; each field is also ``AEMON_<NAME>`` and a TOML key."""
+
+    model_config = SettingsConfigDict(env_prefix="AEMON_", extra="forbid", validate_default=True)
+
+    #: Folder holding inbox/, ok/, anomaly/, rejected/, denoised/ and .aemon/.
+    root: Path = Path("aemon-data")
+    #: Bundle directory; empty means the default bundle shipped for the mode.
+    model: Path | None = None
+    #: ``detect`` scores and routes; ``denoise`` writes denoised images as well.
+    mode: Literal["detect", "denoise"] = "detect"
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(9108, ge=0, le=65535)
+    #: Most items scored in one model call.
+    batch_size: int = Field(64, ge=1, le=4096)
+    #: Longest wait for a batch to fill before scoring what has arrived.
+    batch_wait_ms: float = Field(5.0, ge=0, le=60_000)
+    #: A file written in place is taken once unchanged for this long.
+    settle_seconds: float = Field(1.0, ge=0, le=3600)
+    #: Use a polling observer (network filesystems) instead of inotify.
+    polling: bool = False
+    #: Full rescan of the inbox every this many seconds (safety net for missed events).
+    rescan_seconds: float = Field(5.0, gt=0, le=3600)
+    log_format: Literal["json", "console"] | None = None
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"] = "INFO"
+    #: Largest file accepted, in bytes.
+    max_file_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    #: Largest image accepted, in pixels.
+    max_image_pixels: int = Field(40_000_000, ge=1)
+    #: Largest number of rows in one array item.
+    max_array_rows: int = Field(1_000_000, ge=1)
+    #: Seconds allowed to finish the batch in flight on SIGTERM.
+    shutdown_grace_seconds: float = Field(10.0, ge=0, le=3600)
+
+    _toml_file: ClassVar[Path | None] = None
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model_is_default(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls._toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        return tuple(sources)
+
+
+def config_path_from_env() -> Path | None:
+    """The TOML file named by ``AEMON_CONFIG``, if any."""
+    value = os.environ.get("AEMON_CONFIG")
+    return Path(value) if value else None
+
+
+def log_format_from_env() -> str | None:
+    """``AEMON_LOG_FORMAT`` before settings exist (so that early errors log right)."""
+    return os.environ.get("AEMON_LOG_FORMAT") or None
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(p) for p in item["loc"]) or "settings"
+        name = f"{where} (AEMON_{where.upper()})" if item["type"] != "extra_forbidden" else where
+        parts.append(f"{name}: {item['msg']} (got {item.get('input')!r})")
+    return "invalid settings: " + "; ".join(parts)
+
+
+def load_settings(config: Path | None = None, **flags: Any) -> Settings:
+    """Build the settings from defaults, the TOML file, the environment and flags.
+
+    Args:
+        config: A TOML file; falls back to ``AEMON_CONFIG``.
+        flags: Values given on the command line; ``None`` means "not given".
+
+    Raises:
+        UsageError: one line naming each bad value.
+    """
+    path = config or config_path_from_env()
+    if path is not None:
+        if not path.is_file():
+            raise UsageError(f"config file {path} does not exist")
+        try:
+            tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+    given = {k: v for k, v in flags.items() if v is not None}
+    Settings._toml_file = path
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise UsageError(_describe(exc)) from None
+    finally:
+        Settings._toml_file = None

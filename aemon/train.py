@@ -1,0 +1,205 @@
+"""Training: fit an autoencoder on normal data, calibrate on a held-out part, save a bundle."""
+
+from __future__ import annotations
+
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+
+from aemon.bundle import save_bundle, utc_now
+from aemon.calibration import conformal_threshold, required_samples
+from aemon.errors import CalibrationError, UsageError
+from aemon.images import Preprocessing
+from aemon.logs import get_logger
+from aemon.models import ARCHS, build
+from aemon.scoring import SCORE_FUNCTIONS, Scorer
+from aemon.sources import Dataset
+
+__all__ = ["TrainConfig", "add_noise", "train_bundle", "calibration_payload"]
+
+_OPTIMIZERS = ("adam", "adadelta", "rmsprop", "sgd")
+
+
+@dataclass
+class TrainConfig:
+    """Everything ``aemon train`` can set."""
+
+    arch: str = "conv"
+    epochs: int = 20
+    batch_size: int = 256
+    latent_dim: int = 32
+    denoise: bool = False
+    noise_factor: float = 0.5
+    target_fpr: float = 0.01
+    #: Share of the data held out for calibration (never fitted).
+    calibration_split: float = 0.1
+    #: Share of the rest used for early stopping.
+    validation_split: float = 0.1
+    patience: int = 3
+    optimizer: str = "adam"
+    learning_rate: float | None = None
+    loss: str = "binary_crossentropy"
+    score_fn: str = "mse"
+    seed: int = 0
+    name: str | None = None
+
+    def check(self) -> None:
+        """Raise :class:`UsageError` for impossible values."""
+        if self.arch not in ARCHS:
+            raise UsageError(f"unknown --arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.epochs < 1:
+            raise UsageError("--epochs must be at least 1")
+        if self.batch_size < 1:
+            raise UsageError("--batch-size must be at least 1")
+        if self.latent_dim < 1:
+            raise UsageError("--latent-dim must be at least 1")
+        if not 0 <= self.noise_factor <= 10:
+            raise UsageError("--noise-factor must be between 0 and 10")
+        if not 0 < self.calibration_split < 1 or not 0 <= self.validation_split < 1:
+            raise UsageError("--calibration-split must be in (0, 1) and --validation-split in [0, 1)")
+        if self.optimizer not in _OPTIMIZERS:
+            raise UsageError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(_OPTIMIZERS)}")
+        if self.loss not in ("binary_crossentropy", "mse"):
+            raise UsageError("--loss must be binary_crossentropy or mse")
+        if self.score_fn not in SCORE_FUNCTIONS:
+            raise UsageError(f"--score must be one of {', '.join(SCORE_FUNCTIONS)}")
+        required_samples(self.target_fpr)
+
+
+def add_noise(x: np.ndarray, noise_factor: float, rng: np.random.Generator) -> np.ndarray:
+    """Gaussian noise scaled by ``noise_factor``, clipped back to [0, 1]."""
+    noisy = x + noise_factor * rng.standard_normal(x.shape).astype(np.float32)
+    return np.clip(noisy, 0.0, 1.0)
+
+
+def calibration_payload(scores: np.ndarray, target_fpr: float, source: str) -> tuple[float, dict]:
+    """Threshold and the ``calibration`` block of ``bundle.json`` for these normal scores."""
+    threshold = conformal_threshold(scores, target_fpr)
+    block = {
+        "source": source,
+        "n": len(scores),
+        "scores": [float(s) for s in np.sort(scores)],
+        "created_at": utc_now(),
+    }
+    return threshold, block
+
+
+class _EpochLog(keras.callbacks.Callback):
+    """One structured log event per epoch (used when stdout is not a terminal)."""
+
+    def __init__(self, epochs: int) -> None:
+        super().__init__()
+        self.epochs = epochs
+        self.log = get_logger()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        fields = {k: round(float(v), 6) for k, v in (logs or {}).items()}
+        self.log.info("train.epoch", epoch=epoch + 1, epochs=self.epochs, **fields)
+
+
+def _optimizer(cfg: TrainConfig):
+    cls = {
+        "adam": keras.optimizers.Adam,
+        "adadelta": keras.optimizers.Adadelta,
+        "rmsprop": keras.optimizers.RMSprop,
+        "sgd": keras.optimizers.SGD,
+    }[cfg.optimizer]
+    return cls(learning_rate=cfg.learning_rate) if cfg.learning_rate else cls()
+
+
+def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool = False,
+                 prep: Preprocessing = Preprocessing(), verbose: bool | None = None) -> Path:
+    """Train, calibrate and save a bundle.
+
+    Args:
+        data: Normal images.
+        cfg: Training settings.
+        out: Bundle directory to write.
+        overwrite: Replace an existing bundle.
+        prep: Preprocessing the data was decoded with (stored in the bundle).
+        verbose: Keras progress bar; ``None`` shows it only on a terminal.
+
+    Raises:
+        CalibrationError: too few images to hold out enough for the target FPR.
+    """
+    cfg.check()
+    log = get_logger()
+    n = len(data)
+    n_cal = math.floor(n * cfg.calibration_split)
+    needed = required_samples(cfg.target_fpr)
+    if n_cal < needed:
+        raise CalibrationError(
+            f"{n} images hold out {n_cal} for calibration at --calibration-split {cfg.calibration_split}, "
+            f"but a target FPR of {cfg.target_fpr} needs {needed}; give at least "
+            f"{math.ceil(needed / cfg.calibration_split)} images or raise --target-fpr"
+        )
+    if n - n_cal < 2:
+        raise CalibrationError(f"{n} images leave nothing to train on after holding out {n_cal} for calibration")
+    keras.utils.set_random_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(n)
+    x_cal, x_fit = data.x[order[:n_cal]], data.x[order[n_cal:]]
+
+    model = build(cfg.arch, prep.input_shape, cfg.latent_dim)
+    model.compile(optimizer=_optimizer(cfg), loss=cfg.loss)
+    inputs = add_noise(x_fit, cfg.noise_factor, rng) if cfg.denoise else x_fit
+    n_val = math.floor(len(x_fit) * cfg.validation_split) if len(x_fit) >= 10 else 0
+    callbacks = []
+    if n_val:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
+                                                       restore_best_weights=True))
+    if verbose is None:
+        verbose = sys.stdout.isatty()
+    if not verbose:
+        callbacks.append(_EpochLog(cfg.epochs))
+    fit_x, fit_y = inputs[: len(inputs) - n_val], x_fit[: len(x_fit) - n_val]
+    val = (inputs[len(inputs) - n_val :], x_fit[len(x_fit) - n_val :]) if n_val else None
+    log.info("train.start", arch=cfg.arch, n_fit=len(fit_x), n_val=n_val, n_calibration=n_cal,
+             denoise=cfg.denoise, epochs=cfg.epochs)
+    history = model.fit(fit_x, fit_y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+                        validation_data=val, callbacks=callbacks, verbose=1 if verbose else 0)
+
+    scorer = Scorer(model, cfg.score_fn)
+    # Calibrate on clean held-out images, for denoisers too: they also score what arrives.
+    cal_scores = scorer.score(x_cal)
+    threshold, calibration = calibration_payload(cal_scores, cfg.target_fpr, data.source)
+    losses = history.history
+    meta = {
+        "name": cfg.name or Path(out).name,
+        "arch": cfg.arch,
+        "task": "denoise" if cfg.denoise else "detect",
+        "input_shape": list(prep.input_shape),
+        "latent_dim": cfg.latent_dim if cfg.arch != "conv" else None,
+        "preprocessing": prep.to_dict(),
+        "score_fn": cfg.score_fn,
+        "threshold": threshold,
+        "target_fpr": cfg.target_fpr,
+        "calibration": calibration,
+        "training": {
+            "source": data.source,
+            "n_total": n,
+            "n_fit": len(fit_x),
+            "n_validation": n_val,
+            "n_calibration": n_cal,
+            "epochs_max": cfg.epochs,
+            "epochs_run": len(losses.get("loss", [])),
+            "final_loss": float(losses["loss"][-1]),
+            "final_val_loss": float(losses["val_loss"][-1]) if "val_loss" in losses else None,
+            "best_val_loss": float(min(losses["val_loss"])) if "val_loss" in losses else None,
+            "optimizer": cfg.optimizer,
+            "learning_rate": cfg.learning_rate,
+            "loss": cfg.loss,
+            "batch_size": cfg.batch_size,
+            "denoise": cfg.denoise,
+            "noise_factor": cfg.noise_factor if cfg.denoise else None,
+            "seed": cfg.seed,
+        },
+    }
+    path = save_bundle(model, meta, Path(out), overwrite=overwrite)
+    log.info("train.done", bundle=str(path), threshold=threshold, epochs_run=meta["training"]["epochs_run"],
+             final_loss=meta["training"]["final_loss"])
+    return path
