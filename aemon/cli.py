@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "score", "score images or arrays once; one JSON record per item on stdout", """
         aemon score bundles/digits digit.png more_images/
         aemon score batch.npy            # uses the default bundle (or $AEMON_MODEL)
+        aemon score 'sample:mnist?digits=7&limit=5'
         aemon score bundles/digits x.npz | jq 'select(.verdict == "anomaly")'
     """)
     p.add_argument("paths", nargs="+", metavar="[BUNDLE] PATH",
@@ -167,8 +168,13 @@ def _split_bundle_arg(paths: list[str], settings: Settings) -> tuple[Path, list[
     if (first / META_FILE).is_file():
         if len(paths) == 1:
             raise UsageError("give at least one PATH to score after the bundle")
-        return first, [Path(p) for p in paths[1:]]
-    return settings.model or default_bundle_path("detect"), [Path(p) for p in paths]
+        return first, [_score_target(p) for p in paths[1:]]
+    return settings.model or default_bundle_path("detect"), [_score_target(p) for p in paths]
+
+
+def _score_target(arg: str):
+    """A path, or a named dataset (``sample:mnist``, ``keras:...``) kept as text."""
+    return arg if arg.startswith(("sample:", "keras:")) else Path(arg)
 
 
 @_verb("score")

@@ -14,7 +14,7 @@ from aemon.errors import ItemRejected, UnsupportedType
 from aemon.images import Limits, decode_file, is_array_name
 from aemon.records import rejected_record, scored_record
 from aemon.settings import Settings
-from aemon.sources import list_images
+from aemon.sources import list_images, load_source
 
 __all__ = ["expand_paths", "score_paths", "limits_from"]
 
@@ -39,7 +39,7 @@ def limits_from(settings: Settings) -> Limits:
 def expand_paths(paths: Iterable[Path]) -> Iterator[Path]:
     """Each file as given; each folder as its images and arrays, recursively, sorted."""
     for path in paths:
-        if path.is_dir():
+        if not str(path).startswith(("sample:", "keras:")) and path.is_dir():
             yield from list_images(path, arrays=True)
         else:
             yield path
@@ -71,6 +71,12 @@ def score_paths(bundle: Bundle, paths: Iterable[Path], settings: Settings) -> It
     pending = 0
     for path in expand_paths(paths):
         received_at = utc_now()
+        if str(path).startswith(("sample:", "keras:")):
+            # A named dataset: every image is an item, like the rows of an array.
+            data = load_source(str(path), prep, limits)
+            batch.append(_Decoded(str(path), data.x, received_at, True))
+            pending += len(data.x)
+            continue
         try:
             if not path.exists():
                 raise UnsupportedType(f"{path}: no such file")
