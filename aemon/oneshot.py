@@ -10,7 +10,7 @@ import numpy as np
 
 from aemon.bundle import Bundle, utc_now
 from aemon.calibration import decide
-from aemon.errors import ItemRejected, UnsupportedType
+from aemon.errors import ItemRejected, Unreadable
 from aemon.images import Limits, decode_file, is_array_name
 from aemon.records import rejected_record, scored_record
 from aemon.settings import Settings
@@ -79,7 +79,7 @@ def score_paths(bundle: Bundle, paths: Iterable[Path], settings: Settings) -> It
             continue
         try:
             if not path.exists():
-                raise UnsupportedType(f"{path}: no such file")
+                raise Unreadable(f"{path}: no such file or directory")
             x = decode_file(path, prep, limits)
         except ItemRejected as exc:
             yield from _records(bundle, batch) if batch else ()
