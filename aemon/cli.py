@@ -113,6 +113,21 @@ def build_parser() -> argparse.ArgumentParser:
     """)
     p.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE", help="bundle (default: the default bundle)")
     p.add_argument("--json", action="store_true", help="machine-readable output (calibration scores omitted)")
+
+    p = _add(sub, "run", "the daemon: watch ROOT/inbox, score every item, route it to ok/, anomaly/ or rejected/", """
+        aemon run --root /srv/aemon
+        AEMON_ROOT=/srv/aemon AEMON_METRICS_PORT=9108 aemon run
+        aemon run --config /etc/aemon.toml --mode denoise --polling
+    """)
+    p.add_argument("--root", type=Path, help="folder holding inbox/, ok/, anomaly/, rejected/ (default: $AEMON_ROOT)")
+    p.add_argument("--model", type=Path, help="bundle directory (default: $AEMON_MODEL or the shipped bundle)")
+    p.add_argument("--mode", choices=["detect", "denoise"], help="detect, or denoise as well (default: detect)")
+    p.add_argument("--metrics-host", help="address of /metrics, /healthz, /readyz (default: 127.0.0.1)")
+    p.add_argument("--metrics-port", type=int, help="port of the HTTP endpoints (default: 9108)")
+    p.add_argument("--batch-size", type=int, help="most items per model call (default: 64)")
+    p.add_argument("--batch-wait-ms", type=float, help="longest wait for a batch to fill (default: 5)")
+    p.add_argument("--settle-seconds", type=float, help="a file written in place is taken once unchanged this long (1)")
+    p.add_argument("--polling", action="store_true", default=None, help="poll the inbox (network filesystems)")
     return parser
 
 
@@ -231,6 +246,14 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.evaluate import evaluate_command
 
     return evaluate_command(args, settings)
+
+
+@_verb("run")
+def _run(args: argparse.Namespace, settings: Settings) -> int:
+    quiet_tensorflow()
+    from aemon.daemon import Daemon
+
+    return Daemon(settings).run()
 
 
 def _settings_flags(args: argparse.Namespace) -> dict:

@@ -1,0 +1,53 @@
+"""Every Prometheus metric of the contract, built on a registry that is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+__all__ = ["Metrics", "build"]
+
+_SCORE_BUCKETS = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, float("inf"))
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
+_SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
+
+
+@dataclass
+class Metrics:
+    """The daemon's metrics (names and labels fixed by CONTRACT.md)."""
+
+    items: Counter
+    batches: Counter
+    errors: Counter
+    reconstruction_error: Histogram
+    threshold: Gauge
+    item_latency: Histogram
+    scoring_duration: Histogram
+    inbox_pending: Gauge
+    last_decision: Gauge
+    model_info: Info
+
+
+def build(registry: CollectorRegistry) -> Metrics:
+    """Create every metric on ``registry``.
+
+    Args:
+        registry: Where the metrics are registered (a fresh one per daemon in tests).
+    """
+    return Metrics(
+        items=Counter("aemon_items_total", "Items decided, by verdict.", ["verdict"], registry=registry),
+        batches=Counter("aemon_batches_total", "Model calls (one per batch).", registry=registry),
+        errors=Counter("aemon_errors_total", "Items rejected or failed, by reason.", ["reason"], registry=registry),
+        reconstruction_error=Histogram("aemon_reconstruction_error", "Reconstruction error of scored images.",
+                                       buckets=_SCORE_BUCKETS, registry=registry),
+        threshold=Gauge("aemon_anomaly_threshold", "Threshold of the loaded bundle.", registry=registry),
+        item_latency=Histogram("aemon_item_latency_seconds", "Arrival in the inbox to record written.",
+                               buckets=_LATENCY_BUCKETS, registry=registry),
+        scoring_duration=Histogram("aemon_scoring_duration_seconds", "Duration of one model call.",
+                                   buckets=_SCORING_BUCKETS, registry=registry),
+        inbox_pending=Gauge("aemon_inbox_pending", "Inbox entries seen and not yet routed.", registry=registry),
+        last_decision=Gauge("aemon_last_decision_timestamp_seconds", "Unix time of the last record written.",
+                            registry=registry),
+        model_info=Info("aemon_model", "The loaded bundle.", registry=registry),
+    )

