@@ -99,6 +99,11 @@ class Daemon:
         try:
             self.startup()
             self.main_loop(until_idle)
+        except OSError as exc:
+            # An infrastructure failure (disk full, folder removed): exit non-zero so the
+            # supervisor restarts us; unfinished entries stay claimed and are recovered.
+            log.error("daemon.failed", error=str(exc))
+            raise AemonError(f"the daemon stopped on a filesystem error: {exc}") from exc
         finally:
             self.shutdown()
         return 0

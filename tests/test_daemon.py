@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -195,6 +196,36 @@ def test_old_claims_are_recovered(root, make_daemon, digits):
     assert list((root / ".aemon" / "claims").iterdir()) == []
 
 
+def test_batches_hold_at_most_batch_size_items(root, make_daemon, digits):
+    """Ten images with batch_size 4 take three model calls."""
+    for i in range(10):
+        _png(root / "inbox" / f"b{i}.png", digits[i])
+    daemon = make_daemon(batch_size=4)
+    daemon.run(until_idle=True)
+    assert daemon.registry.get_sample_value("aemon_batches_total") == 3
+    assert len(list((root / "ok").glob("*.json"))) + len(list((root / "anomaly").glob("*.json"))) == 10
+
+
+@pytest.mark.parametrize("polling", [False, True])
+def test_watcher_finds_items_dropped_while_running(root, make_daemon, digits, polling):
+    """With no rescan due, the observer alone discovers an item renamed into the inbox."""
+    daemon = make_daemon(polling=polling, rescan_seconds=3600)
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not daemon.ready and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _png(root / "staging" / "late.png", digits[8]).rename(root / "inbox" / "late.png")
+        while not (root / "ok" / "late.png.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (root / "ok" / "late.png.json").exists()
+    finally:
+        daemon.should_exit = True
+        thread.join(timeout=20)
+    assert not thread.is_alive()
+
+
 def test_settling_waits_for_files_written_in_place(root, digits):
     """A freshly modified file is not taken before settle_seconds; an old one is."""
     inbox = Inbox(root, settle_seconds=60, rescan_seconds=0.01)
@@ -293,6 +324,11 @@ def test_daemon_process_end_to_end(root, tmp_path, digits):
                 except TimeoutError:
                     break
             assert "READY=1" in messages and "WATCHDOG=1" in messages
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 60
+            while log_path.read_text().count('"bundle.loaded"') < 2 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            assert log_path.read_text().count('"bundle.loaded"') == 2
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0
         finally:
