@@ -131,18 +131,31 @@ def test_bad_items_are_rejected_with_reasons(root, make_daemon, digits):
     assert daemon.registry.get_sample_value("aemon_items_total", {"verdict": "rejected"}) == 4
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.float32])
-def test_array_is_split_by_verdict_with_exact_dtype(root, make_daemon, digits, dtype):
+@pytest.mark.parametrize(("name", "dtype"), [("rows.npy", np.uint8), ("rows.npy", np.float32),
+                                           ("rows.npz", np.uint8)])
+def test_array_is_split_by_verdict_with_exact_dtype(root, make_daemon, digits, name, dtype):
     """An array's rows go to ok/ and anomaly/ parts of the same dtype, records listing original indices."""
     noise = np.random.default_rng(0).integers(0, 256, (3, 28, 28)).astype(np.uint8)
     raw = np.concatenate([digits[:5], noise, digits[5:7]])
     raw = raw if dtype == np.uint8 else (raw / 255.0).astype(np.float32)
-    np.save(root / "inbox" / "rows.npy", raw)
+    if name.endswith(".npz"):
+        np.savez(root / "inbox" / name, images=raw)
+    else:
+        np.save(root / "inbox" / name, raw)
     make_daemon().run(until_idle=True)
-    ok, anomaly = np.load(root / "ok" / "rows.npy"), np.load(root / "anomaly" / "rows.npy")
+
+    def load(path: Path) -> np.ndarray:
+        if path.suffix == ".npz":
+            with np.load(path) as archive:
+                assert archive.files == ["images"]
+                return archive["images"]
+        return np.load(path)
+
+    ok, anomaly = load(root / "ok" / name), load(root / "anomaly" / name)
     assert ok.dtype == anomaly.dtype == raw.dtype
-    ok_rec, an_rec = _record(root / "ok" / "rows.npy"), _record(root / "anomaly" / "rows.npy")
+    ok_rec, an_rec = _record(root / "ok" / name), _record(root / "anomaly" / name)
     assert ok_rec.keys() >= RECORD_FIELDS and an_rec.keys() >= RECORD_FIELDS
+    assert ok_rec["item"] == an_rec["item"] == name
     ok_idx = [r["index"] for r in ok_rec["rows"]]
     an_idx = [r["index"] for r in an_rec["rows"]]
     assert {5, 6, 7} <= set(an_idx)
@@ -150,7 +163,8 @@ def test_array_is_split_by_verdict_with_exact_dtype(root, make_daemon, digits, d
     np.testing.assert_array_equal(ok, raw[ok_idx])
     np.testing.assert_array_equal(anomaly, raw[an_idx])
     assert all(r["score"] > an_rec["threshold"] for r in an_rec["rows"])
-    assert not (root / "inbox" / "rows.npy").exists()
+    assert all(0 <= r["p_value"] <= 1 for r in ok_rec["rows"] + an_rec["rows"])
+    assert not (root / "inbox" / name).exists()
 
 
 def test_name_clash_gets_unique_suffix(root, make_daemon, digits):
@@ -260,11 +274,15 @@ def test_bad_reload_keeps_the_old_bundle(root, make_daemon, tmp_path):
 def test_denoise_mode_writes_reconstructions(root, make_daemon, digits):
     """In denoise mode the reconstruction is written to denoised/ and the original to ok/."""
     _png(root / "inbox" / "n.png", digits[7])
+    np.save(root / "inbox" / "arr.npy", digits[:3])
     make_daemon(mode="denoise", bundle=load_bundle(default_bundle_path("denoise"))).run(until_idle=True)
     with Image.open(root / "denoised" / "n.png") as img:
         assert img.size == (28, 28) and img.mode == "L"
     rec = _record(root / "ok" / "n.png")
     assert rec["denoised"] == "denoised/n.png"
+    recon = np.load(root / "denoised" / "arr.npy")
+    assert recon.shape == (3, 28, 28) and recon.dtype == np.float32
+    assert recon.min() >= 0 and recon.max() <= 1
 
 
 def _get(url: str) -> tuple[int, str]:
