@@ -114,6 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE", help="bundle (default: the default bundle)")
     p.add_argument("--json", action="store_true", help="machine-readable output (calibration scores omitted)")
 
+    p = _add(sub, "evaluate", "detection quality of bundles: AUROC, AUPRC, FPR and TPR at the threshold", """
+        aemon evaluate bundles/digits --normal 'sample:mnist?digits=0' --anomalous 'sample:mnist?digits=1'
+        aemon evaluate bundles/a bundles/b --normal mnist.npz?key=x_test --anomalous fashion.npz?key=x_test --json
+    """)
+    p.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE", help="one or more bundles to compare")
+    p.add_argument("--normal", required=True, metavar="SRC", help="normal images")
+    p.add_argument("--anomalous", required=True, metavar="SRC", help="anomalous images")
+    p.add_argument("--report", type=Path, metavar="DIR", help="(not available yet) PNG plots and index.html")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
     p = _add(sub, "run", "the daemon: watch ROOT/inbox, score every item, route it to ok/, anomaly/ or rejected/", """
         aemon run --root /srv/aemon
         AEMON_ROOT=/srv/aemon AEMON_METRICS_PORT=9108 aemon run
