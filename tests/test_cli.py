@@ -1,0 +1,221 @@
+"""The command line, called through aemon.cli.main(argv) (aemon.cli)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+from PIL import Image
+
+from aemon.bundle import read_meta
+from aemon.cli import main
+
+VERBS = ["train", "calibrate", "score", "info", "evaluate"]
+RECORD_FIELDS = {"item", "verdict", "score", "threshold", "p_value", "model", "received_at", "decided_at"}
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging(monkeypatch: pytest.MonkeyPatch):
+    """Keep each CLI call's structlog set-up (bound to captured streams) out of later tests."""
+    for name in ("AEMON_CONFIG", "AEMON_MODEL", "AEMON_LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    structlog.reset_defaults()
+
+
+def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    """Run ``aemon ARGV``; returns exit status, stdout and stderr."""
+    try:
+        code = main(list(argv))
+    except SystemExit as exc:  # argparse exits for --help and --version
+        code = exc.code if isinstance(exc.code, int) else 0
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_error_line(err: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_help_for_every_verb(capsys: pytest.CaptureFixture, verb: str) -> None:
+    """'aemon VERB --help' exits 0 and prints usage with examples."""
+    code, out, err = run(capsys, verb, "--help")
+    assert code == 0, err
+    assert f"aemon {verb}" in out and "examples:" in out
+
+
+def test_top_level_help_and_version(capsys: pytest.CaptureFixture) -> None:
+    """'aemon --help' lists the verbs and '--version' prints the version."""
+    code, out, _ = run(capsys, "--help")
+    assert code == 0 and all(verb in out for verb in VERBS)
+    code, out, _ = run(capsys, "--version")
+    assert code == 0 and out.startswith("aemon ")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["frobnicate"],
+        ["train", "--arch", "dense"],
+        ["train", "--data", "sample:mnist", "--out", "x", "--epochs", "many"],
+        ["score"],
+        ["calibrate", "somewhere"],
+    ],
+    ids=["unknown-verb", "missing-required", "bad-int", "no-paths", "calibrate-no-data"],
+)
+def test_bad_usage_exits_2_with_one_line(capsys: pytest.CaptureFixture, argv: list[str]) -> None:
+    """Bad usage exits 2 with one 'Error:' line on stderr and no traceback."""
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    _assert_one_error_line(err)
+
+
+def test_bad_setting_from_env_exits_2(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                      tiny_bundle: Path) -> None:
+    """A bad AEMON_* value exits 2 with one error line naming it."""
+    monkeypatch.setenv("AEMON_BATCH_SIZE", "-3")
+    code, _, err = run(capsys, "info", str(tiny_bundle))
+    assert code == 2
+    _assert_one_error_line(err)
+    assert "AEMON_BATCH_SIZE" in err
+
+
+def test_missing_bundle_exits_1(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """'aemon info' on a missing bundle exits 1 with one error line."""
+    code, _, err = run(capsys, "info", str(tmp_path / "none"))
+    assert code == 1
+    _assert_one_error_line(err)
+
+
+def test_info_text_and_json(capsys: pytest.CaptureFixture, tiny_bundle: Path) -> None:
+    """'aemon info' prints readable metadata, and '--json' the same as JSON without the score list."""
+    meta = read_meta(tiny_bundle)
+    code, out, _ = run(capsys, "info", str(tiny_bundle))
+    assert code == 0
+    assert "threshold" in out and meta.model_sha256 in out and "dense" in out and meta.version in out
+    code, out, _ = run(capsys, "info", "--json", str(tiny_bundle))
+    assert code == 0
+    data = json.loads(out)
+    assert data["threshold"] == meta.threshold and data["arch"] == "dense"
+    assert data["version"] == meta.version and "scores" not in data["calibration"]
+
+
+def test_score_folder_with_garbage(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path,
+                                   mnist_digits: np.ndarray) -> None:
+    """Scoring a folder with a good and a garbage PNG prints one record each and exits 1."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(mnist_digits[0]).save(folder / "a_good.png")
+    (folder / "b_bad.png").write_bytes(b"definitely not a png")
+    code, out, err = run(capsys, "score", str(tiny_bundle), str(folder))
+    assert code == 1
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 2
+    good, bad = sorted(records, key=lambda r: r["item"])
+    assert good["verdict"] in ("ok", "anomaly") and set(good) >= RECORD_FIELDS
+    assert bad["verdict"] == "rejected" and bad["reason"] == "unreadable" and "b_bad.png" in bad["error"]
+    assert "Error:" in err and "Traceback" not in err
+
+
+def test_score_npy_one_record_per_row(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path,
+                                      mnist_digits: np.ndarray) -> None:
+    """Scoring an .npy emits one record per row with the contract's fields."""
+    path = tmp_path / "batch.npy"
+    np.save(path, mnist_digits[:5])
+    meta = read_meta(tiny_bundle)
+    code, out, err = run(capsys, "score", str(tiny_bundle), str(path))
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 5
+    for record in records:
+        assert set(record) >= RECORD_FIELDS
+        assert record["verdict"] in ("ok", "anomaly")
+        assert record["verdict"] == ("anomaly" if record["score"] > record["threshold"] else "ok")
+        assert record["threshold"] == meta.threshold and 0.0 <= record["p_value"] <= 1.0
+        assert record["model"] == {"name": meta.name, "version": meta.version}
+        assert record["received_at"].endswith("Z") and record["decided_at"].endswith("Z")
+        assert str(path) in record["item"]
+
+
+def test_score_noise_is_anomalous(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
+    """Uniform noise images score above the threshold with small p-values."""
+    path = tmp_path / "noise.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8))
+    code, out, _ = run(capsys, "score", str(tiny_bundle), str(path))
+    assert code == 0
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["verdict"] for r in records] == ["anomaly"] * 4
+    assert all(r["p_value"] == 0.0 for r in records)
+
+
+def test_calibrate_in_place_bumps_revision(capsys: pytest.CaptureFixture, tiny_bundle: Path,
+                                           tmp_path: Path) -> None:
+    """'aemon calibrate' in place writes a new threshold and bumps the revision."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    before = read_meta(bundle)
+    code, _, err = run(capsys, "calibrate", str(bundle), "--data", "sample:mnist?digits=1&limit=200",
+                       "--target-fpr", "0.1")
+    assert code == 0, err
+    after = read_meta(bundle)
+    assert after.revision == before.revision + 1
+    assert after.target_fpr == 0.1 and after.calibration.n == 200
+    assert after.calibration.source == "sample:mnist?digits=1&limit=200"
+    assert after.model_sha256 == before.model_sha256 and after.version != before.version
+    assert after.threshold != before.threshold
+
+
+def test_calibrate_out_writes_new_bundle(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
+    """'aemon calibrate --out' writes a new bundle and leaves the original untouched."""
+    original = (tiny_bundle / "bundle.json").read_bytes()
+    out = tmp_path / "site2"
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", "sample:mnist?limit=100", "--out", str(out))
+    assert code == 0, err
+    assert (tiny_bundle / "bundle.json").read_bytes() == original
+    meta = read_meta(out)
+    assert meta.name == "site2" and meta.revision == read_meta(tiny_bundle).revision + 1
+    assert meta.calibration.n == 100
+    code, out_text, _ = run(capsys, "info", "--json", str(out))
+    assert code == 0 and json.loads(out_text)["name"] == "site2"
+
+
+def test_calibrate_too_few_samples(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
+    """Calibrating on too few samples exits non-zero and names how many are needed."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    before = (bundle / "bundle.json").read_bytes()
+    code, _, err = run(capsys, "calibrate", str(bundle), "--data", "sample:mnist?limit=10", "--target-fpr", "0.01")
+    assert code != 0
+    _assert_one_error_line(err)
+    assert "99" in err
+    assert (bundle / "bundle.json").read_bytes() == before
+
+
+def test_train_cli_end_to_end(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """'aemon train' on a tiny sample writes a bundle that 'aemon info' reads; a second run refuses to overwrite."""
+    out = tmp_path / "cli-bundle"
+    argv = ["train", "--data", "sample:mnist?limit=300", "--arch", "dense", "--epochs", "1", "--latent-dim", "8",
+            "--target-fpr", "0.1", "--out", str(out), "--log-format", "json"]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    meta = read_meta(out)
+    assert meta.arch == "dense" and meta.latent_dim == 8 and meta.target_fpr == 0.1 and meta.name == "cli-bundle"
+    assert meta.training["source"] == "sample:mnist?limit=300"
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "already exists" in err
+
+
+def test_train_cli_bad_arch(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """An unknown --arch exits 2 with one error line listing the choices."""
+    code, _, err = run(capsys, "train", "--data", "sample:mnist", "--arch", "vit", "--out", str(tmp_path / "x"))
+    assert code == 2
+    _assert_one_error_line(err)
+    assert "dense" in err and "conv" in err
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,180 @@
+"""Decoding of single image and array files (aemon.images)."""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aemon.errors import BadShape, EmptyItem, TooLarge, Unreadable, UnsafeItem, UnsupportedType
+from aemon.images import Limits, Preprocessing, array_to_input, decode_file, decode_image, read_array
+
+
+def _png_header(path: Path, width: int, height: int) -> None:
+    """Write a PNG whose header claims width×height but whose pixel data is a stub."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 16))
+                     + chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tiff", ".webp", ".gif"])
+def test_decode_image_formats(tmp_path: Path, suffix: str) -> None:
+    """Every supported image format decodes to a (28, 28, 1) float32 array in [0, 1]."""
+    pixels = np.zeros((28, 28), np.uint8)
+    pixels[10:18, 10:18] = 255
+    path = tmp_path / f"digit{suffix}"
+    Image.fromarray(pixels).save(path)
+    x = decode_image(path)
+    assert x.shape == (28, 28, 1) and x.dtype == np.float32
+    assert x.min() >= 0.0 and x.max() <= 1.0
+    assert x[14, 14, 0] > 0.9 and x[0, 0, 0] < 0.1
+
+
+def test_decode_image_converts_colour_and_resizes(tmp_path: Path) -> None:
+    """An RGBA image of another size becomes grayscale at the bundle's size."""
+    path = tmp_path / "big.png"
+    Image.new("RGBA", (56, 40), (255, 255, 255, 128)).save(path)
+    x = decode_image(path)
+    assert x.shape == (28, 28, 1)
+    assert np.allclose(x, 1.0)
+
+
+def test_decode_file_image_has_batch_axis(tmp_path: Path) -> None:
+    """decode_file returns an image as a batch of one."""
+    path = tmp_path / "a.png"
+    Image.new("L", (28, 28), 0).save(path)
+    assert decode_file(path).shape == (1, 28, 28, 1)
+
+
+def test_zero_byte_file_is_empty(tmp_path: Path) -> None:
+    """A zero-byte image is refused as empty."""
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(EmptyItem, match="0 bytes"):
+        decode_image(path)
+
+
+def test_corrupt_image_is_unreadable(tmp_path: Path) -> None:
+    """Bytes that are not an image are refused as unreadable."""
+    path = tmp_path / "garbage.png"
+    path.write_bytes(b"this is not a png at all" * 10)
+    with pytest.raises(Unreadable):
+        decode_image(path)
+
+
+def test_huge_png_header_is_refused_without_decoding(tmp_path: Path) -> None:
+    """A PNG header claiming 100,000×100,000 pixels is refused as too large before decoding."""
+    path = tmp_path / "bomb.png"
+    _png_header(path, 100_000, 100_000)
+    assert path.stat().st_size < 200
+    with pytest.raises(TooLarge, match="pixels"):
+        decode_image(path)
+
+
+def test_pixel_limit_is_configurable(tmp_path: Path) -> None:
+    """An ordinary image above a configured pixel limit is refused as too large."""
+    path = tmp_path / "a.png"
+    Image.new("L", (100, 100), 0).save(path)
+    with pytest.raises(TooLarge):
+        decode_image(path, limits=Limits(max_pixels=5_000))
+
+
+def test_byte_limit(tmp_path: Path) -> None:
+    """A file above the byte limit is refused as too large."""
+    path = tmp_path / "a.npy"
+    np.save(path, np.zeros((10, 28, 28), np.uint8))
+    with pytest.raises(TooLarge):
+        read_array(path, Limits(max_bytes=100))
+
+
+def test_unsupported_suffix(tmp_path: Path) -> None:
+    """A file that is neither an image nor an array is an unsupported type."""
+    path = tmp_path / "notes.txt"
+    path.write_text("hello")
+    with pytest.raises(UnsupportedType):
+        decode_file(path)
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28), (3, 784), (3, 28, 28, 1)])
+def test_array_shapes(shape: tuple[int, ...]) -> None:
+    """Each accepted array shape becomes (N, 28, 28, 1)."""
+    raw = np.full(shape, 255, np.uint8)
+    x = array_to_input(raw)
+    assert x.shape == (3, 28, 28, 1) and x.dtype == np.float32
+    assert np.allclose(x, 1.0)
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (np.full((2, 28, 28), 51, np.uint8), 0.2),
+        (np.full((2, 28, 28), 0.2, np.float32), 0.2),
+        (np.full((2, 28, 28), 51.0, np.float64), 0.2),
+    ],
+    ids=["uint8", "float01", "float255"],
+)
+def test_array_scaling(raw: np.ndarray, expected: float) -> None:
+    """uint8 and float 0–255 are divided by 255; float [0, 1] is kept."""
+    assert np.allclose(array_to_input(raw), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(3, 27, 28), (3, 28), (3, 28, 28, 3), (784,)])
+def test_array_wrong_shape(shape: tuple[int, ...]) -> None:
+    """Shapes other than the accepted three are refused as bad_shape."""
+    with pytest.raises(BadShape, match="expected"):
+        array_to_input(np.zeros(shape, np.uint8))
+
+
+def test_array_nan_refused() -> None:
+    """NaN values are refused as unreadable."""
+    raw = np.zeros((2, 28, 28), np.float32)
+    raw[0, 0, 0] = np.nan
+    with pytest.raises(Unreadable, match="NaN"):
+        array_to_input(raw)
+
+
+@pytest.mark.parametrize("value", [-1.0, 300.0])
+def test_array_out_of_range_refused(value: float) -> None:
+    """Negative values or values above 255 are refused."""
+    with pytest.raises(Unreadable):
+        array_to_input(np.full((1, 28, 28), value, np.float32))
+
+
+def test_array_zero_rows_empty() -> None:
+    """An array with no rows is refused as empty."""
+    with pytest.raises(EmptyItem):
+        array_to_input(np.zeros((0, 28, 28), np.uint8))
+
+
+def test_object_npy_refused_without_unpickling(tmp_path: Path) -> None:
+    """An object (pickled) .npy is refused as unsafe."""
+    path = tmp_path / "evil.npy"
+    np.save(path, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    with pytest.raises(UnsafeItem, match="pickle"):
+        read_array(path)
+
+
+def test_npz_key_selection(tmp_path: Path) -> None:
+    """An .npz with several arrays uses the named key, and an unknown key is refused."""
+    path = tmp_path / "data.npz"
+    np.savez(path, a=np.zeros((2, 28, 28), np.uint8), b=np.ones((3, 28, 28), np.uint8))
+    raw, key = read_array(path, key="b")
+    assert key == "b" and raw.shape == (3, 28, 28)
+    with pytest.raises(BadShape, match="several arrays"):
+        read_array(path)
+    with pytest.raises(BadShape, match="no array named"):
+        read_array(path, key="c")
+
+
+def test_preprocessing_round_trip() -> None:
+    """Preprocessing survives its bundle.json form."""
+    prep = Preprocessing(size=(32, 20))
+    assert Preprocessing.from_dict(prep.to_dict()) == prep
+    assert prep.input_shape == (32, 20, 1)

@@ -1,0 +1,85 @@
+"""Training of every architecture into loadable bundles (aemon.train, aemon.models)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aemon.bundle import META_FILE, load_bundle
+from aemon.errors import CalibrationError, UsageError
+from aemon.train import TrainConfig, add_noise, train_bundle
+
+#: bundle.json fields the contract names.
+CONTRACT_FIELDS = {
+    "format_version", "arch", "input_shape", "preprocessing", "threshold", "target_fpr", "calibration",
+    "training", "created_at", "aemon_version", "model_sha256",
+}
+
+
+@pytest.mark.parametrize(("arch", "denoise"), [("dense", False), ("deep", False), ("conv", False), ("conv", True)])
+def test_every_arch_trains_a_loadable_bundle(
+    train_tiny, tmp_path: Path, mnist_digits: np.ndarray, arch: str, denoise: bool
+) -> None:
+    """A one-epoch training on 400 digits writes a bundle with the contract's fields that loads and scores."""
+    out = train_tiny(tmp_path / arch, arch=arch, denoise=denoise, src="sample:mnist?limit=400", epochs=1)
+    meta = json.loads((out / META_FILE).read_text())
+    assert set(meta) >= CONTRACT_FIELDS
+    assert meta["arch"] == arch and meta["input_shape"] == [28, 28, 1]
+    assert meta["task"] == ("denoise" if denoise else "detect")
+    assert meta["preprocessing"] == {"color_mode": "grayscale", "size": [28, 28], "scaling": "unit"}
+    cal = meta["calibration"]
+    assert cal["n"] == 40 and cal["scores"] == sorted(cal["scores"]) and len(cal["scores"]) == 40
+    assert meta["threshold"] in cal["scores"]
+    training = meta["training"]
+    assert training["source"] == "sample:mnist?limit=400" and training["n_total"] == 400
+    assert training["n_calibration"] == 40 and training["epochs_run"] == 1
+    assert np.isfinite(training["final_loss"])
+    assert training["noise_factor"] == (0.5 if denoise else None)
+    bundle = load_bundle(out)
+    scores = bundle.score(mnist_digits[:8, :, :, None].astype(np.float32) / 255.0)
+    assert scores.shape == (8,) and np.all(np.isfinite(scores)) and np.all(scores >= 0)
+
+
+def test_training_reduces_loss(tiny_bundle: Path) -> None:
+    """The tiny bundle's recorded final loss is below the loss of a constant guess."""
+    meta = json.loads((tiny_bundle / META_FILE).read_text())
+    assert meta["training"]["final_loss"] < 0.69  # binary cross-entropy of predicting 0.5 everywhere
+    assert meta["training"]["epochs_run"] == 2
+
+
+def test_denoise_bundle_records_task(tiny_denoise_bundle: Path) -> None:
+    """The denoise fixture bundle says task=denoise and records its noise factor."""
+    meta = json.loads((tiny_denoise_bundle / META_FILE).read_text())
+    assert meta["task"] == "denoise" and meta["training"]["denoise"] is True
+    assert meta["training"]["noise_factor"] == 0.5
+
+
+def test_too_few_images_for_calibration(tmp_path: Path) -> None:
+    """Too few images to hold out enough calibration samples raise CalibrationError naming the count."""
+    from aemon.sources import load_source
+
+    data = load_source("sample:mnist?limit=100")
+    with pytest.raises(CalibrationError, match=r"needs 99; give at least 990 images"):
+        train_bundle(data, TrainConfig(arch="dense", epochs=1, target_fpr=0.01), tmp_path / "b", verbose=False)
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("arch", "transformer"), ("epochs", 0), ("batch_size", 0), ("optimizer", "lbfgs"), ("target_fpr", 0.0)],
+)
+def test_bad_config_refused(field: str, value: object) -> None:
+    """Impossible training settings are refused before any work is done."""
+    cfg = TrainConfig(**{field: value})
+    with pytest.raises((UsageError, CalibrationError)):
+        cfg.check()
+
+
+def test_add_noise_stays_in_range() -> None:
+    """Noisy inputs stay in [0, 1] and differ from the originals."""
+    x = np.full((4, 28, 28, 1), 0.5, np.float32)
+    noisy = add_noise(x, 0.5, np.random.default_rng(0))
+    assert noisy.min() >= 0.0 and noisy.max() <= 1.0 and not np.allclose(noisy, x)
