@@ -12,6 +12,8 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +34,7 @@ __all__ = [
     "BundleMeta",
     "Bundle",
     "save_bundle",
+    "staged_dir",
     "write_meta",
     "read_meta",
     "load_bundle",
@@ -128,6 +131,37 @@ def _write_json_atomic(path: Path, data: dict) -> None:
     fsync_dir(path.parent)
 
 
+@contextmanager
+def staged_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a hidden temporary directory beside ``out``; publish it as ``out`` by rename on success.
+
+    On any error the temporary directory is removed and ``out`` is left as it was.
+
+    Raises:
+        BundleError: ``out`` exists and ``overwrite`` is false.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if out.exists():
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = False) -> Path:
     """Write ``model`` and its metadata as a bundle at ``out``, atomically.
 
@@ -144,12 +178,7 @@ def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = Fal
     import keras
 
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
+    with staged_dir(out, overwrite=overwrite) as tmp:
         model_path = tmp / MODEL_FILE
         model.save(model_path)
         _fsync_file(model_path)
@@ -164,18 +193,6 @@ def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = Fal
         }
         BundleMeta.model_validate(full)
         _write_json_atomic(tmp / META_FILE, full)
-        fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import uuid
 from pathlib import Path
 
-from aemon.bundle import Bundle, BundleMeta, fsync_dir, write_meta
-from aemon.errors import BundleError
+from aemon.bundle import Bundle, BundleMeta, staged_dir, write_meta
 from aemon.sources import Dataset
 from aemon.train import calibration_payload
 
@@ -41,17 +38,7 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
     if out is None:
         write_meta(bundle.path, meta)
         return meta
-    out = Path(out)
-    if out.exists():
-        raise BundleError(f"{out} already exists; choose a new --out")
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    try:
-        shutil.copytree(bundle.path, tmp)
-        write_meta(tmp, meta.model_copy(update={"name": out.name}))
-        fsync_dir(tmp)
-        os.rename(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with staged_dir(Path(out)) as tmp:
+        shutil.copytree(bundle.path, tmp, dirs_exist_ok=True)
+        write_meta(tmp, meta.model_copy(update={"name": Path(out).name}))
     return meta
