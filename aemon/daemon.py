@@ -23,7 +23,7 @@ from aemon.calibration import decide
 from aemon.errors import AemonError, EmptyItem, ItemRejected, StartupError, UnsafeItem
 from aemon.http import HttpServer
 from aemon.images import array_to_input, decode_file, decode_image, is_array_name, is_image_name, read_array
-from aemon.inbox import Claim, Inbox
+from aemon.inbox import Claim, Inbox, is_ignored
 from aemon.logs import get_logger
 from aemon.metrics import build
 from aemon.oneshot import limits_from
@@ -217,7 +217,8 @@ class Daemon:
                 continue
             if until_idle and self.inbox.idle():
                 break
-            time.sleep(max(0.0, TICK - (time.monotonic() - started)))
+            # Wake on the next inbox event rather than at the next tick: latency, not polling.
+            self.inbox.wait(max(0.0, TICK - (time.monotonic() - started)))
 
     def on_tick(self) -> None:
         """Heartbeat, watchdog ping, pending gauge and a requested reload."""
@@ -272,7 +273,9 @@ class Daemon:
     def _expand(self, claim: Claim) -> list[_Unit]:
         path = claim.path
         if path.is_dir() and not path.is_symlink():
-            files = sorted(p for p in path.rglob("*") if p.is_file() or p.is_symlink())
+            # Hidden and partial names inside a batch are never taken (nor rejected).
+            files = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink())
+                           and not any(is_ignored(part) for part in p.relative_to(path).parts))
             if not files:
                 unit = _Unit(claim, path, claim.name)
                 self._reject(unit, EmptyItem(f"folder {claim.name} holds no files"))
@@ -293,7 +296,7 @@ class Daemon:
             unit.x = decode_file(unit.path, prep, self.limits)  # raises UnsupportedType
 
     def _reject(self, unit: _Unit, exc: ItemRejected) -> None:
-        dest = self.router.move(unit.path, "rejected", unit.rel)
+        dest = self.router.destination("rejected", unit.rel)
         extra = {"path": self.router.relative(dest)}
         if unit.batch:
             extra["batch"] = unit.batch
@@ -301,7 +304,7 @@ class Daemon:
                                  received_at=unit.claim.received_at, decided_at=utc_now(),
                                  model_name=self.bundle.name if self.bundle else None,
                                  model_version=self.bundle.version if self.bundle else None, **extra)
-        self.router.write_record(dest, record)
+        self._commit(unit, dest, record)
         self.metrics.errors.labels(reason=exc.reason).inc()
         self._decided(unit, record)
 
@@ -346,10 +349,10 @@ class Daemon:
         if recon is not None:
             den = self.router.write_png(recon, "denoised", unit.rel)
             extra["denoised"] = self.router.relative(den)
-        dest = self.router.move(unit.path, verdict, unit.rel)
+        dest = self.router.destination(verdict, unit.rel)
         record = scored_record(item=unit.rel, verdict=verdict, score=score, p_value=p_value,
                                path=self.router.relative(dest), **self._common(unit), **extra)
-        self.router.write_record(dest, record)
+        self._commit(unit, dest, record)
         self.metrics.items.labels(verdict=verdict).inc()
         self._decided(unit, record)
 
@@ -382,6 +385,21 @@ class Daemon:
             self.metrics.items.labels(verdict=verdict).inc(int(idx.size))
             self._decided(unit, record)
         unit.path.unlink()
+
+    def _commit(self, unit: _Unit, dest: Path, record: dict) -> None:
+        """Stage the record in the claim, move the item to ``dest``, then commit the record.
+
+        A SIGKILL at any point leaves either the item in its claim (routed again on restart)
+        or the item at ``dest`` with its staged record (committed on restart): never an item
+        without a record, nor a record twice.
+        """
+        pending = self.router.stage_record(unit.claim.claim_dir, record)
+        try:
+            self.router.move_to(unit.path, dest)
+        except BaseException:
+            pending.unlink(missing_ok=True)
+            raise
+        self.router.commit_record(pending, dest)
 
     def _decided(self, unit: _Unit, record: dict) -> None:
         now = time.time()

@@ -8,6 +8,7 @@ keeping its name, so a crash leaves it there and the next start re-queues it.
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import shutil
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
+from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserver
 
 __all__ = ["IGNORED_SUFFIXES", "is_ignored", "Claim", "Inbox"]
@@ -102,6 +104,7 @@ class Inbox:
         self._last_scan = float("-inf")
         self._observer = None
         self._lock = threading.Lock()
+        self._wakeup = threading.Event()
 
     # -- watchdog thread -------------------------------------------------
     def notify(self, path: str) -> None:
@@ -115,10 +118,20 @@ class Inbox:
         name = rel.parts[0]
         if not is_ignored(name):
             self._events.put(name)
+            self._wakeup.set()
+
+    def wait(self, timeout: float) -> None:
+        """Block until an event arrives or ``timeout`` seconds pass (the loop's idle sleep)."""
+        self._wakeup.wait(timeout)
+        self._wakeup.clear()
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
         """Start the observer thread."""
+        # watchdog holds every unpaired IN_MOVED_FROM for 0.5 s to pair it with an IN_MOVED_TO,
+        # and its queue is FIFO: each claim (a rename out of inbox/) would delay every later
+        # event by half a second. Only names matter here, so pairing is not needed.
+        InotifyMoveEventGrouper.delay = 0.0
         observer = PollingObserver(timeout=0.5) if self.polling else Observer()
         observer.schedule(_Handler(self), str(self.dir), recursive=True)
         observer.daemon = True
@@ -140,9 +153,10 @@ class Inbox:
         for claim_dir in sorted(self.claims_dir.iterdir()):
             if not claim_dir.is_dir():
                 continue
-            entries = sorted(claim_dir.iterdir())
+            _finish_pending(self.root, claim_dir)
+            entries = sorted(e for e in claim_dir.iterdir() if not e.name.startswith("."))
             if not entries:
-                claim_dir.rmdir()
+                shutil.rmtree(claim_dir, ignore_errors=True)
                 continue
             try:
                 arrived = int(claim_dir.name.split("-", 1)[0]) / 1e6
@@ -221,6 +235,26 @@ class Inbox:
             claim_dir.rmdir()
             return None
         return Claim(name, target, claim_dir, arrived)
+
+
+def _finish_pending(root: Path, claim_dir: Path) -> None:
+    """Finish records staged in ``claim_dir`` by a run that was killed while routing.
+
+    A staged record whose item has left the claim is committed beside the item; one whose
+    item is still in the claim is dropped (the item is routed again).
+    """
+    for pending in sorted(claim_dir.glob(".record-*.json")):
+        try:
+            record = json.loads(pending.read_text())
+            src = claim_dir / record["item"]
+            dest = root / record["path"]
+        except (OSError, ValueError, KeyError, TypeError):
+            pending.unlink(missing_ok=True)
+            continue
+        if not os.path.lexists(src) and os.path.lexists(dest):
+            os.replace(pending, dest.with_name(dest.name + ".json"))
+        else:
+            pending.unlink(missing_ok=True)
 
 
 def _signature(path: Path) -> tuple | None:

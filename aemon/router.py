@@ -3,7 +3,8 @@
 Names keep their path relative to the inbox; an existing name is never overwritten (the new
 item gets ``-1``, ``-2``… before its suffix). The item is moved (or written) first and its
 ``NAME.json`` record last, through a temp file, fsync and ``os.replace``: the record is the
-commit point.
+commit point. The daemon stages a moved item's record in its claim folder first
+(:meth:`Router.stage_record`), so a crash between the move and the record is finished on restart.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ import numpy as np
 
 from aemon.bundle import fsync_dir
 
-__all__ = ["FOLDERS", "Router"]
+__all__ = ["FOLDERS", "PENDING_PREFIX", "Router"]
 
 #: Result folders under the root.
 FOLDERS = ("ok", "anomaly", "rejected", "denoised")
+#: Name prefix of a record staged in a claim folder (hidden, so never taken as an item).
+PENDING_PREFIX = ".record-"
 
 
 def _fsync_write(path: Path, data: bytes) -> None:
@@ -67,9 +70,30 @@ class Router:
     def move(self, src: Path, folder: str, rel: str) -> Path:
         """Move ``src`` to a free name under ``folder``; returns where it went."""
         dest = self.destination(folder, rel)
+        self.move_to(src, dest)
+        return dest
+
+    def move_to(self, src: Path, dest: Path) -> None:
+        """Move ``src`` to ``dest`` (a path from :meth:`destination`) durably."""
         os.rename(src, dest)
         fsync_dir(dest.parent)
-        return dest
+
+    def stage_record(self, claim_dir: Path, record: dict[str, Any]) -> Path:
+        """Write ``record`` durably into ``claim_dir`` before its item is moved.
+
+        A crash between the move and :meth:`commit_record` leaves it there; recovery
+        (:meth:`aemon.inbox.Inbox.recover`) then finishes the commit instead of losing the record.
+        """
+        path = claim_dir / f"{PENDING_PREFIX}{uuid.uuid4().hex}.json"
+        _fsync_write(path, (json.dumps(record, indent=2) + "\n").encode())
+        return path
+
+    def commit_record(self, pending: Path, dest: Path) -> Path:
+        """Rename a staged record to ``dest.json``: the commit point of ``dest``."""
+        path = dest.with_name(dest.name + ".json")
+        os.replace(pending, path)
+        fsync_dir(path.parent)
+        return path
 
     def write_rows(self, rows: np.ndarray, folder: str, rel: str, key: str | None = None) -> Path:
         """Write array rows (exact dtype) as ``.npy``, or ``.npz`` under ``key`` for an ``.npz`` item."""

