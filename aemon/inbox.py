@@ -103,7 +103,6 @@ class Inbox:
         self._ready: deque[Claim] = deque()
         self._last_scan = float("-inf")
         self._observer = None
-        self._lock = threading.Lock()
         self._wakeup = threading.Event()
 
     # -- watchdog thread -------------------------------------------------

@@ -49,5 +49,6 @@ def build(registry: CollectorRegistry) -> Metrics:
         inbox_pending=Gauge("aemon_inbox_pending", "Inbox entries seen and not yet routed.", registry=registry),
         last_decision=Gauge("aemon_last_decision_timestamp_seconds", "Unix time of the last record written.",
                             registry=registry),
+        # prometheus_client appends "_info": exposed as aemon_model_info{name,version,arch}.
         model_info=Info("aemon_model", "The loaded bundle.", registry=registry),
     )
