@@ -107,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", metavar="[BUNDLE] PATH",
                    help="an optional bundle directory first, then images, arrays or folders")
 
+    p = _add(sub, "denoise", "denoise images or arrays once; reconstructions go to --out", """
+        aemon denoise bundles/denoise noisy.png more_noisy/ --out clean/
+        aemon denoise noisy.npy --out clean/     # uses the shipped denoise bundle (or $AEMON_MODEL)
+    """)
+    p.add_argument("paths", nargs="+", metavar="[BUNDLE] PATH",
+                   help="an optional bundle directory first, then images, arrays or folders")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+                   help="folder for the results: PNG per image, same shape and dtype per array")
+
     p = _add(sub, "info", "print a bundle's metadata", """
         aemon info bundles/digits
         aemon info --json bundles/digits | jq .threshold
@@ -186,15 +195,15 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _split_bundle_arg(paths: list[str], settings: Settings) -> tuple[Path, list[Path]]:
+def _split_bundle_arg(paths: list[str], settings: Settings, task: str = "detect") -> tuple[Path, list[Path]]:
     from aemon.bundle import META_FILE, default_bundle_path
 
     first = Path(paths[0])
     if (first / META_FILE).is_file():
         if len(paths) == 1:
-            raise UsageError("give at least one PATH to score after the bundle")
+            raise UsageError(f"give at least one PATH to {'score' if task == 'detect' else task} after the bundle")
         return first, [_score_target(p) for p in paths[1:]]
-    return settings.model or default_bundle_path("detect"), [_score_target(p) for p in paths]
+    return settings.model or default_bundle_path(task), [_score_target(p) for p in paths]
 
 
 def _score_target(arg: str):
@@ -216,6 +225,29 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     sys.stdout.flush()
     if rejected:
         print(f"Error: {rejected} item(s) could not be scored (see their 'reason' and 'error')", file=sys.stderr)
+        return 1
+    return 0
+
+
+@_verb("denoise")
+def _denoise(args: argparse.Namespace, settings: Settings) -> int:
+    from aemon.bundle import load_bundle
+    from aemon.oneshot import denoise_paths
+
+    bundle_path, paths = _split_bundle_arg(args.paths, settings, task="denoise")
+    if any(isinstance(p, str) for p in paths):
+        raise UsageError("denoise takes files and folders, not named datasets")
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder")
+    bundle = load_bundle(bundle_path)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rejected = 0
+    for record in denoise_paths(bundle, paths, settings, args.out):
+        rejected += record.get("verdict") == "rejected"
+        sys.stdout.write(json.dumps(record) + "\n")
+    sys.stdout.flush()
+    if rejected:
+        print(f"Error: {rejected} item(s) could not be denoised (see their 'reason' and 'error')", file=sys.stderr)
         return 1
     return 0
 

@@ -22,7 +22,15 @@ from aemon.bundle import Bundle, default_bundle_path, load_bundle, utc_now
 from aemon.calibration import decide
 from aemon.errors import AemonError, EmptyItem, ItemRejected, StartupError, UnsafeItem
 from aemon.http import HttpServer
-from aemon.images import array_to_input, decode_file, decode_image, is_array_name, is_image_name, read_array
+from aemon.images import (
+    array_to_input,
+    decode_file,
+    decode_image,
+    input_to_array,
+    is_array_name,
+    is_image_name,
+    read_array,
+)
 from aemon.inbox import Claim, Inbox, is_ignored
 from aemon.logs import get_logger
 from aemon.metrics import build
@@ -361,7 +369,7 @@ class Daemon:
         names = np.array([v.value for v in verdicts])
         denoised = None
         if recon is not None:
-            den = self.router.write_rows(recon[..., 0].astype(np.float32), "denoised", unit.rel, unit.key)
+            den = self.router.write_rows(input_to_array(recon, raw), "denoised", unit.rel, unit.key)
             denoised = self.router.relative(den)
         for verdict in ("ok", "anomaly"):
             idx = np.flatnonzero(names == verdict)

@@ -35,6 +35,7 @@ __all__ = [
     "decode_image",
     "read_array",
     "array_to_input",
+    "input_to_array",
     "decode_file",
 ]
 
@@ -262,6 +263,20 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
     if kind in "ui" or high > 1.0:
         pixels /= 255.0
     return pixels[..., None]
+
+
+def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
+    """Model-space pixels ``(N, H, W, 1)`` in [0, 1] back to the shape, scale and dtype of ``like``.
+
+    The inverse of :func:`array_to_input`: integer arrays and floats above 1 get 0–255 values
+    (rounded for integers), floats in [0, 1] keep that range.
+    """
+    out = np.clip(pixels[..., 0].astype(np.float64), 0.0, 1.0)
+    if like.dtype.kind in "ui" or (like.size and float(like.max()) > 1.0):
+        out = out * 255.0
+    if like.dtype.kind in "ui":
+        out = np.rint(out)
+    return out.reshape(like.shape).astype(like.dtype)
 
 
 def decode_file(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:

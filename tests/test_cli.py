@@ -14,7 +14,7 @@ from PIL import Image
 from aemon.bundle import read_meta
 from aemon.cli import main
 
-VERBS = ["train", "calibrate", "score", "info", "evaluate"]
+VERBS = ["train", "calibrate", "score", "denoise", "info", "evaluate"]
 RECORD_FIELDS = {"item", "verdict", "score", "threshold", "p_value", "model", "received_at", "decided_at"}
 
 
@@ -219,3 +219,37 @@ def test_train_cli_bad_arch(capsys: pytest.CaptureFixture, tmp_path: Path) -> No
     _assert_one_error_line(err)
     assert "dense" in err and "conv" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_denoise_writes_png_and_same_dtype_arrays(capsys: pytest.CaptureFixture, tiny_denoise_bundle: Path,
+                                                  tmp_path: Path, mnist_digits: np.ndarray) -> None:
+    """Images come back as PNGs, arrays with their shape and dtype; clashes get a suffix; garbage is rejected."""
+    src = tmp_path / "src"
+    (src / "batch").mkdir(parents=True)
+    Image.fromarray(mnist_digits[0]).save(src / "a.png")
+    Image.fromarray(mnist_digits[1]).save(src / "batch" / "b.png")
+    np.save(src / "rows.npy", mnist_digits[:4])
+    np.save(src / "flat.npy", (mnist_digits[:3] / 255.0).astype(np.float32).reshape(3, 784))
+    (src / "junk.png").write_bytes(b"not an image")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.png").write_bytes(b"already here")
+    paths = [src / "a.png", src / "batch", src / "rows.npy", src / "flat.npy", src / "junk.png"]
+    code, stdout, err = run(capsys, "denoise", str(tiny_denoise_bundle), *map(str, paths), "--out", str(out))
+    assert code == 1 and "1 item(s) could not be denoised" in err
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert [Path(r["item"]).name for r in records] == ["a.png", "b.png", "rows.npy", "flat.npy", "junk.png"]
+    assert records[-1]["reason"] == "unreadable"
+    assert (out / "a.png").read_bytes() == b"already here"
+    assert records[0]["denoised"] == str(out / "a-1.png")
+    with Image.open(out / "a-1.png") as img:
+        assert img.mode == "L" and img.size == (28, 28)
+    assert (out / "batch" / "b.png").is_file()
+    rows = np.load(out / "rows.npy")
+    assert rows.dtype == np.uint8 and rows.shape == (4, 28, 28) and rows.max() > 100
+    flat = np.load(out / "flat.npy")
+    assert flat.dtype == np.float32 and flat.shape == (3, 784) and 0.5 < flat.max() <= 1.0
+    # A reconstruction, not a copy: it differs from the input yet is nearer to it than to another digit.
+    diff = np.abs(rows.astype(float) - mnist_digits[:4]).mean()
+    other = np.abs(rows.astype(float) - mnist_digits[10:14]).mean()
+    assert 0 < diff < other

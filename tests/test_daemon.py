@@ -281,8 +281,8 @@ def test_denoise_mode_writes_reconstructions(root, make_daemon, digits):
     rec = _record(root / "ok" / "n.png")
     assert rec["denoised"] == "denoised/n.png"
     recon = np.load(root / "denoised" / "arr.npy")
-    assert recon.shape == (3, 28, 28) and recon.dtype == np.float32
-    assert recon.min() >= 0 and recon.max() <= 1
+    assert recon.shape == (3, 28, 28) and recon.dtype == digits.dtype  # same shape and dtype as the item
+    assert recon.max() > 100
 
 
 def _get(url: str) -> tuple[int, str]:
