@@ -1,41 +1,36 @@
 """The daemon's lifecycle: startup → main loop → shutdown (after uvicorn ``server.py``).
 
-One thread does the work: it takes settled inbox entries, decodes them, scores each batch
-with one model call, routes the results and updates the metrics. The watchdog observer and
-the HTTP server run on their own threads; signal handlers only set flags.
+The loop thread takes complete inbox entries, claims them into one batch folder, decodes
+them and scores the batch with one model call; the commit thread (:mod:`aemon.commit`) writes
+the results of that batch while the loop scores the next one. The watchdog observer and the
+HTTP server run on their own threads; signal handlers only set flags.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from aemon.bundle import Bundle, default_bundle_path, load_bundle, utc_now
+from aemon.bundle import Bundle, default_bundle_path, load_bundle
 from aemon.calibration import decide
+from aemon.claims import Claim, ClaimStore
+from aemon.commit import Batch, Committer, Unit
 from aemon.errors import AemonError, EmptyItem, ItemRejected, StartupError, UnsafeItem
 from aemon.http import HttpServer
-from aemon.images import (
-    array_to_input,
-    decode_file,
-    decode_image,
-    input_to_array,
-    is_array_name,
-    is_image_name,
-    read_array,
-)
-from aemon.inbox import Claim, Inbox, is_ignored
+from aemon.images import array_to_input, decode_file, decode_image, is_array_name, is_image_name, read_array
+from aemon.inbox import Inbox, is_ignored
+from aemon.journal import drop_undecided, read_journal
 from aemon.logs import get_logger
 from aemon.metrics import build
 from aemon.oneshot import limits_from
-from aemon.records import rejected_record, scored_record
 from aemon.router import FOLDERS, Router
 from aemon.settings import Settings
 
@@ -47,20 +42,6 @@ TICK = 0.1
 HEARTBEAT_STALE = 30.0
 
 log = get_logger()
-
-
-@dataclass
-class _Unit:
-    """One file to decode and route: an image, an array, or one image of a folder batch."""
-
-    claim: Claim
-    path: Path
-    rel: str
-    batch: str | None = None
-    x: np.ndarray | None = None
-    raw: np.ndarray | None = None
-    key: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 class Daemon:
@@ -82,6 +63,12 @@ class Daemon:
         self.bundle_path = Path(settings.model) if settings.model else None
         self.router = Router(self.root)
         self.inbox = Inbox(self.root, settings.settle_seconds, settings.rescan_seconds, settings.polling)
+        self.claims = ClaimStore(self.root)
+        self.committer = Committer(self.router, self._decided, self._committed)
+        #: Entries claimed and not yet committed.
+        self.in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._last_adopt = 0.0
         self.limits = limits_from(settings)
         self.http: HttpServer | None = None
         self.should_exit = False
@@ -107,6 +94,7 @@ class Daemon:
         try:
             self.startup()
             self.main_loop(until_idle)
+            self.drain()
         except OSError as exc:
             # An infrastructure failure (disk full, folder removed): exit non-zero so the
             # supervisor restarts us; unfinished entries stay claimed and are recovered.
@@ -132,8 +120,9 @@ class Daemon:
         if self.bundle is None:
             self.bundle = self._load(self.bundle_path or default_bundle_path(self.settings.mode), startup=True)
         self._set_model_metrics()
-        for claim in self.inbox.recover():
-            log.info("claim.recovered", item=claim.name)
+        self.claims.open()
+        self.committer.start()
+        self._adopt_orphans()
         self.http = HttpServer(self.settings.metrics_host, self.settings.metrics_port, self.registry,
                                self.healthy, self.is_ready)
         try:
@@ -215,7 +204,7 @@ class Daemon:
 
     # -- loop ------------------------------------------------------------
     def main_loop(self, until_idle: bool = False) -> None:
-        """Tick every 0.1 s: take a batch, process it, until asked to stop."""
+        """Take a batch and process it, or wait for the next event; until asked to stop."""
         while not self.should_exit:
             started = time.monotonic()
             self.on_tick()
@@ -223,22 +212,26 @@ class Daemon:
             if claims:
                 self.process(claims)
                 continue
-            if until_idle and self.inbox.idle():
+            if until_idle and self.inbox.idle() and self.committer.idle():
                 break
             # Wake on the next inbox event rather than at the next tick: latency, not polling.
             self.inbox.wait(max(0.0, TICK - (time.monotonic() - started)))
 
     def on_tick(self) -> None:
-        """Heartbeat, watchdog ping, pending gauge and a requested reload."""
+        """Heartbeat, watchdog ping, pending gauge, orphan claims, a requested reload."""
+        if self.committer.failure is not None:
+            raise self.committer.failure
         self.heartbeat = time.monotonic()
         self._notify("WATCHDOG=1")
-        self.metrics.inbox_pending.set(self.inbox.pending())
+        self._set_pending()
+        if self.heartbeat - self._last_adopt >= self.settings.rescan_seconds:
+            self._adopt_orphans()
         if self.reload_requested:
-            self.reload_requested = False
             self.reload()
 
     def reload(self) -> None:
         """Load the bundle again (SIGHUP); on failure keep the old one."""
+        self.reload_requested = False
         path = self.bundle_path or default_bundle_path(self.settings.mode)
         try:
             bundle = self._load(path)
@@ -248,50 +241,102 @@ class Daemon:
         self.bundle = bundle
         self._set_model_metrics()
 
-    def _gather(self) -> list:
+    def drain(self) -> None:
+        """Commit what was scored; entries not committed within the grace time stay claimed."""
+        grace = self.settings.shutdown_grace_seconds
+        log.info("daemon.draining", in_flight=self.in_flight)
+        if not self.committer.stop(grace):
+            log.warning("daemon.drain_timeout", grace_seconds=grace, in_flight=self.in_flight)
+        if self.committer.failure is not None:
+            raise self.committer.failure
+
+    def _set_pending(self) -> None:
+        self.metrics.inbox_pending.set(self.inbox.pending() + self.in_flight)
+
+    def _count_in_flight(self, n: int) -> None:
+        with self._in_flight_lock:
+            self.in_flight += n
+
+    def _adopt_orphans(self) -> None:
+        """Finish or route again the batch folders of daemons that stopped (this one's, earlier)."""
+        self._last_adopt = time.monotonic()
+        for batch_dir in self.claims.adopt_orphans():
+            journal = read_journal(batch_dir)
+            if journal is not None:
+                # Decided before the crash: finish exactly that decision.
+                done = journal.run(self.router, batch_dir)
+                log.info("claim.finished", batch=batch_dir.name, steps=len(done))
+                leftover = [c for c in ClaimStore.entries(batch_dir) if c.name not in journal.entries]
+                if not leftover:
+                    shutil.rmtree(batch_dir, ignore_errors=True)
+                    continue
+                drop_undecided(batch_dir)
+            else:
+                drop_undecided(batch_dir)
+            claims = ClaimStore.entries(batch_dir)
+            if not claims:
+                shutil.rmtree(batch_dir, ignore_errors=True)
+                continue
+            for claim in claims:
+                log.info("claim.recovered", item=claim.name, batch=batch_dir.name)
+            self._count_in_flight(len(claims))
+            self.process(claims)
+
+    def _gather(self) -> list[Claim]:
+        """Claim up to ``batch_size`` complete entries into one batch folder, waiting ``batch_wait_ms``."""
         size = self.settings.batch_size
-        claims = self.inbox.take(size)
-        if not claims:
-            return claims
+        taken = self.inbox.take(size)
+        if not taken:
+            return []
+        batch_dir = self.claims.new_batch(min(arrived for _, arrived in taken))
+        claims = self._claim(taken, batch_dir)
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000.0
         while len(claims) < size and time.monotonic() < deadline and not self.should_exit:
-            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
-            claims += self.inbox.take(size - len(claims))
+            self.inbox.wait(max(0.0, deadline - time.monotonic()))
+            claims += self._claim(self.inbox.take(size - len(claims)), batch_dir)
+        if not claims:
+            batch_dir.rmdir()
+        return claims
+
+    def _claim(self, taken: list[tuple[str, float]], batch_dir: Path) -> list[Claim]:
+        claims = [c for name, arrived in taken
+                  if (c := self.claims.claim(self.inbox.dir / name, batch_dir, arrived)) is not None]
+        self._count_in_flight(len(claims))
         return claims
 
     # -- one batch -------------------------------------------------------
     def process(self, claims: list[Claim]) -> None:
-        """Decode, score (one model call), route and record every item of ``claims``."""
-        units: list[_Unit] = []
+        """Decode and score (one model call) the entries of one batch folder; queue the batch for commit."""
+        units: list[Unit] = []
         for claim in claims:
             units.extend(self._expand(claim))
-        good: list[_Unit] = []
+        good: list[Unit] = []
         for unit in units:
+            if unit.error is not None:
+                continue
             try:
                 self._decode(unit)
                 good.append(unit)
             except ItemRejected as exc:
-                self._reject(unit, exc)
+                unit.error = exc
+        bundle = self.bundle
         if good:
-            self._score_and_route(good)
-        for claim in claims:
-            claim.release()
-        self.metrics.inbox_pending.set(self.inbox.pending())
+            self._score(good, bundle)
+        self.committer.put(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version,
+                                 bundle.threshold))
 
-    def _expand(self, claim: Claim) -> list[_Unit]:
+    def _expand(self, claim: Claim) -> list[Unit]:
         path = claim.path
         if path.is_dir() and not path.is_symlink():
             # Hidden and partial names inside a batch are never taken (nor rejected).
             files = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink())
                            and not any(is_ignored(part) for part in p.relative_to(path).parts))
             if not files:
-                unit = _Unit(claim, path, claim.name)
-                self._reject(unit, EmptyItem(f"folder {claim.name} holds no files"))
-                return []
-            return [_Unit(claim, p, p.relative_to(claim.claim_dir).as_posix(), batch=claim.name) for p in files]
-        return [_Unit(claim, path, claim.name)]
+                return [Unit(claim, path, claim.name, error=EmptyItem(f"folder {claim.name} holds no files"))]
+            return [Unit(claim, p, p.relative_to(claim.batch_dir).as_posix(), batch=claim.name) for p in files]
+        return [Unit(claim, path, claim.name)]
 
-    def _decode(self, unit: _Unit) -> None:
+    def _decode(self, unit: Unit) -> None:
         if unit.path.is_symlink():
             raise UnsafeItem(f"{unit.rel} is a symbolic link; drop the file itself")
         prep = self.bundle.preprocessing
@@ -303,21 +348,7 @@ class Daemon:
         else:
             unit.x = decode_file(unit.path, prep, self.limits)  # raises UnsupportedType
 
-    def _reject(self, unit: _Unit, exc: ItemRejected) -> None:
-        dest = self.router.destination("rejected", unit.rel)
-        extra = {"path": self.router.relative(dest)}
-        if unit.batch:
-            extra["batch"] = unit.batch
-        record = rejected_record(item=unit.rel, reason=exc.reason, error=str(exc),
-                                 received_at=unit.claim.received_at, decided_at=utc_now(),
-                                 model_name=self.bundle.name if self.bundle else None,
-                                 model_version=self.bundle.version if self.bundle else None, **extra)
-        self._commit(unit, dest, record)
-        self.metrics.errors.labels(reason=exc.reason).inc()
-        self._decided(unit, record)
-
-    def _score_and_route(self, units: list[_Unit]) -> None:
-        bundle = self.bundle
+    def _score(self, units: list[Unit], bundle: Bundle) -> None:
         x = np.concatenate([u.x for u in units])
         started = time.perf_counter()
         if self.settings.mode == "denoise":
@@ -331,92 +362,32 @@ class Daemon:
         self.metrics.scoring_duration.observe(time.perf_counter() - started)
         self.metrics.batches.inc()
         pvals = bundle.p_values(scores)
-        verdicts = decide(scores, bundle.threshold)
+        verdicts = [v.value for v in decide(scores, bundle.threshold)]
         for s in scores:
             self.metrics.reconstruction_error.observe(float(s))
         i = 0
         for unit in units:
-            n = len(unit.x)
-            sl = slice(i, i + n)
-            i += n
-            if unit.raw is not None:
-                self._route_array(unit, scores[sl], pvals[sl], verdicts[sl], None if recon is None else recon[sl])
-            else:
-                self._route_image(unit, float(scores[sl][0]), float(pvals[sl][0]), verdicts[sl][0].value,
-                                  None if recon is None else recon[sl][0])
+            part = slice(i, i + len(unit.x))
+            i += len(unit.x)
+            unit.scores, unit.p_values, unit.verdicts = scores[part], pvals[part], verdicts[part]
+            unit.recon = None if recon is None else recon[part]
+            unit.x = None  # the pixels are no longer needed; the batch may wait for its commit
 
-    def _common(self, unit: _Unit) -> dict:
-        return {"threshold": self.bundle.threshold, "model_name": self.bundle.name,
-                "model_version": self.bundle.version, "received_at": unit.claim.received_at,
-                "decided_at": utc_now()}
+    def _committed(self, batch: Batch) -> None:
+        self._count_in_flight(-len(batch.claims))
+        self._set_pending()
 
-    def _route_image(self, unit: _Unit, score: float, p_value: float, verdict: str, recon) -> None:
-        extra = {}
-        if unit.batch:
-            extra["batch"] = unit.batch
-        if recon is not None:
-            den = self.router.write_png(recon, "denoised", unit.rel)
-            extra["denoised"] = self.router.relative(den)
-        dest = self.router.destination(verdict, unit.rel)
-        record = scored_record(item=unit.rel, verdict=verdict, score=score, p_value=p_value,
-                               path=self.router.relative(dest), **self._common(unit), **extra)
-        self._commit(unit, dest, record)
-        self.metrics.items.labels(verdict=verdict).inc()
-        self._decided(unit, record)
-
-    def _route_array(self, unit: _Unit, scores, pvals, verdicts, recon) -> None:
-        raw = unit.raw
-        names = np.array([v.value for v in verdicts])
-        denoised = None
-        if recon is not None:
-            den = self.router.write_rows(input_to_array(recon, raw), "denoised", unit.rel, unit.key)
-            denoised = self.router.relative(den)
-        for verdict in ("ok", "anomaly"):
-            idx = np.flatnonzero(names == verdict)
-            if idx.size == 0:
-                continue
-            extra = {}
-            if unit.batch:
-                extra["batch"] = unit.batch
-            if denoised:
-                extra["denoised"] = denoised
-            dest = self.router.write_rows(raw[idx], verdict, unit.rel, unit.key)
-            rows = [{"index": int(j), "score": float(scores[j]), "p_value": float(pvals[j])} for j in idx]
-            record = scored_record(
-                item=unit.rel, verdict=verdict, score=float(np.max(scores[idx])),
-                p_value=float(np.min(pvals[idx])), path=self.router.relative(dest), rows=rows,
-                n_rows=int(idx.size), total_rows=len(raw), dtype=str(raw.dtype), **self._common(unit), **extra,
-            )
-            if unit.key:
-                record["array_key"] = unit.key
-            self.router.write_record(dest, record)
-            self.metrics.items.labels(verdict=verdict).inc(int(idx.size))
-            self._decided(unit, record)
-        unit.path.unlink()
-
-    def _commit(self, unit: _Unit, dest: Path, record: dict) -> None:
-        """Stage the record in the claim, move the item to ``dest``, then commit the record.
-
-        A SIGKILL at any point leaves either the item in its claim (routed again on restart)
-        or the item at ``dest`` with its staged record (committed on restart): never an item
-        without a record, nor a record twice.
-        """
-        pending = self.router.stage_record(unit.claim.claim_dir, record)
-        try:
-            self.router.move_to(unit.path, dest)
-        except BaseException:
-            pending.unlink(missing_ok=True)
-            raise
-        self.router.commit_record(pending, dest)
-
-    def _decided(self, unit: _Unit, record: dict) -> None:
+    def _decided(self, unit: Unit, record: dict) -> None:
+        """Count and log one committed record (called on the commit thread)."""
         now = time.time()
+        verdict = record["verdict"]
+        rows = record.get("n_rows") or 1
+        self.metrics.items.labels(verdict=verdict).inc(rows)
+        if verdict == "rejected":
+            self.metrics.errors.labels(reason=record["reason"]).inc()
         self.metrics.item_latency.observe(max(0.0, now - unit.claim.arrived))
         self.metrics.last_decision.set(now)
-        verdict = record["verdict"]
-        if verdict == "rejected":
-            self.metrics.items.labels(verdict="rejected").inc()
-        self.counts[verdict] = self.counts.get(verdict, 0) + (record.get("n_rows") or 1)
+        self.counts[verdict] = self.counts.get(verdict, 0) + rows
         fields = {k: record.get(k) for k in ("item", "verdict", "score", "threshold", "p_value", "path")}
         if verdict == "rejected":
             fields["reason"] = record["reason"]
@@ -426,11 +397,12 @@ class Daemon:
 
     # -- shutdown --------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop the observer, then HTTP; log the counts. Safe after a failed startup."""
-        if self.should_exit:
-            log.info("daemon.draining")
+        """Stop the observer, the commit thread, then HTTP; log the counts. Safe after a failed startup."""
         self.ready = False
         self.inbox.stop()
+        self.committer.stop(self.settings.shutdown_grace_seconds)
+        self.router.close()
+        self.claims.close()
         if self.http is not None:
             self.http.stop()
             self.http = None

@@ -1,34 +1,52 @@
-"""The inbox: watch it, wait until each entry has settled, claim it, recover old claims.
+"""The inbox: watch it and decide when each entry is complete (the taking rule).
 
-The watchdog thread only filters names and queues them; the daemon loop does everything
-else. Watchers report changes, not state, so the inbox is also scanned at startup and every
-``rescan_seconds``. An entry is claimed by ``os.rename`` into ``.aemon/claims/<unique>/``,
-keeping its name, so a crash leaves it there and the next start re-queues it.
+The watchdog thread only classifies events and queues them; the daemon loop does the rest.
+Watchers report changes, not state, so the inbox is also scanned at start-up and every
+``rescan_seconds``. An entry is complete when:
+
+* it was renamed into ``inbox/`` (a careful writer's publish step): at once;
+* otherwise, nothing in it is open for writing (every file written to since the daemon started
+  watching was closed again) and nothing in it has changed for ``settle_seconds``.
+
+A folder is published the same way: renamed in when full (taken at once), or filled in place
+(taken once settled). A folder renamed in empty and filled afterwards is taken empty.
+
+With the polling observer (network filesystems) there are no open/close events and only the
+settle time applies. If a close event was lost (an inotify queue overflow), an entry unchanged
+for ``stuck_open_seconds`` is taken anyway, with a warning.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import queue
-import shutil
 import threading
 import time
-import uuid
-from collections import deque
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
-from watchdog.observers import Observer
+from watchdog.events import (
+    DirMovedEvent,
+    FileClosedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserver
 
-__all__ = ["IGNORED_SUFFIXES", "is_ignored", "Claim", "Inbox"]
+from aemon.logs import get_logger
+
+__all__ = ["IGNORED_SUFFIXES", "is_ignored", "Inbox"]
 
 #: Endings of names that are still being written and are never taken.
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+
+log = get_logger()
+
+# Event kinds queued by the watchdog thread.
+_MOVED_IN, _WRITING, _CLOSED, _CHANGED = "moved_in", "writing", "closed", "changed"
 
 
 def is_ignored(name: str) -> bool:
@@ -36,38 +54,13 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.endswith("~") or name.lower().endswith(IGNORED_SUFFIXES)
 
 
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
-
-
-@dataclass
-class Claim:
-    """One inbox entry the daemon has taken and not finished."""
-
-    #: The entry's name in ``inbox/`` (top level).
-    name: str
-    #: Where the entry lies now, inside its claim folder.
-    path: Path
-    #: ``.aemon/claims/<unique>/``; removed once the entry is routed.
-    claim_dir: Path
-    #: When the entry was first seen in the inbox (epoch seconds).
-    arrived: float
-
-    @property
-    def received_at(self) -> str:
-        """Arrival time, ISO 8601 UTC."""
-        return _iso(self.arrived)
-
-    def release(self) -> None:
-        """Remove the claim folder (call once everything in it has been routed)."""
-        shutil.rmtree(self.claim_dir, ignore_errors=True)
-
-
 @dataclass
 class _Candidate:
     sig: tuple | None
     since: float
     arrived: float
+    moved_in: bool = False
+    open_files: set[str] = field(default_factory=set)
 
 
 class _Handler(FileSystemEventHandler):
@@ -75,49 +68,58 @@ class _Handler(FileSystemEventHandler):
         self._inbox = inbox
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        for path in (event.src_path, getattr(event, "dest_path", "")):
-            if path:
-                self._inbox.notify(os.fsdecode(path))
+        inbox = self._inbox
+        if isinstance(event, FileMovedEvent | DirMovedEvent):
+            if event.src_path:
+                inbox.notify(os.fsdecode(event.src_path), _CHANGED)
+            if event.dest_path:
+                inbox.notify(os.fsdecode(event.dest_path), _MOVED_IN)
+        elif isinstance(event, FileClosedEvent):
+            inbox.notify(os.fsdecode(event.src_path), _CLOSED)
+        elif isinstance(event, FileModifiedEvent):
+            inbox.notify(os.fsdecode(event.src_path), _WRITING)
+        elif event.event_type not in ("opened", "closed_no_write"):
+            inbox.notify(os.fsdecode(event.src_path), _CHANGED)
 
 
 class Inbox:
-    """Discovers, settles and claims entries of ``root/inbox``.
+    """Discovers entries of ``root/inbox`` and says which are complete.
 
     Args:
         root: The daemon's root folder.
-        settle_seconds: An entry is taken once unchanged (or last modified) this long ago.
+        settle_seconds: An entry written in place is taken once closed and unchanged this long.
         rescan_seconds: Full scan interval, the safety net for missed events.
         polling: Use watchdog's polling observer (network filesystems) instead of inotify.
+        stuck_open_seconds: Take an entry unchanged this long even if no close event was seen.
     """
 
     def __init__(self, root: Path, settle_seconds: float = 1.0, rescan_seconds: float = 5.0,
-                 polling: bool = False) -> None:
+                 polling: bool = False, stuck_open_seconds: float | None = None) -> None:
         self.root = Path(root)
         self.dir = self.root / "inbox"
-        self.claims_dir = self.root / ".aemon" / "claims"
         self.settle_seconds = settle_seconds
         self.rescan_seconds = rescan_seconds
         self.polling = polling
-        self._events: queue.Queue[str] = queue.Queue()
+        self.stuck_open_seconds = stuck_open_seconds or max(60.0, 10 * settle_seconds)
+        self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._candidates: dict[str, _Candidate] = {}
-        self._ready: deque[Claim] = deque()
         self._last_scan = float("-inf")
         self._observer = None
         self._wakeup = threading.Event()
 
     # -- watchdog thread -------------------------------------------------
-    def notify(self, path: str) -> None:
-        """Queue the top-level entry that ``path`` belongs to (called on the watchdog thread)."""
+    def notify(self, path: str, kind: str = _CHANGED) -> None:
+        """Queue an event about ``path`` for its top-level entry (called on the watchdog thread)."""
         try:
             rel = Path(path).relative_to(self.dir)
         except ValueError:
             return
-        if not rel.parts:
+        if not rel.parts or is_ignored(rel.parts[0]):
             return
-        name = rel.parts[0]
-        if not is_ignored(name):
-            self._events.put(name)
-            self._wakeup.set()
+        if kind == _MOVED_IN and len(rel.parts) > 1:
+            kind = _CHANGED  # a file moved into a folder entry: the folder still settles
+        self._events.put((rel.parts[0], kind, rel.as_posix()))
+        self._wakeup.set()
 
     def wait(self, timeout: float) -> None:
         """Block until an event arrives or ``timeout`` seconds pass (the loop's idle sleep)."""
@@ -131,7 +133,13 @@ class Inbox:
         # and its queue is FIFO: each claim (a rename out of inbox/) would delay every later
         # event by half a second. Only names matter here, so pairing is not needed.
         InotifyMoveEventGrouper.delay = 0.0
-        observer = PollingObserver(timeout=0.5) if self.polling else Observer()
+        if self.polling:
+            observer = PollingObserver(timeout=0.5)
+        else:
+            from watchdog.observers.inotify import InotifyObserver
+
+            # Full events: a rename into the inbox is a move (complete), not a creation.
+            observer = InotifyObserver(generate_full_events=True)
         observer.schedule(_Handler(self), str(self.dir), recursive=True)
         observer.daemon = True
         observer.start()
@@ -144,40 +152,17 @@ class Inbox:
             self._observer.join(timeout=5)
             self._observer = None
 
-    def recover(self) -> list[Claim]:
-        """Re-queue entries claimed by an earlier run that never finished them."""
-        recovered = []
-        if not self.claims_dir.is_dir():
-            return recovered
-        for claim_dir in sorted(self.claims_dir.iterdir()):
-            if not claim_dir.is_dir():
-                continue
-            _finish_pending(self.root, claim_dir)
-            entries = sorted(e for e in claim_dir.iterdir() if not e.name.startswith("."))
-            if not entries:
-                shutil.rmtree(claim_dir, ignore_errors=True)
-                continue
-            try:
-                arrived = int(claim_dir.name.split("-", 1)[0]) / 1e6
-            except ValueError:
-                arrived = time.time()
-            for entry in entries:
-                claim = Claim(entry.name, entry, claim_dir, arrived)
-                self._ready.append(claim)
-                recovered.append(claim)
-        return recovered
-
     # -- loop thread -----------------------------------------------------
     def pending(self) -> int:
-        """Entries seen but not yet routed (settling or claimed)."""
-        return len(self._candidates) + len(self._ready)
+        """Entries seen in the inbox and not yet taken."""
+        return len(self._candidates)
 
     def idle(self) -> bool:
-        """True when nothing is waiting: no event, no settling entry, no claim."""
-        return self._events.empty() and not self._candidates and not self._ready
+        """True when no event is queued and no entry is waiting."""
+        return self._events.empty() and not self._candidates
 
     def scan(self) -> None:
-        """Add every takeable entry of the inbox to the candidates."""
+        """Queue every takeable entry of the inbox (start-up and the periodic safety net)."""
         self._last_scan = time.monotonic()
         try:
             names = os.listdir(self.dir)
@@ -185,75 +170,66 @@ class Inbox:
             return
         for name in names:
             if not is_ignored(name):
-                self._events.put(name)
+                self._events.put((name, _CHANGED, name))
 
-    def take(self, limit: int) -> list[Claim]:
-        """Claim settled entries; return up to ``limit`` claims ready to process."""
+    def take(self, limit: int) -> list[tuple[str, float]]:
+        """Up to ``limit`` complete entries, oldest name first, as ``(name, arrival epoch)``.
+
+        They are no longer tracked: the caller claims them (or finds them gone).
+        """
         now = time.monotonic()
         if now - self._last_scan >= self.rescan_seconds:
             self.scan()
-        while True:
-            try:
-                name = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if name not in self._candidates:
-                self._candidates[name] = _Candidate(None, now, time.time())
+        self._drain(now)
+        out: list[tuple[str, float]] = []
         for name in sorted(self._candidates):
-            if len(self._ready) >= limit:
+            if len(out) >= limit:
                 break
-            self._check(name, now)
-        out = []
-        while self._ready and len(out) < limit:
-            out.append(self._ready.popleft())
+            if self._complete(name, now):
+                out.append((name, self._candidates.pop(name).arrived))
         return out
 
-    def _check(self, name: str, now: float) -> None:
+    def _drain(self, now: float) -> None:
+        track_writes = not self.polling
+        while True:
+            try:
+                name, kind, rel = self._events.get_nowait()
+            except queue.Empty:
+                return
+            cand = self._candidates.get(name)
+            if cand is None:
+                cand = self._candidates[name] = _Candidate(None, now, time.time())
+            if kind == _MOVED_IN:
+                cand.moved_in = True
+            elif kind == _WRITING and track_writes:
+                cand.open_files.add(rel)
+            elif kind == _CLOSED:
+                cand.open_files.discard(rel)
+
+    def _complete(self, name: str, now: float) -> bool:
         cand = self._candidates[name]
         path = self.dir / name
+        if cand.moved_in:
+            if os.path.lexists(path):
+                return True
+            del self._candidates[name]
+            return False
         sig = _signature(path)
         if sig is None:
             del self._candidates[name]
-            return
+            return False
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
-        newest = sig[-1] / 1e9
-        if time.time() - newest >= self.settle_seconds or now - cand.since >= self.settle_seconds:
-            claim = self._claim(name, cand.arrived)
-            del self._candidates[name]
-            if claim is not None:
-                self._ready.append(claim)
-
-    def _claim(self, name: str, arrived: float) -> Claim | None:
-        claim_dir = self.claims_dir / f"{int(arrived * 1e6)}-{uuid.uuid4().hex}"
-        claim_dir.mkdir(parents=True)
-        target = claim_dir / name
-        try:
-            os.rename(self.dir / name, target)
-        except FileNotFoundError:
-            claim_dir.rmdir()
-            return None
-        return Claim(name, target, claim_dir, arrived)
-
-
-def _finish_pending(root: Path, claim_dir: Path) -> None:
-    """Finish records staged in ``claim_dir`` by a run that was killed while routing.
-
-    A staged record whose item has left the claim is committed beside the item; one whose
-    item is still in the claim is dropped (the item is routed again).
-    """
-    for pending in sorted(claim_dir.glob(".record-*.json")):
-        try:
-            record = json.loads(pending.read_text())
-            src = claim_dir / record["item"]
-            dest = root / record["path"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pending.unlink(missing_ok=True)
-            continue
-        if not os.path.lexists(src) and os.path.lexists(dest):
-            os.replace(pending, dest.with_name(dest.name + ".json"))
-        else:
-            pending.unlink(missing_ok=True)
+        quiet = max(time.time() - sig[-1] / 1e9, now - cand.since)
+        if quiet < self.settle_seconds:
+            return False
+        if not cand.open_files:
+            return True
+        if now - cand.since >= self.stuck_open_seconds:
+            log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
+                        unchanged_seconds=round(now - cand.since, 1))
+            return True
+        return False
 
 
 def _signature(path: Path) -> tuple | None:

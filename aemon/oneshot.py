@@ -13,7 +13,7 @@ from aemon.calibration import decide
 from aemon.errors import ItemRejected, Unreadable
 from aemon.images import Limits, array_to_input, decode_file, input_to_array, is_array_name, read_array
 from aemon.records import rejected_record, scored_record
-from aemon.router import Router
+from aemon.router import Router, png_bytes, png_name, rows_bytes
 from aemon.settings import Settings
 from aemon.sources import list_images, load_source
 
@@ -153,9 +153,9 @@ def _denoise_batch(bundle: Bundle, router: Router, batch: list) -> Iterator[dict
         part = slice(i, i + len(xi))
         i += len(xi)
         if raw is None:
-            dest = router.write_png(recon[part][0], "", rel)
+            dest = router.write_new(png_bytes(recon[part][0]), "", png_name(rel))
         else:
-            dest = router.write_rows(input_to_array(recon[part], raw), "", rel, key)
+            dest = router.write_new(rows_bytes(input_to_array(recon[part], raw), rel, key), "", rel)
         yield {
             "item": str(path), "denoised": str(dest), "rows": len(xi), "score": float(np.max(scores[part])),
             "model": {"name": bundle.name, "version": bundle.version},

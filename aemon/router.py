@@ -1,18 +1,22 @@
-"""Destinations and records: move an item under ok/, anomaly/ or rejected/, then write its record.
+"""Destinations: free names under ok/, anomaly/, rejected/ and denoised/, and durable writes there.
 
 Names keep their path relative to the inbox; an existing name is never overwritten (the new
-item gets ``-1``, ``-2``… before its suffix). The item is moved (or written) first and its
-``NAME.json`` record last, through a temp file, fsync and ``os.replace``: the record is the
-commit point. The daemon stages a moved item's record in its claim folder first
-(:meth:`Router.stage_record`), so a crash between the move and the record is finished on restart.
+item gets ``-1``, ``-2``… before its suffix). Moves are made with ``link`` + ``unlink``, which
+fails instead of replacing when another process took the name first. Files are written to a
+hidden temp name, fsync'd and renamed; directory entries are made durable per batch with
+:meth:`Router.sync_dirs`, not per file.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import threading
 import uuid
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +24,17 @@ import numpy as np
 
 from aemon.bundle import fsync_dir
 
-__all__ = ["FOLDERS", "PENDING_PREFIX", "Router"]
+__all__ = ["FOLDERS", "Router", "write_durably", "png_bytes", "png_name", "rows_bytes"]
 
+#: Threads writing records in parallel: concurrent fsyncs are committed together by the filesystem.
+_WRITERS = 8
 #: Result folders under the root.
 FOLDERS = ("ok", "anomaly", "rejected", "denoised")
-#: Name prefix of a record staged in a claim folder (hidden, so never taken as an item).
-PENDING_PREFIX = ".record-"
 
 
-def _fsync_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a hidden temp file, fsync and ``os.replace``."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+def write_durably(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a hidden temp file, fsync and ``os.replace`` (no directory fsync)."""
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         with tmp.open("wb") as fp:
             fp.write(data)
@@ -40,90 +44,132 @@ def _fsync_write(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """``(H, W[, 1])`` pixels in [0, 1] as an 8-bit grayscale PNG file."""
+    from PIL import Image
+
+    img = Image.fromarray(np.clip(np.rint(np.squeeze(pixels) * 255.0), 0, 255).astype(np.uint8), mode="L")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rows_bytes(rows: np.ndarray, name: str, key: str | None = None) -> bytes:
+    """Array rows (exact dtype) as a ``.npy`` file, or an ``.npz`` holding them under ``key``."""
+    buf = io.BytesIO()
+    if name.lower().endswith(".npz"):
+        np.savez(buf, **{key or "x": rows})
+    else:
+        np.save(buf, rows, allow_pickle=False)
+    return buf.getvalue()
+
+
+def png_name(rel: str) -> str:
+    """The name of an image's PNG output: kept for ``.png``, ``.png`` appended otherwise."""
+    return rel if rel.lower().endswith(".png") else rel + ".png"
 
 
 class Router:
-    """Places results under ``root``.
+    """Chooses free destinations under ``root`` and places files there.
 
     Args:
-        root: The daemon's root folder.
+        root: The daemon's root folder (or ``aemon denoise``'s output folder).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
+        self._made: set[Path] = set()
+        self._reserved: set[Path] = set()
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
 
     def destination(self, folder: str, rel: str) -> Path:
-        """A free path ``root/folder/rel``: with ``-N`` before the suffix if the name is taken."""
+        """A free path ``root/folder/rel``, with ``-N`` before the suffix if the name is taken.
+
+        The name stays reserved in this process until :meth:`release` so that two items of one
+        batch never get the same name.
+        """
         first = self.root / folder / rel
-        first.parent.mkdir(parents=True, exist_ok=True)
+        self._mkdir(first.parent)
         candidate, n = first, 0
-        while candidate.exists() or candidate.with_name(candidate.name + ".json").exists():
-            n += 1
-            candidate = first.with_name(f"{first.stem}-{n}{first.suffix}")
+        with self._lock:
+            while (candidate in self._reserved or os.path.lexists(candidate)
+                   or os.path.lexists(candidate.with_name(candidate.name + ".json"))):
+                n += 1
+                candidate = first.with_name(f"{first.stem}-{n}{first.suffix}")
+            self._reserved.add(candidate)
         return candidate
+
+    def release(self, paths: Iterable[Path]) -> None:
+        """Forget reservations made by :meth:`destination` (the files now exist, or never will)."""
+        with self._lock:
+            self._reserved.difference_update(paths)
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the root, POSIX style."""
         return path.relative_to(self.root).as_posix()
 
-    def move(self, src: Path, folder: str, rel: str) -> Path:
-        """Move ``src`` to a free name under ``folder``; returns where it went."""
-        dest = self.destination(folder, rel)
-        self.move_to(src, dest)
-        return dest
+    def place(self, src: Path, dest: Path) -> None:
+        """Move ``src`` to ``dest`` without ever replacing an existing ``dest``.
 
-    def move_to(self, src: Path, dest: Path) -> None:
-        """Move ``src`` to ``dest`` (a path from :meth:`destination`) durably."""
-        os.rename(src, dest)
-        fsync_dir(dest.parent)
-
-    def stage_record(self, claim_dir: Path, record: dict[str, Any]) -> Path:
-        """Write ``record`` durably into ``claim_dir`` before its item is moved.
-
-        A crash between the move and :meth:`commit_record` leaves it there; recovery
-        (:meth:`aemon.inbox.Inbox.recover`) then finishes the commit instead of losing the record.
+        Raises:
+            FileExistsError: ``dest`` exists (another process took the name).
         """
-        path = claim_dir / f"{PENDING_PREFIX}{uuid.uuid4().hex}.json"
-        _fsync_write(path, (json.dumps(record, indent=2) + "\n").encode())
-        return path
-
-    def commit_record(self, pending: Path, dest: Path) -> Path:
-        """Rename a staged record to ``dest.json``: the commit point of ``dest``."""
-        path = dest.with_name(dest.name + ".json")
-        os.replace(pending, path)
-        fsync_dir(path.parent)
-        return path
-
-    def write_rows(self, rows: np.ndarray, folder: str, rel: str, key: str | None = None) -> Path:
-        """Write array rows (exact dtype) as ``.npy``, or ``.npz`` under ``key`` for an ``.npz`` item."""
-        dest = self.destination(folder, rel)
-        buf = io.BytesIO()
-        if dest.suffix.lower() == ".npz":
-            np.savez(buf, **{key or "x": rows})
-        else:
-            np.save(buf, rows, allow_pickle=False)
-        _fsync_write(dest, buf.getvalue())
-        return dest
-
-    def write_png(self, pixels: np.ndarray, folder: str, rel: str) -> Path:
-        """Write ``(H, W[, 1])`` pixels in [0, 1] as an 8-bit grayscale PNG.
-
-        The name is kept for ``.png`` items; other images get ``.png`` appended.
-        """
-        from PIL import Image
-
-        if not rel.lower().endswith(".png"):
-            rel = rel + ".png"
-        dest = self.destination(folder, rel)
-        img = Image.fromarray(np.clip(np.rint(np.squeeze(pixels) * 255.0), 0, 255).astype(np.uint8), mode="L")
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        _fsync_write(dest, buf.getvalue())
-        return dest
+        if not dest.parent.is_dir():  # removed under us since it was first made
+            self._made.discard(dest.parent)
+            self._mkdir(dest.parent)
+        if src.is_dir() and not src.is_symlink():
+            if os.path.lexists(dest):
+                raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
+            os.rename(src, dest)
+            return
+        os.link(src, dest, follow_symlinks=False)
+        os.unlink(src)
 
     def write_record(self, dest: Path, record: dict[str, Any]) -> Path:
-        """Write ``dest.json`` atomically: the commit point of ``dest``."""
+        """Write ``dest.json`` durably: the commit point of ``dest``."""
         path = dest.with_name(dest.name + ".json")
-        _fsync_write(path, (json.dumps(record, indent=2) + "\n").encode())
+        write_durably(path, (json.dumps(record, indent=2) + "\n").encode())
         return path
+
+    def write_records(self, pairs: list[tuple[Path, dict[str, Any]]]) -> None:
+        """Write many records at once: their fsyncs run in parallel and share journal commits."""
+        if len(pairs) < 2:
+            for dest, record in pairs:
+                self.write_record(dest, record)
+            return
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="aemon-write")
+        for future in [self._pool.submit(self.write_record, dest, record) for dest, record in pairs]:
+            future.result()
+
+    def close(self) -> None:
+        """Stop the writer threads, if any were started."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def sync_dirs(self, paths: Iterable[Path]) -> None:
+        """fsync each distinct directory once (renames and new files there become durable)."""
+        for folder in sorted(set(paths)):
+            try:
+                fsync_dir(folder)
+            except FileNotFoundError:
+                continue
+
+    def write_new(self, data: bytes, folder: str, rel: str) -> Path:
+        """Write ``data`` to a free name under ``folder`` durably (one-shot verbs)."""
+        dest = self.destination(folder, rel)
+        try:
+            write_durably(dest, data)
+            fsync_dir(dest.parent)
+        finally:
+            self.release([dest])
+        return dest
+
+    def _mkdir(self, folder: Path) -> None:
+        if folder not in self._made:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._made.add(folder)

@@ -247,9 +247,51 @@ def test_settling_waits_for_files_written_in_place(root, digits):
     assert inbox.take(10) == [] and inbox.pending() == 1
     old = time.time() - 120
     os.utime(path, (old, old))
-    claims = inbox.take(10)
-    assert [c.name for c in claims] == ["new.png"] and claims[0].path.exists()
-    assert not path.exists()
+    assert [name for name, _ in inbox.take(10)] == ["new.png"]
+    assert inbox.pending() == 0 and path.exists()  # taking is not claiming
+
+
+def _take_within(inbox: Inbox, seconds: float) -> list[str]:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        taken = inbox.take(10)
+        if taken:
+            return [name for name, _ in taken]
+        inbox.wait(0.05)
+    return []
+
+
+def test_renamed_in_entries_are_taken_at_once(root, digits):
+    """A file or folder renamed into the inbox is complete, however fresh and whatever the settle time."""
+    inbox = Inbox(root, settle_seconds=60, rescan_seconds=3600)
+    inbox.start()
+    try:
+        inbox.take(10)  # the start-up scan of an empty inbox
+        _png(root / "staging" / "fresh.png", digits[0]).rename(root / "inbox" / "fresh.png")
+        assert _take_within(inbox, 5) == ["fresh.png"]
+        _png(root / "staging" / "batch" / "x.png", digits[1])
+        (root / "staging" / "batch").rename(root / "inbox" / "batch")
+        assert _take_within(inbox, 5) == ["batch"]
+        _png(root / "inbox" / "in-place.png", digits[2])  # written in place: waits for the settle time
+        assert _take_within(inbox, 1) == []
+    finally:
+        inbox.stop()
+
+
+def test_a_file_open_for_writing_is_not_taken_until_closed(root, digits):
+    """A writer pausing mid-file past the settle time keeps it; its close (then the settle time) releases it."""
+    inbox = Inbox(root, settle_seconds=0.3, rescan_seconds=3600)
+    inbox.start()
+    data = Image.fromarray(digits[3])
+    try:
+        inbox.take(10)
+        with open(root / "inbox" / "slow.png", "wb") as fp:
+            data.save(fp, format="PNG")
+            fp.flush()
+            assert _take_within(inbox, 1.5) == []  # unchanged for 5x the settle time, but still open
+        assert _take_within(inbox, 5) == ["slow.png"]
+    finally:
+        inbox.stop()
 
 
 def test_missing_root_is_a_startup_error(tmp_path, bundle):

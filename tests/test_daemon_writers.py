@@ -401,24 +401,42 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, digits
     assert not os.listdir(root / ".aemon" / "claims")
 
 
-def test_kill_between_move_and_record_is_finished_on_restart(tmp_path, digits):
-    """The exact window a SIGKILL can hit: item moved to ok/, its record only staged in the claim."""
-    from aemon.inbox import Inbox
-    from aemon.router import Router
+def test_a_journalled_batch_is_finished_exactly_on_restart(tmp_path, digits):
+    """A batch killed mid-commit: one item placed without its record, one caught between link and
+    unlink, one not yet moved, an array whose parts are written but not placed. The restart
+    finishes that decision and scores nothing again."""
+    from aemon.journal import Journal, Step
+    from aemon.router import rows_bytes
 
     root = new_root(tmp_path)
-    router = Router(root)
-    moved_dir = root / ".aemon" / "claims" / "1-moved"
-    kept_dir = root / ".aemon" / "claims" / "2-kept"
-    for claim_dir, name in ((moved_dir, "moved.png"), (kept_dir, "kept.png")):
-        write_png(claim_dir / name, digits[30])
-        dest = router.destination("ok", name)
-        router.stage_record(claim_dir, {"item": name, "verdict": "ok", "path": router.relative(dest)})
-    router.move_to(moved_dir / "moved.png", root / "ok" / "moved.png")  # killed right after this
+    batch = root / ".aemon" / "claims" / "dead-daemon" / "0001700000000000-0123456789ab"
+    for name in ("placed.png", "linked.png", "waiting.png"):
+        write_png(batch / name, digits[30])
+    np.save(batch / "rows.npy", digits[:3])
+    (batch / ".out-part.npy").write_bytes(rows_bytes(digits[:2], "rows.npy"))
+    (root / "ok").mkdir()
+    (root / "anomaly").mkdir()
+    steps = [Step(n, f"ok/{n}", {"item": n, "verdict": "ok", "path": f"ok/{n}"})
+             for n in ("placed.png", "linked.png", "waiting.png")]
+    steps.append(Step(".out-part.npy", "ok/rows.npy",
+                      {"item": "rows.npy", "verdict": "ok", "path": "ok/rows.npy", "rows": [{"index": 0}]}))
+    journal = Journal(entries=["placed.png", "linked.png", "waiting.png", "rows.npy"], steps=steps,
+                      remove=["rows.npy"])
+    journal.write(batch)
+    os.rename(batch / "placed.png", root / "ok" / "placed.png")  # the kill came before its record
+    os.link(batch / "linked.png", root / "ok" / "linked.png")  # ... or between link and unlink
+    (batch.parent / ".lock").write_text("")  # its owner's lock file, no longer held
 
-    recovered = Inbox(root).recover()
-    assert [c.name for c in recovered] == ["kept.png"]  # routed again, its stale staged record dropped
-    assert load(root / "ok" / "moved.png.json")["item"] == "moved.png"
-    assert not moved_dir.exists()
-    assert sorted(os.listdir(kept_dir)) == ["kept.png"]
-    assert not (root / "ok" / "kept.png.json").exists()
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0).wait_ready()
+    try:
+        wait_records(root, 4, daemon)
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+    assert sorted(os.listdir(root / "ok")) == sorted(
+        ["placed.png", "placed.png.json", "linked.png", "linked.png.json", "waiting.png", "waiting.png.json",
+         "rows.npy", "rows.npy.json"])
+    assert np.array_equal(np.load(root / "ok" / "rows.npy"), digits[:2])
+    assert load(root / "ok" / "rows.npy.json")["rows"] == [{"index": 0}]  # the journalled record, not a new one
+    assert os.listdir(root / "anomaly") == []
+    assert os.listdir(root / ".aemon" / "claims") == []
+    assert '"claim.finished"' in daemon.text()

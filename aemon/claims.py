@@ -1,0 +1,163 @@
+"""Claims: the daemon's hold on inbox entries it has taken and not finished.
+
+An entry is claimed by ``os.rename`` from ``inbox/`` into a batch folder
+``.aemon/claims/<owner>/<first-arrival-µs>-<id>/``, keeping its name; the rename is the lock
+between daemons sharing a root. Each running daemon owns one ``<owner>`` folder and holds an
+exclusive ``flock`` on its ``.lock`` file for its lifetime. A batch folder whose owner is no
+longer running (its lock is free: the process exited or was killed) is adopted by a live daemon,
+at start-up and at every rescan, and finished or routed again (see :mod:`aemon.journal`).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+__all__ = ["Claim", "ClaimStore"]
+
+LOCK_NAME = ".lock"
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+@dataclass
+class Claim:
+    """One inbox entry the daemon has taken and not finished."""
+
+    #: The entry's name in ``inbox/`` (top level).
+    name: str
+    #: Where the entry lies now, inside its batch folder.
+    path: Path
+    #: The batch folder holding it; removed once its whole batch is committed.
+    batch_dir: Path
+    #: When the entry was first seen in the inbox (epoch seconds).
+    arrived: float
+
+    @property
+    def received_at(self) -> str:
+        """Arrival time, ISO 8601 UTC."""
+        return _iso(self.arrived)
+
+
+class ClaimStore:
+    """Batch folders of one daemon under ``root/.aemon/claims``.
+
+    Args:
+        root: The daemon's root folder.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.base = self.root / ".aemon" / "claims"
+        self.owner = self.base / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._lock_fd: int | None = None
+
+    def open(self) -> None:
+        """Create this daemon's owner folder and lock it for the process lifetime."""
+        for _ in range(10):
+            self.owner.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.owner / LOCK_NAME, os.O_CREAT | os.O_RDWR, 0o644)
+            except FileNotFoundError:  # removed by a daemon that saw it unlocked: start again
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            try:
+                if os.stat(self.owner / LOCK_NAME).st_ino == os.fstat(fd).st_ino:
+                    self._lock_fd = fd
+                    return
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+            self.owner = self.base / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        raise OSError(f"could not lock a claims folder under {self.base}")
+
+    def close(self) -> None:
+        """Drop the lock; remove the owner folder if no batch is left in it."""
+        if self._lock_fd is None:
+            return
+        if not any(e.name != LOCK_NAME for e in os.scandir(self.owner)):
+            shutil.rmtree(self.owner, ignore_errors=True)
+        os.close(self._lock_fd)
+        self._lock_fd = None
+
+    def new_batch(self, arrived: float) -> Path:
+        """A new, empty batch folder named after the first arrival time in it."""
+        path = self.owner / f"{int(arrived * 1e6):016d}-{uuid.uuid4().hex[:12]}"
+        path.mkdir()
+        return path
+
+    def claim(self, src: Path, batch_dir: Path, arrived: float) -> Claim | None:
+        """Rename ``src`` into ``batch_dir``; None if it is gone (another daemon took it)."""
+        target = batch_dir / src.name
+        try:
+            os.rename(src, target)
+        except FileNotFoundError:
+            return None
+        return Claim(src.name, target, batch_dir, arrived)
+
+    @staticmethod
+    def entries(batch_dir: Path) -> list[Claim]:
+        """The claims still lying in ``batch_dir`` (hidden names are the daemon's own files)."""
+        try:
+            arrived = int(batch_dir.name.split("-", 1)[0]) / 1e6
+        except ValueError:
+            arrived = time.time()
+        return [Claim(e.name, e, batch_dir, arrived)
+                for e in sorted(batch_dir.iterdir()) if not e.name.startswith(".")]
+
+    def adopt_orphans(self) -> list[Path]:
+        """Move batch folders of daemons that are no longer running into ours; return them, oldest first.
+
+        A folder directly under ``claims/`` without a ``.lock`` is taken as a batch folder itself
+        (left by an older layout, or by a daemon killed between creating and locking its folder).
+        """
+        adopted: list[Path] = []
+        try:
+            others = [p for p in self.base.iterdir() if p.is_dir() and p != self.owner]
+        except FileNotFoundError:
+            return adopted
+        for other in others:
+            if not (other / LOCK_NAME).exists():
+                adopted += self._adopt(other)
+                continue
+            fd = _lock_if_dead(other)
+            if fd is None:
+                continue
+            try:
+                for batch in sorted(p for p in other.iterdir() if p.is_dir()):
+                    adopted += self._adopt(batch)
+                shutil.rmtree(other, ignore_errors=True)
+            finally:
+                os.close(fd)
+        return sorted(adopted, key=lambda p: p.name)
+
+    def _adopt(self, batch: Path) -> list[Path]:
+        target = self.owner / batch.name
+        try:
+            os.rename(batch, target)
+        except FileNotFoundError:  # another daemon adopted it first
+            return []
+        return [target]
+
+
+def _lock_if_dead(owner: Path) -> int | None:
+    """An fd holding ``owner``'s lock if its daemon is gone, else None."""
+    try:
+        fd = os.open(owner / LOCK_NAME, os.O_RDWR)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
