@@ -84,7 +84,7 @@ class ClaimStore:
         """Drop the lock; remove the owner folder if no batch is left in it."""
         if self._lock_fd is None:
             return
-        if not any(e.name != LOCK_NAME for e in os.scandir(self.owner)):
+        if not [name for name in os.listdir(self.owner) if name != LOCK_NAME]:
             shutil.rmtree(self.owner, ignore_errors=True)
         os.close(self._lock_fd)
         self._lock_fd = None

@@ -399,3 +399,27 @@ def test_daemon_process_end_to_end(root, tmp_path, digits):
     lines = [json.loads(line) for line in log_path.read_text().splitlines() if line.startswith("{")]
     assert sum(e["event"] == "item.decided" for e in lines) == 3
     assert lines[-1]["event"] == "daemon.stopped"
+
+
+def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
+    """Daemon B adopts daemon A's batch folder only once A no longer holds its lock."""
+    from aemon.claims import ClaimStore
+
+    (tmp_path / "inbox").mkdir()
+    a, b = ClaimStore(tmp_path), ClaimStore(tmp_path)
+    a.open()
+    batch = a.new_batch(time.time())
+    _png(tmp_path / "inbox" / "x.png", digits[0])
+    claim = a.claim(tmp_path / "inbox" / "x.png", batch, time.time())
+    assert claim is not None and claim.path.exists()
+    b.open()
+    try:
+        assert b.adopt_orphans() == []
+        assert claim.path.exists()
+        a.close()  # as if A exited with the batch unfinished: its folder stays, its lock is free
+        adopted = b.adopt_orphans()
+        assert [p.name for p in adopted] == [batch.name]
+        assert [c.name for c in ClaimStore.entries(adopted[0])] == ["x.png"]
+        assert not a.owner.exists()
+    finally:
+        b.close()
