@@ -67,16 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
         aemon train --data sample:mnist --arch conv --out bundles/digits --epochs 10
         aemon train --data 'sample:mnist?digits=0,1' --arch dense --latent-dim 16 --out bundles/01
         aemon train --data mnist.npz?key=x_train --arch conv --denoise --out bundles/denoise
+        aemon train --data sample:mnist --arch pca --latent-dim 32 --out bundles/pca
     """)
     p.add_argument("--data", required=True, metavar="SRC",
                    help="normal images: folder, .npy/.npz, sample:mnist, keras:mnist (options after ?)")
-    p.add_argument("--arch", default="conv", help="dense, deep or conv (default: conv)")
+    p.add_argument("--arch", default="conv",
+                   help="dense, deep, conv or pca (the linear baseline, fitted by SVD) (default: conv)")
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE_DIR", help="bundle directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--denoise", action="store_true", help="train on noisy inputs against clean targets")
     p.add_argument("--noise-factor", type=float, default=0.5, help="Gaussian noise scale for --denoise (0.5)")
     p.add_argument("--epochs", type=int, default=20, help="most epochs; early stopping may end sooner (20)")
-    p.add_argument("--latent-dim", type=int, default=32, help="code size of dense/deep (32)")
+    p.add_argument("--latent-dim", type=int, default=32, help="code size of dense/deep, components of pca (32)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the threshold (0.01)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch size (256)")
     p.add_argument("--optimizer", default="adam", help="adam, adadelta, rmsprop or sgd (adam)")
@@ -126,11 +128,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "evaluate", "detection quality of bundles: AUROC, AUPRC, FPR and TPR at the threshold", """
         aemon evaluate bundles/digits --normal 'sample:mnist?digits=0' --anomalous 'sample:mnist?digits=1'
         aemon evaluate bundles/a bundles/b --normal mnist.npz?key=x_test --anomalous fashion.npz?key=x_test --json
+        aemon evaluate bundles/conv bundles/pca --normal mnist.npz?key=x_test --anomalous fashion.npz?key=x_test \
+            --report report/          # then open report/index.html
     """)
     p.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE", help="one or more bundles to compare")
     p.add_argument("--normal", required=True, metavar="SRC", help="normal images")
     p.add_argument("--anomalous", required=True, metavar="SRC", help="anomalous images")
-    p.add_argument("--report", type=Path, metavar="DIR", help="(not available yet) PNG plots and index.html")
+    p.add_argument("--report", type=Path, metavar="DIR",
+                   help="also write PNG plots and an index.html showing them with the numbers into DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
     p = _add(sub, "run", "the daemon: watch ROOT/inbox, score every item, route it to ok/, anomaly/ or rejected/", """

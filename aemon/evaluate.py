@@ -4,16 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass
+import os
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
 
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from aemon.errors import UsageError
+from aemon.logs import get_logger
 from aemon.settings import Settings
 
-__all__ = ["Quality", "quality", "evaluate_command"]
+__all__ = ["Quality", "Evaluation", "quality", "overlaps", "overlap_warnings", "evaluate_bundles",
+           "evaluate_command"]
 
 
 @dataclass
@@ -28,14 +34,32 @@ class Quality:
     tpr: float
     n_normal: int
     n_anomalous: int
+    #: Why the numbers may be optimistic (normal data the bundle was trained or calibrated on).
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Evaluation:
+    """One bundle's scores on both sets and the quality they give."""
+
+    bundle: Any
+    quality: Quality
+    normal_scores: np.ndarray
+    anomalous_scores: np.ndarray
 
 
 def quality(bundle_name: str, normal_scores: np.ndarray, anomalous_scores: np.ndarray, threshold: float) -> Quality:
-    """AUROC and AUPRC (anomalous is the positive class) and the rates at ``threshold``."""
+    """AUROC and AUPRC (anomalous is the positive class) and the rates at ``threshold``.
+
+    Raises:
+        UsageError: either set is empty, or a score is NaN or infinite.
+    """
     if len(normal_scores) == 0 or len(anomalous_scores) == 0:
         raise UsageError("evaluation needs at least one normal and one anomalous image")
     labels = np.r_[np.zeros(len(normal_scores)), np.ones(len(anomalous_scores))]
     scores = np.r_[normal_scores, anomalous_scores]
+    if not np.isfinite(scores).all():
+        raise UsageError(f"{bundle_name} gives NaN or infinite scores; the model output is broken")
     return Quality(
         bundle=bundle_name,
         auroc=float(roc_auc_score(labels, scores)),
@@ -48,23 +72,108 @@ def quality(bundle_name: str, normal_scores: np.ndarray, anomalous_scores: np.nd
     )
 
 
+def _parse(src: str) -> tuple[str, dict[str, str]]:
+    """A source's identity: named dataset or real path, and its query options."""
+    base, _, query = src.partition("?")
+    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    if not base.startswith(("sample:", "keras:")):
+        base = os.path.realpath(base)
+    return base, options
+
+
+def _digits(options: dict[str, str]) -> set[str] | None:
+    if "digits" not in options:
+        return None
+    return {d.strip() for d in options["digits"].split(",") if d.strip()}
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether sources ``a`` and ``b`` may hold the same images, judged from their text.
+
+    Same named dataset (``keras:`` with the same split or ``all``), the same file (``.npz`` with
+    the same array key or no key) or folders one inside the other overlap, unless both keep
+    disjoint ``digits``.
+    """
+    (base_a, opt_a), (base_b, opt_b) = _parse(a), _parse(b)
+    if base_a.startswith(("sample:", "keras:")) or base_b.startswith(("sample:", "keras:")):
+        if base_a != base_b:
+            return False
+        if base_a.startswith("keras:"):
+            split_a, split_b = opt_a.get("split", "train"), opt_b.get("split", "train")
+            if split_a != split_b and "all" not in (split_a, split_b):
+                return False
+    else:
+        same = base_a == base_b
+        nested = base_a.startswith(base_b + os.sep) or base_b.startswith(base_a + os.sep)
+        if not (same or nested):
+            return False
+        key_a, key_b = opt_a.get("key"), opt_b.get("key")
+        if same and key_a and key_b and key_a != key_b:
+            return False
+    digits_a, digits_b = _digits(opt_a), _digits(opt_b)
+    return not (digits_a is not None and digits_b is not None and not digits_a & digits_b)
+
+
+def overlap_warnings(normal_source: str, meta) -> list[str]:
+    """Warnings for a bundle whose training or calibration data may include ``normal_source``."""
+    found = []
+    training = (meta.training or {}).get("source")
+    calibration = meta.calibration.source
+    for what, src in (("training", training), ("calibration", calibration)):
+        if src and overlaps(normal_source, src):
+            found.append(what)
+    if not found:
+        return []
+    sources = {training, calibration} if len(found) == 2 else {training if found[0] == "training" else calibration}
+    return [f"normal data {normal_source} overlaps the {' and '.join(found)} data of {meta.name} "
+            f"({', '.join(sorted(s for s in sources if s))}): its FPR and AUROC are optimistic"]
+
+
+def evaluate_bundles(bundles: list, normal, anomalous) -> list[Evaluation]:
+    """Score both data sets with every bundle; one :class:`Evaluation` per bundle, in order.
+
+    Args:
+        bundles: Loaded bundles (:class:`aemon.bundle.Bundle`).
+        normal: The normal :class:`aemon.sources.Dataset`.
+        anomalous: The anomalous :class:`aemon.sources.Dataset`.
+    """
+    log = get_logger()
+    results = []
+    for i, bundle in enumerate(bundles, 1):
+        start = time.perf_counter()
+        s_normal = bundle.score(normal.x)
+        s_anomalous = bundle.score(anomalous.x)
+        q = quality(bundle.name, s_normal, s_anomalous, bundle.threshold)
+        q.warnings = overlap_warnings(normal.source, bundle.meta)
+        for warning in q.warnings:
+            log.warning("evaluate.overlap", bundle=bundle.name, message=warning)
+        log.info("evaluate.scored", bundle=bundle.name, step=i, of=len(bundles), images=len(normal) + len(anomalous),
+                 seconds=round(time.perf_counter() - start, 2), auroc=round(q.auroc, 4))
+        results.append(Evaluation(bundle, q, s_normal, s_anomalous))
+    return results
+
+
 def _table(rows: list[Quality]) -> str:
     names = ("AUROC", "AUPRC", "FPR", "TPR")
     head = f"{'bundle':<24} " + " ".join(f"{n:>7}" for n in names) + f" {'threshold':>11} {'normal':>7} {'anomal':>7}"
     lines = [head, "-" * len(head)]
     for q in rows:
+        mark = " *" if q.warnings else ""
         lines.append(f"{q.bundle:<24} {q.auroc:7.4f} {q.auprc:7.4f} {q.fpr:7.4f} {q.tpr:7.4f} "
-                     f"{q.threshold:11.5g} {q.n_normal:7d} {q.n_anomalous:7d}")
-    return "\n".join(lines)
+                     f"{q.threshold:11.5g} {q.n_normal:7d} {q.n_anomalous:7d}{mark}")
+    notes = [f"* {w}" for q in rows for w in q.warnings]
+    return "\n".join(lines + notes)
 
 
 def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
-    """``aemon evaluate``: score both sources with each bundle and print the table."""
+    """``aemon evaluate``: score both sources with each bundle, print the table, write the report."""
     from aemon.bundle import load_bundle
     from aemon.sources import load_source
 
-    if args.report is not None:
-        raise UsageError("--report is not available yet; run without it for the table")
+    log = get_logger()
+    report_dir: Path | None = args.report
+    if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
+        raise UsageError(f"--report {report_dir} exists and is not a folder")
     bundles = [load_bundle(Path(p)) for p in args.bundles]
     shapes = {tuple(b.meta.input_shape) for b in bundles}
     if len(shapes) > 1:
@@ -72,7 +181,14 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     prep = bundles[0].preprocessing
     normal = load_source(args.normal, prep)
     anomalous = load_source(args.anomalous, prep)
-    rows = [quality(b.name, b.score(normal.x), b.score(anomalous.x), b.threshold) for b in bundles]
+    log.info("evaluate.loaded", bundles=len(bundles), normal=len(normal), anomalous=len(anomalous))
+    results = evaluate_bundles(bundles, normal, anomalous)
+    rows = [r.quality for r in results]
+    if report_dir is not None:
+        from aemon.report import write_report
+
+        index = write_report(report_dir, results, normal, anomalous)
+        log.info("evaluate.report", path=str(index))
     if args.json:
         print(json.dumps([asdict(q) for q in rows], indent=2))
     else:

@@ -11,15 +11,17 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 from keras import layers
 
-__all__ = ["ARCHS", "build", "encoder_of"]
+__all__ = ["ARCHS", "build", "encoder_of", "set_pca_weights"]
 
 #: Architectures ``build`` knows, with a one-line description for ``--help``.
 ARCHS: dict[str, str] = {
     "dense": "784→latent→784, relu then sigmoid (latent 32 by default)",
     "deep": "784→128→64→latent→64→128→784 (latent 32 by default)",
     "conv": "Conv2D 16 + MaxPool, Conv2D 8 + MaxPool (7×7×8 code); mirrored Conv2D + UpSampling2D",
+    "pca": "linear baseline: projection on the top latent principal components, fitted by SVD (latent 32)",
 }
 
 
@@ -64,13 +66,45 @@ def _conv_stack(input_shape: tuple[int, int, int]) -> tuple[keras.Model, keras.M
     return encoder, decoder
 
 
+def _pca_stack(input_shape: tuple[int, int, int], latent_dim: int) -> tuple[keras.Model, keras.Model]:
+    # Fixed Dense weights (set by set_pca_weights), so the bundle is an ordinary Keras model that
+    # score, evaluate and the daemon run unchanged. The output is clipped to the pixel range [0, 1].
+    pixels = math.prod(input_shape)
+    enc_in = keras.Input(shape=input_shape, name="image")
+    x = layers.Flatten(name="flatten")(enc_in)
+    code = layers.Dense(latent_dim, name="code", trainable=False)(x)
+    encoder = keras.Model(enc_in, code, name="encoder")
+
+    dec_in = keras.Input(shape=(latent_dim,), name="code_in")
+    y = layers.Dense(pixels, name="pixels", trainable=False)(dec_in)
+    y = layers.ReLU(max_value=1.0, name="clip")(y)
+    out = layers.Reshape(input_shape, name="unflatten")(y)
+    decoder = keras.Model(dec_in, out, name="decoder")
+    return encoder, decoder
+
+
+def set_pca_weights(model: keras.Model, mean, components) -> None:
+    """Load a PCA fit into a ``pca`` model: code = (x - mean) @ Vᵀ, reconstruction = code @ V + mean.
+
+    Args:
+        model: A model built with ``build("pca", ...)``.
+        mean: Per-pixel mean of the fitted data, shape ``(pixels,)``.
+        components: Orthonormal principal directions ``V``, shape ``(latent_dim, pixels)``.
+    """
+    mean = np.asarray(mean, np.float32)
+    comps = np.asarray(components, np.float32)
+    encoder, decoder = model.get_layer("encoder"), model.get_layer("decoder")
+    encoder.get_layer("code").set_weights([comps.T, -(mean @ comps.T)])
+    decoder.get_layer("pixels").set_weights([comps, mean])
+
+
 def build(arch: str, input_shape: tuple[int, int, int] = (28, 28, 1), latent_dim: int = 32) -> keras.Model:
     """Build an untrained autoencoder.
 
     Args:
         arch: One of :data:`ARCHS`.
         input_shape: ``(H, W, 1)``.
-        latent_dim: Size of the code for the dense architectures (ignored by ``conv``).
+        latent_dim: Size of the code for the dense architectures and ``pca`` (ignored by ``conv``).
 
     Raises:
         ValueError: unknown architecture or impossible shape.
@@ -81,6 +115,10 @@ def build(arch: str, input_shape: tuple[int, int, int] = (28, 28, 1), latent_dim
         encoder, decoder = _dense_stack(input_shape, [128, 64], latent_dim)
     elif arch == "conv":
         encoder, decoder = _conv_stack(input_shape)
+    elif arch == "pca":
+        if latent_dim > math.prod(input_shape):
+            raise ValueError(f"pca keeps at most {math.prod(input_shape)} components, got latent_dim {latent_dim}")
+        encoder, decoder = _pca_stack(input_shape, latent_dim)
     else:
         raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     image = keras.Input(shape=input_shape, name="input")

@@ -54,13 +54,37 @@ class Scorer:
         self._call = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         # Trace now, so the first real item does not pay for it.
         self._call(tf.zeros((1, *shape), tf.float32))
+        self._encode = None
+
+    def _chunks(self, fn, x: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if len(x) <= self.chunk:
+            return fn(x).numpy()
+        return np.concatenate([fn(x[i : i + self.chunk]).numpy() for i in range(0, len(x), self.chunk)])
 
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
         """The model's reconstructions of ``x`` (float32, same shape)."""
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if len(x) <= self.chunk:
-            return self._call(x).numpy()
-        return np.concatenate([self._call(x[i : i + self.chunk]).numpy() for i in range(0, len(x), self.chunk)])
+        return self._chunks(self._call, x)
+
+    @property
+    def has_encoder(self) -> bool:
+        """Whether the model has a named ``encoder`` sub-model (every aemon architecture does)."""
+        return any(layer.name == "encoder" for layer in self.model.layers)
+
+    def encode(self, x: np.ndarray) -> np.ndarray:
+        """Latent codes of ``x`` from the ``encoder`` sub-model, flattened to ``(N, code size)``.
+
+        Raises:
+            ValueError: the model has no ``encoder`` sub-model.
+        """
+        if self._encode is None:
+            if not self.has_encoder:
+                raise ValueError("this model has no 'encoder' sub-model")
+            encoder = self.model.get_layer("encoder")
+            spec = tf.TensorSpec(shape=(None, *self.input_shape), dtype=tf.float32)
+            self._encode = tf.function(lambda x: encoder(x, training=False), input_signature=[spec])
+        codes = self._chunks(self._encode, x)
+        return codes.reshape(len(codes), -1)
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """Per-image reconstruction error of ``x``."""

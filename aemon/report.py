@@ -1,0 +1,355 @@
+"""The evaluation report: PNG plots and an ``index.html`` that shows them with the numbers.
+
+Plots are drawn with matplotlib's object API on the Agg canvas (no pyplot, no display), each
+at a fixed pixel size (:data:`FIGURE_PIXELS`). The HTML links only files in the same folder, so
+the report opens from disk and can be copied or archived as one folder.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import re
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+from sklearn.decomposition import PCA
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+from aemon.bundle import utc_now
+from aemon.logs import get_logger
+
+__all__ = ["DPI", "FIGURE_PIXELS", "INDEX", "ReportFile", "write_report"]
+
+#: Resolution every figure is saved at.
+DPI = 100
+#: Width and height in pixels of each kind of figure.
+FIGURE_PIXELS: dict[str, tuple[int, int]] = {
+    "roc": (640, 480),
+    "pr": (640, 480),
+    "hist": (640, 400),
+    "reconstructions": (800, 480),
+    "errors": (800, 330),
+    "latent": (560, 480),
+}
+#: Name of the HTML page.
+INDEX = "index.html"
+
+_NORMAL_COLOUR = "tab:blue"
+_ANOMALOUS_COLOUR = "tab:red"
+
+
+@dataclass
+class ReportFile:
+    """One figure of the report."""
+
+    #: File name inside the report folder.
+    name: str
+    #: One of :data:`FIGURE_PIXELS`.
+    kind: str
+    #: Caption shown under the figure.
+    caption: str
+
+
+def _figure(kind: str) -> Figure:
+    width, height = FIGURE_PIXELS[kind]
+    return Figure(figsize=(width / DPI, height / DPI), dpi=DPI, layout="constrained")
+
+
+def _save(fig: Figure, path: Path) -> None:
+    # Write beside the destination and rename, so an open index.html never shows half a PNG.
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fig.savefig(tmp, dpi=DPI, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-.")[:40] or "bundle"
+
+
+def _image(x: np.ndarray) -> np.ndarray:
+    """One model input ``(H, W, C)`` as something ``imshow`` draws (grey for one channel)."""
+    return x[..., 0] if x.shape[-1] == 1 else x
+
+
+def _roc(path: Path, results) -> None:
+    fig = _figure("roc")
+    ax = fig.add_subplot()
+    for r in results:
+        labels = np.r_[np.zeros(len(r.normal_scores)), np.ones(len(r.anomalous_scores))]
+        fpr, tpr, _ = roc_curve(labels, np.r_[r.normal_scores, r.anomalous_scores])
+        line = ax.plot(fpr, tpr, label=f"{r.quality.bundle} (AUROC {r.quality.auroc:.4f})")[0]
+        ax.plot([r.quality.fpr], [r.quality.tpr], "o", color=line.get_color())
+    ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
+    ax.set(xlabel="false-positive rate (normal flagged)", ylabel="true-positive rate (anomalies flagged)",
+           title="ROC (dots: each bundle's threshold)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower right", fontsize="small")
+    _save(fig, path)
+
+
+def _pr(path: Path, results) -> None:
+    fig = _figure("pr")
+    ax = fig.add_subplot()
+    for r in results:
+        labels = np.r_[np.zeros(len(r.normal_scores)), np.ones(len(r.anomalous_scores))]
+        precision, recall, _ = precision_recall_curve(labels, np.r_[r.normal_scores, r.anomalous_scores])
+        line = ax.plot(recall, precision, label=f"{r.quality.bundle} (AUPRC {r.quality.auprc:.4f})")[0]
+        flagged_anomalous = r.quality.tpr * len(r.anomalous_scores)
+        flagged = flagged_anomalous + r.quality.fpr * len(r.normal_scores)
+        if flagged:
+            ax.plot([r.quality.tpr], [flagged_anomalous / flagged], "o", color=line.get_color())
+    prevalence = len(results[0].anomalous_scores) / (len(results[0].anomalous_scores) + len(results[0].normal_scores))
+    ax.axhline(prevalence, linestyle=":", color="grey", label=f"chance ({prevalence:.2f})")
+    ax.set(xlabel="recall (anomalies flagged)", ylabel="precision (flagged that are anomalies)",
+           title="Precision-recall (dots: each bundle's threshold)", xlim=(0, 1), ylim=(0, 1.01))
+    ax.legend(loc="lower left", fontsize="small")
+    _save(fig, path)
+
+
+def _hist(path: Path, r) -> None:
+    fig = _figure("hist")
+    ax = fig.add_subplot()
+    both = np.r_[r.normal_scores, r.anomalous_scores]
+    low, high = float(both.min()), float(both.max())
+    log = low > 0 and high / low > 100
+    if log:
+        bins = np.geomspace(low, high, 60)
+        ax.set_xscale("log")
+    else:
+        bins = np.linspace(low, high if high > low else low + 1, 60)
+    ax.hist(r.normal_scores, bins=bins, alpha=0.6, density=True, color=_NORMAL_COLOUR,
+            label=f"normal (n={len(r.normal_scores)})")
+    ax.hist(r.anomalous_scores, bins=bins, alpha=0.6, density=True, color=_ANOMALOUS_COLOUR,
+            label=f"anomalous (n={len(r.anomalous_scores)})")
+    ax.axvline(r.quality.threshold, color="black", linestyle="--", label=f"threshold {r.quality.threshold:.4g}")
+    score_fn = r.bundle.meta.score_fn
+    ax.set(xlabel=f"score ({score_fn}{', log scale' if log else ''})", ylabel="density",
+           title=f"{r.quality.bundle}: scores of normal and anomalous images")
+    ax.legend(fontsize="small")
+    _save(fig, path)
+
+
+def _pick(n_total: int, n: int, rng: np.random.Generator) -> np.ndarray:
+    return np.sort(rng.choice(n_total, size=min(n, n_total), replace=False))
+
+
+def _reconstructions(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n: int) -> None:
+    """Originals above reconstructions, for normal and for anomalous samples."""
+    rng = np.random.default_rng(0)
+    sets = [("normal", normal[_pick(len(normal), n, rng)]), ("anomalous", anomalous[_pick(len(anomalous), n, rng)])]
+    fig = _figure("reconstructions")
+    grid = fig.add_gridspec(4, n)
+    for block, (label, x) in enumerate(sets):
+        recon = r.bundle.scorer.reconstruct(x)
+        for row, (images, what) in enumerate(((x, "original"), (recon, "reconstruction"))):
+            for col in range(n):
+                ax = fig.add_subplot(grid[2 * block + row, col])
+                ax.set_axis_off()
+                if col < len(images):
+                    ax.imshow(_image(images[col]), cmap="gray", vmin=0, vmax=1)
+                if col == 0:
+                    ax.set_title(f"{label}: {what}", loc="left", fontsize="small")
+    fig.suptitle(f"{r.quality.bundle}: originals above, reconstructions below", fontsize="medium")
+    _save(fig, path)
+
+
+def _errors(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n: int) -> None:
+    """Per-pixel squared error of the highest-scoring images, with the originals and reconstructions."""
+    scores = np.r_[r.normal_scores, r.anomalous_scores]
+    top = np.argsort(scores)[::-1][:n]
+    x = np.stack([normal[i] if i < len(normal) else anomalous[i - len(normal)] for i in top])
+    recon = r.bundle.scorer.reconstruct(x)
+    error = np.square(x - recon).sum(axis=-1)
+    vmax = float(error.max()) or 1.0
+    fig = _figure("errors")
+    grid = fig.add_gridspec(3, n)
+    heat = None
+    for col in range(n):
+        for row, (image, kw) in enumerate((
+            (_image(x[col]) if col < len(x) else None, {"cmap": "gray", "vmin": 0, "vmax": 1}),
+            (_image(recon[col]) if col < len(x) else None, {"cmap": "gray", "vmin": 0, "vmax": 1}),
+            (error[col] if col < len(x) else None, {"cmap": "inferno", "vmin": 0, "vmax": vmax}),
+        )):
+            ax = fig.add_subplot(grid[row, col])
+            ax.set_axis_off()
+            if image is None:
+                continue
+            shown = ax.imshow(image, **kw)
+            if row == 2:
+                heat = shown
+            if row == 0:
+                kind = "normal" if top[col] < len(normal) else "anomalous"
+                ax.set_title(f"{kind}\n{scores[top[col]]:.3g}", fontsize="x-small")
+    if heat is not None:
+        fig.colorbar(heat, ax=fig.axes, shrink=0.3, location="right", label="squared error")
+    fig.suptitle(f"{r.quality.bundle}: top-scoring images (original, reconstruction, per-pixel error)",
+                 fontsize="medium")
+    _save(fig, path)
+
+
+def _latent(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n: int) -> str:
+    """Codes of normal and anomalous samples projected to 2-D by PCA; returns the caption."""
+    rng = np.random.default_rng(1)
+    xn, xa = normal[_pick(len(normal), n, rng)], anomalous[_pick(len(anomalous), n, rng)]
+    codes_n, codes_a = r.bundle.scorer.encode(xn), r.bundle.scorer.encode(xa)
+    both = np.concatenate([codes_n, codes_a]).astype(np.float64)
+    size = both.shape[1]
+    if size >= 2 and len(both) >= 2:
+        pca = PCA(n_components=2, random_state=0).fit(both)
+        points = pca.transform(both)
+        explained = float(np.sum(pca.explained_variance_ratio_))
+        how = f"PCA of the {size}-number codes ({explained:.0%} of their variance)"
+    else:
+        points = np.c_[both[:, :1], np.zeros(len(both))]
+        how = "the 1-number code"
+    fig = _figure("latent")
+    ax = fig.add_subplot()
+    ax.scatter(points[: len(codes_n), 0], points[: len(codes_n), 1], s=6, alpha=0.5, color=_NORMAL_COLOUR,
+               label=f"normal (n={len(codes_n)})")
+    ax.scatter(points[len(codes_n) :, 0], points[len(codes_n) :, 1], s=6, alpha=0.5, color=_ANOMALOUS_COLOUR,
+               label=f"anomalous (n={len(codes_a)})")
+    ax.set(xlabel="component 1", ylabel="component 2", title=f"{r.quality.bundle}: latent space, {how}")
+    ax.title.set_fontsize("small")
+    ax.legend(fontsize="small", markerscale=3)
+    _save(fig, path)
+    return f"Encoder outputs of normal and anomalous samples: {how}."
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def _html(results, files: dict[int, list[ReportFile]], shared: list[ReportFile], normal, anomalous) -> str:
+    esc = html.escape
+    rows = []
+    for r in results:
+        q, meta = r.quality, r.bundle.meta
+        mark = " *" if q.warnings else ""
+        rows.append(
+            "<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in (
+                q.bundle + mark, meta.arch, meta.score_fn, meta.version, _fmt(q.auroc), _fmt(q.auprc), _fmt(q.fpr),
+                _fmt(q.tpr), f"{q.threshold:.5g}", meta.target_fpr, q.n_normal, q.n_anomalous)) + "</tr>"
+        )
+    head = "".join(f"<th>{h}</th>" for h in ("bundle", "arch", "score", "version", "AUROC", "AUPRC", "FPR", "TPR",
+                                             "threshold", "target FPR", "normal", "anomalous"))
+    warnings = [w for r in results for w in r.quality.warnings]
+    notes = "".join(f"<p class=warn>* {esc(w)}</p>" for w in warnings)
+
+    def figure(f: ReportFile) -> str:
+        return (f'<figure><a href="{esc(f.name)}"><img src="{esc(f.name)}" alt="{esc(f.caption)}"></a>'
+                f"<figcaption>{esc(f.caption)}</figcaption></figure>")
+
+    sections = [f"<h2>All bundles</h2><div class=row>{''.join(figure(f) for f in shared)}</div>"]
+    for i, r in enumerate(results, 1):
+        meta = r.bundle.meta
+        prov = meta.training or {}
+        sections.append(
+            f"<h2>{esc(r.quality.bundle)}</h2>"
+            f"<p>{esc(str(r.bundle.path))} &middot; arch {esc(meta.arch)} &middot; version {esc(meta.version)} "
+            f"&middot; trained on {esc(str(prov.get('source')))} ({esc(str(prov.get('n_fit')))} images) "
+            f"&middot; calibrated on {esc(meta.calibration.source)} ({meta.calibration.n} images)</p>"
+            f"<div class=row>{''.join(figure(f) for f in files[i])}</div>"
+        )
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<title>aemon evaluation</title>
+<style>
+body {{ font-family: sans-serif; margin: 2em; color: #222; }}
+table {{ border-collapse: collapse; }}
+th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
+th:first-child, td:first-child {{ text-align: left; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+figure {{ margin: 0; }}
+figcaption {{ font-size: 0.85em; max-width: 640px; }}
+img {{ max-width: 100%; border: 1px solid #eee; }}
+.warn {{ color: #a40; }}
+</style>
+</head>
+<body>
+<h1>aemon evaluation</h1>
+<p>Normal: {esc(normal.source)} ({len(normal)} images) &middot; anomalous: {esc(anomalous.source)}
+({len(anomalous)} images) &middot; written {esc(utc_now())}</p>
+<p>Anomalous is the positive class. FPR and TPR are the shares of normal and of anomalous images
+scored above each bundle's own threshold.</p>
+<table><thead><tr>{head}</tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table>
+{notes}
+{chr(10).join(sections)}
+</body>
+</html>
+"""
+
+
+def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, n_top: int = 8,
+                 n_latent: int = 2000) -> Path:
+    """Write the PNG plots and ``index.html`` for evaluated bundles into ``out``.
+
+    Args:
+        out: Report folder (created if missing; files of an earlier report are replaced).
+        results: :class:`aemon.evaluate.Evaluation` per bundle.
+        normal: The normal :class:`aemon.sources.Dataset` the results were scored on.
+        anomalous: The anomalous :class:`aemon.sources.Dataset`.
+        n_examples: Normal and anomalous samples shown with their reconstructions.
+        n_top: Highest-scoring images shown with per-pixel error heatmaps.
+        n_latent: Most samples of each set projected in the latent plot.
+
+    Returns:
+        The path of ``index.html``.
+    """
+    log = get_logger()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = [
+        ReportFile("roc.png", "roc", "ROC curves of every bundle on one axis; dots mark each bundle's threshold."),
+        ReportFile("pr.png", "pr", "Precision-recall curves of every bundle; dots mark each bundle's threshold."),
+    ]
+    files: dict[int, list[ReportFile]] = {}
+    for i, r in enumerate(results, 1):
+        stem = f"{i}-{_slug(r.quality.bundle)}"
+        files[i] = [
+            ReportFile(f"{stem}-hist.png", "hist", "Score histograms of normal and anomalous images; the dashed line "
+                       "is the threshold."),
+            ReportFile(f"{stem}-reconstructions.png", "reconstructions", "Random normal and anomalous samples: "
+                       "originals above, reconstructions below."),
+            ReportFile(f"{stem}-errors.png", "errors", "The highest-scoring images: original, reconstruction and "
+                       "per-pixel squared error (label and score above each)."),
+        ]
+        if r.bundle.scorer.has_encoder:
+            files[i].append(ReportFile(f"{stem}-latent.png", "latent", "Latent space."))
+    total = len(shared) + sum(len(v) for v in files.values())
+    done = 0
+
+    def progress(name: str) -> None:
+        nonlocal done
+        done += 1
+        log.info("report.figure", file=name, step=done, of=total)
+
+    _roc(out / shared[0].name, results)
+    progress(shared[0].name)
+    _pr(out / shared[1].name, results)
+    progress(shared[1].name)
+    for i, r in enumerate(results, 1):
+        for f in files[i]:
+            if f.kind == "hist":
+                _hist(out / f.name, r)
+            elif f.kind == "reconstructions":
+                _reconstructions(out / f.name, r, normal.x, anomalous.x, n_examples)
+            elif f.kind == "errors":
+                _errors(out / f.name, r, normal.x, anomalous.x, n_top)
+            elif f.kind == "latent":
+                f.caption = _latent(out / f.name, r, normal.x, anomalous.x, n_latent)
+            progress(f.name)
+    index = out / INDEX
+    tmp = out / f".{INDEX}.{uuid.uuid4().hex}.tmp"
+    tmp.write_text(_html(results, files, shared, normal, anomalous), encoding="utf-8")
+    os.replace(tmp, index)
+    return index

@@ -1,0 +1,199 @@
+"""Detection quality and the HTML report (aemon.evaluate, aemon.report, aemon evaluate)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import structlog
+from PIL import Image
+from sklearn.metrics import average_precision_score, roc_auc_score
+
+from aemon.bundle import META_FILE, load_bundle
+from aemon.cli import main
+from aemon.errors import UsageError
+from aemon.evaluate import overlaps, quality
+from aemon.report import FIGURE_PIXELS, INDEX
+from aemon.sources import load_source
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging(monkeypatch: pytest.MonkeyPatch):
+    """Keep each CLI call's structlog set-up (bound to captured streams) out of later tests."""
+    for name in ("AEMON_CONFIG", "AEMON_MODEL", "AEMON_LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    structlog.reset_defaults()
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory: pytest.TempPathFactory, mnist_digits: np.ndarray) -> tuple[Path, Path]:
+    """Normal digits and generated anomalies (inverted digits, noise, bars) as two .npy files."""
+    folder = tmp_path_factory.mktemp("evaluate-data")
+    rng = np.random.default_rng(7)
+    normal = mnist_digits[0:1500:5]  # 300 digits of the classes the tiny bundles learnt
+    inverted = 255 - mnist_digits[1:1500:15]
+    noise = rng.integers(0, 256, size=(70, 28, 28), dtype=np.uint8)
+    bars = np.zeros((60, 28, 28), np.uint8)
+    for i, img in enumerate(bars):
+        img[:, (i % 7) * 4 : (i % 7) * 4 + 3] = 255
+    anomalous = np.concatenate([inverted, noise, bars])
+    np.save(folder / "normal.npy", normal)
+    np.save(folder / "anomalous.npy", anomalous)
+    return folder / "normal.npy", folder / "anomalous.npy"
+
+
+def run(capsys: pytest.CaptureFixture, *argv: object) -> tuple[int, str, str]:
+    """Run ``aemon ARGV``; returns exit status, stdout and stderr."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _assert_one_error_line(err: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip() and not line.lstrip().startswith("{")]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    assert "Traceback" not in err
+
+
+def test_numbers_match_scikit_learn(capsys, tiny_bundle: Path, tiny_pca_bundle: Path, data_files) -> None:
+    """--json gives, per bundle, scikit-learn's AUROC and AUPRC and the rates at the bundle's threshold."""
+    normal_npy, anomalous_npy = data_files
+    code, out, _ = run(capsys, "evaluate", tiny_bundle, tiny_pca_bundle, "--normal", normal_npy,
+                       "--anomalous", anomalous_npy, "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [r["bundle"] for r in rows] == ["tiny", "tiny-pca"]
+    for row, path in zip(rows, (tiny_bundle, tiny_pca_bundle), strict=True):
+        bundle = load_bundle(path)
+        s_n = bundle.score(load_source(str(normal_npy)).x)
+        s_a = bundle.score(load_source(str(anomalous_npy)).x)
+        y, s = np.r_[np.zeros(len(s_n)), np.ones(len(s_a))], np.r_[s_n, s_a]
+        assert row["auroc"] == pytest.approx(roc_auc_score(y, s), abs=1e-9)
+        assert row["auprc"] == pytest.approx(average_precision_score(y, s), abs=1e-9)
+        assert row["fpr"] == pytest.approx(np.mean(s_n > bundle.threshold))
+        assert row["tpr"] == pytest.approx(np.mean(s_a > bundle.threshold))
+        assert row["threshold"] == bundle.threshold
+        assert (row["n_normal"], row["n_anomalous"]) == (300, 230)
+        assert row["warnings"] == []  # .npy files are not the bundles' training source
+        assert row["auroc"] > 0.9  # inverted digits, noise and bars are easy to tell apart
+
+
+def test_table_shows_the_same_numbers(capsys, tiny_bundle: Path, data_files) -> None:
+    """The plain table prints the bundle's AUROC, AUPRC, FPR, TPR and sample counts."""
+    normal_npy, anomalous_npy = data_files
+    code, out, _ = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy)
+    assert code == 0
+    bundle = load_bundle(tiny_bundle)
+    s_n = bundle.score(load_source(str(normal_npy)).x)
+    s_a = bundle.score(load_source(str(anomalous_npy)).x)
+    q = quality("tiny", s_n, s_a, bundle.threshold)
+    line = next(line for line in out.splitlines() if line.startswith("tiny "))
+    assert line.split()[1:5] == [f"{q.auroc:.4f}", f"{q.auprc:.4f}", f"{q.fpr:.4f}", f"{q.tpr:.4f}"]
+    assert line.split()[-2:] == ["300", "230"]
+    assert "AUROC" in out and "threshold" in out
+
+
+def test_report_has_every_file(capsys, tmp_path: Path, tiny_bundle: Path, tiny_pca_bundle: Path, data_files) -> None:
+    """--report writes valid, non-blank PNGs of the expected sizes and an index.html linking only them."""
+    normal_npy, anomalous_npy = data_files
+    report = tmp_path / "report"
+    code, _, err = run(capsys, "evaluate", tiny_bundle, tiny_pca_bundle, "--normal", normal_npy,
+                         "--anomalous", anomalous_npy, "--report", report)
+    assert code == 0, err
+    assert "report.figure" in err  # progress, one event per figure
+    expected = {"roc.png": "roc", "pr.png": "pr"}
+    for stem in ("1-tiny", "2-tiny-pca"):
+        for kind in ("hist", "reconstructions", "errors", "latent"):
+            expected[f"{stem}-{kind}.png"] = kind
+    assert {p.name for p in report.iterdir()} == {*expected, INDEX}
+    for name, kind in expected.items():
+        with Image.open(report / name) as img:
+            img.verify()
+        with Image.open(report / name) as img:
+            assert img.format == "PNG" and img.size == FIGURE_PIXELS[kind], name
+            grey = np.asarray(img.convert("L"), dtype=np.float64)
+        assert grey.std() > 5 and (grey < 128).mean() > 0.005, f"{name} looks blank"
+    page = (report / INDEX).read_text()
+    links = set(re.findall(r'(?:src|href)="([^"]+)"', page))
+    assert links == set(expected)
+    assert all("/" not in link and ":" not in link for link in links)
+    for row in ("tiny", "tiny-pca"):
+        assert f"<td>{row}</td>" in page
+
+
+def test_overlap_with_training_data_is_warned(capsys, tiny_bundle: Path, data_files) -> None:
+    """Normal data from the bundle's own training source is flagged in the JSON and the table."""
+    _, anomalous_npy = data_files
+    code, out, _ = run(capsys, "evaluate", tiny_bundle, "--normal", "sample:mnist?digits=0,1&limit=200",
+                       "--anomalous", anomalous_npy, "--json")
+    assert code == 0
+    (row,) = json.loads(out)
+    assert len(row["warnings"]) == 1 and "training and calibration" in row["warnings"][0]
+    code, out, err = run(capsys, "evaluate", tiny_bundle, "--normal", "sample:mnist?limit=200",
+                         "--anomalous", anomalous_npy)
+    assert code == 0 and "* normal data sample:mnist?limit=200 overlaps" in out
+    assert "evaluate.overlap" in err
+
+
+@pytest.mark.parametrize(
+    ("a", "b", "expected"),
+    [
+        ("sample:mnist?digits=3", "sample:mnist?limit=1500", True),
+        ("sample:mnist?digits=3", "sample:mnist?digits=4,5", False),
+        ("keras:mnist?split=test", "keras:mnist", False),
+        ("keras:mnist?split=test", "keras:mnist?split=all", True),
+        ("keras:fashion_mnist", "keras:mnist", False),
+        ("data/m.npz?key=x_test", "data/../data/m.npz?key=x_train", False),
+        ("data/m.npz?key=x_train&limit=10", "data/m.npz?key=x_train", True),
+        ("data/m.npz", "data/m.npz?key=x_train", True),
+        ("data/m.npz", "data/other.npz", False),
+        ("images/cats", "images", True),
+        ("sample:mnist", "data/m.npz", False),
+    ],
+)
+def test_overlap_rules(a: str, b: str, expected: bool) -> None:
+    """Sources overlap when they name the same data, unless a split, array key or disjoint digits separate them."""
+    assert overlaps(a, b) is expected
+    assert overlaps(b, a) is expected
+
+
+def test_quality_refuses_empty_sets() -> None:
+    """An empty normal or anomalous score set is a usage error, not a scikit-learn traceback."""
+    with pytest.raises(UsageError, match="at least one normal and one anomalous"):
+        quality("b", np.zeros(0), np.ones(3), 0.5)
+    with pytest.raises(UsageError, match="NaN"):
+        quality("b", np.array([np.nan]), np.ones(3), 0.5)
+
+
+def test_bad_inputs_give_one_error_line(capsys, tmp_path: Path, tiny_bundle: Path, data_files,
+                                        mnist_digits: np.ndarray) -> None:
+    """Empty normal data, wrongly shaped arrays, unknown bundles and mixed input shapes exit non-zero with one line."""
+    normal_npy, anomalous_npy = data_files
+    empty = tmp_path / "empty.npy"
+    np.save(empty, np.zeros((0, 28, 28), np.uint8))
+    wrong = tmp_path / "wrong.npy"
+    np.save(wrong, np.zeros((5, 10, 10), np.uint8))
+    other = tmp_path / "other-shape"
+    shutil.copytree(tiny_bundle, other)
+    meta = json.loads((other / META_FILE).read_text())
+    meta["input_shape"] = [32, 32, 1]
+    (other / META_FILE).write_text(json.dumps(meta))
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        ([tiny_bundle, "--normal", empty, "--anomalous", anomalous_npy], "empty"),
+        ([tiny_bundle, "--normal", normal_npy, "--anomalous", wrong], "shape"),
+        ([tmp_path / "missing", "--normal", normal_npy, "--anomalous", anomalous_npy], "no model bundle"),
+        ([tiny_bundle, other, "--normal", normal_npy, "--anomalous", anomalous_npy], "different input shapes"),
+        ([tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy, "--report", a_file], "not a folder"),
+    ]
+    for argv, words in cases:
+        code, _, err = run(capsys, "evaluate", *argv)
+        assert code != 0, argv
+        _assert_one_error_line(err)
+        assert words in err.lower(), err
