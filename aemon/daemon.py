@@ -68,7 +68,7 @@ class Daemon:
         #: Entries claimed and not yet committed.
         self.in_flight = 0
         self._in_flight_lock = threading.Lock()
-        self._last_adopt = 0.0
+        self._last_adopt = float("-inf")
         self.limits = limits_from(settings)
         self.http: HttpServer | None = None
         self.should_exit = False
@@ -78,7 +78,6 @@ class Daemon:
         self.ready = False
         self.counts = {"ok": 0, "anomaly": 0, "rejected": 0}
         self._old_handlers: dict[int, object] = {}
-        self._notify_addr: str | None = None
         self._notify_sock: socket.socket | None = None
 
     # -- public ----------------------------------------------------------
@@ -114,7 +113,10 @@ class Daemon:
 
     # -- startup ---------------------------------------------------------
     def startup(self) -> None:
-        """Load the bundle, check folders, recover claims, start HTTP and the observer."""
+        """Load the bundle, check folders, lock a claims folder, start HTTP and the observer.
+
+        Claims left by stopped daemons are adopted by the first loop tick, after readiness.
+        """
         self._install_signals()
         self._check_folders()
         if self.bundle is None:
@@ -122,7 +124,6 @@ class Daemon:
         self._set_model_metrics()
         self.claims.open()
         self.committer.start()
-        self._adopt_orphans()
         self.http = HttpServer(self.settings.metrics_host, self.settings.metrics_port, self.registry,
                                self.healthy, self.is_ready)
         try:
