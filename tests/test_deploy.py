@@ -304,10 +304,21 @@ def test_dockerfile_healthcheck_command_probes_healthz(live_daemon):
 
 # -- alert rules --------------------------------------------------------------------------------------------------
 
-def test_rules_and_scrape_config_pass_promtool():
-    """`promtool check rules`, `check config` and the rule unit tests (every alert firing and not) pass."""
+def test_rules_and_scrape_configs_pass_promtool(tmp_path):
+    """`promtool check rules`, `check config` of both scrape configs and the rule unit tests (each alert firing and
+    not) pass."""
     promtool = _tool("promtool", "prometheus")
+    # Debian's Prometheus is built without Kubernetes service discovery: check the Kubernetes job's relabelling
+    # with static targets in its place (a copy beside the rules it loads).
+    k8s = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
+    job = k8s["scrape_configs"][0]
+    assert job["kubernetes_sd_configs"][0]["namespaces"]["names"] == ["aemon"]
+    job["static_configs"] = [{"targets": ["aemon:9108"]}]
+    del job["kubernetes_sd_configs"]
+    k8s["rule_files"] = [str(RULES)]
+    (tmp_path / "prometheus-kubernetes.yml").write_text(yaml.safe_dump(k8s))
     for args in (("check", "rules", RULES), ("check", "config", DEPLOY / "prometheus" / "prometheus.yml"),
+                 ("check", "config", tmp_path / "prometheus-kubernetes.yml"),
                  ("test", "rules", DEPLOY / "prometheus" / "aemon-rules.test.yml")):
         done = _run(promtool, *args)
         assert done.returncode == 0, done.stdout + done.stderr
@@ -481,5 +492,9 @@ def test_kubernetes_manifests_fit_together():
     assert 1 <= scaled["minReplicaCount"] <= scaled["maxReplicaCount"]
     trigger = scaled["triggers"][0]
     assert trigger["type"] == "prometheus" and "aemon_inbox_pending" in trigger["metadata"]["query"]
+    # The Kubernetes scrape job keeps exactly this Service's metrics port.
+    keep = yaml.safe_load((DEPLOY / "prometheus" / "prometheus-kubernetes.yml").read_text())
+    regex = keep["scrape_configs"][0]["relabel_configs"][0]["regex"]
+    assert regex == f"{docs['Service']['metadata']['name']};{docs['Service']['spec']['ports'][0]['name']}"
     namespaces = {d["metadata"].get("namespace") for k, d in docs.items() if k not in ("Namespace", "Kustomization")}
     assert namespaces == {docs["Namespace"]["metadata"]["name"]}
