@@ -125,7 +125,16 @@ class Router:
                 raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
             os.rename(src, dest)
             return
-        os.link(src, dest, follow_symlinks=False)
+        try:
+            os.link(src, dest, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # A filesystem without hard links: check, then rename (a narrow race with other daemons).
+            if os.path.lexists(dest):
+                raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
+            os.rename(src, dest)
+            return
         os.unlink(src)
 
     def write_record(self, dest: Path, record: dict[str, Any]) -> Path:
