@@ -313,6 +313,24 @@ def test_bad_reload_keeps_the_old_bundle(root, make_daemon, tmp_path):
     assert any(e["event"] == "bundle.reload_failed" for e in logs)
 
 
+def test_good_reload_switches_bundle_and_model_info(root, make_daemon, digits, tiny_bundle):
+    """A reload of a new bundle changes the threshold and aemon_model_info; the next items use it."""
+    daemon = make_daemon()
+    old = daemon.bundle
+    daemon.bundle_path = tiny_bundle
+    daemon.reload()
+    assert daemon.bundle is not old and daemon.bundle.name == "tiny"
+    _png(root / "inbox" / "after.png", digits[5])
+    daemon.run(until_idle=True)
+    reg = daemon.registry
+    assert reg.get_sample_value("aemon_anomaly_threshold") == pytest.approx(daemon.bundle.threshold)
+    assert reg.get_sample_value("aemon_model_info", {"name": "tiny", "version": daemon.bundle.version,
+                                                     "arch": daemon.bundle.meta.arch}) == 1
+    rec = next(json.loads(p.read_text()) for p in root.glob("*/after.png.json"))
+    assert rec["model"] == {"name": "tiny", "version": daemon.bundle.version}
+    assert rec["threshold"] == pytest.approx(daemon.bundle.threshold) != pytest.approx(old.threshold)
+
+
 def test_denoise_mode_writes_reconstructions(root, make_daemon, digits):
     """In denoise mode the reconstruction is written to denoised/ and the original to ok/."""
     _png(root / "inbox" / "n.png", digits[7])
