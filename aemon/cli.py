@@ -72,19 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, metavar="SRC",
                    help="normal images: folder, .npy/.npz, sample:mnist, keras:mnist (options after ?)")
     p.add_argument("--arch", default="conv",
-                   help="dense, deep, conv or pca (the linear baseline, fitted by SVD) (default: conv)")
+                   help="dense, deep, conv, convsmall (conv with a latent-dim bottleneck) or pca "
+                        "(the linear baseline, fitted by SVD) (default: conv)")
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE_DIR", help="bundle directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--denoise", action="store_true", help="train on noisy inputs against clean targets")
     p.add_argument("--noise-factor", type=float, default=0.5, help="Gaussian noise scale for --denoise (0.5)")
     p.add_argument("--epochs", type=int, default=20, help="most epochs; early stopping may end sooner (20)")
-    p.add_argument("--latent-dim", type=int, default=32, help="code size of dense/deep, components of pca (32)")
+    p.add_argument("--latent-dim", type=int, default=32,
+                   help="code size of dense/deep/convsmall, components of pca (32)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the threshold (0.01)")
     p.add_argument("--batch-size", type=int, default=256, help="training batch size (256)")
     p.add_argument("--optimizer", default="adam", help="adam, adadelta, rmsprop or sgd (adam)")
     p.add_argument("--learning-rate", type=float, help="optimizer learning rate (Keras default)")
     p.add_argument("--loss", default="binary_crossentropy", help="binary_crossentropy or mse")
-    p.add_argument("--score", default="mse", dest="score_fn", help="score function: mse or bce (mse)")
+    p.add_argument("--score", default="mse", dest="score_fn",
+                   help="score function: mse, bce or topk (mean of the worst 5%% pixel errors) (mse)")
     p.add_argument("--calibration-split", type=float, default=0.1, help="share held out for calibration (0.1)")
     p.add_argument("--validation-split", type=float, default=0.1, help="share of the rest for early stopping (0.1)")
     p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (3)")

@@ -21,6 +21,7 @@ ARCHS: dict[str, str] = {
     "dense": "784→latent→784, relu then sigmoid (latent 32 by default)",
     "deep": "784→128→64→latent→64→128→784 (latent 32 by default)",
     "conv": "Conv2D 16 + MaxPool, Conv2D 8 + MaxPool (7×7×8 code); mirrored Conv2D + UpSampling2D",
+    "convsmall": "Conv2D 32 stride 2, Conv2D 64 stride 2, Dense latent (32 by default); mirrored Conv2DTranspose",
     "pca": "linear baseline: projection on the top latent principal components, fitted by SVD (latent 32)",
 }
 
@@ -62,6 +63,29 @@ def _conv_stack(input_shape: tuple[int, int, int]) -> tuple[keras.Model, keras.M
     y = layers.Conv2D(16, 3, activation="relu", padding="same", name="dec_conv_1")(y)
     y = layers.UpSampling2D(2, name="dec_up_1")(y)
     out = layers.Conv2D(input_shape[2], 3, activation="sigmoid", padding="same", name="pixels")(y)
+    decoder = keras.Model(dec_in, out, name="decoder")
+    return encoder, decoder
+
+
+def _convsmall_stack(input_shape: tuple[int, int, int], latent_dim: int) -> tuple[keras.Model, keras.Model]:
+    # The seed conv keeps a 7×7×8 code (392 numbers for 784 pixels) and, being all 'same'-padded
+    # convolutions, reconstructs ink anywhere. A dense bottleneck makes the code small and global.
+    if input_shape[0] % 4 or input_shape[1] % 4:
+        raise ValueError(f"the convsmall architecture needs height and width divisible by 4, got {input_shape}")
+    grid = (input_shape[0] // 4, input_shape[1] // 4, 64)
+    enc_in = keras.Input(shape=input_shape, name="image")
+    x = layers.Conv2D(32, 3, strides=2, activation="relu", padding="same", name="enc_conv_0")(enc_in)
+    x = layers.Conv2D(64, 3, strides=2, activation="relu", padding="same", name="enc_conv_1")(x)
+    x = layers.Flatten(name="flatten")(x)
+    code = layers.Dense(latent_dim, name="code")(x)
+    encoder = keras.Model(enc_in, code, name="encoder")
+
+    dec_in = keras.Input(shape=(latent_dim,), name="code_in")
+    y = layers.Dense(math.prod(grid), activation="relu", name="dec_dense")(dec_in)
+    y = layers.Reshape(grid, name="unflatten")(y)
+    y = layers.Conv2DTranspose(32, 3, strides=2, activation="relu", padding="same", name="dec_conv_0")(y)
+    out = layers.Conv2DTranspose(input_shape[2], 3, strides=2, activation="sigmoid", padding="same",
+                                 name="pixels")(y)
     decoder = keras.Model(dec_in, out, name="decoder")
     return encoder, decoder
 
@@ -115,6 +139,8 @@ def build(arch: str, input_shape: tuple[int, int, int] = (28, 28, 1), latent_dim
         encoder, decoder = _dense_stack(input_shape, [128, 64], latent_dim)
     elif arch == "conv":
         encoder, decoder = _conv_stack(input_shape)
+    elif arch == "convsmall":
+        encoder, decoder = _convsmall_stack(input_shape, latent_dim)
     elif arch == "pca":
         if latent_dim > math.prod(input_shape):
             raise ValueError(f"pca keeps at most {math.prod(input_shape)} components, got latent_dim {latent_dim}")

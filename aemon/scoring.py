@@ -7,13 +7,17 @@ serves 1 image or 10,000 at full speed. Large inputs are cut into chunks of ``ch
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SCORE_FUNCTIONS", "reconstruction_error", "Scorer"]
+__all__ = ["SCORE_FUNCTIONS", "TOPK_SHARE", "reconstruction_error", "Scorer"]
 
 #: Per-image score functions, by the name stored in a bundle.
-SCORE_FUNCTIONS = ("mse", "bce")
+SCORE_FUNCTIONS = ("mse", "bce", "topk")
+#: Share of pixels whose squared errors ``topk`` averages (the worst 5 %: 40 of 784).
+TOPK_SHARE = 0.05
 
 
 def reconstruction_error(x: np.ndarray, recon: np.ndarray, kind: str = "mse") -> np.ndarray:
@@ -22,8 +26,10 @@ def reconstruction_error(x: np.ndarray, recon: np.ndarray, kind: str = "mse") ->
     Args:
         x: Inputs, ``(N, H, W, 1)`` in [0, 1].
         recon: The model's reconstructions, same shape.
-        kind: ``mse`` (mean squared pixel error, the default) or ``bce``
-            (mean binary cross-entropy of the reconstruction against the input).
+        kind: ``mse`` (mean squared pixel error, the default), ``bce`` (mean binary
+            cross-entropy of the reconstruction against the input) or ``topk`` (mean squared
+            error of the worst :data:`TOPK_SHARE` of the pixels: a small wrong stroke counts
+            as much on a big image as on a small one).
     """
     x = x.reshape(len(x), -1).astype(np.float32, copy=False)
     recon = recon.reshape(len(recon), -1).astype(np.float32, copy=False)
@@ -32,6 +38,11 @@ def reconstruction_error(x: np.ndarray, recon: np.ndarray, kind: str = "mse") ->
     if kind == "bce":
         r = np.clip(recon, 1e-7, 1 - 1e-7)
         return -np.mean(x * np.log(r) + (1 - x) * np.log1p(-r), axis=1, dtype=np.float64)
+    if kind == "topk":
+        pixels = x.shape[1]
+        k = max(1, math.ceil(TOPK_SHARE * pixels))
+        worst = np.partition(np.square(x - recon), pixels - k, axis=1)[:, pixels - k :]
+        return np.mean(worst, axis=1, dtype=np.float64)
     raise ValueError(f"unknown score function {kind!r}; choose one of {', '.join(SCORE_FUNCTIONS)}")
 
 
