@@ -65,7 +65,8 @@ def _get(url: str, timeout: float = 5) -> tuple[int, bytes]:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return resp.status, resp.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        with exc:
+            return exc.code, exc.read()
 
 
 def _stop(proc: subprocess.Popen) -> int:
