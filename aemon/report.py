@@ -123,13 +123,14 @@ def _hist(path: Path, r) -> None:
         ax.set_xscale("log")
     else:
         bins = np.linspace(low, high if high > low else low + 1, 60)
-    ax.hist(r.normal_scores, bins=bins, alpha=0.6, density=True, color=_NORMAL_COLOUR,
-            label=f"normal (n={len(r.normal_scores)})")
-    ax.hist(r.anomalous_scores, bins=bins, alpha=0.6, density=True, color=_ANOMALOUS_COLOUR,
-            label=f"anomalous (n={len(r.anomalous_scores)})")
+    # Each set's bars sum to 1, so sets of different sizes compare (log bins stay honest too).
+    for scores, colour, label in ((r.normal_scores, _NORMAL_COLOUR, "normal"),
+                                  (r.anomalous_scores, _ANOMALOUS_COLOUR, "anomalous")):
+        ax.hist(scores, bins=bins, alpha=0.6, weights=np.full(len(scores), 1 / len(scores)), color=colour,
+                label=f"{label} (n={len(scores)})")
     ax.axvline(r.quality.threshold, color="black", linestyle="--", label=f"threshold {r.quality.threshold:.4g}")
     score_fn = r.bundle.meta.score_fn
-    ax.set(xlabel=f"score ({score_fn}{', log scale' if log else ''})", ylabel="density",
+    ax.set(xlabel=f"score ({score_fn}{', log scale' if log else ''})", ylabel="share of the set per bin",
            title=f"{r.quality.bundle}: scores of normal and anomalous images")
     ax.legend(fontsize="small")
     _save(fig, path)

@@ -11,8 +11,9 @@
 Every model is trained by ``aemon.train.train_bundle``, saved as a bundle and loaded back, so the
 numbers are those of bundles that ``aemon score``, ``aemon evaluate`` and the daemon would use.
 
-Usage: python benchmarks/quality.py [--data ../shared/data] [--archs dense,deep,conv,pca]
-       [--part a|b|ab] [--epochs-a 30] [--epochs-b 30] [--scores mse,bce] [--json FILE]
+Usage: python benchmarks/quality.py [--data ../shared/data] [--archs dense,deep,conv,convsmall,pca]
+       [--part a|b|ab] [--epochs-a 30] [--epochs-b 30] [--scores mse,bce,topk] [--bundles DIR...]
+       [--json FILE]
 """
 
 from __future__ import annotations
@@ -40,8 +41,11 @@ from aemon.sources import load_source  # noqa: E402
 from aemon.train import TrainConfig, train_bundle  # noqa: E402
 
 
-def _train(data, arch: str, epochs: int, out: Path, latent: int, seed: int):
-    cfg = TrainConfig(arch=arch, epochs=epochs, latent_dim=latent, target_fpr=0.01, seed=seed, name=out.name)
+def _train(data, spec: str, epochs: int, out: Path, latent: int, seed: int):
+    # "convsmall:16" is convsmall with latent 16; a bare name uses --latent-dim.
+    arch, _, size = spec.partition(":")
+    cfg = TrainConfig(arch=arch, epochs=epochs, latent_dim=int(size or latent), target_fpr=0.01, seed=seed,
+                      name=out.name)
     start = time.perf_counter()
     train_bundle(data, cfg, out, verbose=False)
     return load_bundle(out), cfg, time.perf_counter() - start
@@ -64,8 +68,19 @@ def part_a(args, archs: list[str], tmp: Path) -> list[dict]:
     anomalous = load_source(f"{args.data / 'fashion_mnist.npz'}?key=x_test").x
     labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
     rows = []
+    for path in args.bundles:
+        # An existing bundle as it ships: its own score function and threshold.
+        bundle = load_bundle(path)
+        s_n, s_a = bundle.score(normal), bundle.score(anomalous)
+        rows.append({
+            "arch": f"{bundle.meta.arch} ({path.name}, as shipped)", "score": bundle.meta.score_fn,
+            "epochs": bundle.meta.training.get("epochs_run"), "train_s": 0.0,
+            "auroc": roc_auc_score(labels, np.r_[s_n, s_a]), "auprc": average_precision_score(labels, np.r_[s_n, s_a]),
+            "fpr": float(np.mean(s_n > bundle.threshold)), "tpr": float(np.mean(s_a > bundle.threshold)),
+        })
     for arch in archs:
-        bundle, cfg, seconds = _train(train, arch, args.epochs_a, tmp / f"a-{arch}", args.latent_dim, args.seed)
+        out = tmp / f"a-{arch.replace(':', '-')}"
+        bundle, cfg, seconds = _train(train, arch, args.epochs_a, out, args.latent_dim, args.seed)
         cal = _scores(bundle, _held_out(train, cfg), args.scores)
         # The bundle's own calibration must be reproduced exactly, or the split above is not train_bundle's.
         np.testing.assert_allclose(np.sort(cal[bundle.meta.score_fn]), bundle.meta.calibration.scores, rtol=1e-5)
@@ -92,8 +107,8 @@ def part_b(args, archs: list[str], tmp: Path) -> list[dict]:
     for arch in archs:
         for digit in args.digits:
             train = load_source(f"{args.data / 'mnist.npz'}?key=x_train&digits={digit}")
-            bundle, _, seconds = _train(train, arch, args.epochs_b, tmp / f"b-{arch}-{digit}", args.latent_dim,
-                                        args.seed)
+            out = tmp / f"b-{arch.replace(':', '-')}-{digit}"
+            bundle, _, seconds = _train(train, arch, args.epochs_b, out, args.latent_dim, args.seed)
             scores = _scores(bundle, test.x, args.scores)
             for kind in args.scores:
                 auroc = roc_auc_score(test.labels != digit, scores[kind])
@@ -119,7 +134,8 @@ def _print_tables(rows_a: list[dict], rows_b: list[dict], args) -> None:
         digits = args.digits
         print("| arch | score | " + " | ".join(str(d) for d in digits) + " | mean |")
         print("| --- | --- | " + " | ".join("---" for _ in digits) + " | --- |")
-        keys = sorted({(r["arch"], r["score"]) for r in rows_b}, key=lambda k: (args.archs.index(k[0]), k[1]))
+        keys = sorted({(r["arch"], r["score"]) for r in rows_b},
+                      key=lambda k: (args.archs.index(k[0]), args.scores.index(k[1])))
         for arch, kind in keys:
             aurocs = [r["auroc"] for d in digits for r in rows_b
                       if r["arch"] == arch and r["score"] == kind and r["digit"] == d]
@@ -131,7 +147,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = Path(__file__).resolve().parent
     parser.add_argument("--data", type=Path, default=here.parent.parent / "shared" / "data")
-    parser.add_argument("--archs", default="dense,deep,conv,pca", help="comma-separated architectures")
+    parser.add_argument("--archs", default="dense,deep,conv,convsmall,pca",
+                        help="comma-separated architectures; NAME:N sets the latent size of one (convsmall:16)")
     parser.add_argument("--part", default="ab", choices=["a", "b", "ab"])
     parser.add_argument("--epochs-a", type=int, default=30, help="most epochs for (a); early stopping, patience 3")
     parser.add_argument("--epochs-b", type=int, default=30, help="most epochs per digit for (b)")
@@ -139,6 +156,8 @@ def main() -> None:
     parser.add_argument("--scores", default=",".join(SCORE_FUNCTIONS), help="score functions to report")
     parser.add_argument("--digits", default="0,1,2,3,4,5,6,7,8,9", help="digits for (b)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bundles", type=Path, nargs="*", default=[],
+                        help="existing bundles to add to (a) as they are (their own score and threshold)")
     parser.add_argument("--json", type=Path, help="also write every row as JSON here")
     args = parser.parse_args()
     args.archs = args.archs.split(",")
