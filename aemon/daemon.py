@@ -402,7 +402,6 @@ class Daemon:
         self.ready = False
         self.inbox.stop()
         self.committer.stop(self.settings.shutdown_grace_seconds)
-        self.router.close()
         self.claims.close()
         if self.http is not None:
             self.http.stop()

@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from watchdog.events import (
+    DirCreatedEvent,
     DirMovedEvent,
     FileClosedEvent,
+    FileCreatedEvent,
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
@@ -97,6 +99,7 @@ class Inbox:
                  polling: bool = False, stuck_open_seconds: float | None = None) -> None:
         self.root = Path(root)
         self.dir = self.root / "inbox"
+        self._prefix = os.path.join(str(self.dir), "")
         self.settle_seconds = settle_seconds
         self.rescan_seconds = rescan_seconds
         self.polling = polling
@@ -110,15 +113,15 @@ class Inbox:
     # -- watchdog thread -------------------------------------------------
     def notify(self, path: str, kind: str = _CHANGED) -> None:
         """Queue an event about ``path`` for its top-level entry (called on the watchdog thread)."""
-        try:
-            rel = Path(path).relative_to(self.dir)
-        except ValueError:
+        if not path.startswith(self._prefix):
             return
-        if not rel.parts or is_ignored(rel.parts[0]):
+        rel = path[len(self._prefix):]
+        name, _, inner = rel.partition("/")
+        if not name or is_ignored(name):
             return
-        if kind == _MOVED_IN and len(rel.parts) > 1:
+        if kind == _MOVED_IN and inner:
             kind = _CHANGED  # a file moved into a folder entry: the folder still settles
-        self._events.put((rel.parts[0], kind, rel.as_posix()))
+        self._events.put((name, kind, rel))
         self._wakeup.set()
 
     def wait(self, timeout: float) -> None:
@@ -140,7 +143,9 @@ class Inbox:
 
             # Full events: a rename into the inbox is a move (complete), not a creation.
             observer = InotifyObserver(generate_full_events=True)
-        observer.schedule(_Handler(self), str(self.dir), recursive=True)
+        # Only what the taking rule needs: no open, read-only close, delete or attribute events.
+        wanted = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent, FileModifiedEvent, FileClosedEvent]
+        observer.schedule(_Handler(self), str(self.dir), recursive=True, event_filter=wanted)
         observer.daemon = True
         observer.start()
         self._observer = observer

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,9 @@ class Journal:
 
     def write(self, batch_dir: Path) -> None:
         """Store the plan durably in ``batch_dir``: the decision point of the batch."""
-        write_durably(batch_dir / JOURNAL_NAME, json.dumps(asdict(self)).encode())
+        data = {"entries": self.entries, "remove": self.remove,
+                "steps": [{"src": st.src, "dest": st.dest, "record": st.record} for st in self.steps]}
+        write_durably(batch_dir / JOURNAL_NAME, json.dumps(data).encode())
         fsync_dir(batch_dir)
 
     def run(self, router: Router, batch_dir: Path) -> list[Step]:
@@ -85,7 +87,8 @@ class Journal:
                 records.append((dest, step.record))
             touched.add(dest.parent)
             done.append(step)
-        router.write_records(records)
+        for dest, record in records:
+            router.write_record(dest, record)
         for rel in self.remove:
             (batch_dir / rel).unlink(missing_ok=True)
         router.sync_dirs(touched)

@@ -16,7 +16,6 @@ import os
 import threading
 import uuid
 from collections.abc import Iterable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +25,6 @@ from aemon.bundle import fsync_dir
 
 __all__ = ["FOLDERS", "Router", "write_durably", "png_bytes", "png_name", "rows_bytes"]
 
-#: Threads writing records in parallel: concurrent fsyncs are committed together by the filesystem.
-_WRITERS = 8
 #: Result folders under the root.
 FOLDERS = ("ok", "anomaly", "rejected", "denoised")
 
@@ -83,7 +80,6 @@ class Router:
         self._made: set[Path] = set()
         self._reserved: set[Path] = set()
         self._lock = threading.Lock()
-        self._pool: ThreadPoolExecutor | None = None
 
     def destination(self, folder: str, rel: str) -> Path:
         """A free path ``root/folder/rel``, with ``-N`` before the suffix if the name is taken.
@@ -140,25 +136,8 @@ class Router:
     def write_record(self, dest: Path, record: dict[str, Any]) -> Path:
         """Write ``dest.json`` durably: the commit point of ``dest``."""
         path = dest.with_name(dest.name + ".json")
-        write_durably(path, (json.dumps(record, indent=2) + "\n").encode())
+        write_durably(path, (json.dumps(record) + "\n").encode())
         return path
-
-    def write_records(self, pairs: list[tuple[Path, dict[str, Any]]]) -> None:
-        """Write many records at once: their fsyncs run in parallel and share journal commits."""
-        if len(pairs) < 2:
-            for dest, record in pairs:
-                self.write_record(dest, record)
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=_WRITERS, thread_name_prefix="aemon-write")
-        for future in [self._pool.submit(self.write_record, dest, record) for dest, record in pairs]:
-            future.result()
-
-    def close(self) -> None:
-        """Stop the writer threads, if any were started."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
 
     def sync_dirs(self, paths: Iterable[Path]) -> None:
         """fsync each distinct directory once (renames and new files there become durable)."""
