@@ -9,6 +9,7 @@ Prints, all measured in this run on this machine:
 * RSS after a first and a last block of items.
 
 Usage: python benchmarks/daemon.py [--files 5000] [--rate 100] [--seconds 20] [--rss-items 1000 50000]
+       [--daemons N] [--only throughput|latency|array|rss]
 """
 
 from __future__ import annotations
@@ -130,20 +131,23 @@ class _Daemon:
         self.proc.wait(timeout=60)
 
 
-def bench_throughput(tmp: Path, n: int) -> None:
+def bench_throughput(tmp: Path, n: int, daemons: int = 1) -> None:
     images = _digits(n)
     bare_src = _write_pngs(tmp / "bare_src", images)
     t_bare = _bare_loop(bare_src, tmp / "bare_out")
-    staged = _write_pngs(tmp / "stage", images)
-    d = _Daemon(tmp / "root_tp")
-    print(f"ready: /readyz 200 after {d.ready_after:.2f} s from process start")
+    staged = _write_pngs(tmp / f"stage{daemons}", images)
+    root = tmp / f"root_tp{daemons}"
+    ds = [_Daemon(root) for _ in range(daemons)]  # replicas on one root share the inbox
+    print(f"ready: /readyz 200 after {ds[0].ready_after:.2f} s from process start")
     start = time.perf_counter()
     for p in staged:
-        os.rename(p, d.root / "inbox" / p.name)
-    end = d.wait_records(n)
-    d.stop()
+        os.rename(p, root / "inbox" / p.name)
+    end = ds[0].wait_records(n)
+    for d in ds:
+        d.stop()
     t_d = end - start
-    print(f"{n} PNGs dropped at once: daemon {n / t_d:.0f} files/s, bare loop {n / t_bare:.0f} files/s, "
+    who = "daemon" if daemons == 1 else f"{daemons} daemons on one root"
+    print(f"{n} PNGs dropped at once: {who} {n / t_d:.0f} files/s, bare loop {n / t_bare:.0f} files/s, "
           f"ratio {t_bare / t_d:.2f}x")
 
 
@@ -242,11 +246,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rss-items", type=int, nargs=2, default=[1000, 50000])
     parser.add_argument("--only", choices=["throughput", "latency", "array", "rss"])
+    parser.add_argument("--daemons", type=int, default=1, help="replicas on one root for the throughput figure")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         if args.only in (None, "throughput"):
-            bench_throughput(tmp, args.files)
+            bench_throughput(tmp, args.files, args.daemons)
         if args.only in (None, "latency"):
             bench_latency(tmp, args.rate, args.seconds)
         if args.only in (None, "array"):
