@@ -294,6 +294,23 @@ def test_a_file_open_for_writing_is_not_taken_until_closed(root, digits):
         inbox.stop()
 
 
+def test_a_lost_close_event_does_not_hold_an_entry_forever(root, digits):
+    """An entry still 'open' (no close seen) is taken once unchanged for stuck_open_seconds, with a warning."""
+    inbox = Inbox(root, settle_seconds=0.1, rescan_seconds=3600, stuck_open_seconds=1.0)
+    inbox.start()
+    try:
+        inbox.take(10)
+        with open(root / "inbox" / "held.png", "wb") as fp:
+            Image.fromarray(digits[4]).save(fp, format="PNG")
+            fp.flush()
+            assert _take_within(inbox, 0.5) == []
+            with capture_logs() as logs:
+                assert _take_within(inbox, 5) == ["held.png"]
+        assert [e["event"] for e in logs] == ["inbox.taken_without_close"]
+    finally:
+        inbox.stop()
+
+
 def test_missing_root_is_a_startup_error(tmp_path, bundle):
     """A root that does not exist stops startup with exit code 3."""
     daemon = Daemon(Settings(root=tmp_path / "nope", metrics_port=0), bundle=bundle)
