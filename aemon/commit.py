@@ -163,7 +163,7 @@ class Committer:
 
     def _plan(self, batch: Batch, unit: Unit, journal: Journal, reserved: list[Path]) -> None:
         router = self.router
-        src = unit.path.relative_to(batch.batch_dir).as_posix()
+        src = unit.rel  # the unit's path inside the batch folder
         if unit.error is not None:
             dest = self._dest("rejected", unit.rel, reserved)
             common = self._common(batch, unit)

@@ -15,6 +15,7 @@ are routed again and its half-written outputs dropped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -62,19 +63,19 @@ class Journal:
         A destination taken meanwhile by another process gets a new free name; the journal is
         rewritten first so that recovery follows the item.
         """
-        root = router.root
+        root, base = os.fspath(router.root), os.fspath(batch_dir)
         done: list[Step] = []
-        touched: set[Path] = set()
-        records: list[tuple[Path, dict[str, Any]]] = []
+        touched: set[str] = set()
+        records: list[tuple[str, dict[str, Any]]] = []
         for step in self.steps:
-            src, dest = batch_dir / step.src, root / step.dest
+            src, dest = os.path.join(base, step.src), os.path.join(root, step.dest)
             while os.path.lexists(src):
                 if os.path.lexists(dest):
                     if _same_file(src, dest):  # stopped between link and unlink
                         os.unlink(src)
                         break
                     self._rename(step, router, batch_dir)
-                    dest = root / step.dest
+                    dest = os.path.join(root, step.dest)
                     continue
                 try:
                     router.place(src, dest)
@@ -83,14 +84,15 @@ class Journal:
                 break
             if not os.path.lexists(dest):
                 continue  # removed by someone since an earlier run placed it
-            if step.record is not None and not os.path.lexists(dest.with_name(dest.name + ".json")):
+            if step.record is not None and not os.path.lexists(dest + ".json"):
                 records.append((dest, step.record))
-            touched.add(dest.parent)
+            touched.add(os.path.dirname(dest))
             done.append(step)
         for dest, record in records:
             router.write_record(dest, record)
         for rel in self.remove:
-            (batch_dir / rel).unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(base, rel))
         router.sync_dirs(touched)
         return done
 
@@ -104,7 +106,7 @@ class Journal:
         self.write(batch_dir)
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def _same_file(a: str, b: str) -> bool:
     try:
         return os.path.samefile(a, b)
     except OSError:

@@ -9,12 +9,13 @@ hidden temp name, fsync'd and renamed; directory entries are made durable per ba
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
 import os
+import stat
 import threading
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,17 +30,23 @@ __all__ = ["FOLDERS", "Router", "write_durably", "png_bytes", "png_name", "rows_
 FOLDERS = ("ok", "anomaly", "rejected", "denoised")
 
 
-def write_durably(path: Path, data: bytes) -> None:
+def write_durably(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a hidden temp file, fsync and ``os.replace`` (no directory fsync)."""
-    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+    parent, name = os.path.split(os.fspath(path))
+    tmp = os.path.join(parent, f".{name}.{os.urandom(6).hex()}.tmp")
     try:
-        with tmp.open("wb") as fp:
-            fp.write(data)
-            fp.flush()
-            os.fsync(fp.fileno())
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
@@ -77,8 +84,9 @@ class Router:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._made: set[Path] = set()
-        self._reserved: set[Path] = set()
+        self._prefix = os.path.join(os.fspath(self.root), "")
+        self._made: set[str] = set()
+        self._reserved: set[str] = set()
         self._lock = threading.Lock()
 
     def destination(self, folder: str, rel: str) -> Path:
@@ -87,36 +95,41 @@ class Router:
         The name stays reserved in this process until :meth:`release` so that two items of one
         batch never get the same name.
         """
-        first = self.root / folder / rel
-        self._mkdir(first.parent)
+        first = os.path.join(self._prefix, folder, rel)
+        parent, name = os.path.split(first)
+        self._mkdir(parent)
+        stem, suffix = os.path.splitext(name)
         candidate, n = first, 0
         with self._lock:
-            while (candidate in self._reserved or os.path.lexists(candidate)
-                   or os.path.lexists(candidate.with_name(candidate.name + ".json"))):
+            while candidate in self._reserved or os.path.lexists(candidate) or os.path.lexists(candidate + ".json"):
                 n += 1
-                candidate = first.with_name(f"{first.stem}-{n}{first.suffix}")
+                candidate = os.path.join(parent, f"{stem}-{n}{suffix}")
             self._reserved.add(candidate)
-        return candidate
+        return Path(candidate)
 
     def release(self, paths: Iterable[Path]) -> None:
         """Forget reservations made by :meth:`destination` (the files now exist, or never will)."""
         with self._lock:
-            self._reserved.difference_update(paths)
+            self._reserved.difference_update(map(os.fspath, paths))
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the root, POSIX style."""
-        return path.relative_to(self.root).as_posix()
+        text = os.fspath(path)
+        if text.startswith(self._prefix):
+            return text[len(self._prefix):]
+        return Path(path).relative_to(self.root).as_posix()
 
-    def place(self, src: Path, dest: Path) -> None:
+    def place(self, src: Path | str, dest: Path | str) -> None:
         """Move ``src`` to ``dest`` without ever replacing an existing ``dest``.
 
         Raises:
             FileExistsError: ``dest`` exists (another process took the name).
         """
-        if not dest.parent.is_dir():  # removed under us since it was first made
-            self._made.discard(dest.parent)
-            self._mkdir(dest.parent)
-        if src.is_dir() and not src.is_symlink():
+        parent = os.path.dirname(dest)
+        if not os.path.isdir(parent):  # removed under us since it was first made
+            self._made.discard(parent)
+            self._mkdir(parent)
+        if stat.S_ISDIR(os.lstat(src).st_mode):
             if os.path.lexists(dest):
                 raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
             os.rename(src, dest)
@@ -133,13 +146,13 @@ class Router:
             return
         os.unlink(src)
 
-    def write_record(self, dest: Path, record: dict[str, Any]) -> Path:
+    def write_record(self, dest: Path | str, record: dict[str, Any]) -> Path:
         """Write ``dest.json`` durably: the commit point of ``dest``."""
-        path = dest.with_name(dest.name + ".json")
+        path = f"{os.fspath(dest)}.json"
         write_durably(path, (json.dumps(record) + "\n").encode())
-        return path
+        return Path(path)
 
-    def sync_dirs(self, paths: Iterable[Path]) -> None:
+    def sync_dirs(self, paths: Iterable[Path | str]) -> None:
         """fsync each distinct directory once (renames and new files there become durable)."""
         for folder in sorted(set(paths)):
             try:
@@ -157,7 +170,7 @@ class Router:
             self.release([dest])
         return dest
 
-    def _mkdir(self, folder: Path) -> None:
+    def _mkdir(self, folder: str) -> None:
         if folder not in self._made:
-            folder.mkdir(parents=True, exist_ok=True)
+            os.makedirs(folder, exist_ok=True)
             self._made.add(folder)
