@@ -177,7 +177,8 @@ def _slow_write(path: Path, data: bytes, pause: float) -> None:
 
 
 def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
-    """cp in place, mv from a sibling folder, rsync's hidden temp + rename, a slow half-then-half write."""
+    """cp in place, mv from a sibling folder, rsync's hidden temp + rename, a half-then-half write that
+    pauses past the settle time."""
     root = live.root
     before = len(records(root))
     src = tmp_path / "src"
@@ -195,9 +196,9 @@ def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
     subprocess.run(["mv", str(staging / "by-mv.png"), str(root / "inbox")], check=True)
     subprocess.run(["rsync", str(src / "by-rsync.png"), str(root / "inbox") + "/"], check=True)
     subprocess.run(["cp", "-r", str(batch), str(root / "inbox" / "batch")], check=True)
-    # Pauses longer than half the settle time, with some margin below all of it (busy CI).
+    # Pauses for three settle times with the file open: the missing close keeps it out of reach.
     writer = threading.Thread(target=_slow_write,
-                              args=(root / "inbox" / "slow.png", png_bytes(digits[7]), SETTLE * 0.6))
+                              args=(root / "inbox" / "slow.png", png_bytes(digits[7]), SETTLE * 3))
     writer.start()
     writer.join()
 
