@@ -9,7 +9,6 @@ removes the batch folder. Decisions are counted and logged only once committed.
 from __future__ import annotations
 
 import queue
-import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from aemon.bundle import utc_now
 from aemon.claims import Claim
 from aemon.errors import ItemRejected
 from aemon.images import input_to_array
-from aemon.journal import Journal, Step, output_path
+from aemon.journal import Journal, Step, output_path, remove_batch
 from aemon.logs import get_logger
 from aemon.records import rejected_record, scored_record
 from aemon.router import Router, png_bytes, png_name, rows_bytes, write_durably
@@ -135,7 +134,7 @@ class Committer:
             journal.run(self.router, batch.batch_dir)
         finally:
             self.router.release(reserved)
-        shutil.rmtree(batch.batch_dir, ignore_errors=True)
+        remove_batch(batch.batch_dir)
         for unit, record in batch.decided:
             self.on_decided(unit, record)
         self.on_committed(batch)

@@ -27,7 +27,7 @@ from aemon.errors import AemonError, EmptyItem, ItemRejected, StartupError, Unsa
 from aemon.http import HttpServer
 from aemon.images import array_to_input, decode_file, decode_image, is_array_name, is_image_name, read_array
 from aemon.inbox import Inbox, is_ignored
-from aemon.journal import drop_undecided, read_journal
+from aemon.journal import drop_undecided, read_journal, remove_batch
 from aemon.logs import get_logger
 from aemon.metrics import build
 from aemon.oneshot import limits_from
@@ -267,16 +267,12 @@ class Daemon:
                 # Decided before the crash: finish exactly that decision.
                 done = journal.run(self.router, batch_dir)
                 log.info("claim.finished", batch=batch_dir.name, steps=len(done))
-                leftover = [c for c in ClaimStore.entries(batch_dir) if c.name not in journal.entries]
-                if not leftover:
-                    shutil.rmtree(batch_dir, ignore_errors=True)
-                    continue
-                drop_undecided(batch_dir)
-            else:
-                drop_undecided(batch_dir)
+                for name in journal.entries:  # done; what is left of them is a folder batch's shell
+                    shutil.rmtree(batch_dir / name, ignore_errors=True)
+            drop_undecided(batch_dir)
             claims = ClaimStore.entries(batch_dir)
             if not claims:
-                shutil.rmtree(batch_dir, ignore_errors=True)
+                remove_batch(batch_dir)
                 continue
             for claim in claims:
                 log.info("claim.recovered", item=claim.name, batch=batch_dir.name)

@@ -26,7 +26,7 @@ from typing import Any
 from aemon.bundle import fsync_dir
 from aemon.router import Router, write_durably
 
-__all__ = ["JOURNAL_NAME", "Step", "Journal", "read_journal", "output_path", "drop_undecided"]
+__all__ = ["JOURNAL_NAME", "Step", "Journal", "read_journal", "output_path", "drop_undecided", "remove_batch"]
 
 JOURNAL_NAME = ".journal.json"
 
@@ -136,3 +136,19 @@ def drop_undecided(batch_dir: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+def remove_batch(batch_dir: Path) -> None:
+    """Delete a committed batch folder, its journal last: a crash midway leaves a journal to run again."""
+    for entry in os.scandir(batch_dir):
+        if entry.name == JOURNAL_NAME:
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(batch_dir / JOURNAL_NAME)
+    with contextlib.suppress(OSError):
+        os.rmdir(batch_dir)

@@ -458,3 +458,23 @@ def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
         assert not a.owner.exists()
     finally:
         b.close()
+
+
+def test_a_finished_folder_batch_is_not_rejected_as_empty_after_a_crash(root, make_daemon, digits):
+    """Killed after routing every image of a folder batch but before removing its batch folder:
+    the restart runs the journal, drops the folder's shell and rejects nothing."""
+    from aemon.journal import Journal, Step
+
+    batch = root / ".aemon" / "claims" / "0001700000000000-0123456789ab"
+    _png(batch / "b1" / "x.png", digits[1])
+    (batch / "b1" / ".x.png.swp").write_bytes(b"hidden, never taken")
+    record = {"item": "b1/x.png", "verdict": "ok", "path": "ok/b1/x.png", "batch": "b1"}
+    Journal(entries=["b1"], steps=[Step("b1/x.png", "ok/b1/x.png", record)]).write(batch)
+    (root / "ok" / "b1").mkdir(parents=True)
+    os.rename(batch / "b1" / "x.png", root / "ok" / "b1" / "x.png")  # placed; its record not yet written
+    daemon = make_daemon()
+    daemon.run(until_idle=True)
+    assert _record(root / "ok" / "b1" / "x.png") == record
+    assert not list((root / "rejected").iterdir())
+    assert daemon.counts == {"ok": 0, "anomaly": 0, "rejected": 0}  # nothing decided twice
+    assert list((root / ".aemon" / "claims").iterdir()) == []
