@@ -88,8 +88,7 @@ class Journal:
                 records.append((dest, step.record))
             touched.add(os.path.dirname(dest))
             done.append(step)
-        for dest, record in records:
-            router.write_record(dest, record)
+        router.write_records(records)
         for rel in self.remove:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(base, rel))

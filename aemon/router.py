@@ -10,6 +10,7 @@ hidden temp name, fsync'd and renamed; directory entries are made durable per ba
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import io
 import json
@@ -30,24 +31,76 @@ __all__ = ["FOLDERS", "Router", "write_durably", "png_bytes", "png_name", "rows_
 FOLDERS = ("ok", "anomaly", "rejected", "denoised")
 
 
+def _temp_name(path: str) -> str:
+    parent, name = os.path.split(path)
+    return os.path.join(parent, f".{name}.{os.urandom(6).hex()}.tmp")
+
+
+def _write_file(path: str, data: bytes, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_durably(path: Path | str, data: bytes) -> None:
     """Write ``data`` to ``path`` via a hidden temp file, fsync and ``os.replace`` (no directory fsync)."""
-    parent, name = os.path.split(os.fspath(path))
-    tmp = os.path.join(parent, f".{name}.{os.urandom(6).hex()}.tmp")
+    tmp = _temp_name(os.fspath(path))
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _write_file(tmp, data, fsync=True)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def write_all_durably(files: list[tuple[str, bytes]]) -> None:
+    """Like :func:`write_durably` for many files, with one ``syncfs`` instead of one fsync each.
+
+    Every file is written to its temp name, then the filesystem is synced once, then each temp
+    file is renamed: a rename never points at data that is not on disk. Without ``syncfs``
+    (not Linux) each file is fsync'd.
+    """
+    if len(files) < 2 or _syncfs is None:
+        for path, data in files:
+            write_durably(path, data)
+        return
+    temps = [_temp_name(path) for path, _ in files]
+    try:
+        for tmp, (_, data) in zip(temps, files, strict=True):
+            _write_file(tmp, data, fsync=False)
+        fd = os.open(os.path.dirname(temps[0]) or ".", os.O_RDONLY)
+        try:
+            if _syncfs(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+        for tmp, (path, _) in zip(temps, files, strict=True):
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        raise
+
+
+def _load_syncfs():
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).syncfs
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = [ctypes.c_int]
+    return fn
+
+
+_syncfs = _load_syncfs()
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -151,6 +204,10 @@ class Router:
         path = f"{os.fspath(dest)}.json"
         write_durably(path, (json.dumps(record) + "\n").encode())
         return Path(path)
+
+    def write_records(self, pairs: list[tuple[str, dict[str, Any]]]) -> None:
+        """Write the records of a batch durably (``dest.json`` each), with one filesystem sync."""
+        write_all_durably([(f"{dest}.json", (json.dumps(record) + "\n").encode()) for dest, record in pairs])
 
     def sync_dirs(self, paths: Iterable[Path | str]) -> None:
         """fsync each distinct directory once (renames and new files there become durable)."""

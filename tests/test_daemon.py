@@ -478,3 +478,16 @@ def test_a_finished_folder_batch_is_not_rejected_as_empty_after_a_crash(root, ma
     assert not list((root / "rejected").iterdir())
     assert daemon.counts == {"ok": 0, "anomaly": 0, "rejected": 0}  # nothing decided twice
     assert list((root / ".aemon" / "claims").iterdir()) == []
+
+
+def test_write_all_durably_leaves_only_the_files(tmp_path):
+    """Many files with one filesystem sync: all written whole, no temp names left, even on failure."""
+    from aemon.router import write_all_durably
+
+    files = [(str(tmp_path / f"r{i}.json"), f'{{"i": {i}}}'.encode()) for i in range(5)]
+    write_all_durably(files)
+    assert sorted(os.listdir(tmp_path)) == [f"r{i}.json" for i in range(5)]
+    assert all(Path(p).read_bytes() == data for p, data in files)
+    with pytest.raises(FileNotFoundError):
+        write_all_durably([(str(tmp_path / "a.json"), b"1"), (str(tmp_path / "missing" / "b.json"), b"2")])
+    assert sorted(os.listdir(tmp_path)) == [f"r{i}.json" for i in range(5)]
