@@ -108,6 +108,19 @@ def _fit_pca_model(model, x_fit: np.ndarray, cfg: TrainConfig) -> dict[str, list
     return {"loss": [loss], "explained_variance": [explained]}
 
 
+def _weights_only(model, cfg: TrainConfig, prep: Preprocessing):
+    """The trained weights in a fresh, uncompiled model of the same architecture.
+
+    Bundles are loaded with ``compile=False``, so the optimizer state (twice the weights, for
+    Adam) would only make the model file three times larger.
+    """
+    if getattr(model, "optimizer", None) is None:
+        return model
+    fresh = build(cfg.arch, prep.input_shape, cfg.latent_dim)
+    fresh.set_weights(model.get_weights())
+    return fresh
+
+
 def calibration_payload(scores: np.ndarray, target_fpr: float, source: str) -> tuple[float, dict]:
     """Threshold and the ``calibration`` block of ``bundle.json`` for these normal scores."""
     threshold = conformal_threshold(scores, target_fpr)
@@ -243,7 +256,7 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
             **({"explained_variance": losses["explained_variance"][0]} if pca else {}),
         },
     }
-    path = save_bundle(model, meta, Path(out), overwrite=overwrite)
+    path = save_bundle(_weights_only(model, cfg, prep), meta, Path(out), overwrite=overwrite)
     log.info("train.done", bundle=str(path), threshold=threshold, epochs_run=meta["training"]["epochs_run"],
              final_loss=meta["training"]["final_loss"])
     return path
