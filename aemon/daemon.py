@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from aemon.bundle import Bundle, default_bundle_path, load_bundle
-from aemon.calibration import decide
+from aemon.calibration import Verdict
 from aemon.claims import Claim, ClaimStore
 from aemon.commit import Batch, Committer, Unit
 from aemon.errors import AemonError, EmptyItem, ItemRejected, StartupError, UnsafeItem
@@ -346,7 +346,7 @@ class Daemon:
             unit.x = decode_file(unit.path, prep, self.limits)  # raises UnsupportedType
 
     def _score(self, units: list[Unit], bundle: Bundle) -> None:
-        x = np.concatenate([u.x for u in units])
+        x = units[0].x if len(units) == 1 else np.concatenate([u.x for u in units])
         started = time.perf_counter()
         if self.settings.mode == "denoise":
             from aemon.scoring import reconstruction_error
@@ -359,9 +359,10 @@ class Daemon:
         self.metrics.scoring_duration.observe(time.perf_counter() - started)
         self.metrics.batches.inc()
         pvals = bundle.p_values(scores)
-        verdicts = [v.value for v in decide(scores, bundle.threshold)]
-        for s in scores:
-            self.metrics.reconstruction_error.observe(float(s))
+        anomalous = scores > bundle.threshold  # as calibration.decide, vectorised
+        verdicts = np.where(anomalous, Verdict.ANOMALY.value, Verdict.OK.value).tolist()
+        for s in scores.tolist():
+            self.metrics.reconstruction_error.observe(s)
         i = 0
         for unit in units:
             part = slice(i, i + len(unit.x))
