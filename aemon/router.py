@@ -3,8 +3,8 @@
 Names keep their path relative to the inbox; an existing name is never overwritten (the new
 item gets ``-1``, ``-2``… before its suffix). Moves are made with ``link`` + ``unlink``, which
 fails instead of replacing when another process took the name first. Files are written to a
-hidden temp name, fsync'd and renamed; directory entries are made durable per batch with
-:meth:`Router.sync_dirs`, not per file.
+hidden temp name, made durable (fsync, or one ``syncfs`` for a batch of records) and renamed;
+directory entries are made durable per batch with :meth:`Router.sync_dirs`, not per file.
 """
 
 from __future__ import annotations
@@ -198,12 +198,6 @@ class Router:
             os.rename(src, dest)
             return
         os.unlink(src)
-
-    def write_record(self, dest: Path | str, record: dict[str, Any]) -> Path:
-        """Write ``dest.json`` durably: the commit point of ``dest``."""
-        path = f"{os.fspath(dest)}.json"
-        write_durably(path, (json.dumps(record) + "\n").encode())
-        return Path(path)
 
     def write_records(self, pairs: list[tuple[str, dict[str, Any]]]) -> None:
         """Write the records of a batch durably (``dest.json`` each), with one filesystem sync."""
