@@ -226,15 +226,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
 
     bundle_path, paths = _split_bundle_arg(args.paths, settings)
     bundle = load_bundle(bundle_path)
-    rejected = 0
-    for record in score_paths(bundle, paths, settings):
-        rejected += record["verdict"] == "rejected"
-        sys.stdout.write(json.dumps(record) + "\n")
-    sys.stdout.flush()
-    if rejected:
-        print(f"Error: {rejected} item(s) could not be scored (see their 'reason' and 'error')", file=sys.stderr)
-        return 1
-    return 0
+    return _print_records(score_paths(bundle, paths, settings), "scored")
 
 
 @_verb("denoise")
@@ -249,13 +241,18 @@ def _denoise(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"--out {args.out} exists and is not a folder")
     bundle = load_bundle(bundle_path)
     args.out.mkdir(parents=True, exist_ok=True)
+    return _print_records(denoise_paths(bundle, paths, settings, args.out), "denoised")
+
+
+def _print_records(records: Iterator[dict], done: str) -> int:
+    """One JSON line per record on stdout; exit status 1 (and one error line) if any was rejected."""
     rejected = 0
-    for record in denoise_paths(bundle, paths, settings, args.out):
+    for record in records:
         rejected += record.get("verdict") == "rejected"
         sys.stdout.write(json.dumps(record) + "\n")
     sys.stdout.flush()
     if rejected:
-        print(f"Error: {rejected} item(s) could not be denoised (see their 'reason' and 'error')", file=sys.stderr)
+        print(f"Error: {rejected} item(s) could not be {done} (see their 'reason' and 'error')", file=sys.stderr)
         return 1
     return 0
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 
 from aemon.logs import quiet_tensorflow
 
@@ -23,6 +24,16 @@ def _quiet_tensorflow(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KERAS_BACKEND", "tensorflow")
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     quiet_tensorflow()
+
+
+@pytest.fixture(autouse=True)
+def _reset_logging(monkeypatch: pytest.MonkeyPatch):
+    """No AEMON_* setting from the caller's shell, and each CLI call's structlog set-up (bound to
+    captured streams) kept out of later tests."""
+    for name in ("AEMON_CONFIG", "AEMON_MODEL", "AEMON_LOG_FORMAT"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    structlog.reset_defaults()
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import structlog
 from PIL import Image
 
 from aemon.bundle import read_meta
@@ -16,15 +15,6 @@ from aemon.cli import main
 
 VERBS = ["train", "calibrate", "score", "denoise", "info", "evaluate"]
 RECORD_FIELDS = {"item", "verdict", "score", "threshold", "p_value", "model", "received_at", "decided_at"}
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging(monkeypatch: pytest.MonkeyPatch):
-    """Keep each CLI call's structlog set-up (bound to captured streams) out of later tests."""
-    for name in ("AEMON_CONFIG", "AEMON_MODEL", "AEMON_LOG_FORMAT"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    structlog.reset_defaults()
 
 
 def run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:

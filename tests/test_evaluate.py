@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import structlog
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
@@ -19,15 +18,6 @@ from aemon.errors import UsageError
 from aemon.evaluate import overlaps, quality
 from aemon.report import FIGURE_PIXELS, INDEX
 from aemon.sources import load_source
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging(monkeypatch: pytest.MonkeyPatch):
-    """Keep each CLI call's structlog set-up (bound to captured streams) out of later tests."""
-    for name in ("AEMON_CONFIG", "AEMON_MODEL", "AEMON_LOG_FORMAT"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    structlog.reset_defaults()
 
 
 @pytest.fixture(scope="module")

@@ -8,22 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import structlog
 
 from aemon.bundle import META_FILE, load_bundle
 from aemon.cli import main
 from aemon.errors import UsageError
 from aemon.sources import load_source
 from aemon.train import TrainConfig, fit_pca
-
-
-@pytest.fixture(autouse=True)
-def _reset_logging(monkeypatch: pytest.MonkeyPatch):
-    """Keep each CLI call's structlog set-up (bound to captured streams) out of later tests."""
-    for name in ("AEMON_CONFIG", "AEMON_MODEL", "AEMON_LOG_FORMAT"):
-        monkeypatch.delenv(name, raising=False)
-    yield
-    structlog.reset_defaults()
 
 
 def _numpy_scores(fit: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:
