@@ -82,8 +82,7 @@ def _roc(path: Path, results) -> None:
     fig = _figure("roc")
     ax = fig.add_subplot()
     for r in results:
-        labels = np.r_[np.zeros(len(r.normal_scores)), np.ones(len(r.anomalous_scores))]
-        fpr, tpr, _ = roc_curve(labels, np.r_[r.normal_scores, r.anomalous_scores])
+        fpr, tpr, _ = roc_curve(*_labelled(r))
         line = ax.plot(fpr, tpr, label=f"{r.quality.bundle} (AUROC {r.quality.auroc:.4f})")[0]
         ax.plot([r.quality.fpr], [r.quality.tpr], "o", color=line.get_color())
     ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")
@@ -93,12 +92,17 @@ def _roc(path: Path, results) -> None:
     _save(fig, path)
 
 
+def _labelled(r) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (1 = anomalous) and scores of one bundle's result, normal first."""
+    return (np.r_[np.zeros(len(r.normal_scores)), np.ones(len(r.anomalous_scores))],
+            np.r_[r.normal_scores, r.anomalous_scores])
+
+
 def _pr(path: Path, results) -> None:
     fig = _figure("pr")
     ax = fig.add_subplot()
     for r in results:
-        labels = np.r_[np.zeros(len(r.normal_scores)), np.ones(len(r.anomalous_scores))]
-        precision, recall, _ = precision_recall_curve(labels, np.r_[r.normal_scores, r.anomalous_scores])
+        precision, recall, _ = precision_recall_curve(*_labelled(r))
         line = ax.plot(recall, precision, label=f"{r.quality.bundle} (AUPRC {r.quality.auprc:.4f})")[0]
         flagged_anomalous = r.quality.tpr * len(r.anomalous_scores)
         flagged = flagged_anomalous + r.quality.fpr * len(r.normal_scores)
