@@ -88,7 +88,7 @@ class Journal:
                 records.append((dest, step.record))
             touched.add(os.path.dirname(dest))
             done.append(step)
-        router.write_records(records)
+        router.write_records(records, batch_dir)
         for rel in self.remove:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(base, rel))

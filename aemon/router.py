@@ -31,9 +31,9 @@ __all__ = ["FOLDERS", "Router", "write_durably", "png_bytes", "png_name", "rows_
 FOLDERS = ("ok", "anomaly", "rejected", "denoised")
 
 
-def _temp_name(path: str) -> str:
+def _temp_name(path: str, folder: str | None = None) -> str:
     parent, name = os.path.split(path)
-    return os.path.join(parent, f".{name}.{os.urandom(6).hex()}.tmp")
+    return os.path.join(folder or parent, f".{name}.{os.urandom(6).hex()}.tmp")
 
 
 def _write_file(path: str, data: bytes, fsync: bool) -> None:
@@ -48,9 +48,13 @@ def _write_file(path: str, data: bytes, fsync: bool) -> None:
         os.close(fd)
 
 
-def write_durably(path: Path | str, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a hidden temp file, fsync and ``os.replace`` (no directory fsync)."""
-    tmp = _temp_name(os.fspath(path))
+def write_durably(path: Path | str, data: bytes, tmp_dir: Path | str | None = None) -> None:
+    """Write ``data`` to ``path`` via a hidden temp file, fsync and ``os.replace`` (no directory fsync).
+
+    The temp file lies beside ``path``, or in ``tmp_dir`` (same filesystem) so that a crash
+    leaves nothing half-written where results are read.
+    """
+    tmp = _temp_name(os.fspath(path), tmp_dir and os.fspath(tmp_dir))
     try:
         _write_file(tmp, data, fsync=True)
         os.replace(tmp, path)
@@ -60,7 +64,7 @@ def write_durably(path: Path | str, data: bytes) -> None:
         raise
 
 
-def write_all_durably(files: list[tuple[str, bytes]]) -> None:
+def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: Path | str | None = None) -> None:
     """Like :func:`write_durably` for many files, with one ``syncfs`` instead of one fsync each.
 
     Every file is written to its temp name, then the filesystem is synced once, then each temp
@@ -69,9 +73,9 @@ def write_all_durably(files: list[tuple[str, bytes]]) -> None:
     """
     if len(files) < 2 or _syncfs is None:
         for path, data in files:
-            write_durably(path, data)
+            write_durably(path, data, tmp_dir)
         return
-    temps = [_temp_name(path) for path, _ in files]
+    temps = [_temp_name(path, tmp_dir and os.fspath(tmp_dir)) for path, _ in files]
     try:
         for tmp, (_, data) in zip(temps, files, strict=True):
             _write_file(tmp, data, fsync=False)
@@ -199,9 +203,13 @@ class Router:
             return
         os.unlink(src)
 
-    def write_records(self, pairs: list[tuple[str, dict[str, Any]]]) -> None:
-        """Write the records of a batch durably (``dest.json`` each), with one filesystem sync."""
-        write_all_durably([(f"{dest}.json", (json.dumps(record) + "\n").encode()) for dest, record in pairs])
+    def write_records(self, pairs: list[tuple[str, dict[str, Any]]], tmp_dir: Path | None = None) -> None:
+        """Write the records of a batch durably (``dest.json`` each), with one filesystem sync.
+
+        With ``tmp_dir`` (the batch folder) the temp files are written there, not beside the results.
+        """
+        write_all_durably([(f"{dest}.json", (json.dumps(record) + "\n").encode()) for dest, record in pairs],
+                          tmp_dir)
 
     def sync_dirs(self, paths: Iterable[Path | str]) -> None:
         """fsync each distinct directory once (renames and new files there become durable)."""

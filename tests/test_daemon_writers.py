@@ -400,6 +400,8 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, digits
         assert item.with_name(item.name + ".json").is_file()
     assert not os.listdir(root / "inbox")
     assert not os.listdir(root / ".aemon" / "claims")
+    leftovers = [p for d in VERDICT_DIRS for p in (root / d).rglob(".*")]
+    assert not leftovers, "temp files are written in the batch folder, never beside results"
 
 
 def test_a_journalled_batch_is_finished_exactly_on_restart(tmp_path, digits):
