@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from daemon_process import wait_until_ready
 from PIL import Image
 from structlog.testing import capture_logs
 
@@ -386,14 +387,7 @@ def test_daemon_process_end_to_end(root, tmp_path, digits):
             proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=env, stdout=out,
                                     stderr=subprocess.STDOUT)
         try:
-            port, messages, deadline = None, [], time.monotonic() + 120
-            while port is None and time.monotonic() < deadline:
-                assert proc.poll() is None, log_path.read_text()
-                for line in log_path.read_text().splitlines():
-                    if '"daemon.ready"' in line:
-                        port = json.loads(line)["metrics_port"]
-                time.sleep(0.2)
-            assert port, log_path.read_text()
+            port, messages = wait_until_ready(proc, log_path), []
             subprocess.run(["cp", *map(str, files), str(root / "inbox")], check=True)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from daemon_process import wait_until_ready
 from PIL import Image
 
 VERDICT_DIRS = ("ok", "anomaly", "rejected")
@@ -80,15 +81,8 @@ class Daemon:
         self.port = None
 
     def wait_ready(self, timeout: float = 120) -> Daemon:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.text()
-            for line in self.log.read_bytes()[self.offset:].decode(errors="replace").splitlines():
-                if '"daemon.ready"' in line:
-                    self.port = json.loads(line)["metrics_port"]
-                    return self
-            time.sleep(0.1)
-        raise AssertionError("daemon never became ready:\n" + self.text())
+        self.port = wait_until_ready(self.proc, self.log, self.offset, timeout)
+        return self
 
     def text(self) -> str:
         return self.log.read_text(errors="replace")[-5000:]

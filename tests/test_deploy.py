@@ -23,6 +23,7 @@ import kubernetes_validate
 import numpy as np
 import pytest
 import yaml
+from daemon_process import wait_until_ready
 from PIL import Image
 
 from aemon.settings import load_settings
@@ -107,14 +108,7 @@ def live_daemon(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
         proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=env, stdout=out,
                                 stderr=subprocess.STDOUT)
     try:
-        port, deadline = None, time.monotonic() + 120
-        while port is None and time.monotonic() < deadline:
-            assert proc.poll() is None, log_path.read_text()
-            for line in log_path.read_text().splitlines():
-                if '"daemon.ready"' in line:
-                    port = json.loads(line)["metrics_port"]
-            time.sleep(0.1)
-        assert port, log_path.read_text()
+        port = wait_until_ready(proc, log_path)
         url = f"http://127.0.0.1:{port}"
 
         x, _ = mnist_data()
