@@ -10,21 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aemon import __version__
+from aemon import __version__, fsio
 from aemon.calibration import p_values
 from aemon.errors import BundleError
+from aemon.fsio import utc_now, write_json_atomic
 from aemon.images import Preprocessing
 
 __all__ = [
@@ -39,20 +35,15 @@ __all__ = [
     "read_meta",
     "load_bundle",
     "default_bundle_path",
+    "shipped_bundle",
+    "is_bundle",
     "sha256_of",
-    "fsync_dir",
-    "utc_now",
 ]
 
 #: Version of the bundle layout this aemon reads and writes.
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 META_FILE = "bundle.json"
-
-
-def utc_now() -> str:
-    """The current time, ISO 8601 in UTC."""
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 class Calibration(BaseModel):
@@ -106,60 +97,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (renames, new files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_file(path: Path) -> None:
     with path.open("rb") as fp:
         os.fsync(fp.fileno())
 
 
-def _write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w") as fp:
-        json.dump(data, fp, indent=2)
-        fp.write("\n")
-        fp.flush()
-        os.fsync(fp.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def _exists(out: Path) -> BundleError:
+    return BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
 
 
-@contextmanager
-def staged_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a hidden temporary directory beside ``out``; publish it as ``out`` by rename on success.
-
-    On any error the temporary directory is removed and ``out`` is left as it was.
+def staged_dir(out: Path, *, overwrite: bool = False):
+    """A hidden folder beside ``out``, published as ``out`` on success (see :func:`aemon.fsio.staged_dir`).
 
     Raises:
         BundleError: ``out`` exists and ``overwrite`` is false.
     """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise BundleError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex}.tmp"
-    tmp.mkdir()
-    try:
-        yield tmp
-        fsync_dir(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        fsync_dir(out.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return fsio.staged_dir(out, overwrite=overwrite, exists_error=_exists)
 
 
 def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = False) -> Path:
@@ -192,7 +145,7 @@ def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = Fal
             "model_sha256": sha256_of(model_path),
         }
         BundleMeta.model_validate(full)
-        _write_json_atomic(tmp / META_FILE, full)
+        write_json_atomic(tmp / META_FILE, full)
     return out
 
 
@@ -228,7 +181,7 @@ def read_meta(path: Path) -> BundleMeta:
 
 def write_meta(path: Path, meta: BundleMeta) -> None:
     """Replace a bundle's ``bundle.json`` atomically (used by recalibration)."""
-    _write_json_atomic(Path(path) / META_FILE, meta.model_dump(mode="json"))
+    write_json_atomic(Path(path) / META_FILE, meta.model_dump(mode="json"))
 
 
 @dataclass
@@ -299,20 +252,34 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
     return Bundle(path=path, meta=meta, model=model, scorer=Scorer(model, meta.score_fn, chunk=chunk))
 
 
-def default_bundle_path(task: str = "detect") -> Path:
-    """The bundle shipped with aemon for ``task`` (``detect`` or ``denoise``).
+def shipped_bundle(name: str) -> Path | None:
+    """The bundle shipped with aemon under ``name`` (``mnist-detect``, ``mnist-denoise``), or None.
 
     Looks inside the installed package first (wheels carry the bundles as package data),
     then in the ``models/`` folder of a source checkout.
+    """
+    if not name or "/" in name or name.startswith("."):
+        return None
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "_bundles" / name, here.parent / "models" / name):
+        if (candidate / META_FILE).is_file():
+            return candidate
+    return None
+
+
+def is_bundle(path: Path) -> bool:
+    """True for a folder holding ``bundle.json``."""
+    return (Path(path) / META_FILE).is_file()
+
+
+def default_bundle_path(task: str = "detect") -> Path:
+    """The bundle shipped with aemon for ``task`` (``detect`` or ``denoise``).
 
     Raises:
         BundleError: no default bundle is installed.
     """
     name = {"detect": "mnist-detect", "denoise": "mnist-denoise"}[task]
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_bundles" / name, here.parent / "models" / name):
-        if (candidate / META_FILE).is_file():
-            return candidate
-    raise BundleError(
-        f"the default {task} bundle {name!r} is not installed; pass a bundle path or set AEMON_MODEL"
-    )
+    found = shipped_bundle(name)
+    if found is None:
+        raise BundleError(f"the default {task} bundle {name!r} is not installed; pass a bundle path or set AEMON_MODEL")
+    return found

@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aemon.bundle import fsync_dir
-from aemon.router import Router, write_durably
+from aemon.fsio import fsync_dir, rename_noreplace, write_durably
+from aemon.router import Router
 
-__all__ = ["JOURNAL_NAME", "Step", "Journal", "read_journal", "output_path", "drop_undecided", "remove_batch"]
+__all__ = ["JOURNAL_NAME", "Step", "Journal", "read_journal", "output_path", "drop_undecided", "remove_batch",
+           "prune_empty"]
 
 JOURNAL_NAME = ".journal.json"
 
@@ -70,12 +71,11 @@ class Journal:
         for step in self.steps:
             src, dest = os.path.join(base, step.src), os.path.join(root, step.dest)
             while os.path.lexists(src):
-                if os.path.lexists(dest):
-                    if _same_file(src, dest):  # stopped between link and unlink
-                        os.unlink(src)
-                        break
-                    self._rename(step, router, batch_dir)
-                    dest = os.path.join(root, step.dest)
+                if os.path.lexists(dest) and _same_file(src, dest):  # stopped between link and unlink
+                    os.unlink(src)
+                    break
+                if os.path.lexists(dest) or os.path.lexists(dest + ".json"):
+                    dest = self._rename(step, router, batch_dir)
                     continue
                 try:
                     router.place(src, dest)
@@ -85,24 +85,34 @@ class Journal:
             if not os.path.lexists(dest):
                 continue  # removed by someone since an earlier run placed it
             if step.record is not None and not os.path.lexists(dest + ".json"):
-                records.append((dest, step.record))
+                records.append((step, step.record))
             touched.add(os.path.dirname(dest))
             done.append(step)
-        router.write_records(records, batch_dir)
+        while records:
+            taken = set(router.write_records([(os.path.join(root, st.dest), rec) for st, rec in records], batch_dir))
+            # A record name taken meanwhile by someone else: move the item to a free name and try again.
+            records = [(st, rec) for st, rec in records if os.path.join(root, st.dest) in taken]
+            for st, _ in records:
+                old = os.path.join(root, st.dest)
+                new = self._rename(st, router, batch_dir)
+                router.place(old, new)
+                touched.add(os.path.dirname(new))
         for rel in self.remove:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(base, rel))
         router.sync_dirs(touched)
         return done
 
-    def _rename(self, step: Step, router: Router, batch_dir: Path) -> None:
-        folder, *rest = Path(step.dest).parts
-        new = router.destination(folder, "/".join(rest))
+    def _rename(self, step: Step, router: Router, batch_dir: Path) -> str:
+        """Give ``step`` a new free destination, journalled first so that recovery follows it; return it."""
+        folder, _, rest = step.dest.partition("/")
+        new = router.destination(folder, rest)
         router.release([new])
         step.dest = router.relative(new)
         if step.record is not None:
             step.record["path"] = step.dest
         self.write(batch_dir)
+        return os.fspath(new)
 
 
 def _same_file(a: str, b: str) -> bool:
@@ -129,25 +139,59 @@ def output_path(batch_dir: Path, suffix: str) -> Path:
 
 def drop_undecided(batch_dir: Path) -> None:
     """Remove outputs of a batch that was never decided (hidden files of the batch folder)."""
-    for entry in batch_dir.iterdir():
+    for entry in os.scandir(batch_dir):
         if entry.name.startswith("."):
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
+            _remove(entry.path)
 
 
-def remove_batch(batch_dir: Path) -> None:
-    """Delete a committed batch folder, its journal last: a crash midway leaves a journal to run again."""
+def remove_batch(batch_dir: Path, inbox: Path) -> list[str]:
+    """Delete a committed batch folder, its journal last: a crash midway leaves a journal to run again.
+
+    Only the daemon's own files and empty folders are deleted. Anything else still in it (a file
+    that reached a folder entry after it was expanded) goes back to ``inbox`` to be taken again.
+
+    Returns:
+        The names given back to the inbox.
+    """
+    returned: list[str] = []
     for entry in os.scandir(batch_dir):
         if entry.name == JOURNAL_NAME:
             continue
-        if entry.is_dir(follow_symlinks=False):
-            shutil.rmtree(entry.path, ignore_errors=True)
-        else:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(entry.path)
+        if entry.name.startswith("."):
+            _remove(entry.path)
+        elif not (entry.is_dir(follow_symlinks=False) and prune_empty(entry.path)):
+            returned.append(_give_back(entry.path, inbox))
     with contextlib.suppress(FileNotFoundError):
         os.unlink(batch_dir / JOURNAL_NAME)
     with contextlib.suppress(OSError):
         os.rmdir(batch_dir)
+    return returned
+
+
+def prune_empty(folder: str | os.PathLike) -> bool:
+    """Remove ``folder`` and the folders under it that hold nothing else; True if ``folder`` is gone."""
+    for dirpath, _, _ in os.walk(folder, topdown=False):
+        with contextlib.suppress(OSError):
+            os.rmdir(dirpath)
+    return not os.path.lexists(folder)
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _give_back(path: str, inbox: Path) -> str:
+    name = os.path.basename(path)
+    stem, suffix = os.path.splitext(name)
+    candidate, n = name, 0
+    while True:
+        try:
+            rename_noreplace(path, inbox / candidate)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = f"{stem}-{n}{suffix}"

@@ -8,9 +8,7 @@ the report opens from disk and can be copied or archived as one folder.
 from __future__ import annotations
 
 import html
-import os
 import re
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +17,7 @@ from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from aemon.bundle import utc_now
+from aemon.fsio import utc_now, write_durably, write_with
 from aemon.logs import get_logger
 
 __all__ = ["DPI", "FIGURE_PIXELS", "INDEX", "ReportFile", "write_report"]
@@ -60,13 +58,8 @@ def _figure(kind: str) -> Figure:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    # Write beside the destination and rename, so an open index.html never shows half a PNG.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        fig.savefig(tmp, dpi=DPI, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Written beside the destination and renamed, so an open index.html never shows half a PNG.
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format="png"))
 
 
 def _slug(text: str) -> str:
@@ -354,7 +347,6 @@ def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, 
                 f.caption = _latent(out / f.name, r, normal.x, anomalous.x, n_latent)
             progress(f.name)
     index = out / INDEX
-    tmp = out / f".{INDEX}.{uuid.uuid4().hex}.tmp"
-    tmp.write_text(_html(results, files, shared, normal, anomalous), encoding="utf-8")
-    os.replace(tmp, index)
+    page = _html(results, files, shared, normal, anomalous).encode()
+    write_durably(index, page)
     return index

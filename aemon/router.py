@@ -1,16 +1,16 @@
 """Destinations: free names under ok/, anomaly/, rejected/ and denoised/, and durable writes there.
 
 Names keep their path relative to the inbox; an existing name is never overwritten (the new
-item gets ``-1``, ``-2``… before its suffix). Moves are made with ``link`` + ``unlink``, which
-fails instead of replacing when another process took the name first. Files are written to a
-hidden temp name, made durable (fsync, or one ``syncfs`` for a batch of records) and renamed;
-directory entries are made durable per batch with :meth:`Router.sync_dirs`, not per file.
+item gets ``-1``, ``-2``… before its suffix), and an item's name is reserved together with the
+names written beside it (its record, its map). Moves and record writes never replace a name
+(``renameat2(RENAME_NOREPLACE)``, see :mod:`aemon.fsio`), so they fail instead of replacing when
+another process took the name first. Directory entries are made durable per batch with
+:meth:`Router.sync_dirs`, not per file.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import io
 import json
@@ -23,88 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from aemon.bundle import fsync_dir
+from aemon.fsio import fsync_dir, rename_noreplace, write_all_durably, write_durably
 
-__all__ = ["FOLDERS", "Router", "write_durably", "png_bytes", "png_name", "rows_bytes"]
+__all__ = ["FOLDERS", "DERIVED", "Router", "png_bytes", "png_name", "rows_bytes"]
 
 #: Result folders under the root.
 FOLDERS = ("ok", "anomaly", "rejected", "denoised")
-
-
-def _temp_name(path: str, folder: str | None = None) -> str:
-    parent, name = os.path.split(path)
-    return os.path.join(folder or parent, f".{name}.{os.urandom(6).hex()}.tmp")
-
-
-def _write_file(path: str, data: bytes, fsync: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if fsync:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_durably(path: Path | str, data: bytes, tmp_dir: Path | str | None = None) -> None:
-    """Write ``data`` to ``path`` via a hidden temp file, fsync and ``os.replace`` (no directory fsync).
-
-    The temp file lies beside ``path``, or in ``tmp_dir`` (same filesystem) so that a crash
-    leaves nothing half-written where results are read.
-    """
-    tmp = _temp_name(os.fspath(path), tmp_dir and os.fspath(tmp_dir))
-    try:
-        _write_file(tmp, data, fsync=True)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: Path | str | None = None) -> None:
-    """Like :func:`write_durably` for many files, with one ``syncfs`` instead of one fsync each.
-
-    Every file is written to its temp name, then the filesystem is synced once, then each temp
-    file is renamed: a rename never points at data that is not on disk. Without ``syncfs``
-    (not Linux) each file is fsync'd.
-    """
-    if len(files) < 2 or _syncfs is None:
-        for path, data in files:
-            write_durably(path, data, tmp_dir)
-        return
-    temps = [_temp_name(path, tmp_dir and os.fspath(tmp_dir)) for path, _ in files]
-    try:
-        for tmp, (_, data) in zip(temps, files, strict=True):
-            _write_file(tmp, data, fsync=False)
-        fd = os.open(os.path.dirname(temps[0]) or ".", os.O_RDONLY)
-        try:
-            if _syncfs(fd) != 0:
-                err = ctypes.get_errno()
-                raise OSError(err, f"syncfs failed: {os.strerror(err)}")
-        finally:
-            os.close(fd)
-        for tmp, (path, _) in zip(temps, files, strict=True):
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in temps:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        raise
-
-
-def _load_syncfs():
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).syncfs
-    except (AttributeError, OSError):
-        return None
-    fn.argtypes = [ctypes.c_int]
-    return fn
-
-
-_syncfs = _load_syncfs()
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -132,8 +56,15 @@ def png_name(rel: str) -> str:
     return rel if rel.lower().endswith(".png") else rel + ".png"
 
 
+#: Names written beside an item, reserved with it: its record and its anomaly map.
+DERIVED = (".json", ".map.png")
+
+
 class Router:
     """Chooses free destinations under ``root`` and places files there.
+
+    No link is ever followed: every folder on a destination's path is checked to be a real
+    folder, and one that is a file or a link gets a free name instead (``batch`` → ``batch-1``).
 
     Args:
         root: The daemon's root folder (or ``aemon denoise``'s output folder).
@@ -142,32 +73,79 @@ class Router:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self._prefix = os.path.join(os.fspath(self.root), "")
-        self._made: set[str] = set()
         self._reserved: set[str] = set()
         self._lock = threading.Lock()
 
     def destination(self, folder: str, rel: str) -> Path:
         """A free path ``root/folder/rel``, with ``-N`` before the suffix if the name is taken.
 
-        The name stays reserved in this process until :meth:`release` so that two items of one
+        A name counts as taken if it, or a name derived from it (:data:`DERIVED`), exists or is
+        reserved, or if it is itself derived from a taken name (``a.png.json`` beside ``a.png``).
+        The names stay reserved in this process until :meth:`release`, so that two items of one
         batch never get the same name.
         """
-        first = os.path.join(self._prefix, folder, rel)
-        parent, name = os.path.split(first)
-        self._mkdir(parent)
-        stem, suffix = os.path.splitext(name)
-        candidate, n = first, 0
+        *dirs, name = rel.split("/")
         with self._lock:
-            while candidate in self._reserved or os.path.lexists(candidate) or os.path.lexists(candidate + ".json"):
+            parent = self._real_dir(os.path.join(self._prefix, folder))
+            for part in dirs:
+                parent = self._subdir(parent, part)
+            stem, suffix = os.path.splitext(name)
+            candidate, n = os.path.join(parent, name), 0
+            while self._taken(candidate):
                 n += 1
                 candidate = os.path.join(parent, f"{stem}-{n}{suffix}")
-            self._reserved.add(candidate)
+            self._reserved.update([candidate, *(candidate + d for d in DERIVED)])
         return Path(candidate)
+
+    def _taken(self, path: str) -> bool:
+        family = [path, *(path + d for d in DERIVED)]
+        family += [path[: -len(d)] for d in DERIVED if path.endswith(d)]
+        return any(p in self._reserved or os.path.lexists(p) for p in family)
+
+    def _real_dir(self, path: str) -> str:
+        """``path`` itself, made if missing; an error if it is anything but a real folder."""
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path)
+            st = os.lstat(path)
+        if not stat.S_ISDIR(st.st_mode):
+            raise NotADirectoryError(errno.ENOTDIR, "is a link or a file, not a folder; aemon never follows links",
+                                     path)
+        return path
+
+    def _subdir(self, parent: str, name: str) -> str:
+        """A real folder ``parent/name`` (made if missing), or ``name-N`` if that name is a file or a link."""
+        candidate, n = os.path.join(parent, name), 0
+        while True:
+            if candidate not in self._reserved:
+                try:
+                    os.mkdir(candidate)
+                    return candidate
+                except FileExistsError:
+                    if stat.S_ISDIR(os.lstat(candidate).st_mode):
+                        return candidate
+            n += 1
+            candidate = os.path.join(parent, f"{name}-{n}")
+
+    def ensure_parent(self, dest: str) -> None:
+        """Make ``dest``'s folders again (removed since :meth:`destination`), following no link."""
+        folder, *dirs = os.path.dirname(self.relative(Path(dest))).split("/")
+        with self._lock:
+            parent = self._real_dir(os.path.join(self._prefix, folder))
+            for part in dirs:
+                made = self._subdir(parent, part)
+                if made != os.path.join(parent, part):
+                    raise NotADirectoryError(errno.ENOTDIR, "a folder on the destination became a file or a link",
+                                             dest)
+                parent = made
 
     def release(self, paths: Iterable[Path]) -> None:
         """Forget reservations made by :meth:`destination` (the files now exist, or never will)."""
         with self._lock:
-            self._reserved.difference_update(map(os.fspath, paths))
+            for path in map(os.fspath, paths):
+                self._reserved.difference_update([path, *(path + d for d in DERIVED)])
 
     def relative(self, path: Path) -> str:
         """``path`` relative to the root, POSIX style."""
@@ -177,39 +155,30 @@ class Router:
         return Path(path).relative_to(self.root).as_posix()
 
     def place(self, src: Path | str, dest: Path | str) -> None:
-        """Move ``src`` to ``dest`` without ever replacing an existing ``dest``.
+        """Move ``src`` (a file, a link or a folder) to ``dest`` without ever replacing an existing ``dest``.
 
         Raises:
             FileExistsError: ``dest`` exists (another process took the name).
         """
-        parent = os.path.dirname(dest)
-        if not os.path.isdir(parent):  # removed under us since it was first made
-            self._made.discard(parent)
-            self._mkdir(parent)
-        if stat.S_ISDIR(os.lstat(src).st_mode):
-            if os.path.lexists(dest):
-                raise FileExistsError(errno.EEXIST, "destination exists", str(dest))
-            os.rename(src, dest)
-            return
         try:
-            os.link(src, dest, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            rename_noreplace(src, dest)
+        except FileNotFoundError:
+            if not os.path.lexists(src):
                 raise
-            # A filesystem without hard links: check, then rename (a narrow race with other daemons).
-            if os.path.lexists(dest):
-                raise FileExistsError(errno.EEXIST, "destination exists", str(dest)) from exc
-            os.rename(src, dest)
-            return
-        os.unlink(src)
+            self.ensure_parent(os.fspath(dest))  # the folder was removed under us
+            rename_noreplace(src, dest)
 
-    def write_records(self, pairs: list[tuple[str, dict[str, Any]]], tmp_dir: Path | None = None) -> None:
-        """Write the records of a batch durably (``dest.json`` each), with one filesystem sync.
+    def write_records(self, pairs: list[tuple[str, dict[str, Any]]], tmp_dir: Path | None = None) -> list[str]:
+        """Write the records of a batch durably (``dest.json`` each, never replacing a file), one sync.
 
         With ``tmp_dir`` (the batch folder) the temp files are written there, not beside the results.
+
+        Returns:
+            The destinations whose record name was taken meanwhile (nothing written for them).
         """
-        write_all_durably([(f"{dest}.json", (json.dumps(record) + "\n").encode()) for dest, record in pairs],
-                          tmp_dir)
+        taken = write_all_durably([(f"{dest}.json", (json.dumps(record) + "\n").encode()) for dest, record in pairs],
+                                  tmp_dir, replace=False)
+        return [path[: -len(".json")] for path in taken]
 
     def sync_dirs(self, paths: Iterable[Path | str]) -> None:
         """fsync each distinct directory once (renames and new files there become durable)."""
@@ -223,13 +192,8 @@ class Router:
         """Write ``data`` to a free name under ``folder`` durably (one-shot verbs)."""
         dest = self.destination(folder, rel)
         try:
-            write_durably(dest, data)
+            write_durably(dest, data, replace=False)
             fsync_dir(dest.parent)
         finally:
             self.release([dest])
         return dest
-
-    def _mkdir(self, folder: str) -> None:
-        if folder not in self._made:
-            os.makedirs(folder, exist_ok=True)
-            self._made.add(folder)

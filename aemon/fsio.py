@@ -1,0 +1,237 @@
+"""Every durable write: short temp names, fsync/syncfs, renames that never replace, staged folders, the clock.
+
+Bundles, records, reports and the journal all write through here, so there is one temp-name
+scheme (``.t-<hex>``: short, hidden, never taken from the inbox) and one idea of "durable":
+the data is synced before the rename that publishes it, and the folder is synced after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "utc_now",
+    "temp_name",
+    "fsync_dir",
+    "write_durably",
+    "write_all_durably",
+    "write_json_atomic",
+    "write_with",
+    "rename_noreplace",
+    "staged_dir",
+]
+
+_RENAME_NOREPLACE = 1
+
+
+def utc_now() -> str:
+    """Current time, ISO 8601 UTC with microseconds."""
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def temp_name(folder: str | os.PathLike, suffix: str = "") -> str:
+    """A fresh hidden name in ``folder``, short whatever the final name's length."""
+    return os.path.join(os.fspath(folder), f".t-{os.urandom(6).hex()}{suffix}")
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a directory's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, data: bytes, fsync: bool) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _publish(tmp: str, path: str, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+    else:
+        rename_noreplace(tmp, path)
+
+
+def write_durably(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike | None = None,
+                  replace: bool = True) -> None:
+    """Write ``data`` to ``path`` via a temp file, fsync and rename (the folder is not fsync'd).
+
+    The temp file lies beside ``path``, or in ``tmp_dir`` (same filesystem) so that a crash leaves
+    nothing half-written where results are read.
+
+    Raises:
+        FileExistsError: ``path`` exists and ``replace`` is false.
+    """
+    path = os.fspath(path)
+    tmp = temp_name(tmp_dir if tmp_dir is not None else os.path.dirname(path))
+    try:
+        _write_file(tmp, data, fsync=True)
+        _publish(tmp, path, replace)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: str | os.PathLike | None = None,
+                      replace: bool = True) -> list[str]:
+    """Like :func:`write_durably` for many files, with one ``syncfs`` instead of one fsync each.
+
+    Every file is written to its temp name, then the filesystem is synced once, then each temp
+    file is renamed: a rename never points at data that is not on disk. Without ``syncfs``
+    (not Linux) each file is fsync'd.
+
+    Returns:
+        The paths not written because they exist (only with ``replace`` false).
+    """
+    taken: list[str] = []
+    if len(files) < 2 or _syncfs is None:
+        for path, data in files:
+            try:
+                write_durably(path, data, tmp_dir, replace)
+            except FileExistsError:
+                taken.append(path)
+        return taken
+    temps = [temp_name(tmp_dir if tmp_dir is not None else os.path.dirname(path)) for path, _ in files]
+    try:
+        for tmp, (_, data) in zip(temps, files, strict=True):
+            _write_file(tmp, data, fsync=False)
+        _sync_filesystem(os.path.dirname(temps[0]) or ".")
+        for tmp, (path, _) in zip(temps, files, strict=True):
+            try:
+                _publish(tmp, path, replace)
+            except FileExistsError:
+                taken.append(path)
+    finally:
+        for tmp in temps:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return taken
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict[str, Any]) -> None:
+    """Replace ``path`` with ``data`` as indented JSON, durably (file and folder synced)."""
+    write_durably(path, (json.dumps(data, indent=2) + "\n").encode())
+    fsync_dir(os.path.dirname(os.fspath(path)) or ".")
+
+
+def write_with(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
+    """Let ``writer`` fill a temp file beside ``path``, then rename it over ``path`` (reports, plots)."""
+    path = os.fspath(path)
+    tmp = temp_name(os.path.dirname(path), os.path.splitext(path)[1])
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def rename_noreplace(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+    """Rename ``src`` to ``dest`` unless ``dest`` exists (files and folders alike).
+
+    Uses ``renameat2(RENAME_NOREPLACE)`` where the kernel and filesystem have it; otherwise a
+    hard link and unlink for files, and check-then-rename for folders (a narrow race).
+
+    Raises:
+        FileExistsError: ``dest`` exists.
+    """
+    src, dest = os.fspath(src), os.fspath(dest)
+    if _renameat2 is not None:
+        if _renameat2(-100, src.encode(), -100, dest.encode(), _RENAME_NOREPLACE) == 0:
+            return
+        err = ctypes.get_errno()
+        if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise OSError(err, os.strerror(err), src, None, dest)
+    if os.path.isdir(src) and not os.path.islink(src):
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "destination exists", dest)
+        os.rename(src, dest)
+        return
+    try:
+        os.link(src, dest, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, "destination exists", dest) from exc
+        os.rename(src, dest)
+        return
+    os.unlink(src)
+
+
+@contextmanager
+def staged_dir(out: Path, *, overwrite: bool = False, exists_error: Callable[[Path], Exception]) -> Iterator[Path]:
+    """Yield a hidden temporary directory beside ``out``; publish it as ``out`` by rename on success.
+
+    On any error the temporary directory is removed and ``out`` is left as it was.
+
+    Raises:
+        The error made by ``exists_error``: ``out`` exists and ``overwrite`` is false.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise exists_error(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(temp_name(out.parent))
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if out.exists():
+            old = Path(temp_name(out.parent))
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+        fsync_dir(out.parent)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _sync_filesystem(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        if _syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"syncfs failed: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def _libc_function(name: str, argtypes: list):
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (AttributeError, OSError):
+        return None
+    fn.argtypes = argtypes
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_syncfs = _libc_function("syncfs", [ctypes.c_int])
+_renameat2 = _libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
+                                          ctypes.c_uint])
