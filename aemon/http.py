@@ -1,49 +1,52 @@
-"""A small threaded HTTP server: ``/metrics``, ``/healthz``, ``/readyz``."""
+"""``/metrics``, ``/healthz`` and ``/readyz``, served by waitress on a thread.
+
+waitress multiplexes connections on one select loop and answers requests from a small thread
+pool, so idle clients cost no thread; it closes connections idle for ``idle_timeout`` seconds
+and stops accepting beyond ``max_connections`` (the rest wait in the listen backlog). No client
+can starve the daemon of threads or file handles.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import threading
-from collections.abc import Callable
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from waitress.server import create_server
 
-__all__ = ["HttpServer"]
+from aemon.logs import get_logger
+
+__all__ = ["HttpServer", "is_loopback"]
+
+log = get_logger()
+
+#: Open connections served at once; more wait in the backlog.
+MAX_CONNECTIONS = 32
+#: Connections idle this long are closed (seconds).
+IDLE_TIMEOUT = 10
+#: Connections the kernel queues beyond those being served.
+BACKLOG = 64
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    allow_reuse_address = True
-    registry: CollectorRegistry
-    health: Callable[[], bool]
-    ready: Callable[[], bool]
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only accepts local connections (``localhost``, 127.0.0.0/8, ``::1``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+class _ToStructlog(logging.Handler):
+    """waitress's own log lines as ``http.server`` events (one JSON line each, like every event)."""
 
-    def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(200, generate_latest(self.server.registry), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            ok = self.server.health()
-            self._send(200 if ok else 503, b"ok\n" if ok else b"loop stalled\n")
-        elif path == "/readyz":
-            ok = self.server.ready()
-            self._send(200 if ok else 503, b"ready\n" if ok else b"not ready\n")
-        else:
-            self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
-
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args) -> None:  # keep access lines off the event log
-        pass
+    def emit(self, record: logging.LogRecord) -> None:
+        level = record.levelname.lower()
+        getattr(log, level if level in ("debug", "info", "warning", "error") else "error")(
+            "http.server", message=record.getMessage())
 
 
 class HttpServer:
@@ -61,29 +64,55 @@ class HttpServer:
                  health: Callable[[], bool], ready: Callable[[], bool]) -> None:
         self.host, self._port = host, port
         self.registry, self.health, self.ready = registry, health, ready
-        self._server: _Server | None = None
+        self._server = None
         self._thread: threading.Thread | None = None
 
     @property
     def port(self) -> int:
         """The bound port."""
-        return self._server.server_address[1] if self._server else self._port
+        return int(self._server.effective_port) if self._server is not None else self._port
+
+    def app(self, environ: dict, start_response: Callable) -> Iterable[bytes]:
+        """The WSGI application."""
+        path = environ.get("PATH_INFO", "")
+        ctype = "text/plain; charset=utf-8"
+        if path == "/metrics":
+            code, body, ctype = 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+        elif path == "/healthz":
+            ok = self.health()
+            code, body = (200, b"ok\n") if ok else (503, b"loop stalled\n")
+        elif path == "/readyz":
+            ok = self.ready()
+            code, body = (200, b"ready\n") if ok else (503, b"not ready\n")
+        else:
+            code, body = 404, b"not found: try /metrics, /healthz or /readyz\n"
+        status = {200: "200 OK", 404: "404 Not Found", 503: "503 Service Unavailable"}[code]
+        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body)))])
+        return [body]
 
     def start(self) -> None:
         """Bind and serve on a background thread (raises OSError if the port is taken)."""
-        server = _Server((self.host, self._port), _Handler)
-        server.registry, server.health, server.ready = self.registry, self.health, self.ready
-        self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="aemon-http", daemon=True)
+        waitress_log = logging.getLogger("waitress")
+        waitress_log.handlers[:] = [_ToStructlog()]
+        waitress_log.propagate = False
+        waitress_log.setLevel(logging.WARNING)
+        self._server = create_server(
+            self.app, host=self.host, port=self._port, threads=2, connection_limit=MAX_CONNECTIONS,
+            channel_timeout=IDLE_TIMEOUT, cleanup_interval=1, backlog=BACKLOG, ident="aemon",
+            log_socket_errors=False, clear_untrusted_proxy_headers=True,
+        )
+        self._thread = threading.Thread(target=self._server.run, name="aemon-http", daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
-        """Stop serving and join the thread."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
+        """Close every connection and the listening socket, stop the request threads, join."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()  # the listening socket and the loop's trigger
+            while server._map:  # the select loop ends once its map is empty
+                for channel in list(server._map.values()):
+                    channel.close()
+            server.task_dispatcher.shutdown()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
