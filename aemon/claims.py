@@ -20,9 +20,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from aemon.fsio import rename_noreplace
+
 __all__ = ["Claim", "ClaimStore"]
 
 LOCK_NAME = ".lock"
+#: A daemon's own temp folder inside its claims folder (removed with it).
+TEMP_NAME = ".tmp"
 
 
 def _iso(epoch: float) -> str:
@@ -80,10 +84,16 @@ class ClaimStore:
             self.owner = self.base / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         raise OSError(f"could not lock a claims folder under {self.base}")
 
+    @property
+    def temp(self) -> Path:
+        """This daemon's temp folder (for libraries), inside its owner folder."""
+        return self.owner / TEMP_NAME
+
     def close(self) -> None:
         """Drop the lock; remove the owner folder if no batch is left in it."""
         if self._lock_fd is None:
             return
+        shutil.rmtree(self.temp, ignore_errors=True)
         if not [name for name in os.listdir(self.owner) if name != LOCK_NAME]:
             shutil.rmtree(self.owner, ignore_errors=True)
         os.close(self._lock_fd)
@@ -96,11 +106,11 @@ class ClaimStore:
         return path
 
     def claim(self, src: Path, batch_dir: Path, arrived: float) -> Claim | None:
-        """Rename ``src`` into ``batch_dir``; None if it is gone (another daemon took it)."""
+        """Rename ``src`` into ``batch_dir`` (never over a name there); None if it is gone (another daemon took it)."""
         target = batch_dir / src.name
         try:
-            os.rename(src, target)
-        except FileNotFoundError:
+            rename_noreplace(src, target)
+        except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
             return None
         return Claim(src.name, target, batch_dir, arrived)
 
@@ -133,7 +143,7 @@ class ClaimStore:
             if fd is None:
                 continue
             try:
-                for batch in sorted(p for p in other.iterdir() if p.is_dir()):
+                for batch in sorted(p for p in other.iterdir() if p.is_dir() and not p.name.startswith(".")):
                     adopted += self._adopt(batch)
                 shutil.rmtree(other, ignore_errors=True)
             finally:

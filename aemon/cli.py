@@ -12,8 +12,8 @@ from pathlib import Path
 
 from aemon import __version__
 from aemon.errors import AemonError, ItemRejected, UsageError
-from aemon.logs import configure, quiet_tensorflow
-from aemon.settings import Settings, load_settings
+from aemon.logs import configure, get_logger, quiet_tensorflow
+from aemon.settings import Settings, load_settings, unknown_env_names
 
 __all__ = ["main", "build_parser"]
 
@@ -105,19 +105,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "score", "score images or arrays once; one JSON record per item on stdout", """
         aemon score bundles/digits digit.png more_images/
-        aemon score batch.npy            # uses the default bundle (or $AEMON_MODEL)
-        aemon score 'sample:mnist?digits=7&limit=5'
+        aemon score mnist-detect batch.npy          # the shipped bundle, by name
+        aemon score mnist-detect 'sample:mnist?digits=7&limit=5'
         aemon score bundles/digits x.npz | jq 'select(.verdict == "anomaly")'
     """)
-    p.add_argument("paths", nargs="+", metavar="[BUNDLE] PATH",
-                   help="an optional bundle directory first, then images, arrays or folders")
+    p.add_argument("paths", nargs="+", metavar="BUNDLE PATH",
+                   help="a bundle folder (or a shipped name: mnist-detect), then images, arrays or folders")
 
     p = _add(sub, "denoise", "denoise images or arrays once; reconstructions go to --out", """
         aemon denoise bundles/denoise noisy.png more_noisy/ --out clean/
-        aemon denoise noisy.npy --out clean/     # uses the shipped denoise bundle (or $AEMON_MODEL)
+        aemon denoise mnist-denoise noisy.npy --out clean/     # the shipped denoise bundle, by name
     """)
-    p.add_argument("paths", nargs="+", metavar="[BUNDLE] PATH",
-                   help="an optional bundle directory first, then images, arrays or folders")
+    p.add_argument("paths", nargs="+", metavar="BUNDLE PATH",
+                   help="a bundle folder (or a shipped name: mnist-denoise), then images, arrays or folders")
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="folder for the results: PNG per image, same shape and dtype per array")
 
@@ -203,15 +203,25 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
-def _split_bundle_arg(paths: list[str], settings: Settings, task: str = "detect") -> tuple[Path, list[Path]]:
-    from aemon.bundle import META_FILE, default_bundle_path
+def _split_bundle_arg(paths: list[str], task: str = "detect") -> tuple[Path, list]:
+    """``BUNDLE PATH...``: the bundle must come first and be one; no other argument may be a bundle."""
+    from aemon.bundle import is_bundle, shipped_bundle
 
-    first = Path(paths[0])
-    if (first / META_FILE).is_file():
-        if len(paths) == 1:
-            raise UsageError(f"give at least one PATH to {'score' if task == 'detect' else task} after the bundle")
-        return first, [_score_target(p) for p in paths[1:]]
-    return settings.model or default_bundle_path(task), [_score_target(p) for p in paths]
+    verb = "score" if task == "detect" else task
+    first, rest = paths[0], paths[1:]
+    bundle = Path(first) if is_bundle(Path(first)) else shipped_bundle(first)
+    if bundle is None:
+        what = "holds no bundle.json" if Path(first).is_dir() else "does not exist" if not Path(first).exists() \
+            else "is not a bundle folder"
+        raise UsageError(f"{first} {what}; usage: aemon {verb} BUNDLE PATH... (BUNDLE is a bundle folder or a "
+                         "shipped name such as mnist-detect)")
+    if not rest:
+        raise UsageError(f"give at least one PATH to {verb} after the bundle")
+    for arg in rest:
+        if is_bundle(Path(arg)):
+            raise UsageError(f"{arg} is a model bundle, not an input; give one bundle, first: "
+                             f"aemon {verb} BUNDLE PATH...")
+    return bundle, [_score_target(p) for p in rest]
 
 
 def _score_target(arg: str):
@@ -224,7 +234,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import load_bundle
     from aemon.oneshot import score_paths
 
-    bundle_path, paths = _split_bundle_arg(args.paths, settings)
+    bundle_path, paths = _split_bundle_arg(args.paths)
     bundle = load_bundle(bundle_path)
     return _print_records(score_paths(bundle, paths, settings), "scored")
 
@@ -234,7 +244,7 @@ def _denoise(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import load_bundle
     from aemon.oneshot import denoise_paths
 
-    bundle_path, paths = _split_bundle_arg(args.paths, settings, task="denoise")
+    bundle_path, paths = _split_bundle_arg(args.paths, task="denoise")
     if any(isinstance(p, str) for p in paths):
         raise UsageError("denoise takes files and folders, not named datasets")
     if args.out.exists() and not args.out.is_dir():
@@ -322,6 +332,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = load_settings(args.config, **_settings_flags(args))
         log_stream = sys.stdout if args.verb == "run" else sys.stderr
         configure(settings.log_format, settings.log_level, stream=log_stream)
+        for name in unknown_env_names():
+            get_logger().warning("settings.unknown_variable", name=name,
+                                 hint="no setting has this name; see the README's settings table")
         return _VERBS[args.verb](args, settings)
     except (AemonError, ItemRejected) as exc:
         if debug:

@@ -16,36 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
-from aemon.bundle import utc_now
 from aemon.claims import Claim
-from aemon.errors import ItemRejected
+from aemon.fsio import utc_now, write_durably
 from aemon.images import input_to_array
 from aemon.journal import Journal, Step, output_path, remove_batch
 from aemon.logs import get_logger
 from aemon.records import rejected_record, scored_record
-from aemon.router import Router, png_bytes, png_name, rows_bytes, write_durably
+from aemon.router import Router, png_bytes, png_name, rows_bytes
+from aemon.units import Unit
 
-__all__ = ["Unit", "Batch", "Committer"]
+__all__ = ["Batch", "Committer"]
 
 log = get_logger()
-
-
-@dataclass
-class Unit:
-    """One file to route: an image, an array, or one image of a folder batch."""
-
-    claim: Claim
-    path: Path
-    rel: str
-    batch: str | None = None
-    x: np.ndarray | None = None
-    raw: np.ndarray | None = None
-    key: str | None = None
-    error: ItemRejected | None = None
-    scores: np.ndarray | None = None
-    p_values: np.ndarray | None = None
-    verdicts: list[str] | None = None
-    recon: np.ndarray | None = None
 
 
 @dataclass
@@ -66,14 +48,16 @@ class Committer:
 
     Args:
         router: Chooses destinations and places files.
+        inbox: Where files that reached a folder entry after it was expanded are given back.
         on_decided: Called with ``(unit, record)`` for every record once committed.
         on_committed: Called with each batch once committed.
         depth: Batches waiting at most (the loop blocks beyond: back-pressure).
     """
 
-    def __init__(self, router: Router, on_decided: Callable[[Unit, dict], None],
+    def __init__(self, router: Router, inbox: Path, on_decided: Callable[[Unit, dict], None],
                  on_committed: Callable[[Batch], None], depth: int = 2) -> None:
         self.router = router
+        self.inbox = inbox
         self.on_decided = on_decided
         self.on_committed = on_committed
         self._queue: queue.Queue[Batch | None] = queue.Queue(maxsize=depth)
@@ -134,7 +118,8 @@ class Committer:
             journal.run(self.router, batch.batch_dir)
         finally:
             self.router.release(reserved)
-        remove_batch(batch.batch_dir)
+        for name in remove_batch(batch.batch_dir, self.inbox):
+            log.warning("claim.returned", item=name, batch=batch.batch_dir.name)
         for unit, record in batch.decided:
             self.on_decided(unit, record)
         self.on_committed(batch)
@@ -164,7 +149,7 @@ class Committer:
         router = self.router
         src = unit.rel  # the unit's path inside the batch folder
         if unit.error is not None:
-            dest = self._dest("rejected", unit.rel, reserved)
+            dest = self._dest("rejected", unit.dest_rel, reserved)
             common = self._common(batch, unit)
             record = rejected_record(item=unit.rel, reason=unit.error.reason, error=str(unit.error),
                                      path=router.relative(dest), **common)
@@ -174,10 +159,10 @@ class Committer:
         extra = {}
         if unit.raw is None:
             if unit.recon is not None:
-                extra["denoised"] = self._output(batch, png_bytes(unit.recon[0]), "denoised", png_name(unit.rel),
+                extra["denoised"] = self._output(batch, png_bytes(unit.recon[0]), "denoised", png_name(unit.dest_rel),
                                                  journal, reserved)
             verdict = unit.verdicts[0]
-            dest = self._dest(verdict, unit.rel, reserved)
+            dest = self._dest(verdict, unit.dest_rel, reserved)
             record = scored_record(item=unit.rel, verdict=verdict, score=float(unit.scores[0]),
                                    threshold=batch.threshold, p_value=float(unit.p_values[0]),
                                    path=router.relative(dest), **self._common(batch, unit), **extra)
@@ -187,7 +172,7 @@ class Committer:
         raw = unit.raw
         if unit.recon is not None:
             extra["denoised"] = self._output(batch, rows_bytes(input_to_array(unit.recon, raw), unit.rel, unit.key),
-                                             "denoised", unit.rel, journal, reserved)
+                                             "denoised", unit.dest_rel, journal, reserved)
         names = np.array(unit.verdicts)
         for verdict in ("ok", "anomaly"):
             idx = np.flatnonzero(names == verdict)
@@ -195,7 +180,7 @@ class Committer:
                 continue
             tmp = output_path(batch.batch_dir, Path(unit.rel).suffix)
             write_durably(tmp, rows_bytes(raw[idx], unit.rel, unit.key))
-            dest = self._dest(verdict, unit.rel, reserved)
+            dest = self._dest(verdict, unit.dest_rel, reserved)
             rows = [{"index": int(j), "score": float(unit.scores[j]), "p_value": float(unit.p_values[j])}
                     for j in idx]
             record = scored_record(

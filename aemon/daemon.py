@@ -9,11 +9,11 @@ HTTP server run on their own threads; signal handlers only set flags.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -22,17 +22,19 @@ from prometheus_client import CollectorRegistry
 from aemon.bundle import Bundle, default_bundle_path, load_bundle
 from aemon.calibration import Verdict
 from aemon.claims import Claim, ClaimStore
-from aemon.commit import Batch, Committer, Unit
-from aemon.errors import AemonError, EmptyItem, ItemRejected, StartupError, UnsafeItem
-from aemon.http import HttpServer
+from aemon.commit import Batch, Committer
+from aemon.confine import confine_libraries
+from aemon.errors import AemonError, ItemRejected, StartupError
+from aemon.http import HttpServer, is_loopback
 from aemon.images import array_to_input, decode_file, decode_image, is_array_name, is_image_name, read_array
-from aemon.inbox import Inbox, is_ignored
-from aemon.journal import drop_undecided, read_journal, remove_batch
+from aemon.inbox import Inbox
+from aemon.journal import drop_undecided, prune_empty, read_journal, remove_batch
 from aemon.logs import get_logger
 from aemon.metrics import build
 from aemon.oneshot import limits_from
 from aemon.router import FOLDERS, Router
 from aemon.settings import Settings
+from aemon.units import Unit, check_file, expand
 
 __all__ = ["Daemon"]
 
@@ -56,7 +58,7 @@ class Daemon:
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None,
                  bundle: Bundle | None = None) -> None:
         self.settings = settings
-        self.root = Path(settings.root)
+        self.root = Path(os.path.abspath(settings.root))
         self.registry = registry or CollectorRegistry()
         self.metrics = build(self.registry)
         self.bundle = bundle
@@ -64,7 +66,7 @@ class Daemon:
         self.router = Router(self.root)
         self.inbox = Inbox(self.root, settings.settle_seconds, settings.rescan_seconds, settings.polling)
         self.claims = ClaimStore(self.root)
-        self.committer = Committer(self.router, self._decided, self._committed)
+        self.committer = Committer(self.router, self.root / "inbox", self._decided, self._committed)
         #: Entries claimed and not yet committed.
         self.in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -79,6 +81,7 @@ class Daemon:
         self.counts = {"ok": 0, "anomaly": 0, "rejected": 0}
         self._old_handlers: dict[int, object] = {}
         self._notify_sock: socket.socket | None = None
+        self._unconfine: Callable[[], None] | None = None
 
     # -- public ----------------------------------------------------------
     def run(self, until_idle: bool = False) -> int:
@@ -119,10 +122,11 @@ class Daemon:
         """
         self._install_signals()
         self._check_folders()
+        self.claims.open()
+        self._unconfine = confine_libraries(self.root / ".aemon", self.claims.temp)
         if self.bundle is None:
             self.bundle = self._load(self.bundle_path or default_bundle_path(self.settings.mode), startup=True)
         self._set_model_metrics()
-        self.claims.open()
         self.committer.start()
         self.http = HttpServer(self.settings.metrics_host, self.settings.metrics_port, self.registry,
                                self.healthy, self.is_ready)
@@ -132,6 +136,10 @@ class Daemon:
             self.http = None
             raise StartupError(f"cannot serve HTTP on {self.settings.metrics_host}:{self.settings.metrics_port}: "
                                f"{exc.strerror}; choose another AEMON_METRICS_PORT") from exc
+        if not is_loopback(self.settings.metrics_host):
+            log.warning("http.public", host=self.settings.metrics_host, port=self.http.port,
+                        hint="/metrics is served to the network without authentication; bind 127.0.0.1 "
+                             "or put it behind a firewall or proxy")
         self.inbox.start()
         self.heartbeat = time.monotonic()
         self.ready = True
@@ -140,11 +148,18 @@ class Daemon:
                  mode=self.settings.mode, metrics_host=self.settings.metrics_host, metrics_port=self.http.port)
 
     def _check_folders(self) -> None:
-        if not self.root.is_dir():
+        if not self.root.exists():
             raise StartupError(f"root folder {self.root} does not exist; create it or set AEMON_ROOT")
+        if not self.root.is_dir():
+            raise StartupError(f"root {self.root} is not a folder; set AEMON_ROOT to a folder")
         try:
-            for name in ("inbox", *FOLDERS, ".aemon/claims"):
-                (self.root / name).mkdir(parents=True, exist_ok=True)
+            for name in ("inbox", *FOLDERS, ".aemon"):
+                path = self.root / name
+                if path.is_symlink() or (path.exists() and not path.is_dir()):
+                    raise StartupError(f"{path} is a link or a file; aemon never follows links out of its root: "
+                                       "make it a real folder")
+                path.mkdir(exist_ok=True)
+            (self.root / ".aemon" / "claims").mkdir(exist_ok=True)
             probe = self.root / ".aemon" / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()
@@ -268,11 +283,12 @@ class Daemon:
                 done = journal.run(self.router, batch_dir)
                 log.info("claim.finished", batch=batch_dir.name, steps=len(done))
                 for name in journal.entries:  # done; what is left of them is a folder batch's shell
-                    shutil.rmtree(batch_dir / name, ignore_errors=True)
+                    if (batch_dir / name).is_dir() and not (batch_dir / name).is_symlink():
+                        prune_empty(batch_dir / name)
             drop_undecided(batch_dir)
             claims = ClaimStore.entries(batch_dir)
             if not claims:
-                remove_batch(batch_dir)
+                remove_batch(batch_dir, self.inbox.dir)
                 continue
             for claim in claims:
                 log.info("claim.recovered", item=claim.name, batch=batch_dir.name)
@@ -286,18 +302,27 @@ class Daemon:
         if not taken:
             return []
         batch_dir = self.claims.new_batch(min(arrived for _, arrived in taken))
-        claims = self._claim(taken, batch_dir)
+        names: set[str] = set()
+        claims = self._claim(taken, batch_dir, names)
         deadline = time.monotonic() + self.settings.batch_wait_ms / 1000.0
         while len(claims) < size and time.monotonic() < deadline and not self.should_exit:
             self.inbox.wait(max(0.0, deadline - time.monotonic()))
-            claims += self._claim(self.inbox.take(size - len(claims)), batch_dir)
+            claims += self._claim(self.inbox.take(size - len(claims)), batch_dir, names)
         if not claims:
             batch_dir.rmdir()
         return claims
 
-    def _claim(self, taken: list[tuple[str, float]], batch_dir: Path) -> list[Claim]:
-        claims = [c for name, arrived in taken
-                  if (c := self.claims.claim(self.inbox.dir / name, batch_dir, arrived)) is not None]
+    def _claim(self, taken: list[tuple[str, float]], batch_dir: Path, names: set[str]) -> list[Claim]:
+        """Claim ``taken`` into ``batch_dir``; a name already in it waits in the inbox for the next batch."""
+        claims = []
+        for name, arrived in taken:
+            if name in names:  # the same name dropped again: never rename over the first
+                self.inbox.put_back(name, arrived)
+                continue
+            claim = self.claims.claim(self.inbox.dir / name, batch_dir, arrived)
+            if claim is not None:
+                names.add(name)
+                claims.append(claim)
         self._count_in_flight(len(claims))
         return claims
 
@@ -306,7 +331,7 @@ class Daemon:
         """Decode and score (one model call) the entries of one batch folder; queue the batch for commit."""
         units: list[Unit] = []
         for claim in claims:
-            units.extend(self._expand(claim))
+            units.extend(expand(claim, os.fspath(self.root)))
         good: list[Unit] = []
         for unit in units:
             if unit.error is not None:
@@ -322,20 +347,8 @@ class Daemon:
         self.committer.put(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version,
                                  bundle.threshold))
 
-    def _expand(self, claim: Claim) -> list[Unit]:
-        path = claim.path
-        if path.is_dir() and not path.is_symlink():
-            # Hidden and partial names inside a batch are never taken (nor rejected).
-            files = sorted(p for p in path.rglob("*") if (p.is_file() or p.is_symlink())
-                           and not any(is_ignored(part) for part in p.relative_to(path).parts))
-            if not files:
-                return [Unit(claim, path, claim.name, error=EmptyItem(f"folder {claim.name} holds no files"))]
-            return [Unit(claim, p, p.relative_to(claim.batch_dir).as_posix(), batch=claim.name) for p in files]
-        return [Unit(claim, path, claim.name)]
-
     def _decode(self, unit: Unit) -> None:
-        if unit.path.is_symlink():
-            raise UnsafeItem(f"{unit.rel} is a symbolic link; drop the file itself")
+        check_file(unit)
         prep = self.bundle.preprocessing
         if is_array_name(unit.path.name):
             unit.raw, unit.key = read_array(unit.path, self.limits)
@@ -400,6 +413,9 @@ class Daemon:
         self.inbox.stop()
         self.committer.stop(self.settings.shutdown_grace_seconds)
         self.claims.close()
+        if self._unconfine is not None:
+            self._unconfine()
+            self._unconfine = None
         if self.http is not None:
             self.http.stop()
             self.http = None

@@ -16,6 +16,8 @@ __all__ = [
     "UnsupportedType",
     "EmptyItem",
     "UnsafeItem",
+    "NameTooLong",
+    "IgnoredName",
 ]
 
 
@@ -91,3 +93,15 @@ class UnsafeItem(ItemRejected):
     """The item could run code or escape the inbox (pickles, object arrays, symlinks)."""
 
     reason = "unsafe"
+
+
+class NameTooLong(ItemRejected):
+    """A name or path too long for the filesystem once aemon adds its suffixes and folders."""
+
+    reason = "name_too_long"
+
+
+class IgnoredName(ItemRejected):
+    """A file inside a folder batch whose name is never taken (hidden, partial, backup)."""
+
+    reason = "ignored_name"

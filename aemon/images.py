@@ -131,7 +131,7 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
                         f"{path.name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels"
                     )
                 img.seek(0)
-                gray = img.convert("L")
+                gray = _to_gray(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"{path.name} looks like a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -140,8 +140,21 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
         raise Unreadable(f"{path.name} could not be decoded: {exc}") from exc
     if gray.size != (prep.size[1], prep.size[0]):
         gray = gray.resize((prep.size[1], prep.size[0]), Image.Resampling.BILINEAR)
-    pixels = np.asarray(gray, dtype=np.float32) / 255.0
-    return pixels[:, :, None]
+    pixels = np.asarray(gray, dtype=np.float32)
+    if gray.mode == "L":
+        pixels /= 255.0
+    return np.clip(pixels, 0.0, 1.0)[:, :, None]
+
+
+def _to_gray(img: Image.Image) -> Image.Image:
+    """8-bit grayscale (``L``), or for 16-bit images a float image (``F``) already scaled to [0, 1].
+
+    Converting a 16-bit image to ``L`` would clip every value above 255 to white.
+    """
+    if img.mode.startswith("I;16") or img.mode == "I":
+        values = np.asarray(img, dtype=np.float32) / 65535.0
+        return Image.fromarray(values)  # float32: mode F
+    return img.convert("L")
 
 
 def _npy_header(fp, name: str) -> tuple[tuple[int, ...], np.dtype]:

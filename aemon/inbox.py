@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import queue
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -48,7 +49,7 @@ IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 log = get_logger()
 
 # Event kinds queued by the watchdog thread.
-_MOVED_IN, _WRITING, _CLOSED, _CHANGED = "moved_in", "writing", "closed", "changed"
+_MOVED_IN, _CREATED, _WRITING, _CLOSED, _CHANGED = "moved_in", "created", "writing", "closed", "changed"
 
 
 def is_ignored(name: str) -> bool:
@@ -63,6 +64,8 @@ class _Candidate:
     arrived: float
     moved_in: bool = False
     open_files: set[str] = field(default_factory=set)
+    #: Monotonic time before which no process table check is made again for this entry.
+    next_check: float = 0.0
 
 
 class _Handler(FileSystemEventHandler):
@@ -80,6 +83,8 @@ class _Handler(FileSystemEventHandler):
             inbox.notify(os.fsdecode(event.src_path), _CLOSED)
         elif isinstance(event, FileModifiedEvent):
             inbox.notify(os.fsdecode(event.src_path), _WRITING)
+        elif isinstance(event, FileCreatedEvent):
+            inbox.notify(os.fsdecode(event.src_path), _CREATED)
         elif event.event_type not in ("opened", "closed_no_write"):
             inbox.notify(os.fsdecode(event.src_path), _CHANGED)
 
@@ -158,6 +163,10 @@ class Inbox:
             self._observer = None
 
     # -- loop thread -----------------------------------------------------
+    def put_back(self, name: str, arrived: float) -> None:
+        """Track a taken entry again, complete (the caller could not claim it into this batch)."""
+        self._candidates[name] = _Candidate(None, time.monotonic(), arrived, moved_in=True)
+
     def pending(self) -> int:
         """Entries seen in the inbox and not yet taken."""
         return len(self._candidates)
@@ -208,6 +217,9 @@ class Inbox:
                 cand.moved_in = True
             elif kind == _WRITING and track_writes:
                 cand.open_files.add(rel)
+            elif kind == _CREATED and track_writes and _is_regular(self.dir / rel):
+                # Created in place: open until closed, even before its first byte is written.
+                cand.open_files.add(rel)
             elif kind == _CLOSED:
                 cand.open_files.discard(rel)
 
@@ -230,6 +242,13 @@ class Inbox:
             return False
         if not cand.open_files:
             return True
+        if now >= cand.next_check:
+            # No close event seen: ask the process table whether anyone still writes these files
+            # (a hard link has no open and close; a close event may have been lost in an overflow).
+            cand.next_check = now + max(self.settle_seconds, 0.5)
+            if open_for_writing([os.path.join(self._prefix, rel) for rel in cand.open_files]) is False:
+                log.info("inbox.taken_without_close", item=name, open=sorted(cand.open_files), checked="proc")
+                return True
         if now - cand.since >= self.stuck_open_seconds:
             log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
                         unchanged_seconds=round(now - cand.since, 1))
@@ -256,3 +275,45 @@ def _signature(path: Path) -> tuple | None:
             size += est.st_size
             newest = max(newest, est.st_mtime_ns)
     return (count, size, newest)
+
+
+def _is_regular(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def open_for_writing(paths: list[str]) -> bool | None:
+    """Whether any process holds one of ``paths`` open for writing, from ``/proc``.
+
+    Returns:
+        True or False; None when it cannot be told (no ``/proc``, or processes whose open files
+        this user may not see).
+    """
+    wanted = set(paths)
+    unknown = False
+    try:
+        pids = [p for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except PermissionError:
+            unknown = True
+            continue
+        except OSError:
+            continue  # the process has exited
+        for fd in fds:
+            try:
+                if os.readlink(f"{fd_dir}/{fd}") not in wanted:
+                    continue
+                with open(f"/proc/{pid}/fdinfo/{fd}") as info:
+                    flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
+            except (OSError, StopIteration, ValueError):
+                continue
+            if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
+                return True
+    return None if unknown else False

@@ -16,7 +16,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from aemon.errors import UsageError
 
-__all__ = ["Settings", "load_settings", "config_path_from_env", "log_format_from_env"]
+__all__ = ["Settings", "load_settings", "config_path_from_env", "unknown_env_names"]
 
 
 class Settings(BaseSettings):
@@ -60,6 +60,14 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
+    @field_validator("root", mode="before")
+    @classmethod
+    def _root_not_empty(cls, value: Any) -> Any:
+        if isinstance(value, str | Path) and not str(value).strip():
+            raise ValueError("is empty; set it to the folder that holds inbox/ (an empty root never means "
+                             "the current folder)")
+        return value
+
     @field_validator("model", mode="before")
     @classmethod
     def _empty_model_is_default(cls, value: Any) -> Any:
@@ -86,9 +94,10 @@ def config_path_from_env() -> Path | None:
     return Path(value) if value else None
 
 
-def log_format_from_env() -> str | None:
-    """``AEMON_LOG_FORMAT`` before settings exist (so that early errors log right)."""
-    return os.environ.get("AEMON_LOG_FORMAT") or None
+def unknown_env_names() -> list[str]:
+    """``AEMON_*`` variables of the environment that name no setting (misspellings, such as ``AEMON_BATCHSIZE``)."""
+    known = {f"AEMON_{name.upper()}" for name in Settings.model_fields} | {"AEMON_CONFIG"}
+    return sorted(name for name in os.environ if name.upper().startswith("AEMON_") and name.upper() not in known)
 
 
 def _describe(error: ValidationError) -> str:
@@ -112,6 +121,8 @@ def load_settings(config: Path | None = None, **flags: Any) -> Settings:
     """
     path = config or config_path_from_env()
     if path is not None:
+        if path.is_dir():
+            raise UsageError(f"config file {path} is a folder; AEMON_CONFIG and --config name a TOML file")
         if not path.is_file():
             raise UsageError(f"config file {path} does not exist")
         try:

@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import signal
 import subprocess
+import sys
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+#: Result folders that hold records.
+VERDICT_DIRS = ("ok", "anomaly", "rejected")
 
 
 def wait_until_ready(proc: subprocess.Popen, log: Path, offset: int = 0, timeout: float = 120) -> int:
@@ -21,3 +34,140 @@ def wait_until_ready(proc: subprocess.Popen, log: Path, offset: int = 0, timeout
                 return int(json.loads(line)["metrics_port"])
         time.sleep(0.1)
     raise AssertionError("daemon never became ready:\n" + log.read_text(errors="replace")[-5000:])
+
+
+def png_bytes(pixels: np.ndarray) -> bytes:
+    """``pixels`` as PNG file bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    """Write ``pixels`` as a PNG at ``path``, creating its folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png_bytes(pixels))
+    return path
+
+
+class Daemon:
+    """One `aemon run` subprocess on ``root``, logging JSON to ``log``.
+
+    Args:
+        root: AEMON_ROOT.
+        log: File the daemon's stdout and stderr are appended to.
+        settle: AEMON_SETTLE_SECONDS.
+        env: Extra environment variables.
+        preexec: Run in the child before exec (e.g. to lower a resource limit).
+    """
+
+    def __init__(self, root: Path, log: Path, settle: float = 0.3, env: dict[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
+        self.root, self.log = root, log
+        full = {**os.environ, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": "0",
+                "AEMON_SETTLE_SECONDS": str(settle), "AEMON_LOG_FORMAT": "json", "AEMON_RESCAN_SECONDS": "1"}
+        full.pop("AEMON_MODEL", None)
+        full.pop("NOTIFY_SOCKET", None)
+        full.update(env or {})
+        self.offset = log.stat().st_size if log.exists() else 0  # this run's lines start here
+        with log.open("ab") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=full, stdout=out,
+                                         stderr=subprocess.STDOUT, preexec_fn=preexec)
+        self.port = None
+
+    def wait_ready(self, timeout: float = 120) -> Daemon:
+        self.port = wait_until_ready(self.proc, self.log, self.offset, timeout)
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")[-5000:]
+
+    def events(self, name: str) -> list[dict]:
+        """This run's log events called ``name``."""
+        out = []
+        for line in self.log.read_bytes()[self.offset:].decode(errors="replace").splitlines():
+            if f'"{name}"' in line:
+                try:
+                    out.append(json.loads(line))
+                except ValueError:
+                    continue
+        return out
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=timeout) as resp:
+                return resp.status, resp.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, ""
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise
+        return self.proc.returncode
+
+
+def _is_record(dirpath: str, name: str) -> bool:
+    """``NAME.json`` beside ``NAME`` is a record; any other file is an item (names are reserved with
+    their record, so an item never lies beside an item of its name without ``.json``)."""
+    return name.endswith(".json") and os.path.lexists(os.path.join(dirpath, name[: -len(".json")]))
+
+
+def records(root: Path) -> list[Path]:
+    """Every committed record under ok/, anomaly/ and rejected/ (links are never followed)."""
+    out = []
+    for d in VERDICT_DIRS:
+        for dirpath, _, files in os.walk(root / d):
+            out += [Path(dirpath, f) for f in files if _is_record(dirpath, f)]
+    return sorted(out)
+
+
+def items(root: Path) -> list[Path]:
+    """Every routed item (not a record) under ok/, anomaly/ and rejected/, links included, never followed."""
+    out = []
+    for d in VERDICT_DIRS:
+        for dirpath, dirs, files in os.walk(root / d):
+            out += [Path(dirpath, f) for f in files if not _is_record(dirpath, f)]
+            out += [Path(dirpath, f) for f in dirs if os.path.islink(os.path.join(dirpath, f))]
+    return sorted(out)
+
+
+def wait_records(root: Path, n: int, daemon: Daemon | None = None, timeout: float = 60) -> list[Path]:
+    """Wait until at least ``n`` records exist; return them."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = records(root)
+        if len(found) >= n:
+            return found
+        if daemon is not None:
+            assert daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.1)
+    raise AssertionError(f"{len(records(root))} records, expected {n}:\n" + (daemon.text() if daemon else ""))
+
+
+def load(record: Path) -> dict:
+    return json.loads(record.read_text())
+
+
+def by_item(root: Path) -> dict[str, list[dict]]:
+    """Records by their ``item`` field."""
+    out: dict[str, list[dict]] = {}
+    for rec in records(root):
+        data = load(rec)
+        out.setdefault(data["item"], []).append(data)
+    return out
+
+
+def new_root(tmp_path: Path, name: str = "root") -> Path:
+    root = tmp_path / name
+    (root / "inbox").mkdir(parents=True)
+    return root

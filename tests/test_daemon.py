@@ -456,7 +456,8 @@ def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
 
 def test_a_finished_folder_batch_is_not_rejected_as_empty_after_a_crash(root, make_daemon, digits):
     """Killed after routing every image of a folder batch but before removing its batch folder:
-    the restart runs the journal, drops the folder's shell and rejects nothing."""
+    the restart runs the journal, drops the folder's empty shell and decides nothing twice; a file
+    the journal does not cover is never deleted but routed on its own."""
     from aemon.journal import Journal, Step
 
     batch = root / ".aemon" / "claims" / "0001700000000000-0123456789ab"
@@ -469,14 +470,16 @@ def test_a_finished_folder_batch_is_not_rejected_as_empty_after_a_crash(root, ma
     daemon = make_daemon()
     daemon.run(until_idle=True)
     assert _record(root / "ok" / "b1" / "x.png") == record
-    assert not list((root / "rejected").iterdir())
-    assert daemon.counts == {"ok": 0, "anomaly": 0, "rejected": 0}  # nothing decided twice
+    left = _record(root / "rejected" / "b1" / ".x.png.swp")
+    assert left["reason"] == "ignored_name" and left["batch"] == "b1"
+    assert (root / "rejected" / "b1" / ".x.png.swp").read_bytes() == b"hidden, never taken"
+    assert daemon.counts == {"ok": 0, "anomaly": 0, "rejected": 1}  # x.png not decided twice
     assert list((root / ".aemon" / "claims").iterdir()) == []
 
 
 def test_write_all_durably_leaves_only_the_files(tmp_path):
     """Many files with one filesystem sync: all written whole, no temp names left, even on failure."""
-    from aemon.router import write_all_durably
+    from aemon.fsio import write_all_durably
 
     files = [(str(tmp_path / f"r{i}.json"), f'{{"i": {i}}}'.encode()) for i in range(5)]
     write_all_durably(files)

@@ -4,29 +4,32 @@ killed with SIGKILL, shared by two daemons, fed bad input, and scraped for metri
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import random
 import re
 import shutil
-import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon_process import wait_until_ready
-from PIL import Image
+from daemon_process import (
+    VERDICT_DIRS,
+    Daemon,
+    by_item,
+    items,
+    load,
+    new_root,
+    png_bytes,
+    records,
+    wait_records,
+    write_png,
+)
 
-VERDICT_DIRS = ("ok", "anomaly", "rejected")
 #: Settle time of the shared daemon; the slow writer pauses longer than half of it.
 SETTLE = 0.5
 METRICS = {  # contract name -> labels its samples must carry
@@ -51,104 +54,6 @@ def digits() -> np.ndarray:
 
     x, _ = mnist_data()
     return x.reshape(-1, 28, 28).astype(np.uint8)
-
-
-def png_bytes(pixels: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def write_png(path: Path, pixels: np.ndarray) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(png_bytes(pixels))
-    return path
-
-
-class Daemon:
-    """One `aemon run` subprocess on ``root``, logging JSON to ``log``."""
-
-    def __init__(self, root: Path, log: Path, settle: float = 0.3) -> None:
-        self.root, self.log = root, log
-        env = {**os.environ, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": "0",
-               "AEMON_SETTLE_SECONDS": str(settle), "AEMON_LOG_FORMAT": "json", "AEMON_RESCAN_SECONDS": "1"}
-        env.pop("AEMON_MODEL", None)
-        env.pop("NOTIFY_SOCKET", None)
-        self.offset = log.stat().st_size if log.exists() else 0  # this run's lines start here
-        with log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=env, stdout=out,
-                                         stderr=subprocess.STDOUT)
-        self.port = None
-
-    def wait_ready(self, timeout: float = 120) -> Daemon:
-        self.port = wait_until_ready(self.proc, self.log, self.offset, timeout)
-        return self
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")[-5000:]
-
-    def get(self, path: str) -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=10) as resp:
-                return resp.status, resp.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, ""
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                raise
-        return self.proc.returncode
-
-
-def records(root: Path) -> list[Path]:
-    """Every committed record under ok/, anomaly/ and rejected/."""
-    return sorted(p for d in VERDICT_DIRS for p in (root / d).rglob("*.json") if not p.name.startswith("."))
-
-
-def items(root: Path) -> list[Path]:
-    """Every routed item (not a record, not a temp file) under ok/, anomaly/ and rejected/."""
-    return sorted(p for d in VERDICT_DIRS for p in (root / d).rglob("*")
-                  if (p.is_file() or p.is_symlink()) and not p.name.endswith(".json") and not p.name.startswith("."))
-
-
-def wait_records(root: Path, n: int, daemon: Daemon | None = None, timeout: float = 60) -> list[Path]:
-    """Wait until at least ``n`` records exist; return them."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = records(root)
-        if len(found) >= n:
-            return found
-        if daemon is not None:
-            assert daemon.proc.poll() is None, daemon.text()
-        time.sleep(0.1)
-    raise AssertionError(f"{len(records(root))} records, expected {n}:\n" + (daemon.text() if daemon else ""))
-
-
-def load(record: Path) -> dict:
-    return json.loads(record.read_text())
-
-
-def by_item(root: Path) -> dict[str, list[dict]]:
-    out: dict[str, list[dict]] = {}
-    for rec in records(root):
-        data = load(rec)
-        out.setdefault(data["item"], []).append(data)
-    return out
-
-
-def new_root(tmp_path: Path, name: str = "root") -> Path:
-    root = tmp_path / name
-    (root / "inbox").mkdir(parents=True)
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -197,7 +102,8 @@ def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
     writer.join()
 
     expected = {"by cp.png", "by-mv.png", "by-rsync.png", "batch/a.png", "batch/b.png", "slow.png"}
-    wait_records(root, before + len(expected), live)
+    kept = {"batch/.b.png.swp", "batch/c.png.part"}  # inside a folder: never scored, never lost
+    wait_records(root, before + len(expected) + len(kept), live)
     time.sleep(1.0)  # anything extra (a second take of a half-written file) would show up now
     seen = by_item(root)
     for name in expected:
@@ -207,8 +113,11 @@ def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
         assert (root / rec["path"]).is_file()
     assert (root / seen["slow.png"][0]["path"]).read_bytes() == png_bytes(digits[7])
     assert seen["batch/a.png"][0]["batch"] == "batch"
-    assert not any(".swp" in k or ".part" in k for k in seen), "hidden/partial names in a batch are never taken"
-    assert len(records(root)) == before + len(expected)
+    for name in kept:
+        (rec,) = seen[name]
+        assert rec["verdict"] == "rejected" and rec["reason"] == "ignored_name", rec
+    assert (root / "rejected" / "batch" / "c.png.part").read_bytes() == png_bytes(digits[6])[:40]
+    assert len(records(root)) == before + len(expected) + len(kept)
     assert not (root / "inbox" / "by-rsync.png").exists()
 
 

