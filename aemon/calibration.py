@@ -15,7 +15,7 @@ import numpy as np
 
 from aemon.errors import CalibrationError
 
-__all__ = ["Verdict", "required_samples", "conformal_threshold", "p_values", "decide"]
+__all__ = ["Verdict", "required_samples", "conformal_threshold", "p_values", "is_anomalous", "decide"]
 
 
 class Verdict(StrEnum):
@@ -58,13 +58,18 @@ def conformal_threshold(scores: np.ndarray, target_fpr: float) -> float:
 
 
 def p_values(scores: np.ndarray, sorted_calibration: np.ndarray) -> np.ndarray:
-    """Share of calibration scores at or above each score."""
+    """Conformal p-values: ``(1 + #calibration scores >= score) / (n + 1)``; never 0."""
     cal = np.asarray(sorted_calibration, dtype=np.float64)
     scores = np.asarray(scores, dtype=np.float64)
     at_or_above = cal.size - np.searchsorted(cal, scores, side="left")
-    return at_or_above / cal.size
+    return (1.0 + at_or_above) / (cal.size + 1.0)
 
 
-def decide(scores: np.ndarray, threshold: float) -> list[Verdict]:
-    """``anomaly`` where the score is above the threshold, else ``ok``."""
-    return [Verdict.ANOMALY if s > threshold else Verdict.OK for s in np.asarray(scores).ravel()]
+def is_anomalous(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The one threshold rule: a score strictly above the threshold is an anomaly."""
+    return np.asarray(scores, dtype=np.float64).ravel() > threshold
+
+
+def decide(scores: np.ndarray, threshold: float) -> list[str]:
+    """``anomaly`` where :func:`is_anomalous`, else ``ok`` (verdict values, one per score)."""
+    return np.where(is_anomalous(scores, threshold), Verdict.ANOMALY.value, Verdict.OK.value).tolist()

@@ -250,6 +250,9 @@ def _denoise(args: argparse.Namespace, settings: Settings) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder")
     bundle = load_bundle(bundle_path)
+    if bundle.meta.task != "denoise":
+        raise UsageError(f"{bundle_path} is a {bundle.meta.task} bundle; denoise needs one trained with --denoise "
+                         "(the shipped one is mnist-denoise)")
     args.out.mkdir(parents=True, exist_ok=True)
     return _print_records(denoise_paths(bundle, paths, settings, args.out), "denoised")
 

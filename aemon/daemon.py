@@ -20,7 +20,7 @@ import numpy as np
 from prometheus_client import CollectorRegistry
 
 from aemon.bundle import Bundle, default_bundle_path, load_bundle
-from aemon.calibration import Verdict
+from aemon.calibration import decide
 from aemon.claims import Claim, ClaimStore
 from aemon.commit import Batch, Committer
 from aemon.confine import confine_libraries
@@ -126,6 +126,9 @@ class Daemon:
         self._unconfine = confine_libraries(self.root / ".aemon", self.claims.temp)
         if self.bundle is None:
             self.bundle = self._load(self.bundle_path or default_bundle_path(self.settings.mode), startup=True)
+        if self.settings.mode == "denoise" and self.bundle.meta.task != "denoise":
+            raise StartupError(f"AEMON_MODE=denoise needs a bundle trained with --denoise; {self.bundle.name} is a "
+                               f"{self.bundle.meta.task} bundle (the shipped one is mnist-denoise)")
         self._set_model_metrics()
         self.committer.start()
         self.http = HttpServer(self.settings.metrics_host, self.settings.metrics_port, self.registry,
@@ -253,9 +256,11 @@ class Daemon:
             bundle = self._load(path)
         except AemonError as exc:
             log.error("bundle.reload_failed", path=str(path), error=str(exc), kept=self.bundle.version)
+            self.metrics.reloads.labels(result="failed").inc()
             return
         self.bundle = bundle
         self._set_model_metrics()
+        self.metrics.reloads.labels(result="ok").inc()
 
     def drain(self) -> None:
         """Commit what was scored; entries not committed within the grace time stay claimed."""
@@ -372,8 +377,7 @@ class Daemon:
         self.metrics.scoring_duration.observe(time.perf_counter() - started)
         self.metrics.batches.inc()
         pvals = bundle.p_values(scores)
-        anomalous = scores > bundle.threshold  # as calibration.decide, vectorised
-        verdicts = np.where(anomalous, Verdict.ANOMALY.value, Verdict.OK.value).tolist()
+        verdicts = decide(scores, bundle.threshold)
         for s in scores.tolist():
             self.metrics.reconstruction_error.observe(s)
         i = 0
@@ -401,10 +405,10 @@ class Daemon:
         self.counts[verdict] = self.counts.get(verdict, 0) + rows
         fields = {k: record.get(k) for k in ("item", "verdict", "score", "threshold", "p_value", "path")}
         if verdict == "rejected":
-            fields["reason"] = record["reason"]
+            fields["reason"], fields["error"] = record["reason"], record["error"]
         if "n_rows" in record:
             fields["rows"] = record["n_rows"]
-        log.info("item.decided", **fields)
+        (log.warning if verdict == "rejected" else log.info)("item.decided", **fields)
 
     # -- shutdown --------------------------------------------------------
     def shutdown(self) -> None:

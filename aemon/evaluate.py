@@ -14,6 +14,7 @@ from urllib.parse import parse_qs
 import numpy as np
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from aemon.calibration import is_anomalous
 from aemon.errors import UsageError
 from aemon.logs import get_logger
 from aemon.settings import Settings
@@ -65,8 +66,8 @@ def quality(bundle_name: str, normal_scores: np.ndarray, anomalous_scores: np.nd
         auroc=float(roc_auc_score(labels, scores)),
         auprc=float(average_precision_score(labels, scores)),
         threshold=float(threshold),
-        fpr=float(np.mean(normal_scores > threshold)),
-        tpr=float(np.mean(anomalous_scores > threshold)),
+        fpr=float(np.mean(is_anomalous(normal_scores, threshold))),
+        tpr=float(np.mean(is_anomalous(anomalous_scores, threshold))),
         n_normal=len(normal_scores),
         n_anomalous=len(anomalous_scores),
     )

@@ -27,6 +27,7 @@ class Metrics:
     inbox_pending: Gauge
     last_decision: Gauge
     model_info: Info
+    reloads: Counter
 
 
 def build(registry: CollectorRegistry) -> Metrics:
@@ -35,7 +36,7 @@ def build(registry: CollectorRegistry) -> Metrics:
     Args:
         registry: Where the metrics are registered (a fresh one per daemon in tests).
     """
-    return Metrics(
+    metrics = Metrics(
         items=Counter("aemon_items_total", "Items decided, by verdict.", ["verdict"], registry=registry),
         batches=Counter("aemon_batches_total", "Model calls (one per batch).", registry=registry),
         errors=Counter("aemon_errors_total", "Items rejected or failed, by reason.", ["reason"], registry=registry),
@@ -51,4 +52,9 @@ def build(registry: CollectorRegistry) -> Metrics:
                             registry=registry),
         # prometheus_client appends "_info": exposed as aemon_model_info{name,version,arch}.
         model_info=Info("aemon_model", "The loaded bundle.", registry=registry),
+        reloads=Counter("aemon_reloads_total", "SIGHUP reloads of the bundle, by result.", ["result"],
+                        registry=registry),
     )
+    for result in ("ok", "failed"):  # exported as 0 from the start, so rate() and alerts see them
+        metrics.reloads.labels(result=result)
+    return metrics

@@ -9,18 +9,20 @@ layers are exactly the classic recipe's.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import keras
 import numpy as np
 from keras import layers
 
-__all__ = ["ARCHS", "build", "encoder_of", "set_pca_weights"]
+__all__ = ["ARCHS", "BUILDERS", "build", "set_pca_weights"]
 
 #: Architectures ``build`` knows, with a one-line description for ``--help``.
 ARCHS: dict[str, str] = {
     "dense": "784→latent→784, relu then sigmoid (latent 32 by default)",
     "deep": "784→128→64→latent→64→128→784 (latent 32 by default)",
-    "conv": "Conv2D 16 + MaxPool, Conv2D 8 + MaxPool (7×7×8 code); mirrored Conv2D + UpSampling2D",
+    "conv": "the lecture's: Conv2D 16, MaxPool, Conv2D 16, MaxPool, Conv2D 8, Conv2D 8 (7×7×8 code); mirrored "
+            "with UpSampling2D, last Conv2D sigmoid",
     "convsmall": "Conv2D 32 stride 2, Conv2D 64 stride 2, Dense latent (32 by default); mirrored Conv2DTranspose",
     "pca": "linear baseline: projection on the top latent principal components, fitted by SVD (latent 32)",
 }
@@ -47,20 +49,25 @@ def _dense_stack(
     return encoder, decoder
 
 
-def _conv_stack(input_shape: tuple[int, int, int]) -> tuple[keras.Model, keras.Model]:
+def _conv_stack(input_shape: tuple[int, int, int], latent_dim: int = 0) -> tuple[keras.Model, keras.Model]:
+    # The lecture's network exactly, every convolution 3×3 'same' (latent_dim is not used).
     if input_shape[0] % 4 or input_shape[1] % 4:
         raise ValueError(f"the conv architecture needs height and width divisible by 4, got {input_shape}")
     enc_in = keras.Input(shape=input_shape, name="image")
     x = layers.Conv2D(16, 3, activation="relu", padding="same", name="enc_conv_0")(enc_in)
     x = layers.MaxPooling2D(2, padding="same", name="enc_pool_0")(x)
-    x = layers.Conv2D(8, 3, activation="relu", padding="same", name="enc_conv_1")(x)
-    code = layers.MaxPooling2D(2, padding="same", name="code")(x)
+    x = layers.Conv2D(16, 3, activation="relu", padding="same", name="enc_conv_1")(x)
+    x = layers.MaxPooling2D(2, padding="same", name="enc_pool_1")(x)
+    x = layers.Conv2D(8, 3, activation="relu", padding="same", name="enc_conv_2")(x)
+    code = layers.Conv2D(8, 3, activation="relu", padding="same", name="code")(x)
     encoder = keras.Model(enc_in, code, name="encoder")
 
     dec_in = keras.Input(shape=tuple(code.shape[1:]), name="code_in")
     y = layers.Conv2D(8, 3, activation="relu", padding="same", name="dec_conv_0")(dec_in)
+    y = layers.Conv2D(8, 3, activation="relu", padding="same", name="dec_conv_1")(y)
     y = layers.UpSampling2D(2, name="dec_up_0")(y)
-    y = layers.Conv2D(16, 3, activation="relu", padding="same", name="dec_conv_1")(y)
+    y = layers.Conv2D(16, 3, activation="relu", padding="same", name="dec_conv_2")(y)
+    y = layers.Conv2D(16, 3, activation="relu", padding="same", name="dec_conv_3")(y)
     y = layers.UpSampling2D(2, name="dec_up_1")(y)
     out = layers.Conv2D(input_shape[2], 3, activation="sigmoid", padding="same", name="pixels")(y)
     decoder = keras.Model(dec_in, out, name="decoder")
@@ -122,6 +129,23 @@ def set_pca_weights(model: keras.Model, mean, components) -> None:
     decoder.get_layer("pixels").set_weights([comps, mean])
 
 
+def _pca_checked(input_shape: tuple[int, int, int], latent_dim: int) -> tuple[keras.Model, keras.Model]:
+    if latent_dim > math.prod(input_shape):
+        raise ValueError(f"pca keeps at most {math.prod(input_shape)} components, got latent_dim {latent_dim}")
+    return _pca_stack(input_shape, latent_dim)
+
+
+#: Builders by architecture name: ``(input_shape, latent_dim) -> (encoder, decoder)``. To add an
+#: architecture, write its builder and add a row here and in :data:`ARCHS`.
+BUILDERS: dict[str, Callable[[tuple[int, int, int], int], tuple[keras.Model, keras.Model]]] = {
+    "dense": lambda shape, latent: _dense_stack(shape, [], latent),
+    "deep": lambda shape, latent: _dense_stack(shape, [128, 64], latent),
+    "conv": _conv_stack,
+    "convsmall": _convsmall_stack,
+    "pca": _pca_checked,
+}
+
+
 def build(arch: str, input_shape: tuple[int, int, int] = (28, 28, 1), latent_dim: int = 32) -> keras.Model:
     """Build an untrained autoencoder.
 
@@ -133,25 +157,10 @@ def build(arch: str, input_shape: tuple[int, int, int] = (28, 28, 1), latent_dim
     Raises:
         ValueError: unknown architecture or impossible shape.
     """
-    if arch == "dense":
-        encoder, decoder = _dense_stack(input_shape, [], latent_dim)
-    elif arch == "deep":
-        encoder, decoder = _dense_stack(input_shape, [128, 64], latent_dim)
-    elif arch == "conv":
-        encoder, decoder = _conv_stack(input_shape)
-    elif arch == "convsmall":
-        encoder, decoder = _convsmall_stack(input_shape, latent_dim)
-    elif arch == "pca":
-        if latent_dim > math.prod(input_shape):
-            raise ValueError(f"pca keeps at most {math.prod(input_shape)} components, got latent_dim {latent_dim}")
-        encoder, decoder = _pca_stack(input_shape, latent_dim)
-    else:
-        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    try:
+        builder = BUILDERS[arch]
+    except KeyError:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}") from None
+    encoder, decoder = builder(input_shape, latent_dim)
     image = keras.Input(shape=input_shape, name="input")
-    model = keras.Model(image, decoder(encoder(image)), name=f"{arch}_autoencoder")
-    return model
-
-
-def encoder_of(model: keras.Model) -> keras.Model:
-    """The named encoder sub-model of an aemon autoencoder."""
-    return model.get_layer("encoder")
+    return keras.Model(image, decoder(encoder(image)), name=f"{arch}_autoencoder")

@@ -57,7 +57,7 @@ def _records(bundle: Bundle, batch: list[_Decoded]) -> Iterator[dict]:
         for row in range(len(d.x)):
             extra = {"index": row} if d.is_array else {}
             yield scored_record(
-                item=d.item, verdict=verdicts[i].value, score=scores[i], threshold=bundle.threshold,
+                item=d.item, verdict=verdicts[i], score=scores[i], threshold=bundle.threshold,
                 p_value=pvals[i], model_name=bundle.name, model_version=bundle.version,
                 received_at=d.received_at, decided_at=decided_at, **extra,
             )

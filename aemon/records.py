@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aemon.calibration import Verdict
+
 __all__ = ["scored_record", "rejected_record"]
 
 
@@ -30,7 +32,7 @@ def rejected_record(*, item: str, reason: str, error: str, received_at: str, dec
     """The record of an item that could not be scored."""
     return {
         "item": item,
-        "verdict": "rejected",
+        "verdict": Verdict.REJECTED.value,
         "reason": reason,
         "error": error,
         "score": None,

@@ -8,58 +8,99 @@ serves 1 image or 10,000 at full speed. Large inputs are cut into chunks of ``ch
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SCORE_FUNCTIONS", "TOPK_SHARE", "reconstruction_error", "Scorer"]
+__all__ = ["SCORE_FUNCTIONS", "ScoreFunction", "TOPK_SHARE", "reconstruction_error", "Scorer"]
 
-#: Per-image score functions, by the name stored in a bundle.
-SCORE_FUNCTIONS = ("mse", "bce", "topk")
 #: Share of pixels whose squared errors ``topk`` averages (the worst 5 %: 40 of 784).
 TOPK_SHARE = 0.05
+_EPS = 1e-7
+
+
+def _topk(pixels: int) -> int:
+    return max(1, math.ceil(TOPK_SHARE * pixels))
+
+
+# Each score function twice: numpy (reference, evaluation) and TensorFlow (inside the compiled
+# call). Both take flattened (N, pixels) float32 inputs and reconstructions; a parity test
+# checks every pair.
+def _mse_np(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    return np.mean(np.square(x - r), axis=1, dtype=np.float64)
+
+
+def _mse_tf(x, r):
+    return tf.reduce_mean(tf.square(x - r), axis=1)
+
+
+def _bce_np(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    r = np.clip(r, _EPS, 1 - _EPS)
+    return -np.mean(x * np.log(r) + (1 - x) * np.log1p(-r), axis=1, dtype=np.float64)
+
+
+def _bce_tf(x, r):
+    r = tf.clip_by_value(r, _EPS, 1 - _EPS)
+    return -tf.reduce_mean(x * tf.math.log(r) + (1 - x) * tf.math.log1p(-r), axis=1)
+
+
+def _topk_np(x: np.ndarray, r: np.ndarray) -> np.ndarray:
+    pixels = x.shape[1]
+    k = _topk(pixels)
+    return np.mean(np.partition(np.square(x - r), pixels - k, axis=1)[:, pixels - k:], axis=1, dtype=np.float64)
+
+
+def _topk_tf(x, r):
+    return tf.reduce_mean(tf.math.top_k(tf.square(x - r), k=_topk(x.shape[1]), sorted=False).values, axis=1)
+
+
+@dataclass(frozen=True)
+class ScoreFunction:
+    """One per-image score: the same formula in numpy and in TensorFlow ops."""
+
+    #: What it measures (shown by ``aemon train --help``).
+    summary: str
+    numpy: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    tf: Callable
+
+
+#: Score functions by the name stored in a bundle. To add one, add a pair above and a row here.
+SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
+    "mse": ScoreFunction("mean squared pixel error", _mse_np, _mse_tf),
+    "bce": ScoreFunction("mean binary cross-entropy of the reconstruction against the input", _bce_np, _bce_tf),
+    "topk": ScoreFunction(f"mean squared error of the worst {TOPK_SHARE:.0%} of the pixels (small defects count "
+                          "as much on big images)", _topk_np, _topk_tf),
+}
+
+
+def _lookup(kind: str) -> ScoreFunction:
+    try:
+        return SCORE_FUNCTIONS[kind]
+    except KeyError:
+        raise ValueError(f"unknown score function {kind!r}; choose one of {', '.join(SCORE_FUNCTIONS)}") from None
 
 
 def reconstruction_error(x: np.ndarray, recon: np.ndarray, kind: str = "mse") -> np.ndarray:
-    """Per-image reconstruction error.
+    """Per-image reconstruction error (numpy), ``kind`` naming a row of :data:`SCORE_FUNCTIONS`.
 
     Args:
-        x: Inputs, ``(N, H, W, 1)`` in [0, 1].
+        x: Inputs, ``(N, H, W, C)`` in [0, 1].
         recon: The model's reconstructions, same shape.
-        kind: ``mse`` (mean squared pixel error, the default), ``bce`` (mean binary
-            cross-entropy of the reconstruction against the input) or ``topk`` (mean squared
-            error of the worst :data:`TOPK_SHARE` of the pixels: a small wrong stroke counts
-            as much on a big image as on a small one).
+        kind: The score function's name.
     """
+    fn = _lookup(kind)
     x = x.reshape(len(x), -1).astype(np.float32, copy=False)
     recon = recon.reshape(len(recon), -1).astype(np.float32, copy=False)
-    if kind == "mse":
-        return np.mean(np.square(x - recon), axis=1, dtype=np.float64)
-    if kind == "bce":
-        r = np.clip(recon, 1e-7, 1 - 1e-7)
-        return -np.mean(x * np.log(r) + (1 - x) * np.log1p(-r), axis=1, dtype=np.float64)
-    if kind == "topk":
-        pixels = x.shape[1]
-        k = max(1, math.ceil(TOPK_SHARE * pixels))
-        worst = np.partition(np.square(x - recon), pixels - k, axis=1)[:, pixels - k :]
-        return np.mean(worst, axis=1, dtype=np.float64)
-    raise ValueError(f"unknown score function {kind!r}; choose one of {', '.join(SCORE_FUNCTIONS)}")
+    return fn.numpy(x, recon)
 
 
 def _tf_error(x, recon, kind: str):
     """:func:`reconstruction_error` in TensorFlow ops (float32), for use inside a compiled call."""
+    fn = _lookup(kind)
     pixels = math.prod(x.shape[1:])
-    x = tf.reshape(x, (-1, pixels))
-    recon = tf.reshape(recon, (-1, pixels))
-    if kind == "mse":
-        return tf.reduce_mean(tf.square(x - recon), axis=1)
-    if kind == "bce":
-        r = tf.clip_by_value(recon, 1e-7, 1 - 1e-7)
-        return -tf.reduce_mean(x * tf.math.log(r) + (1 - x) * tf.math.log1p(-r), axis=1)
-    if kind == "topk":
-        k = max(1, math.ceil(TOPK_SHARE * pixels))
-        return tf.reduce_mean(tf.math.top_k(tf.square(x - recon), k=k, sorted=False).values, axis=1)
-    raise ValueError(f"unknown score function {kind!r}; choose one of {', '.join(SCORE_FUNCTIONS)}")
+    return fn.tf(tf.reshape(x, (-1, pixels)), tf.reshape(recon, (-1, pixels)))
 
 
 class Scorer:

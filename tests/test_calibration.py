@@ -72,11 +72,11 @@ def test_fresh_normal_fpr_matches_target(alpha: float) -> None:
     assert observed <= alpha * 1.2
 
 
-def test_p_values_share_at_or_above() -> None:
-    """p_value is the share of calibration scores at or above the score."""
+def test_p_values_are_conformal() -> None:
+    """p_value is (1 + calibration scores at or above the score) / (n + 1): never 0."""
     cal = np.array([1.0, 2.0, 2.0, 3.0, 4.0])
     got = p_values(np.array([0.5, 1.0, 2.0, 2.5, 4.0, 5.0]), cal)
-    assert np.allclose(got, [1.0, 1.0, 0.8, 0.4, 0.2, 0.0])
+    assert np.allclose(got, np.array([6, 6, 5, 3, 2, 1]) / 6)
 
 
 def test_p_values_match_brute_force() -> None:
@@ -84,7 +84,7 @@ def test_p_values_match_brute_force() -> None:
     rng = np.random.default_rng(7)
     cal = np.sort(rng.random(300))
     scores = rng.random(50)
-    expected = [np.mean(cal >= s) for s in scores]
+    expected = [(1 + np.sum(cal >= s)) / (cal.size + 1) for s in scores]
     assert np.allclose(p_values(scores, cal), expected)
 
 

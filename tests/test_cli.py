@@ -135,14 +135,15 @@ def test_score_npy_one_record_per_row(capsys: pytest.CaptureFixture, tiny_bundle
 
 
 def test_score_noise_is_anomalous(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
-    """Uniform noise images score above the threshold with small p-values."""
+    """Uniform noise images score above the threshold with the smallest conformal p-value, never 0."""
     path = tmp_path / "noise.npy"
     np.save(path, np.random.default_rng(0).integers(0, 256, (4, 28, 28), dtype=np.uint8))
     code, out, _ = run(capsys, "score", str(tiny_bundle), str(path))
     assert code == 0
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["verdict"] for r in records] == ["anomaly"] * 4
-    assert all(r["p_value"] == 0.0 for r in records)
+    n = read_meta(tiny_bundle).calibration.n
+    assert all(r["p_value"] == pytest.approx(1 / (n + 1)) for r in records)
 
 
 def test_calibrate_in_place_bumps_revision(capsys: pytest.CaptureFixture, tiny_bundle: Path,
@@ -243,3 +244,26 @@ def test_denoise_writes_png_and_same_dtype_arrays(capsys: pytest.CaptureFixture,
     diff = np.abs(rows.astype(float) - mnist_digits[:4]).mean()
     other = np.abs(rows.astype(float) - mnist_digits[10:14]).mean()
     assert 0 < diff < other
+
+
+def test_denoise_refuses_a_detection_bundle(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
+    """`aemon denoise` with a detection bundle says so in one line and writes nothing."""
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(img)
+    code, out, err = run(capsys, "denoise", str(tiny_bundle), str(img), "--out", str(tmp_path / "out"))
+    assert code == 2 and out == ""
+    _assert_one_error_line(err)
+    assert "detect bundle" in err and "--denoise" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_aemon_variables_are_named(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch,
+                                           tiny_bundle: Path) -> None:
+    """A misspelled AEMON_* variable is warned about by name; real settings are not."""
+    monkeypatch.setenv("AEMON_BATCHSIZE", "8")
+    monkeypatch.setenv("AEMON_BATCH_SIZE", "8")
+    monkeypatch.setenv("AEMON_LOG_FORMAT", "json")
+    code, _, err = run(capsys, "info", str(tiny_bundle))
+    assert code == 0
+    warnings = [json.loads(line) for line in err.splitlines() if "settings.unknown_variable" in line]
+    assert [w["name"] for w in warnings] == ["AEMON_BATCHSIZE"]

@@ -329,6 +329,7 @@ def test_bad_reload_keeps_the_old_bundle(root, make_daemon, tmp_path):
         daemon.reload()
     assert daemon.bundle is before
     assert any(e["event"] == "bundle.reload_failed" for e in logs)
+    assert daemon.registry.get_sample_value("aemon_reloads_total", {"result": "failed"}) == 1
 
 
 def test_good_reload_switches_bundle_and_model_info(root, make_daemon, digits, tiny_bundle):
@@ -341,6 +342,7 @@ def test_good_reload_switches_bundle_and_model_info(root, make_daemon, digits, t
     _png(root / "inbox" / "after.png", digits[5])
     daemon.run(until_idle=True)
     reg = daemon.registry
+    assert reg.get_sample_value("aemon_reloads_total", {"result": "ok"}) == 1
     assert reg.get_sample_value("aemon_anomaly_threshold") == pytest.approx(daemon.bundle.threshold)
     assert reg.get_sample_value("aemon_model_info", {"name": "tiny", "version": daemon.bundle.version,
                                                      "arch": daemon.bundle.meta.arch}) == 1
@@ -488,3 +490,10 @@ def test_write_all_durably_leaves_only_the_files(tmp_path):
     with pytest.raises(FileNotFoundError):
         write_all_durably([(str(tmp_path / "a.json"), b"1"), (str(tmp_path / "missing" / "b.json"), b"2")])
     assert sorted(os.listdir(tmp_path)) == [f"r{i}.json" for i in range(5)]
+
+
+def test_denoise_mode_refuses_a_detection_bundle(root, make_daemon):
+    """AEMON_MODE=denoise with a detection bundle fails at start-up (exit 3) with a clear message."""
+    daemon = make_daemon(mode="denoise")
+    with pytest.raises(StartupError, match="trained with --denoise"):
+        daemon.run()

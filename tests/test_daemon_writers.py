@@ -43,6 +43,7 @@ METRICS = {  # contract name -> labels its samples must carry
     "aemon_inbox_pending": set(),
     "aemon_last_decision_timestamp_seconds": set(),
     "aemon_model_info": {"name", "version", "arch"},
+    "aemon_reloads_total": {"result"},
 }
 
 

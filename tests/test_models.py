@@ -47,3 +47,33 @@ def test_perfect_reconstruction_scores_lowest(kind: str) -> None:
     assert scores[0] < scores[1] < scores[2]
     with pytest.raises(ValueError, match="unknown score function"):
         reconstruction_error(x, x, "psnr")
+
+
+@pytest.mark.parametrize("kind", SCORE_FUNCTIONS)
+def test_numpy_and_tensorflow_scores_agree(kind: str) -> None:
+    """Every score function's TensorFlow form (used inside the compiled call) matches its numpy form."""
+    import tensorflow as tf
+
+    from aemon.scoring import _tf_error
+
+    rng = np.random.default_rng(1)
+    x = rng.random((6, 28, 28, 1)).astype(np.float32)
+    recon = np.clip(x + rng.normal(0, 0.2, x.shape), 0, 1).astype(np.float32)
+    recon[0] = x[0]  # one perfect reconstruction
+    recon[1] = 1 - x[1]  # one completely wrong
+    got = _tf_error(tf.constant(x), tf.constant(recon), kind).numpy()
+    np.testing.assert_allclose(got, reconstruction_error(x, recon, kind), rtol=2e-5, atol=1e-7)
+
+
+def test_conv_is_the_lecture_network() -> None:
+    """--arch conv is exactly the seed's network: its convolution widths, pools and upsamplings in order."""
+    model = build("conv", (28, 28, 1))
+    kinds = []
+    for part in ("encoder", "decoder"):
+        for layer in model.get_layer(part).layers[1:]:
+            name = type(layer).__name__
+            kinds.append(f"{name}{layer.filters}" if name == "Conv2D" else name)
+    assert kinds == ["Conv2D16", "MaxPooling2D", "Conv2D16", "MaxPooling2D", "Conv2D8", "Conv2D8",
+                     "Conv2D8", "Conv2D8", "UpSampling2D", "Conv2D16", "Conv2D16", "UpSampling2D", "Conv2D1"]
+    assert model.get_layer("decoder").layers[-1].activation.__name__ == "sigmoid"
+    assert model.get_layer("encoder").output.shape[1:] == (7, 7, 8)
