@@ -17,20 +17,15 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
-from aemon.fsio import rename_noreplace
+from aemon.fsio import iso_time, rename_noreplace
 
 __all__ = ["Claim", "ClaimStore"]
 
 LOCK_NAME = ".lock"
 #: A daemon's own temp folder inside its claims folder (removed with it).
 TEMP_NAME = ".tmp"
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 @dataclass
@@ -49,7 +44,7 @@ class Claim:
     @property
     def received_at(self) -> str:
         """Arrival time, ISO 8601 UTC."""
-        return _iso(self.arrived)
+        return iso_time(self.arrived)
 
 
 class ClaimStore:

@@ -232,17 +232,17 @@ def _score_target(arg: str):
 @_verb("score")
 def _score(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import load_bundle
-    from aemon.oneshot import score_paths
+    from aemon.pipeline import score_paths
 
     bundle_path, paths = _split_bundle_arg(args.paths)
     bundle = load_bundle(bundle_path)
-    return _print_records(score_paths(bundle, paths, settings), "scored")
+    return _print_records(score_paths(bundle, paths, settings.limits), "scored")
 
 
 @_verb("denoise")
 def _denoise(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import load_bundle
-    from aemon.oneshot import denoise_paths
+    from aemon.pipeline import denoise_paths
 
     bundle_path, paths = _split_bundle_arg(args.paths, task="denoise")
     if any(isinstance(p, str) for p in paths):
@@ -254,7 +254,7 @@ def _denoise(args: argparse.Namespace, settings: Settings) -> int:
         raise UsageError(f"{bundle_path} is a {bundle.meta.task} bundle; denoise needs one trained with --denoise "
                          "(the shipped one is mnist-denoise)")
     args.out.mkdir(parents=True, exist_ok=True)
-    return _print_records(denoise_paths(bundle, paths, settings, args.out), "denoised")
+    return _print_records(denoise_paths(bundle, paths, settings.limits, args.out), "denoised")
 
 
 def _print_records(records: Iterator[dict], done: str) -> int:

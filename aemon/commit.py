@@ -14,15 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from aemon.claims import Claim
-from aemon.fsio import utc_now, write_durably
-from aemon.images import input_to_array
+from aemon.fsio import write_durably
 from aemon.journal import Journal, Step, output_path, remove_batch
 from aemon.logs import get_logger
-from aemon.records import rejected_record, scored_record
-from aemon.router import Router, png_bytes, png_name, rows_bytes
+from aemon.pipeline import plan
+from aemon.router import Router
 from aemon.units import Unit
 
 __all__ = ["Batch", "Committer"]
@@ -124,72 +121,27 @@ class Committer:
             self.on_decided(unit, record)
         self.on_committed(batch)
 
-    def _dest(self, folder: str, rel: str, reserved: list[Path]) -> Path:
-        dest = self.router.destination(folder, rel)
-        reserved.append(dest)
-        return dest
-
-    def _common(self, batch: Batch, unit: Unit) -> dict:
-        common = {"model_name": batch.model_name, "model_version": batch.model_version,
-                  "received_at": unit.claim.received_at, "decided_at": utc_now()}
-        if unit.batch:
-            common["batch"] = unit.batch
-        return common
-
-    def _output(self, batch: Batch, data: bytes, folder: str, rel: str, journal: Journal,
-                reserved: list[Path]) -> str:
-        """Write ``data`` into the batch folder durably and plan its placement; returns its destination."""
-        tmp = output_path(batch.batch_dir, Path(rel).suffix)
-        write_durably(tmp, data)
-        dest = self._dest(folder, rel, reserved)
-        journal.steps.append(Step(tmp.name, self.router.relative(dest)))
-        return self.router.relative(dest)
-
     def _plan(self, batch: Batch, unit: Unit, journal: Journal, reserved: list[Path]) -> None:
-        router = self.router
-        src = unit.rel  # the unit's path inside the batch folder
-        if unit.error is not None:
-            dest = self._dest("rejected", unit.dest_rel, reserved)
-            common = self._common(batch, unit)
-            record = rejected_record(item=unit.rel, reason=unit.error.reason, error=str(unit.error),
-                                     path=router.relative(dest), **common)
-            journal.steps.append(Step(src, router.relative(dest), record))
-            batch.decided.append((unit, record))
-            return
-        extra = {}
-        if unit.raw is None:
-            if unit.recon is not None:
-                extra["denoised"] = self._output(batch, png_bytes(unit.recon[0]), "denoised", png_name(unit.dest_rel),
-                                                 journal, reserved)
-            verdict = unit.verdicts[0]
-            dest = self._dest(verdict, unit.dest_rel, reserved)
-            record = scored_record(item=unit.rel, verdict=verdict, score=float(unit.scores[0]),
-                                   threshold=batch.threshold, p_value=float(unit.p_values[0]),
-                                   path=router.relative(dest), **self._common(batch, unit), **extra)
-            journal.steps.append(Step(src, router.relative(dest), record))
-            batch.decided.append((unit, record))
-            return
-        raw = unit.raw
-        if unit.recon is not None:
-            extra["denoised"] = self._output(batch, rows_bytes(input_to_array(unit.recon, raw), unit.rel, unit.key),
-                                             "denoised", unit.dest_rel, journal, reserved)
-        names = np.array(unit.verdicts)
-        for verdict in ("ok", "anomaly"):
-            idx = np.flatnonzero(names == verdict)
-            if idx.size == 0:
-                continue
-            tmp = output_path(batch.batch_dir, Path(unit.rel).suffix)
-            write_durably(tmp, rows_bytes(raw[idx], unit.rel, unit.key))
-            dest = self._dest(verdict, unit.dest_rel, reserved)
-            rows = [{"index": int(j), "score": float(unit.scores[j]), "p_value": float(unit.p_values[j])}
-                    for j in idx]
-            record = scored_record(
-                item=unit.rel, verdict=verdict, score=float(np.max(unit.scores[idx])), threshold=batch.threshold,
-                p_value=float(np.min(unit.p_values[idx])), path=router.relative(dest), rows=rows,
-                n_rows=int(idx.size), total_rows=len(raw), dtype=str(raw.dtype), **self._common(batch, unit), **extra,
-            )
-            if unit.key:
-                record["array_key"] = unit.key
-            journal.steps.append(Step(tmp.name, router.relative(dest), record))
-            batch.decided.append((unit, record))
-        journal.remove.append(src)
+        """Turn :func:`aemon.pipeline.plan` into journal steps: new bytes are written into the batch
+        folder first (durably), then every placement is a rename recorded in the journal."""
+        outputs, remove_source = plan(unit, (batch.model_name, batch.model_version), batch.threshold)
+        named: dict[str, str] = {}
+        for out in outputs:
+            dest = self.router.destination(out.folder, out.rel)
+            reserved.append(dest)
+            rel = self.router.relative(dest)
+            if out.data is None:
+                src = unit.rel  # the unit's own file, inside the batch folder
+            else:
+                tmp = output_path(batch.batch_dir, Path(out.rel).suffix)
+                write_durably(tmp, out.data)
+                src = tmp.name
+            record = None
+            if out.record is not None:
+                record = {**out.record, "path": rel, **named}
+                batch.decided.append((unit, record))
+            journal.steps.append(Step(src, rel, record))
+            if out.names_as:
+                named[out.names_as] = rel
+        if remove_source:
+            journal.remove.append(unit.rel)

@@ -16,25 +16,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 from prometheus_client import CollectorRegistry
 
 from aemon.bundle import Bundle, default_bundle_path, load_bundle
-from aemon.calibration import decide
 from aemon.claims import Claim, ClaimStore
 from aemon.commit import Batch, Committer
 from aemon.confine import confine_libraries
 from aemon.errors import AemonError, ItemRejected, StartupError
 from aemon.http import HttpServer, is_loopback
-from aemon.images import array_to_input, decode_file, decode_image, is_array_name, is_image_name, read_array
 from aemon.inbox import Inbox
 from aemon.journal import drop_undecided, prune_empty, read_journal, remove_batch
 from aemon.logs import get_logger
 from aemon.metrics import build
-from aemon.oneshot import limits_from
+from aemon.pipeline import decide, decode
 from aemon.router import FOLDERS, Router
 from aemon.settings import Settings
-from aemon.units import Unit, check_file, expand
+from aemon.units import Unit, expand
 
 __all__ = ["Daemon"]
 
@@ -71,7 +68,7 @@ class Daemon:
         self.in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._last_adopt = float("-inf")
-        self.limits = limits_from(settings)
+        self.limits = settings.limits
         self.http: HttpServer | None = None
         self.should_exit = False
         self.force_exit = False
@@ -334,59 +331,24 @@ class Daemon:
     # -- one batch -------------------------------------------------------
     def process(self, claims: list[Claim]) -> None:
         """Decode and score (one model call) the entries of one batch folder; queue the batch for commit."""
-        units: list[Unit] = []
-        for claim in claims:
-            units.extend(expand(claim, os.fspath(self.root)))
+        bundle, prep = self.bundle, self.bundle.preprocessing
+        units = [unit for claim in claims for unit in expand(claim, os.fspath(self.root))]
         good: list[Unit] = []
         for unit in units:
             if unit.error is not None:
                 continue
             try:
-                self._decode(unit)
+                decode(unit, prep, self.limits)
                 good.append(unit)
             except ItemRejected as exc:
                 unit.error = exc
-        bundle = self.bundle
         if good:
-            self._score(good, bundle)
-        self.committer.put(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version,
-                                 bundle.threshold))
-
-    def _decode(self, unit: Unit) -> None:
-        check_file(unit)
-        prep = self.bundle.preprocessing
-        if is_array_name(unit.path.name):
-            unit.raw, unit.key = read_array(unit.path, self.limits)
-            unit.x = array_to_input(unit.raw, prep, unit.rel)
-        elif is_image_name(unit.path.name):
-            unit.x = decode_image(unit.path, prep, self.limits)[None]
-        else:
-            unit.x = decode_file(unit.path, prep, self.limits)  # raises UnsupportedType
-
-    def _score(self, units: list[Unit], bundle: Bundle) -> None:
-        x = units[0].x if len(units) == 1 else np.concatenate([u.x for u in units])
-        started = time.perf_counter()
-        if self.settings.mode == "denoise":
-            from aemon.scoring import reconstruction_error
-
-            recon = bundle.scorer.reconstruct(x)
-            scores = reconstruction_error(x, recon, bundle.scorer.score_fn)
-        else:
-            recon = None
-            scores = bundle.score(x)
-        self.metrics.scoring_duration.observe(time.perf_counter() - started)
-        self.metrics.batches.inc()
-        pvals = bundle.p_values(scores)
-        verdicts = decide(scores, bundle.threshold)
-        for s in scores.tolist():
-            self.metrics.reconstruction_error.observe(s)
-        i = 0
-        for unit in units:
-            part = slice(i, i + len(unit.x))
-            i += len(unit.x)
-            unit.scores, unit.p_values, unit.verdicts = scores[part], pvals[part], verdicts[part]
-            unit.recon = None if recon is None else recon[part]
-            unit.x = None  # the pixels are no longer needed; the batch may wait for its commit
+            seconds, scores = decide(good, bundle, reconstruct=self.settings.mode == "denoise")
+            self.metrics.scoring_duration.observe(seconds)
+            self.metrics.batches.inc()
+            for s in scores.tolist():
+                self.metrics.reconstruction_error.observe(s)
+        self.committer.put(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version, bundle.threshold))
 
     def _committed(self, batch: Batch) -> None:
         self._count_in_flight(-len(batch.claims))
@@ -400,7 +362,7 @@ class Daemon:
         self.metrics.items.labels(verdict=verdict).inc(rows)
         if verdict == "rejected":
             self.metrics.errors.labels(reason=record["reason"]).inc()
-        self.metrics.item_latency.observe(max(0.0, now - unit.claim.arrived))
+        self.metrics.item_latency.observe(max(0.0, now - unit.arrived))
         self.metrics.last_decision.set(now)
         self.counts[verdict] = self.counts.get(verdict, 0) + rows
         fields = {k: record.get(k) for k in ("item", "verdict", "score", "threshold", "p_value", "path")}

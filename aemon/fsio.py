@@ -21,6 +21,7 @@ from typing import Any
 
 __all__ = [
     "utc_now",
+    "iso_time",
     "temp_name",
     "fsync_dir",
     "write_durably",
@@ -32,6 +33,11 @@ __all__ = [
 ]
 
 _RENAME_NOREPLACE = 1
+
+
+def iso_time(epoch: float) -> str:
+    """``epoch`` (seconds) as ISO 8601 UTC with microseconds."""
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def utc_now() -> str:

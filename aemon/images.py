@@ -36,6 +36,8 @@ __all__ = [
     "read_array",
     "array_to_input",
     "input_to_array",
+    "Decoded",
+    "decode",
     "decode_file",
 ]
 
@@ -292,15 +294,44 @@ def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
     return out.reshape(like.shape).astype(like.dtype)
 
 
-def decode_file(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:
-    """Decode an image or array file into model input ``(N, H, W, 1)``; N is 1 for an image."""
+@dataclass
+class Decoded:
+    """One decoded file: model input, and for an array file the array exactly as stored."""
+
+    #: Model input ``(N, H, W, 1)`` float32 in [0, 1]; N is 1 for an image.
+    x: np.ndarray
+    #: The array as stored (arrays only), for writing parts of it back with its own dtype.
+    raw: np.ndarray | None = None
+    #: The ``.npz`` member used (``.npz`` only).
+    key: str | None = None
+
+
+def decode(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits(),
+           label: str | None = None) -> Decoded:
+    """Decode an image or array file, choosing the decoder by suffix (the only place that does).
+
+    Args:
+        path: The file.
+        prep: The bundle's preprocessing.
+        limits: Size limits.
+        label: The name used in error messages (default: the file name).
+
+    Raises:
+        ItemRejected: a subclass naming why the file cannot be used (``UnsupportedType`` for
+            other suffixes).
+    """
     if is_image_name(path.name):
-        return decode_image(path, prep, limits)[None]
+        return Decoded(decode_image(path, prep, limits)[None])
     if is_array_name(path.name):
         raw, key = read_array(path, limits)
-        label = f"{path.name}[{key}]" if key else path.name
-        return array_to_input(raw, prep, label)
+        name = label or path.name
+        return Decoded(array_to_input(raw, prep, f"{name}[{key}]" if key else name), raw, key)
     raise UnsupportedType(
-        f"{path.name}: unsupported file type; expected an image "
+        f"{label or path.name}: unsupported file type; expected an image "
         f"({', '.join(sorted(IMAGE_SUFFIXES))}) or an array (.npy, .npz)"
     )
+
+
+def decode_file(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:
+    """Model input ``(N, H, W, 1)`` of an image or array file (see :func:`decode`)."""
+    return decode(path, prep, limits).x

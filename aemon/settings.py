@@ -55,6 +55,13 @@ class Settings(BaseSettings):
 
     _toml_file: ClassVar[Path | None] = None
 
+    @property
+    def limits(self):
+        """The item size limits (:class:`aemon.images.Limits`)."""
+        from aemon.images import Limits
+
+        return Limits(max_bytes=self.max_file_bytes, max_pixels=self.max_image_pixels, max_rows=self.max_array_rows)
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:

@@ -20,6 +20,7 @@ import numpy as np
 
 from aemon.claims import Claim
 from aemon.errors import EmptyItem, IgnoredName, ItemRejected, NameTooLong, Unreadable, UnsafeItem, UnsupportedType
+from aemon.fsio import iso_time
 from aemon.inbox import is_ignored
 
 __all__ = ["MAX_NAME_BYTES", "Unit", "expand", "check_file"]
@@ -35,11 +36,12 @@ _PATH_MAX = 4096
 class Unit:
     """One file to route: an image, an array, or one file of a folder batch."""
 
-    claim: Claim
-    #: Where the file lies now (inside the batch folder).
+    #: Where the file lies now (inside the batch folder for the daemon).
     path: Path
-    #: Its path relative to ``inbox/``: the record's ``item``.
+    #: Its path relative to ``inbox/`` (or as given to a verb): the record's ``item``.
     rel: str
+    #: When it arrived (epoch seconds).
+    arrived: float = 0.0
     #: The folder batch it belongs to (the entry's name), if any.
     batch: str | None = None
     #: Where it goes, relative to a result folder; ``rel`` unless that cannot be used.
@@ -52,6 +54,11 @@ class Unit:
     p_values: np.ndarray | None = None
     verdicts: list[str] | None = None
     recon: np.ndarray | None = None
+
+    @property
+    def received_at(self) -> str:
+        """Arrival time, ISO 8601 UTC."""
+        return iso_time(self.arrived)
 
     @property
     def dest_rel(self) -> str:
@@ -82,14 +89,14 @@ def expand(claim: Claim, dest_root: str) -> list[Unit]:
     name = claim.name
     if _nbytes(name) > MAX_NAME_BYTES:
         err = NameTooLong(f"the name is {_nbytes(name)} bytes long; the longest taken is {MAX_NAME_BYTES}")
-        return [Unit(claim, claim.path, name, place_rel=short_name(name), error=err)]
+        return [Unit(claim.path, name, claim.arrived, place_rel=short_name(name), error=err)]
     if not stat.S_ISDIR(os.lstat(claim.path).st_mode):
-        return [Unit(claim, claim.path, name)]
+        return [Unit(claim.path, name, claim.arrived)]
     units, problem = _walk(claim, dest_root)
     if problem is not None:
-        return [Unit(claim, claim.path, name, error=problem)]
+        return [Unit(claim.path, name, claim.arrived, error=problem)]
     if not units:
-        return [Unit(claim, claim.path, name, error=EmptyItem(f"folder {name} holds no files"))]
+        return [Unit(claim.path, name, claim.arrived, error=EmptyItem(f"folder {name} holds no files"))]
     return units
 
 
@@ -106,7 +113,7 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
                 names.append(d)
         if not dirs and not names and dirpath != os.fspath(claim.path):
             rel = os.path.relpath(dirpath, base)
-            units.append(Unit(claim, Path(dirpath), rel, batch=claim.name,
+            units.append(Unit(Path(dirpath), rel, claim.arrived, batch=claim.name,
                               error=EmptyItem(f"folder {rel} holds no files")))
         for fname in sorted(names):
             path = os.path.join(dirpath, fname)
@@ -116,7 +123,7 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
                                        f"or a path near PATH_MAX); the folder is kept whole")
             error = IgnoredName(f"{fname} is a hidden, partial or backup name; such files are never scored") \
                 if is_ignored(fname) else None
-            units.append(Unit(claim, Path(path), rel, batch=claim.name, error=error))
+            units.append(Unit(Path(path), rel, claim.arrived, batch=claim.name, error=error))
     if errors:
         exc = errors[0]
         if exc.errno == errno.ENAMETOOLONG:

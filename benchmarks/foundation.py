@@ -28,7 +28,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 
 from aemon.bundle import default_bundle_path, load_bundle  # noqa: E402
 from aemon.images import array_to_input  # noqa: E402
-from aemon.oneshot import score_paths  # noqa: E402
+from aemon.pipeline import score_paths  # noqa: E402
 from aemon.settings import Settings  # noqa: E402
 
 
@@ -77,7 +77,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         npy = Path(tmp) / "mnist_test.npy"
         np.save(npy, normal_raw)
-        t_inproc = _best_of(lambda: sum(1 for _ in score_paths(bundle, [npy], settings)))
+        t_inproc = _best_of(lambda: sum(1 for _ in score_paths(bundle, [npy], settings.limits)))
         env = {**os.environ, "AEMON_LOG_FORMAT": "json"}
         cmd = [sys.executable, "-m", "aemon", "score", str(bundle.path), str(npy)]
 

@@ -1,0 +1,238 @@
+"""The path of an item from file to decision, shared by the daemon and the one-shot verbs.
+
+units (:mod:`aemon.units`) → :func:`decode` → :func:`decide` (one model call for a batch) →
+:func:`plan` (what gets written where: the item itself, array parts, denoised outputs, each with
+its record). The daemon carries a plan out crash-safely (:mod:`aemon.commit`); ``aemon score``
+prints the records and ``aemon denoise`` writes the reconstructions, both with :func:`score_paths`
+and :func:`denoise_paths` below.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aemon.calibration import decide as verdicts_of
+from aemon.errors import ItemRejected, Unreadable
+from aemon.fsio import utc_now
+from aemon.images import Limits, Preprocessing, input_to_array
+from aemon.images import decode as decode_file
+from aemon.records import rejected_record, scored_record
+from aemon.router import Router, png_bytes, png_name, rows_bytes
+from aemon.scoring import reconstruction_error
+from aemon.sources import list_images, load_source
+from aemon.units import Unit, check_file
+
+__all__ = ["Output", "decode", "decide", "plan", "score_paths", "denoise_paths"]
+
+#: Images gathered before one model call in the one-shot verbs.
+FLUSH_IMAGES = 1024
+
+
+def decode(unit: Unit, prep: Preprocessing, limits: Limits) -> None:
+    """Fill ``unit.x`` (and ``raw``/``key`` for arrays); links and special files are never opened.
+
+    Raises:
+        ItemRejected: why the unit cannot be scored.
+    """
+    check_file(unit)
+    decoded = decode_file(unit.path, prep, limits, unit.rel)
+    unit.x, unit.raw, unit.key = decoded.x, decoded.raw, decoded.key
+
+
+def decide(units: list[Unit], bundle, reconstruct: bool = False) -> tuple[float, np.ndarray]:
+    """Score decoded ``units`` with one model call; set their scores, p-values, verdicts (and reconstructions).
+
+    Args:
+        units: Decoded units (``x`` set); ``x`` is released afterwards.
+        bundle: The loaded bundle.
+        reconstruct: Keep the reconstructions (denoise mode), scoring them in numpy.
+
+    Returns:
+        Seconds spent in the model call, and every score of the batch.
+    """
+    x = units[0].x if len(units) == 1 else np.concatenate([u.x for u in units])
+    started = time.perf_counter()
+    if reconstruct:
+        recon = bundle.scorer.reconstruct(x)
+        scores = reconstruction_error(x, recon, bundle.scorer.score_fn)
+    else:
+        recon, scores = None, bundle.score(x)
+    seconds = time.perf_counter() - started
+    pvals = bundle.p_values(scores)
+    verdicts = verdicts_of(scores, bundle.threshold)
+    i = 0
+    for unit in units:
+        part = slice(i, i + len(unit.x))
+        i += len(unit.x)
+        unit.scores, unit.p_values, unit.verdicts = scores[part], pvals[part], verdicts[part]
+        unit.recon = None if recon is None else recon[part]
+        unit.x = None  # the pixels are no longer needed; the batch may wait for its commit
+    return seconds, scores
+
+
+@dataclass
+class Output:
+    """One thing to place under a result folder: the unit's own file (``data`` None) or new bytes."""
+
+    folder: str
+    rel: str
+    data: bytes | None = None
+    #: The record written beside it (its ``path`` is filled in once the name is chosen).
+    record: dict[str, Any] | None = None
+    #: Record field of the unit's later outputs that names this output's path (``denoised``).
+    names_as: str | None = None
+
+
+def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | None) -> tuple[list[Output], bool]:
+    """What routing ``unit`` writes, in order, and whether its source file is removed afterwards.
+
+    An image or a rejected file is placed itself; an array is split into one part per verdict
+    (the source removed); in denoise mode the reconstruction comes first.
+
+    Args:
+        unit: A decided or rejected unit.
+        model: The bundle's name and version.
+        threshold: The bundle's threshold.
+    """
+    common: dict[str, Any] = {"model_name": model[0], "model_version": model[1],
+                              "received_at": unit.received_at, "decided_at": utc_now()}
+    if unit.batch:
+        common["batch"] = unit.batch
+    if unit.error is not None:
+        record = rejected_record(item=unit.rel, reason=unit.error.reason, error=str(unit.error), **common)
+        return [Output("rejected", unit.dest_rel, record=record)], False
+    outputs: list[Output] = []
+    if unit.raw is None:
+        if unit.recon is not None:
+            outputs.append(Output("denoised", png_name(unit.dest_rel), png_bytes(unit.recon[0]), names_as="denoised"))
+        verdict = unit.verdicts[0]
+        record = scored_record(item=unit.rel, verdict=verdict, score=float(unit.scores[0]), threshold=threshold,
+                               p_value=float(unit.p_values[0]), **common)
+        return [*outputs, Output(verdict, unit.dest_rel, record=record)], False
+    raw = unit.raw
+    if unit.recon is not None:
+        denoised = rows_bytes(input_to_array(unit.recon, raw), unit.rel, unit.key)
+        outputs.append(Output("denoised", unit.dest_rel, denoised, names_as="denoised"))
+    names = np.array(unit.verdicts)
+    for verdict in ("ok", "anomaly"):
+        idx = np.flatnonzero(names == verdict)
+        if idx.size == 0:
+            continue
+        rows = [{"index": int(j), "score": float(unit.scores[j]), "p_value": float(unit.p_values[j])} for j in idx]
+        record = scored_record(
+            item=unit.rel, verdict=verdict, score=float(np.max(unit.scores[idx])), threshold=threshold,
+            p_value=float(np.min(unit.p_values[idx])), rows=rows, n_rows=int(idx.size), total_rows=len(raw),
+            dtype=str(raw.dtype), **common,
+        )
+        if unit.key:
+            record["array_key"] = unit.key
+        outputs.append(Output(verdict, unit.dest_rel, rows_bytes(raw[idx], unit.rel, unit.key), record=record))
+    return outputs, True
+
+
+# -- the one-shot verbs ----------------------------------------------------
+def _units(paths: Iterable[Path]) -> Iterator[tuple[Unit, Path | None]]:
+    """Each file argument as a unit; each folder argument as its images and arrays (with that folder)."""
+    for path in paths:
+        if path.is_dir():
+            for file in list_images(path, arrays=True):
+                yield Unit(file, file.as_posix(), arrived=time.time()), path
+        else:
+            yield Unit(path, path.as_posix(), arrived=time.time()), None
+
+
+def _decoded_batches(paths: Iterable[Path], prep: Preprocessing,
+                     limits: Limits) -> Iterator[list[tuple[Unit, Path | None]]]:
+    """Units in batches of up to :data:`FLUSH_IMAGES` images, in order; a rejected unit is a batch of its own."""
+    batch: list[tuple[Unit, Path | None]] = []
+    pending = 0
+    for unit, root in _units(paths):
+        try:
+            if not unit.path.exists() and not unit.path.is_symlink():
+                raise Unreadable(f"{unit.path}: no such file or directory")
+            decode(unit, prep, limits)
+        except ItemRejected as exc:
+            unit.error = exc
+            if batch:
+                yield batch
+            batch, pending = [], 0
+            yield [(unit, root)]
+            continue
+        batch.append((unit, root))
+        pending += len(unit.x)
+        if pending >= FLUSH_IMAGES:
+            yield batch
+            batch, pending = [], 0
+    if batch:
+        yield batch
+
+
+def _rejected(unit: Unit, bundle) -> dict:
+    return rejected_record(item=unit.rel, reason=unit.error.reason, error=str(unit.error),
+                           received_at=unit.received_at, decided_at=utc_now(), model_name=bundle.name,
+                           model_version=bundle.version)
+
+
+def score_paths(bundle, paths: Iterable[Path | str], limits: Limits) -> Iterator[dict]:
+    """``aemon score``: one record per image (per row for arrays and named datasets), in order."""
+    for arg in paths:
+        if isinstance(arg, str):  # a named dataset (sample:..., keras:...): its images are rows
+            units = [Unit(Path(arg), arg, arrived=time.time())]
+            units[0].x = load_source(arg, bundle.preprocessing, limits).x
+            yield from _score_records(bundle, units, rows=True)
+            continue
+        for batch in _decoded_batches([arg], bundle.preprocessing, limits):
+            units = [u for u, _ in batch]
+            if units[0].error is not None:
+                yield _rejected(units[0], bundle)
+                continue
+            yield from _score_records(bundle, units)
+
+
+def _score_records(bundle, units: list[Unit], rows: bool = False) -> Iterator[dict]:
+    decide(units, bundle)
+    decided_at = utc_now()
+    for unit in units:
+        is_rows = rows or unit.raw is not None
+        for i in range(len(unit.scores)):
+            yield scored_record(item=unit.rel, verdict=unit.verdicts[i], score=unit.scores[i],
+                                threshold=bundle.threshold, p_value=unit.p_values[i], model_name=bundle.name,
+                                model_version=bundle.version, received_at=unit.received_at, decided_at=decided_at,
+                                **({"index": i} if is_rows else {}))
+
+
+def _denoise_name(unit: Unit, root: Path | None) -> str:
+    """The output name: relative to the folder argument it came from, else the file's own name."""
+    if root is not None:
+        return (Path(root.name) / unit.path.relative_to(root)).as_posix()
+    return unit.path.name
+
+
+def denoise_paths(bundle, paths: Iterable[Path], limits: Limits, out: Path) -> Iterator[dict]:
+    """``aemon denoise``: write each item's reconstruction under ``out``; one record per item, in order.
+
+    Images become 8-bit PNGs (``.png`` appended to other names); arrays keep their shape and
+    dtype. Folder arguments keep their relative paths; an existing name gets a ``-N`` suffix (the
+    same :class:`~aemon.router.Router` as the daemon's ``denoised/`` folder).
+    """
+    router = Router(out)
+    for batch in _decoded_batches(paths, bundle.preprocessing, limits):
+        if batch[0][0].error is not None:
+            yield _rejected(batch[0][0], bundle)
+            continue
+        decide([u for u, _ in batch], bundle, reconstruct=True)
+        for unit, root in batch:
+            name = _denoise_name(unit, root)
+            if unit.raw is None:
+                dest = router.write_new(png_bytes(unit.recon[0]), "", png_name(name))
+            else:
+                dest = router.write_new(rows_bytes(input_to_array(unit.recon, unit.raw), name, unit.key), "", name)
+            yield {"item": unit.rel, "denoised": str(dest), "rows": len(unit.scores),
+                   "score": float(np.max(unit.scores)), "model": {"name": bundle.name, "version": bundle.version},
+                   "received_at": unit.received_at, "decided_at": utc_now()}
