@@ -16,12 +16,18 @@ import shutil
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from aemon.fsio import iso_time, rename_noreplace
+from aemon.journal import drop_undecided, prune_empty, read_journal, remove_batch
+from aemon.logs import get_logger
+from aemon.router import Router
 
 __all__ = ["Claim", "ClaimStore"]
+
+log = get_logger()
 
 LOCK_NAME = ".lock"
 #: A daemon's own temp folder inside its claims folder (removed with it).
@@ -144,6 +150,32 @@ class ClaimStore:
             finally:
                 os.close(fd)
         return sorted(adopted, key=lambda p: p.name)
+
+    def recover(self, router: Router, inbox: Path) -> Iterator[list[Claim]]:
+        """Adopt the batch folders of stopped daemons; finish what they decided; yield what is left to route.
+
+        A batch with a journal was decided before the crash: exactly that decision is finished
+        (items placed, missing records written). Its folder entries' empty shells are removed;
+        anything else, and the entries of a batch without a journal, are yielded (one list per
+        batch folder) to be routed again. Outputs of undecided batches are dropped.
+        """
+        for batch_dir in self.adopt_orphans():
+            journal = read_journal(batch_dir)
+            if journal is not None:
+                done = journal.run(router, batch_dir)
+                log.info("claim.finished", batch=batch_dir.name, steps=len(done))
+                for name in journal.entries:
+                    entry = batch_dir / name
+                    if entry.is_dir() and not entry.is_symlink():
+                        prune_empty(entry)
+            drop_undecided(batch_dir)
+            claims = self.entries(batch_dir)
+            if not claims:
+                remove_batch(batch_dir, inbox)
+                continue
+            for claim in claims:
+                log.info("claim.recovered", item=claim.name, batch=batch_dir.name)
+            yield claims
 
     def _adopt(self, batch: Path) -> list[Path]:
         target = self.owner / batch.name

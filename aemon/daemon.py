@@ -25,10 +25,10 @@ from aemon.confine import confine_libraries
 from aemon.errors import AemonError, ItemRejected, StartupError
 from aemon.http import HttpServer, is_loopback
 from aemon.inbox import Inbox
-from aemon.journal import drop_undecided, prune_empty, read_journal, remove_batch
 from aemon.logs import get_logger
 from aemon.metrics import build
 from aemon.pipeline import decide, decode
+from aemon.recorder import Recorder
 from aemon.router import FOLDERS, Router
 from aemon.settings import Settings
 from aemon.units import Unit, expand
@@ -63,7 +63,9 @@ class Daemon:
         self.router = Router(self.root)
         self.inbox = Inbox(self.root, settings.settle_seconds, settings.rescan_seconds, settings.polling)
         self.claims = ClaimStore(self.root)
-        self.committer = Committer(self.router, self.root / "inbox", self._decided, self._committed)
+        self.recorder = Recorder(self.metrics)
+        self.committer = Committer(self.router, self.root / "inbox",
+                                   lambda unit, record: self.recorder.decided(unit.arrived, record), self._committed)
         #: Entries claimed and not yet committed.
         self.in_flight = 0
         self._in_flight_lock = threading.Lock()
@@ -75,7 +77,6 @@ class Daemon:
         self.reload_requested = False
         self.heartbeat = 0.0
         self.ready = False
-        self.counts = {"ok": 0, "anomaly": 0, "rejected": 0}
         self._old_handlers: dict[int, object] = {}
         self._notify_sock: socket.socket | None = None
         self._unconfine: Callable[[], None] | None = None
@@ -180,8 +181,7 @@ class Daemon:
 
     def _set_model_metrics(self) -> None:
         b = self.bundle
-        self.metrics.threshold.set(b.threshold)
-        self.metrics.model_info.info({"name": b.name, "version": b.version, "arch": b.meta.arch})
+        self.recorder.model(b.name, b.version, b.meta.arch, b.threshold)
 
     # -- signals and notify ----------------------------------------------
     def _install_signals(self) -> None:
@@ -253,11 +253,11 @@ class Daemon:
             bundle = self._load(path)
         except AemonError as exc:
             log.error("bundle.reload_failed", path=str(path), error=str(exc), kept=self.bundle.version)
-            self.metrics.reloads.labels(result="failed").inc()
+            self.recorder.reload(ok=False)
             return
         self.bundle = bundle
         self._set_model_metrics()
-        self.metrics.reloads.labels(result="ok").inc()
+        self.recorder.reload(ok=True)
 
     def drain(self) -> None:
         """Commit what was scored; entries not committed within the grace time stay claimed."""
@@ -269,7 +269,7 @@ class Daemon:
             raise self.committer.failure
 
     def _set_pending(self) -> None:
-        self.metrics.inbox_pending.set(self.inbox.pending() + self.in_flight)
+        self.recorder.pending(self.inbox.pending() + self.in_flight)
 
     def _count_in_flight(self, n: int) -> None:
         with self._in_flight_lock:
@@ -278,55 +278,13 @@ class Daemon:
     def _adopt_orphans(self) -> None:
         """Finish or route again the batch folders of daemons that stopped (this one's, earlier)."""
         self._last_adopt = time.monotonic()
-        for batch_dir in self.claims.adopt_orphans():
-            journal = read_journal(batch_dir)
-            if journal is not None:
-                # Decided before the crash: finish exactly that decision.
-                done = journal.run(self.router, batch_dir)
-                log.info("claim.finished", batch=batch_dir.name, steps=len(done))
-                for name in journal.entries:  # done; what is left of them is a folder batch's shell
-                    if (batch_dir / name).is_dir() and not (batch_dir / name).is_symlink():
-                        prune_empty(batch_dir / name)
-            drop_undecided(batch_dir)
-            claims = ClaimStore.entries(batch_dir)
-            if not claims:
-                remove_batch(batch_dir, self.inbox.dir)
-                continue
-            for claim in claims:
-                log.info("claim.recovered", item=claim.name, batch=batch_dir.name)
+        for claims in self.claims.recover(self.router, self.inbox.dir):
             self._count_in_flight(len(claims))
             self.process(claims)
 
     def _gather(self) -> list[Claim]:
-        """Claim up to ``batch_size`` complete entries into one batch folder, waiting ``batch_wait_ms``."""
-        size = self.settings.batch_size
-        taken = self.inbox.take(size)
-        if not taken:
-            return []
-        batch_dir = self.claims.new_batch(min(arrived for _, arrived in taken))
-        names: set[str] = set()
-        claims = self._claim(taken, batch_dir, names)
-        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000.0
-        while len(claims) < size and time.monotonic() < deadline and not self.should_exit:
-            self.inbox.wait(max(0.0, deadline - time.monotonic()))
-            claims += self._claim(self.inbox.take(size - len(claims)), batch_dir, names)
-        if not claims:
-            batch_dir.rmdir()
-        return claims
-
-    def _claim(self, taken: list[tuple[str, float]], batch_dir: Path, names: set[str]) -> list[Claim]:
-        """Claim ``taken`` into ``batch_dir``; a name already in it waits in the inbox for the next batch."""
-        claims = []
-        for name, arrived in taken:
-            if name in names:  # the same name dropped again: never rename over the first
-                self.inbox.put_back(name, arrived)
-                continue
-            claim = self.claims.claim(self.inbox.dir / name, batch_dir, arrived)
-            if claim is not None:
-                names.add(name)
-                claims.append(claim)
-        self._count_in_flight(len(claims))
-        return claims
+        return self.inbox.gather(self.claims, self.settings.batch_size, self.settings.batch_wait_ms / 1000.0,
+                                 lambda: self.should_exit, self._count_in_flight)
 
     # -- one batch -------------------------------------------------------
     def process(self, claims: list[Claim]) -> None:
@@ -343,34 +301,12 @@ class Daemon:
             except ItemRejected as exc:
                 unit.error = exc
         if good:
-            seconds, scores = decide(good, bundle, reconstruct=self.settings.mode == "denoise")
-            self.metrics.scoring_duration.observe(seconds)
-            self.metrics.batches.inc()
-            for s in scores.tolist():
-                self.metrics.reconstruction_error.observe(s)
+            self.recorder.scored(*decide(good, bundle, reconstruct=self.settings.mode == "denoise"))
         self.committer.put(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version, bundle.threshold))
 
     def _committed(self, batch: Batch) -> None:
         self._count_in_flight(-len(batch.claims))
         self._set_pending()
-
-    def _decided(self, unit: Unit, record: dict) -> None:
-        """Count and log one committed record (called on the commit thread)."""
-        now = time.time()
-        verdict = record["verdict"]
-        rows = record.get("n_rows") or 1
-        self.metrics.items.labels(verdict=verdict).inc(rows)
-        if verdict == "rejected":
-            self.metrics.errors.labels(reason=record["reason"]).inc()
-        self.metrics.item_latency.observe(max(0.0, now - unit.arrived))
-        self.metrics.last_decision.set(now)
-        self.counts[verdict] = self.counts.get(verdict, 0) + rows
-        fields = {k: record.get(k) for k in ("item", "verdict", "score", "threshold", "p_value", "path")}
-        if verdict == "rejected":
-            fields["reason"], fields["error"] = record["reason"], record["error"]
-        if "n_rows" in record:
-            fields["rows"] = record["n_rows"]
-        (log.warning if verdict == "rejected" else log.info)("item.decided", **fields)
 
     # -- shutdown --------------------------------------------------------
     def shutdown(self) -> None:
@@ -390,4 +326,4 @@ class Daemon:
             self._notify_sock.close()
             self._notify_sock = None
         self._restore_signals()
-        log.info("daemon.stopped", **self.counts)
+        log.info("daemon.stopped", **self.recorder.counts)

@@ -23,6 +23,7 @@ import queue
 import stat
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ from watchdog.events import (
 from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserver
 
+from aemon.claims import Claim, ClaimStore
 from aemon.logs import get_logger
 
 __all__ = ["IGNORED_SUFFIXES", "is_ignored", "Inbox"]
@@ -163,6 +165,48 @@ class Inbox:
             self._observer = None
 
     # -- loop thread -----------------------------------------------------
+    def gather(self, store: ClaimStore, size: int, wait: float, stop: Callable[[], bool],
+               claimed: Callable[[int], None]) -> list[Claim]:
+        """Claim up to ``size`` complete entries into one new batch folder, waiting up to ``wait`` seconds.
+
+        A name already in the batch folder (dropped again meanwhile) waits for the next batch:
+        one batch folder never holds two entries of one name.
+
+        Args:
+            store: This daemon's claims.
+            size: Most entries in the batch.
+            wait: Longest wait for the batch to fill once it has one entry.
+            stop: True when the daemon is stopping (stop waiting).
+            claimed: Called with the number of entries claimed, as they are claimed.
+        """
+        taken = self.take(size)
+        if not taken:
+            return []
+        batch_dir = store.new_batch(min(arrived for _, arrived in taken))
+        names: set[str] = set()
+        claims = self._claim(store, taken, batch_dir, names, claimed)
+        deadline = time.monotonic() + wait
+        while len(claims) < size and time.monotonic() < deadline and not stop():
+            self.wait(max(0.0, deadline - time.monotonic()))
+            claims += self._claim(store, self.take(size - len(claims)), batch_dir, names, claimed)
+        if not claims:
+            batch_dir.rmdir()
+        return claims
+
+    def _claim(self, store: ClaimStore, taken: list[tuple[str, float]], batch_dir: Path, names: set[str],
+               claimed: Callable[[int], None]) -> list[Claim]:
+        claims = []
+        for name, arrived in taken:
+            if name in names:  # the same name dropped again: never rename over the first
+                self.put_back(name, arrived)
+                continue
+            claim = store.claim(self.dir / name, batch_dir, arrived)
+            if claim is not None:
+                names.add(name)
+                claims.append(claim)
+        claimed(len(claims))
+        return claims
+
     def put_back(self, name: str, arrived: float) -> None:
         """Track a taken entry again, complete (the caller could not claim it into this batch)."""
         self._candidates[name] = _Candidate(None, time.monotonic(), arrived, moved_in=True)

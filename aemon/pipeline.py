@@ -24,7 +24,6 @@ from aemon.images import Limits, Preprocessing, input_to_array
 from aemon.images import decode as decode_file
 from aemon.records import rejected_record, scored_record
 from aemon.router import Router, png_bytes, png_name, rows_bytes
-from aemon.scoring import reconstruction_error
 from aemon.sources import list_images, load_source
 from aemon.units import Unit, check_file
 
@@ -59,6 +58,8 @@ def decide(units: list[Unit], bundle, reconstruct: bool = False) -> tuple[float,
     x = units[0].x if len(units) == 1 else np.concatenate([u.x for u in units])
     started = time.perf_counter()
     if reconstruct:
+        from aemon.scoring import reconstruction_error  # TensorFlow: imported only once a bundle is loaded
+
         recon = bundle.scorer.reconstruct(x)
         scores = reconstruction_error(x, recon, bundle.scorer.score_fn)
     else:

@@ -475,7 +475,7 @@ def test_a_finished_folder_batch_is_not_rejected_as_empty_after_a_crash(root, ma
     left = _record(root / "rejected" / "b1" / ".x.png.swp")
     assert left["reason"] == "ignored_name" and left["batch"] == "b1"
     assert (root / "rejected" / "b1" / ".x.png.swp").read_bytes() == b"hidden, never taken"
-    assert daemon.counts == {"ok": 0, "anomaly": 0, "rejected": 1}  # x.png not decided twice
+    assert daemon.recorder.counts == {"ok": 0, "anomaly": 0, "rejected": 1}  # x.png not decided twice
     assert list((root / ".aemon" / "claims").iterdir()) == []
 
 

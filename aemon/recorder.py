@@ -1,0 +1,73 @@
+"""Decisions as metrics and log lines: every counter, gauge and histogram a decision moves, and the
+one ``item.decided`` event per record, in one place."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from aemon.logs import get_logger
+from aemon.metrics import Metrics
+
+__all__ = ["Recorder"]
+
+log = get_logger()
+
+_LOGGED = ("item", "verdict", "score", "threshold", "p_value", "path")
+
+
+class Recorder:
+    """Counts and logs what the daemon decides.
+
+    Args:
+        metrics: The daemon's metrics.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        #: Decisions by verdict (array rows count one each), logged at shutdown.
+        self.counts: dict[str, int] = {"ok": 0, "anomaly": 0, "rejected": 0}
+        self._lock = threading.Lock()
+
+    def model(self, name: str, version: str, arch: str, threshold: float) -> None:
+        """A bundle was loaded."""
+        self.metrics.threshold.set(threshold)
+        self.metrics.model_info.info({"name": name, "version": version, "arch": arch})
+
+    def reload(self, ok: bool) -> None:
+        """A SIGHUP reload ended."""
+        self.metrics.reloads.labels(result="ok" if ok else "failed").inc()
+
+    def scored(self, seconds: float, scores: np.ndarray) -> None:
+        """One model call scored ``scores`` in ``seconds``."""
+        self.metrics.scoring_duration.observe(seconds)
+        self.metrics.batches.inc()
+        for s in scores.tolist():
+            self.metrics.reconstruction_error.observe(s)
+
+    def pending(self, n: int) -> None:
+        """Entries waiting in the inbox or claimed and not committed."""
+        self.metrics.inbox_pending.set(n)
+
+    def decided(self, arrived: float, record: dict[str, Any]) -> None:
+        """One record was committed (called on the commit thread)."""
+        now = time.time()
+        verdict = record["verdict"]
+        rows = record.get("n_rows") or 1
+        m = self.metrics
+        m.items.labels(verdict=verdict).inc(rows)
+        if verdict == "rejected":
+            m.errors.labels(reason=record["reason"]).inc()
+        m.item_latency.observe(max(0.0, now - arrived))
+        m.last_decision.set(now)
+        with self._lock:
+            self.counts[verdict] = self.counts.get(verdict, 0) + rows
+        fields = {k: record.get(k) for k in _LOGGED}
+        if verdict == "rejected":
+            fields["reason"], fields["error"] = record["reason"], record["error"]
+        if "n_rows" in record:
+            fields["rows"] = record["n_rows"]
+        (log.warning if verdict == "rejected" else log.info)("item.decided", **fields)
