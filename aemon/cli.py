@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
 import textwrap
 import traceback
@@ -155,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-ms", type=float, help="longest wait for a batch to fill (default: 5)")
     p.add_argument("--settle-seconds", type=float, help="a file written in place is taken once unchanged this long (1)")
     p.add_argument("--polling", action="store_true", default=None, help="poll the inbox (network filesystems)")
+    p.add_argument("--workers", type=int, help="processes that decode, score and commit (default: the cores)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)  # set by the main process for its workers
     return parser
 
 
@@ -311,14 +315,34 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 @_verb("run")
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     quiet_tensorflow()
+    if args.worker:
+        from aemon.workers import die_with_parent
+
+        index, _, parent = args.worker.partition(":")
+        die_with_parent(int(parent))
+        configure(settings.log_format, settings.log_level, stream=sys.stdout, worker=int(index))
+        from aemon.daemon import Daemon
+
+        return Daemon(settings, worker=int(index)).run()
+    shared = None
+    if settings.workers > 1 and Path(settings.root).is_dir():
+        from aemon.workers import metrics_dir
+
+        # Before prometheus_client is imported: every process then writes its values to files.
+        shared = metrics_dir(Path(os.path.abspath(settings.root)))
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.fspath(shared)
     from aemon.daemon import Daemon
 
-    return Daemon(settings).run()
+    try:
+        return Daemon(settings, workers=settings.workers - 1).run()
+    finally:
+        if shared is not None:
+            shutil.rmtree(shared, ignore_errors=True)
 
 
 def _settings_flags(args: argparse.Namespace) -> dict:
     names = ("log_format", "log_level", "root", "model", "mode", "metrics_host", "metrics_port",
-             "batch_size", "batch_wait_ms", "settle_seconds", "polling")
+             "batch_size", "batch_wait_ms", "settle_seconds", "polling", "workers")
     return {name: getattr(args, name, None) for name in names}
 
 

@@ -32,6 +32,7 @@ from aemon.recorder import Recorder
 from aemon.router import FOLDERS, Router
 from aemon.settings import Settings
 from aemon.units import Unit, expand
+from aemon.workers import WorkerPool
 
 __all__ = ["Daemon"]
 
@@ -48,16 +49,28 @@ class Daemon:
 
     Args:
         settings: The daemon's settings.
-        registry: Prometheus registry for its metrics (a fresh one by default).
+        registry: Prometheus registry that ``/metrics`` serves (a fresh one by default).
         bundle: An already loaded bundle (tests); by default loaded at startup.
+        workers: Worker processes to run beside this one (see :mod:`aemon.workers`).
+        worker: This process is a worker: no HTTP, no systemd notify; it only routes items.
     """
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None,
-                 bundle: Bundle | None = None) -> None:
+                 bundle: Bundle | None = None, workers: int = 0, worker: int | None = None) -> None:
         self.settings = settings
         self.root = Path(os.path.abspath(settings.root))
         self.registry = registry or CollectorRegistry()
-        self.metrics = build(self.registry)
+        self.worker = worker
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            # Worker processes: values go to files that the main process's collector sums.
+            from prometheus_client import multiprocess
+
+            self.metrics = build(CollectorRegistry(), info_registry=self.registry)
+            if worker is None:
+                multiprocess.MultiProcessCollector(self.registry)
+        else:
+            self.metrics = build(self.registry)
+        self.pool = WorkerPool(settings, workers) if workers > 0 and worker is None else None
         self.bundle = bundle
         self.bundle_path = Path(settings.model) if settings.model else None
         self.router = Router(self.root)
@@ -129,6 +142,12 @@ class Daemon:
                                f"{self.bundle.meta.task} bundle (the shipped one is mnist-denoise)")
         self._set_model_metrics()
         self.committer.start()
+        if self.worker is not None:
+            self.inbox.start()
+            self.heartbeat = time.monotonic()
+            self.ready = True
+            log.info("worker.ready", worker=self.worker, root=str(self.root), version=self.bundle.version)
+            return
         self.http = HttpServer(self.settings.metrics_host, self.settings.metrics_port, self.registry,
                                self.healthy, self.is_ready)
         try:
@@ -146,7 +165,10 @@ class Daemon:
         self.ready = True
         self._notify("READY=1")
         log.info("daemon.ready", root=str(self.root), model=self.bundle.name, version=self.bundle.version,
-                 mode=self.settings.mode, metrics_host=self.settings.metrics_host, metrics_port=self.http.port)
+                 mode=self.settings.mode, metrics_host=self.settings.metrics_host, metrics_port=self.http.port,
+                 workers=1 + (self.pool.count if self.pool else 0))
+        if self.pool is not None:  # after readiness: their start-up does not delay ours
+            self.pool.start()
 
     def _check_folders(self) -> None:
         if not self.root.exists():
@@ -206,7 +228,7 @@ class Daemon:
         self.reload_requested = True
 
     def _notify(self, message: str) -> None:
-        addr = os.environ.get("NOTIFY_SOCKET")
+        addr = os.environ.get("NOTIFY_SOCKET") if self.worker is None else None
         if not addr:
             return
         if addr.startswith("@"):
@@ -242,12 +264,16 @@ class Daemon:
         self._set_pending()
         if self.heartbeat - self._last_adopt >= self.settings.rescan_seconds:
             self._adopt_orphans()
+            if self.pool is not None:
+                self.pool.check()
         if self.reload_requested:
             self.reload()
 
     def reload(self) -> None:
-        """Load the bundle again (SIGHUP); on failure keep the old one."""
+        """Load the bundle again (SIGHUP, passed on to the workers); on failure keep the old one."""
         self.reload_requested = False
+        if self.pool is not None:
+            self.pool.signal(signal.SIGHUP)
         path = self.bundle_path or default_bundle_path(self.settings.mode)
         try:
             bundle = self._load(path)
@@ -312,6 +338,8 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop the observer, the commit thread, then HTTP; log the counts. Safe after a failed startup."""
         self.ready = False
+        if self.pool is not None:
+            self.pool.stop(self.settings.shutdown_grace_seconds)
         self.inbox.stop()
         self.committer.stop(self.settings.shutdown_grace_seconds)
         self.claims.close()
@@ -326,4 +354,4 @@ class Daemon:
             self._notify_sock.close()
             self._notify_sock = None
         self._restore_signals()
-        log.info("daemon.stopped", **self.recorder.counts)
+        log.info("worker.stopped" if self.worker is not None else "daemon.stopped", **self.recorder.counts)

@@ -28,13 +28,14 @@ def quiet_tensorflow() -> None:
     warnings.filterwarnings("ignore", module="keras")
 
 
-def configure(fmt: str | None = None, level: str = "INFO", stream=None) -> None:
+def configure(fmt: str | None = None, level: str = "INFO", stream=None, **fields) -> None:
     """Configure structlog: one event per line, JSON or readable console lines.
 
     Args:
         fmt: ``json`` or ``console``; ``None`` picks JSON unless the stream is a terminal.
         level: Lowest level logged.
         stream: Where lines go (stdout by default).
+        fields: Added to every event of this process, on every thread (a worker's index).
     """
     stream = stream or sys.stdout
     if fmt is None:
@@ -46,6 +47,7 @@ def configure(fmt: str | None = None, level: str = "INFO", stream=None) -> None:
     )
     structlog.configure(
         processors=[
+            *([_add_fields(fields)] if fields else []),
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -56,6 +58,15 @@ def configure(fmt: str | None = None, level: str = "INFO", stream=None) -> None:
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def _add_fields(fields: dict):
+    def add(logger, method: str, event_dict: dict) -> dict:
+        for key, value in fields.items():
+            event_dict.setdefault(key, value)
+        return event_dict
+
+    return add
 
 
 def get_logger(**context) -> structlog.typing.FilteringBoundLogger:

@@ -30,11 +30,17 @@ class Metrics:
     reloads: Counter
 
 
-def build(registry: CollectorRegistry) -> Metrics:
+def build(registry: CollectorRegistry, info_registry: CollectorRegistry | None = None) -> Metrics:
     """Create every metric on ``registry``.
+
+    With worker processes (prometheus_client's multiprocess mode) counters and histograms are
+    summed over the processes; the gauges say how: the threshold is the latest one set, pending
+    entries are summed over live processes, the last decision is the latest of all.
 
     Args:
         registry: Where the metrics are registered (a fresh one per daemon in tests).
+        info_registry: Where ``aemon_model_info`` goes (info metrics are not aggregated across
+            processes: the main process serves its own); default ``registry``.
     """
     metrics = Metrics(
         items=Counter("aemon_items_total", "Items decided, by verdict.", ["verdict"], registry=registry),
@@ -42,16 +48,18 @@ def build(registry: CollectorRegistry) -> Metrics:
         errors=Counter("aemon_errors_total", "Items rejected or failed, by reason.", ["reason"], registry=registry),
         reconstruction_error=Histogram("aemon_reconstruction_error", "Reconstruction error of scored images.",
                                        buckets=_SCORE_BUCKETS, registry=registry),
-        threshold=Gauge("aemon_anomaly_threshold", "Threshold of the loaded bundle.", registry=registry),
+        threshold=Gauge("aemon_anomaly_threshold", "Threshold of the loaded bundle.", registry=registry,
+                        multiprocess_mode="livemostrecent"),
         item_latency=Histogram("aemon_item_latency_seconds", "Arrival in the inbox to record written.",
                                buckets=_LATENCY_BUCKETS, registry=registry),
         scoring_duration=Histogram("aemon_scoring_duration_seconds", "Duration of one model call.",
                                    buckets=_SCORING_BUCKETS, registry=registry),
-        inbox_pending=Gauge("aemon_inbox_pending", "Inbox entries seen and not yet routed.", registry=registry),
+        inbox_pending=Gauge("aemon_inbox_pending", "Inbox entries seen and not yet routed.", registry=registry,
+                            multiprocess_mode="livesum"),
         last_decision=Gauge("aemon_last_decision_timestamp_seconds", "Unix time of the last record written.",
-                            registry=registry),
+                            registry=registry, multiprocess_mode="max"),
         # prometheus_client appends "_info": exposed as aemon_model_info{name,version,arch}.
-        model_info=Info("aemon_model", "The loaded bundle.", registry=registry),
+        model_info=Info("aemon_model", "The loaded bundle.", registry=info_registry or registry),
         reloads=Counter("aemon_reloads_total", "SIGHUP reloads of the bundle, by result.", ["result"],
                         registry=registry),
     )

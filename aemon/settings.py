@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     #: Largest number of rows in one array item.
     max_array_rows: int = Field(1_000_000, ge=1)
+    #: Processes that decode, score and commit (the main one and ``workers - 1`` more).
+    workers: int = Field(default_factory=lambda: _cores(), ge=1, le=64)
     #: Seconds allowed to finish the batch in flight on SIGTERM.
     shutdown_grace_seconds: float = Field(10.0, ge=0, le=3600)
 
@@ -93,6 +95,14 @@ class Settings(BaseSettings):
         if cls._toml_file is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
         return tuple(sources)
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
 
 
 def config_path_from_env() -> Path | None:

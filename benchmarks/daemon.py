@@ -97,10 +97,17 @@ class _Daemon:
         raise RuntimeError("daemon not ready within 120 s")
 
     def rss_mb(self) -> float:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        return float("nan")
+        """RSS of the daemon and its worker processes, MB."""
+        pids = [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        total = 0.0
+        for pid in pids:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        return total
 
     def clear_outputs(self) -> None:
         """Empty ok/ and anomaly/ (keeps a long run's disk use flat); counted as records already."""
@@ -215,8 +222,8 @@ def bench_array(tmp: Path) -> None:
 
 def _claims_pending(root: Path) -> bool:
     """True while a batch folder exists under any daemon's claims folder."""
-    return any(batch.is_dir() for owner in (root / ".aemon" / "claims").iterdir() if owner.is_dir()
-               for batch in owner.iterdir())
+    return any(batch.is_dir() and not batch.name.startswith(".")
+               for owner in (root / ".aemon" / "claims").iterdir() if owner.is_dir() for batch in owner.iterdir())
 
 
 def bench_rss(tmp: Path, first: int, last: int) -> None:
@@ -247,7 +254,11 @@ def main() -> None:
     parser.add_argument("--rss-items", type=int, nargs=2, default=[1000, 50000])
     parser.add_argument("--only", choices=["throughput", "latency", "array", "rss"])
     parser.add_argument("--daemons", type=int, default=1, help="replicas on one root for the throughput figure")
+    parser.add_argument("--workers", help="AEMON_WORKERS for every daemon (default: the daemon's own, the cores)")
     args = parser.parse_args()
+    if args.workers:
+        os.environ["AEMON_WORKERS"] = args.workers  # every daemon started below inherits it
+    print(f"AEMON_WORKERS={os.environ.get('AEMON_WORKERS', 'default (the cores)')}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         if args.only in (None, "throughput"):

@@ -64,7 +64,8 @@ class Daemon:
     def __init__(self, root: Path, log: Path, settle: float = 0.3, env: dict[str, str] | None = None,
                  preexec: Callable[[], None] | None = None) -> None:
         self.root, self.log = root, log
-        full = {**os.environ, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": "0",
+        # One process unless a test asks for workers: each costs a TensorFlow start-up.
+        full = {**os.environ, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": "0", "AEMON_WORKERS": "1",
                 "AEMON_SETTLE_SECONDS": str(settle), "AEMON_LOG_FORMAT": "json", "AEMON_RESCAN_SECONDS": "1"}
         full.pop("AEMON_MODEL", None)
         full.pop("NOTIFY_SOCKET", None)

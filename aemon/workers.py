@@ -1,0 +1,157 @@
+"""Worker processes: more daemons on the same root, so that one ``aemon run`` keeps every core busy.
+
+One Python process scores, decodes and commits on one core at a time (the GIL). ``AEMON_WORKERS``
+(default: the cores this process may use) starts ``N - 1`` extra ``aemon run --worker`` processes
+beside the main one. Each is a whole daemon without HTTP: it watches the inbox, claims entries
+into its own claims folder and commits them; the claims make sharing a root safe, exactly as
+for replicas. The main process serves ``/metrics`` for all of them (prometheus_client's
+multiprocess mode, files under ``.aemon/metrics/``), forwards SIGHUP, restarts a worker that
+exits, and stops them on shutdown. A worker stops with its parent (``PR_SET_PDEATHSIG``), and its
+unfinished batches are adopted like those of any stopped daemon.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from aemon.errors import StartupError
+from aemon.logs import get_logger
+from aemon.settings import Settings
+
+__all__ = ["metrics_dir", "die_with_parent", "WorkerPool"]
+
+log = get_logger()
+
+#: A worker that exits is started again at most this often (seconds).
+RESTART_BACKOFF = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def metrics_dir(root: Path) -> Path:
+    """A fresh folder for this daemon's multiprocess metrics, under ``root/.aemon/metrics``.
+
+    Folders of daemons that no longer run on this host are removed (their counters are over).
+    """
+    state = Path(root) / ".aemon"
+    if state.is_symlink() or (state / "metrics").is_symlink():
+        raise StartupError(f"{state} or its metrics/ folder is a link; aemon never follows links out of its root: "
+                           "make it a real folder")
+    base = state / "metrics"
+    host = socket.gethostname()
+    if base.is_dir():
+        for old in base.iterdir():
+            owner, _, _ = old.name.rpartition("-")
+            owner_host, _, pid = owner.rpartition("-")
+            if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(old, ignore_errors=True)
+    path = base / f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def die_with_parent(parent: int) -> None:
+    """In a worker: get SIGTERM when the main process dies (Linux; elsewhere nothing); stop now if it has."""
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        raise SystemExit(0)
+
+
+def _worker_env(settings: Settings) -> dict[str, str]:
+    """The main process's effective settings as ``AEMON_*`` variables, so each worker runs exactly them."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith("AEMON_")}
+    for name, value in settings.model_dump(mode="json").items():
+        if value is not None:
+            env[f"AEMON_{name.upper()}"] = str(value).lower() if isinstance(value, bool) else str(value)
+    env["AEMON_WORKERS"] = "1"
+    env.pop("NOTIFY_SOCKET", None)  # only the main process talks to systemd
+    return env
+
+
+class WorkerPool:
+    """``count`` worker processes of one main daemon.
+
+    Args:
+        settings: The main process's settings (passed on through the environment).
+        count: How many workers to run.
+    """
+
+    def __init__(self, settings: Settings, count: int) -> None:
+        self.settings = settings
+        self.count = count
+        self._procs: dict[int, subprocess.Popen] = {}
+        self._started: dict[int, float] = {}
+        self._stopping = False
+
+    def start(self) -> None:
+        """Start every worker."""
+        for index in range(1, self.count + 1):
+            self._spawn(index)
+
+    def _spawn(self, index: int) -> None:
+        proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker", f"{index}:{os.getpid()}"],
+                                env=_worker_env(self.settings))
+        self._procs[index] = proc
+        self._started[index] = time.monotonic()
+        log.info("worker.started", worker=index, pid=proc.pid)
+
+    def check(self) -> None:
+        """Start again a worker that exited (at most every :data:`RESTART_BACKOFF` seconds each)."""
+        if self._stopping:
+            return
+        for index, proc in list(self._procs.items()):
+            code = proc.poll()
+            if code is None or time.monotonic() - self._started[index] < RESTART_BACKOFF:
+                continue
+            log.error("worker.exited", worker=index, pid=proc.pid, code=code)
+            _mark_dead(proc.pid)
+            self._spawn(index)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every live worker (SIGHUP: reload the bundle)."""
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    def stop(self, grace: float) -> None:
+        """SIGTERM every worker and wait for them (killed after ``grace`` + 10 s)."""
+        self._stopping = True
+        self.signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace + 10.0
+        for index, proc in self._procs.items():
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker.killed", worker=index, pid=proc.pid)
+                proc.kill()
+                proc.wait()
+            _mark_dead(proc.pid)
+        self._procs.clear()
+
+
+def _mark_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges from the multiprocess metrics."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)
