@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
-__all__ = ["Metrics", "build"]
+from aemon import errors
+
+__all__ = ["Metrics", "build", "REASONS"]
+
+#: Every ``reason`` an item can be rejected for (the ``aemon_errors_total`` labels).
+REASONS = tuple(sorted({cls.reason for cls in vars(errors).values()
+                        if isinstance(cls, type) and issubclass(cls, errors.ItemRejected)}))
 
 _SCORE_BUCKETS = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, float("inf"))
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
@@ -63,6 +69,12 @@ def build(registry: CollectorRegistry, info_registry: CollectorRegistry | None =
         reloads=Counter("aemon_reloads_total", "SIGHUP reloads of the bundle, by result.", ["result"],
                         registry=registry),
     )
-    for result in ("ok", "failed"):  # exported as 0 from the start, so rate() and alerts see them
+    # Every known label value is exported as 0 from the start, so that rate() and alerts see the
+    # series before the first event (and, with workers, so that every family is on /metrics).
+    for result in ("ok", "failed"):
         metrics.reloads.labels(result=result)
+    for verdict in ("ok", "anomaly", "rejected"):
+        metrics.items.labels(verdict=verdict)
+    for reason in REASONS:
+        metrics.errors.labels(reason=reason)
     return metrics

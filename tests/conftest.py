@@ -89,3 +89,9 @@ def mnist_digits() -> np.ndarray:
 
     x, _ = mnist_data()
     return x.reshape(-1, 28, 28).astype(np.uint8)
+
+
+@pytest.fixture(scope="session")
+def digits(mnist_digits: np.ndarray) -> np.ndarray:
+    """The same 5,000 real digits, under the short name the daemon tests use."""
+    return mnist_digits

