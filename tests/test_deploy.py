@@ -289,7 +289,8 @@ def test_dockerfile_healthcheck_command_probes_healthz(live_daemon):
     """The image's HEALTHCHECK one-liner exits 0 against a live daemon and non-zero when nothing answers."""
     line = re.search(r"^\s*CMD (\[.*\])\s*$", (REPO / "Dockerfile").read_text().split("HEALTHCHECK", 1)[1], re.M)
     argv = json.loads(line.group(1))
-    assert argv[0] == "python" and "/healthz" in argv[-1]
+    # The venv's python (Debian's own python3 has no "python"); here, this interpreter stands in for it.
+    assert argv[0] == "/opt/aemon/bin/python" and "/healthz" in argv[-1]
     port = live_daemon[0].rsplit(":", 1)[1]
     env = {**os.environ, "AEMON_METRICS_PORT": port}
     assert _run(sys.executable, *argv[1:], env=env).returncode == 0
