@@ -123,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="folder for the results: PNG per image, same shape and dtype per array")
 
+    p = _add(sub, "samples", "write a few real digit images (and one that is not) to try the daemon with", """
+        aemon samples samples/ && cp samples/digit-3-3.png aemon-data/inbox/
+    """)
+    p.add_argument("out", type=Path, metavar="DIR", help="folder to write the PNGs into (made if missing)")
+    p.add_argument("--count", type=int, default=5, help="how many digits (5)")
+
     p = _add(sub, "info", "print a bundle's metadata", """
         aemon info bundles/digits
         aemon info --json bundles/digits | jq .threshold
@@ -133,10 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "evaluate", "detection quality of bundles: AUROC, AUPRC, FPR and TPR at the threshold", """
         aemon evaluate bundles/digits --normal 'sample:mnist?digits=0' --anomalous 'sample:mnist?digits=1'
         aemon evaluate bundles/a bundles/b --normal mnist.npz?key=x_test --anomalous fashion.npz?key=x_test --json
-        aemon evaluate bundles/conv bundles/pca --normal mnist.npz?key=x_test --anomalous fashion.npz?key=x_test \
+        aemon evaluate mnist-detect bundles/pca --normal mnist.npz?key=x_test --anomalous fashion.npz?key=x_test \\
             --report report/          # then open report/index.html
     """)
-    p.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE", help="one or more bundles to compare")
+    p.add_argument("bundles", type=Path, nargs="+", metavar="BUNDLE",
+                   help="one or more bundle folders (or shipped names such as mnist-detect) to compare")
     p.add_argument("--normal", required=True, metavar="SRC", help="normal images")
     p.add_argument("--anomalous", required=True, metavar="SRC", help="anomalous images")
     p.add_argument("--report", type=Path, metavar="DIR",
@@ -292,6 +299,21 @@ def _info_lines(path: Path, meta) -> Iterator[str]:
     yield f"model sha256  {meta.model_sha256}"
 
 
+@_verb("samples")
+def _samples(args: argparse.Namespace, settings: Settings) -> int:
+    from aemon.sources import write_samples
+
+    if not 1 <= args.count <= 1000:
+        raise UsageError("--count must be between 1 and 1000")
+    try:
+        written = write_samples(args.out, args.count)
+    except FileExistsError as exc:
+        raise UsageError(f"{exc.filename} exists; choose an empty folder") from None
+    for path in written:
+        print(path)
+    return 0
+
+
 @_verb("info")
 def _info(args: argparse.Namespace, settings: Settings) -> int:
     path, meta = _load_bundle_meta(args.bundle, settings)
@@ -356,6 +378,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return 2
+        quiet_tensorflow()  # before any verb may import TensorFlow: no start-up banners on any output
         settings = load_settings(args.config, **_settings_flags(args))
         log_stream = sys.stdout if args.verb == "run" else sys.stderr
         configure(settings.log_format, settings.log_level, stream=log_stream)

@@ -156,26 +156,27 @@ def evaluate_bundles(bundles: list, normal, anomalous) -> list[Evaluation]:
 
 def _table(rows: list[Quality]) -> str:
     names = ("AUROC", "AUPRC", "FPR", "TPR")
-    head = f"{'bundle':<24} " + " ".join(f"{n:>7}" for n in names) + f" {'threshold':>11} {'normal':>7} {'anomal':>7}"
+    head = (f"{'bundle':<24} " + " ".join(f"{n:>7}" for n in names)
+            + f" {'threshold':>11} {'normal':>7} {'anomalous':>9}")
     lines = [head, "-" * len(head)]
     for q in rows:
         mark = " *" if q.warnings else ""
         lines.append(f"{q.bundle:<24} {q.auroc:7.4f} {q.auprc:7.4f} {q.fpr:7.4f} {q.tpr:7.4f} "
-                     f"{q.threshold:11.5g} {q.n_normal:7d} {q.n_anomalous:7d}{mark}")
+                     f"{q.threshold:11.5g} {q.n_normal:7d} {q.n_anomalous:9d}{mark}")
     notes = [f"* {w}" for q in rows for w in q.warnings]
     return "\n".join(lines + notes)
 
 
 def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     """``aemon evaluate``: score both sources with each bundle, print the table, write the report."""
-    from aemon.bundle import load_bundle
+    from aemon.bundle import is_bundle, load_bundle, shipped_bundle
     from aemon.sources import load_source
 
     log = get_logger()
     report_dir: Path | None = args.report
     if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
         raise UsageError(f"--report {report_dir} exists and is not a folder")
-    bundles = [load_bundle(Path(p)) for p in args.bundles]
+    bundles = [load_bundle(p if is_bundle(p) else shipped_bundle(str(p)) or p) for p in args.bundles]
     shapes = {tuple(b.meta.input_shape) for b in bundles}
     if len(shapes) > 1:
         raise UsageError(f"bundles take different input shapes {sorted(shapes)}; compare bundles of one shape")

@@ -11,6 +11,8 @@ Every form becomes a :class:`Dataset` of model input ``(N, H, W, 1)`` in [0, 1],
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -112,7 +114,9 @@ def _keras_dataset(name: str, split: str, src: str) -> tuple[np.ndarray, np.ndar
 
     loader = getattr(keras.datasets, name)
     try:
-        (x_train, y_train), (x_test, y_test) = loader.load_data()
+        # Keras prints "Downloading data from ..." on stdout, which is where records go.
+        with contextlib.redirect_stdout(sys.stderr):
+            (x_train, y_train), (x_test, y_test) = loader.load_data()
     except Exception as exc:  # network errors come in many types
         raise SourceError(
             f"could not load {name} through Keras ({type(exc).__name__}: {exc}); it downloads on first use. "
@@ -205,3 +209,27 @@ def load_source(src: str, prep: Preprocessing = Preprocessing(), limits: Limits 
             )
     x, labels = _filter(x, labels, options, src)
     return Dataset(x=x, labels=labels, source=src)
+
+
+def write_samples(out: Path, count: int = 5) -> list[Path]:
+    """Write ``count`` real digits from ``sample:mnist`` as PNGs, and one image that is not a digit.
+
+    For a first try of the daemon: the digits should land in ``ok/``, the noise in ``anomaly/``.
+    Existing files are never replaced (the call fails instead).
+    """
+    from PIL import Image
+
+    x, y = _sample_mnist()
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    by_label = [np.flatnonzero(y == d) for d in range(10)]
+    picks = [by_label[k % 10][k // 10] for k in range(count)]  # one of each digit, then the next of each
+    images = {f"digit-{int(y[i])}-{k}.png": x[i] for k, i in enumerate(picks)}
+    images["noise.png"] = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+    written = []
+    for name, pixels in images.items():
+        path = out / name
+        with path.open("xb") as fp:  # never over an existing file
+            Image.fromarray(pixels).save(fp, format="PNG")
+        written.append(path)
+    return written

@@ -13,7 +13,7 @@ from PIL import Image
 from aemon.bundle import read_meta
 from aemon.cli import main
 
-VERBS = ["train", "calibrate", "score", "denoise", "info", "evaluate"]
+VERBS = ["train", "calibrate", "score", "denoise", "info", "evaluate", "samples", "run"]
 RECORD_FIELDS = {"item", "verdict", "score", "threshold", "p_value", "model", "received_at", "decided_at"}
 
 
@@ -267,3 +267,46 @@ def test_unknown_aemon_variables_are_named(capsys: pytest.CaptureFixture, monkey
     assert code == 0
     warnings = [json.loads(line) for line in err.splitlines() if "settings.unknown_variable" in line]
     assert [w["name"] for w in warnings] == ["AEMON_BATCHSIZE"]
+
+
+def test_samples_writes_digits_and_noise_and_never_overwrites(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """`aemon samples DIR` writes one PNG per digit 0-9 and a noise image; a second call into DIR refuses."""
+    code, out, _ = run(capsys, "samples", str(tmp_path / "s"), "--count", "10")
+    assert code == 0
+    names = sorted(Path(p).name for p in out.split())
+    assert names == sorted([f"digit-{d}-{d}.png" for d in range(10)] + ["noise.png"])
+    with Image.open(tmp_path / "s" / "digit-7-7.png") as img:
+        assert img.size == (28, 28) and np.asarray(img).max() > 200
+    before = (tmp_path / "s" / "noise.png").read_bytes()
+    code, _, err = run(capsys, "samples", str(tmp_path / "s"))
+    assert code == 2 and "exists" in err
+    assert (tmp_path / "s" / "noise.png").read_bytes() == before
+
+
+def test_evaluate_finds_a_shipped_bundle_by_name(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                 mnist_digits: np.ndarray) -> None:
+    """`aemon evaluate mnist-detect ...` loads the shipped bundle; the table names every column in full."""
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).integers(0, 256, (20, 28, 28), dtype=np.uint8))
+    np.save(tmp_path / "digits.npy", mnist_digits[:40])
+    code, out, err = run(capsys, "evaluate", "mnist-detect", "--normal", str(tmp_path / "digits.npy"),
+                         "--anomalous", str(tmp_path / "noise.npy"))
+    assert code == 0, err
+    header = out.splitlines()[0].split()
+    assert header[-3:] == ["threshold", "normal", "anomalous"]
+    assert out.splitlines()[2].startswith("mnist-detect")
+
+
+def test_calibrate_prints_only_its_summary(tiny_bundle: Path, tmp_path: Path) -> None:
+    """`aemon calibrate` as a process: one summary line on stderr, no TensorFlow start-up banners."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KERAS_BACKEND")}
+    done = subprocess.run([sys.executable, "-m", "aemon", "calibrate", str(tiny_bundle), "--data",
+                           "sample:mnist?limit=400", "--out", str(tmp_path / "re")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "threshold" in lines[0], done.stderr
+    assert done.stdout == ""

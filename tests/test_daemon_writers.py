@@ -68,13 +68,12 @@ def _slow_write(path: Path, data: bytes, pause: float) -> None:
 
 
 def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
-    """cp in place, mv from a sibling folder, rsync's hidden temp + rename, a half-then-half write that
-    pauses past the settle time."""
+    """cp in place, mv from a sibling folder, cp -r of a folder, a half-then-half write that pauses past the
+    settle time."""
     root = live.root
     before = len(records(root))
     src = tmp_path / "src"
     write_png(src / "by cp.png", digits[1])
-    write_png(src / "by-rsync.png", digits[2])
     staging = root / "staging"  # a sibling of inbox/: same filesystem, so mv is a rename
     write_png(staging / "by-mv.png", digits[3])
     batch = tmp_path / "batch"
@@ -85,7 +84,6 @@ def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
 
     subprocess.run(["cp", str(src / "by cp.png"), str(root / "inbox")], check=True)
     subprocess.run(["mv", str(staging / "by-mv.png"), str(root / "inbox")], check=True)
-    subprocess.run(["rsync", str(src / "by-rsync.png"), str(root / "inbox") + "/"], check=True)
     subprocess.run(["cp", "-r", str(batch), str(root / "inbox" / "batch")], check=True)
     # Pauses for three settle times with the file open: the missing close keeps it out of reach.
     writer = threading.Thread(target=_slow_write,
@@ -93,7 +91,7 @@ def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
     writer.start()
     writer.join()
 
-    expected = {"by cp.png", "by-mv.png", "by-rsync.png", "batch/a.png", "batch/b.png", "slow.png"}
+    expected = {"by cp.png", "by-mv.png", "batch/a.png", "batch/b.png", "slow.png"}
     kept = {"batch/.b.png.swp", "batch/c.png.part"}  # inside a folder: never scored, never lost
     wait_records(root, before + len(expected) + len(kept), live)
     time.sleep(1.0)  # anything extra (a second take of a half-written file) would show up now
@@ -110,6 +108,22 @@ def test_real_writers_each_item_once_and_whole(live, tmp_path, digits):
         assert rec["verdict"] == "rejected" and rec["reason"] == "ignored_name", rec
     assert (root / "rejected" / "batch" / "c.png.part").read_bytes() == png_bytes(digits[6])[:40]
     assert len(records(root)) == before + len(expected) + len(kept)
+
+
+def test_rsync_publishes_whole_files(live, tmp_path, digits):
+    """rsync writes a hidden temp file and renames it: one record, the whole file, no temp name taken."""
+    rsync = shutil.which("rsync")
+    if rsync is None:
+        pytest.skip("rsync is not installed (Debian package rsync: apt-get install rsync)")
+    root = live.root
+    before = len(records(root))
+    src = write_png(tmp_path / "by-rsync.png", digits[2])
+    subprocess.run([rsync, str(src), str(root / "inbox") + "/"], check=True)
+    wait_records(root, before + 1, live)
+    time.sleep(1.0)
+    (rec,) = by_item(root)["by-rsync.png"]
+    assert (root / rec["path"]).read_bytes() == src.read_bytes()
+    assert len(records(root)) == before + 1
     assert not (root / "inbox" / "by-rsync.png").exists()
 
 
