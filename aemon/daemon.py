@@ -146,6 +146,7 @@ class Daemon:
             self.inbox.start()
             self.heartbeat = time.monotonic()
             self.ready = True
+            self.recorder.ready(True)
             log.info("worker.ready", worker=self.worker, root=str(self.root), version=self.bundle.version)
             return
         self.http = HttpServer(self.settings.metrics_host, self.settings.metrics_port, self.registry,
@@ -163,6 +164,7 @@ class Daemon:
         self.inbox.start()
         self.heartbeat = time.monotonic()
         self.ready = True
+        self.recorder.ready(True)
         self._notify("READY=1")
         log.info("daemon.ready", root=str(self.root), model=self.bundle.name, version=self.bundle.version,
                  mode=self.settings.mode, metrics_host=self.settings.metrics_host, metrics_port=self.http.port,
@@ -338,6 +340,7 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop the observer, the commit thread, then HTTP; log the counts. Safe after a failed startup."""
         self.ready = False
+        self.recorder.ready(False)
         if self.pool is not None:
             self.pool.stop(self.settings.shutdown_grace_seconds)
         self.inbox.stop()

@@ -34,6 +34,7 @@ class Metrics:
     last_decision: Gauge
     model_info: Info
     reloads: Counter
+    processes: Gauge
 
 
 def build(registry: CollectorRegistry, info_registry: CollectorRegistry | None = None) -> Metrics:
@@ -68,6 +69,8 @@ def build(registry: CollectorRegistry, info_registry: CollectorRegistry | None =
         model_info=Info("aemon_model", "The loaded bundle.", registry=info_registry or registry),
         reloads=Counter("aemon_reloads_total", "SIGHUP reloads of the bundle, by result.", ["result"],
                         registry=registry),
+        processes=Gauge("aemon_processes", "Daemon processes ready and routing items (the main one and its "
+                        "workers).", registry=registry, multiprocess_mode="livesum"),
     )
     # Every known label value is exported as 0 from the start, so that rate() and alerts see the
     # series before the first event (and, with workers, so that every family is on /metrics).

@@ -37,6 +37,10 @@ class Recorder:
         self.metrics.threshold.set(threshold)
         self.metrics.model_info.info({"name": name, "version": version, "arch": arch})
 
+    def ready(self, ready: bool) -> None:
+        """This process started (or stopped) routing items."""
+        self.metrics.processes.set(1 if ready else 0)
+
     def reload(self, ok: bool) -> None:
         """A SIGHUP reload ended."""
         self.metrics.reloads.labels(result="ok" if ok else "failed").inc()

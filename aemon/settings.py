@@ -51,7 +51,7 @@ class Settings(BaseSettings):
     #: Largest number of rows in one array item.
     max_array_rows: int = Field(1_000_000, ge=1)
     #: Processes that decode, score and commit (the main one and ``workers - 1`` more).
-    workers: int = Field(default_factory=lambda: _cores(), ge=1, le=64)
+    workers: int = Field(default_factory=lambda: cores(), ge=1, le=64)
     #: Seconds allowed to finish the batch in flight on SIGTERM.
     shutdown_grace_seconds: float = Field(10.0, ge=0, le=3600)
 
@@ -97,7 +97,7 @@ class Settings(BaseSettings):
         return tuple(sources)
 
 
-def _cores() -> int:
+def cores() -> int:
     """The cores this process may run on."""
     try:
         return max(1, len(os.sched_getaffinity(0)))

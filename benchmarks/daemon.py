@@ -83,6 +83,7 @@ class _Daemon:
         self.proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=full,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.ready_after = self._wait_ready()
+        self.all_ready_after = self._wait_processes(int(full.get("AEMON_WORKERS") or os.cpu_count() or 1))
 
     def _wait_ready(self) -> float:
         deadline = time.perf_counter() + 120
@@ -95,6 +96,17 @@ class _Daemon:
                 pass
             time.sleep(0.02)
         raise RuntimeError("daemon not ready within 120 s")
+
+    def _wait_processes(self, n: int) -> float:
+        """Seconds from start until ``n`` processes (main + workers) route items (aemon_processes)."""
+        deadline = time.perf_counter() + 180
+        while time.perf_counter() < deadline:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as r:
+                for line in r.read().decode().splitlines():
+                    if line.startswith("aemon_processes ") and float(line.split()[1]) >= n:
+                        return time.perf_counter() - self.started
+            time.sleep(0.1)
+        raise RuntimeError(f"{n} processes not ready within 180 s")
 
     def rss_mb(self) -> float:
         """RSS of the daemon and its worker processes, MB."""
@@ -145,7 +157,8 @@ def bench_throughput(tmp: Path, n: int, daemons: int = 1) -> None:
     staged = _write_pngs(tmp / f"stage{daemons}", images)
     root = tmp / f"root_tp{daemons}"
     ds = [_Daemon(root) for _ in range(daemons)]  # replicas on one root share the inbox
-    print(f"ready: /readyz 200 after {ds[0].ready_after:.2f} s from process start")
+    print(f"ready: /readyz 200 after {ds[0].ready_after:.2f} s from process start, every worker routing after "
+          f"{ds[0].all_ready_after:.2f} s")
     start = time.perf_counter()
     for p in staged:
         os.rename(p, root / "inbox" / p.name)

@@ -55,6 +55,7 @@ def test_workers_share_the_work_and_the_metrics(tmp_path, digits):
         assert total == len(names)
         assert _metric(text, "aemon_reconstruction_error_count") == len(names)
         assert _metric(text, "aemon_anomaly_threshold") > 0
+        assert _metric(text, "aemon_processes") == 2
         assert 'aemon_model_info{' in text
         daemon.proc.send_signal(signal.SIGHUP)
         loaded = _wait_event(daemon, "bundle.loaded", n=4)  # two at start-up, two on reload
