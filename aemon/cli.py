@@ -110,9 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
         aemon score mnist-detect batch.npy          # the shipped bundle, by name
         aemon score mnist-detect 'sample:mnist?digits=7&limit=5'
         aemon score bundles/digits x.npz | jq 'select(.verdict == "anomaly")'
+        aemon score mnist-detect photos/ --maps maps/     # where each anomalous image differs
     """)
     p.add_argument("paths", nargs="+", metavar="BUNDLE PATH",
                    help="a bundle folder (or a shipped name: mnist-detect), then images, arrays or folders")
+    p.add_argument("--maps", type=Path, metavar="DIR",
+                   help="write the anomaly map of each anomalous image into DIR (named in the record's 'map')")
 
     p = _add(sub, "denoise", "denoise images or arrays once; reconstructions go to --out", """
         aemon denoise bundles/denoise noisy.png more_noisy/ --out clean/
@@ -247,7 +250,11 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
 
     bundle_path, paths = _split_bundle_arg(args.paths)
     bundle = load_bundle(bundle_path)
-    return _print_records(score_paths(bundle, paths, settings.limits), "scored")
+    if args.maps is not None:
+        if args.maps.exists() and not args.maps.is_dir():
+            raise UsageError(f"--maps {args.maps} exists and is not a folder")
+        args.maps.mkdir(parents=True, exist_ok=True)
+    return _print_records(score_paths(bundle, paths, settings.limits, args.maps), "scored")
 
 
 @_verb("denoise")
@@ -340,12 +347,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.worker:
         from aemon.workers import die_with_parent
 
-        index, _, parent = args.worker.partition(":")
-        die_with_parent(int(parent))
-        configure(settings.log_format, settings.log_level, stream=sys.stdout, worker=int(index))
+        index, count, parent = (int(part) for part in args.worker.split(":"))
+        die_with_parent(parent)
+        configure(settings.log_format, settings.log_level, stream=sys.stdout, worker=index)
         from aemon.daemon import Daemon
 
-        return Daemon(settings, worker=int(index)).run()
+        return Daemon(settings, worker=index, of=count).run()
     shared = None
     if settings.workers > 1 and Path(settings.root).is_dir():
         from aemon.workers import metrics_dir

@@ -126,9 +126,15 @@ class Committer:
         folder first (durably), then every placement is a rename recorded in the journal."""
         outputs, remove_source = plan(unit, (batch.model_name, batch.model_version), batch.threshold)
         named: dict[str, str] = {}
+        last: tuple[Path, dict | None] | None = None  # the previous output placed, and its record
         for out in outputs:
-            dest = self.router.destination(out.folder, out.rel)
-            reserved.append(dest)
+            if out.map_suffix is not None and last is not None:
+                dest = self._map_destination(last[0], out.map_suffix, reserved)
+                if last[1] is not None:
+                    _name_map(last[1], dest.name, out.map_row)
+            else:
+                dest = self.router.destination(out.folder, out.rel)
+                reserved.append(dest)
             rel = self.router.relative(dest)
             if out.data is None:
                 src = unit.rel  # the unit's own file, inside the batch folder
@@ -143,5 +149,27 @@ class Committer:
             journal.steps.append(Step(src, rel, record))
             if out.names_as:
                 named[out.names_as] = rel
+            if out.map_suffix is None:
+                last = (dest, record)
         if remove_source:
             journal.remove.append(unit.rel)
+
+    def _map_destination(self, item: Path, suffix: str, reserved: list[Path]) -> Path:
+        """``item`` + ``suffix`` (reserved with the item for ``.map.png``), or a free name beside it."""
+        wanted = Path(f"{item}{suffix}")
+        if suffix == ".map.png" and not wanted.exists():
+            return wanted
+        folder, _, rest = self.router.relative(wanted).partition("/")
+        dest = self.router.destination(folder, rest)
+        reserved.append(dest)
+        return dest
+
+
+def _name_map(record: dict, name: str, row: int | None) -> None:
+    """Name a map in its item's record: ``map`` (relative to the record's folder), per row for arrays."""
+    if row is None:
+        record["map"] = name
+        return
+    for entry in record.get("rows", []):
+        if entry["index"] == row:
+            entry["map"] = name

@@ -52,11 +52,12 @@ class Daemon:
         registry: Prometheus registry that ``/metrics`` serves (a fresh one by default).
         bundle: An already loaded bundle (tests); by default loaded at startup.
         workers: Worker processes to run beside this one (see :mod:`aemon.workers`).
-        worker: This process is a worker: no HTTP, no systemd notify; it only routes items.
+        worker: This process is worker number ``worker``: no HTTP, no systemd notify; it only routes items.
+        of: With ``worker``: how many processes share the inbox (the main one included).
     """
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None,
-                 bundle: Bundle | None = None, workers: int = 0, worker: int | None = None) -> None:
+                 bundle: Bundle | None = None, workers: int = 0, worker: int | None = None, of: int = 0) -> None:
         self.settings = settings
         self.root = Path(os.path.abspath(settings.root))
         self.registry = registry or CollectorRegistry()
@@ -74,7 +75,8 @@ class Daemon:
         self.bundle = bundle
         self.bundle_path = Path(settings.model) if settings.model else None
         self.router = Router(self.root)
-        self.inbox = Inbox(self.root, settings.settle_seconds, settings.rescan_seconds, settings.polling)
+        self.inbox = Inbox(self.root, settings.settle_seconds, settings.rescan_seconds, settings.polling,
+                           share=(worker or 0, of or 1 + workers))
         self.claims = ClaimStore(self.root)
         self.recorder = Recorder(self.metrics)
         self.committer = Committer(self.router, self.root / "inbox",
@@ -329,7 +331,8 @@ class Daemon:
             except ItemRejected as exc:
                 unit.error = exc
         if good:
-            self.recorder.scored(*decide(good, bundle, reconstruct=self.settings.mode == "denoise"))
+            self.recorder.scored(*decide(good, bundle, reconstruct=self.settings.mode == "denoise",
+                                         maps=self.settings.maps))
         self.committer.put(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version, bundle.threshold))
 
     def _committed(self, batch: Batch) -> None:

@@ -23,6 +23,7 @@ import queue
 import stat
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,10 +101,12 @@ class Inbox:
         rescan_seconds: Full scan interval, the safety net for missed events.
         polling: Use watchdog's polling observer (network filesystems) instead of inotify.
         stuck_open_seconds: Take an entry unchanged this long even if no close event was seen.
+        share: ``(index, count)`` of this process among the processes of one ``aemon run``.
     """
 
     def __init__(self, root: Path, settle_seconds: float = 1.0, rescan_seconds: float = 5.0,
-                 polling: bool = False, stuck_open_seconds: float | None = None) -> None:
+                 polling: bool = False, stuck_open_seconds: float | None = None,
+                 share: tuple[int, int] | None = None) -> None:
         self.root = Path(root)
         self.dir = self.root / "inbox"
         self._prefix = os.path.join(str(self.dir), "")
@@ -111,6 +114,7 @@ class Inbox:
         self.rescan_seconds = rescan_seconds
         self.polling = polling
         self.stuck_open_seconds = stuck_open_seconds or max(60.0, 10 * settle_seconds)
+        self.share = share if share and share[1] > 1 else None
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._candidates: dict[str, _Candidate] = {}
         self._last_scan = float("-inf")
@@ -240,12 +244,20 @@ class Inbox:
             self.scan()
         self._drain(now)
         out: list[tuple[str, float]] = []
-        for name in sorted(self._candidates):
+        for name in self._order(self._candidates):
             if len(out) >= limit:
                 break
             if self._complete(name, now):
                 out.append((name, self._candidates.pop(name).arrived))
         return out
+
+    def _order(self, names) -> list[str]:
+        """Oldest name first; with several processes on one inbox, each first tries its own share of the
+        names (by a hash), so that they rarely race to claim the same entry."""
+        if self.share is None:
+            return sorted(names)
+        index, count = self.share
+        return sorted(names, key=lambda n: ((zlib.crc32(n.encode("utf-8", "surrogateescape")) - index) % count, n))
 
     def _drain(self, now: float) -> None:
         track_writes = not self.polling

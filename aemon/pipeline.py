@@ -22,6 +22,7 @@ from aemon.errors import ItemRejected, Unreadable
 from aemon.fsio import utc_now
 from aemon.images import Limits, Preprocessing, input_to_array
 from aemon.images import decode as decode_file
+from aemon.maps import difference, render
 from aemon.records import rejected_record, scored_record
 from aemon.router import Router, png_bytes, png_name, rows_bytes
 from aemon.sources import list_images, load_source
@@ -44,13 +45,15 @@ def decode(unit: Unit, prep: Preprocessing, limits: Limits) -> None:
     unit.x, unit.raw, unit.key = decoded.x, decoded.raw, decoded.key
 
 
-def decide(units: list[Unit], bundle, reconstruct: bool = False) -> tuple[float, np.ndarray]:
+def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "off") -> tuple[float, np.ndarray]:
     """Score decoded ``units`` with one model call; set their scores, p-values, verdicts (and reconstructions).
 
     Args:
         units: Decoded units (``x`` set); ``x`` is released afterwards.
         bundle: The loaded bundle.
         reconstruct: Keep the reconstructions (denoise mode), scoring them in numpy.
+        maps: ``anomaly`` draws an anomaly map of each anomalous image (or row), ``all`` of every
+            one, ``off`` none (:mod:`aemon.maps`); the maps cost one more model call for those rows.
 
     Returns:
         Seconds spent in the model call, and every score of the batch.
@@ -73,8 +76,22 @@ def decide(units: list[Unit], bundle, reconstruct: bool = False) -> tuple[float,
         i += len(unit.x)
         unit.scores, unit.p_values, unit.verdicts = scores[part], pvals[part], verdicts[part]
         unit.recon = None if recon is None else recon[part]
+    if maps != "off":
+        _draw_maps(units, bundle, maps)
+    for unit in units:
         unit.x = None  # the pixels are no longer needed; the batch may wait for its commit
     return seconds, scores
+
+
+def _draw_maps(units: list[Unit], bundle, maps: str) -> None:
+    wanted = [(unit, row) for unit in units for row, verdict in enumerate(unit.verdicts)
+              if maps == "all" or verdict == "anomaly"]
+    if not wanted:
+        return
+    x = np.stack([unit.x[row] for unit, row in wanted])
+    diffs = difference(x, bundle.scorer.reconstruct(x))
+    for (unit, row), image, diff in zip(wanted, x, diffs, strict=True):
+        unit.maps[row] = render(image, diff)
 
 
 @dataclass
@@ -88,6 +105,10 @@ class Output:
     record: dict[str, Any] | None = None
     #: Record field of the unit's later outputs that names this output's path (``denoised``).
     names_as: str | None = None
+    #: An anomaly map: placed at the previous output's name + ``map_suffix``, named in its record
+    #: (``map``, or the ``map`` of row ``map_row`` of an array part).
+    map_suffix: str | None = None
+    map_row: int | None = None
 
 
 def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | None) -> tuple[list[Output], bool]:
@@ -115,7 +136,10 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         verdict = unit.verdicts[0]
         record = scored_record(item=unit.rel, verdict=verdict, score=float(unit.scores[0]), threshold=threshold,
                                p_value=float(unit.p_values[0]), **common)
-        return [*outputs, Output(verdict, unit.dest_rel, record=record)], False
+        outputs.append(Output(verdict, unit.dest_rel, record=record))
+        if 0 in unit.maps:
+            outputs.append(Output(verdict, unit.dest_rel, unit.maps[0], map_suffix=".map.png"))
+        return outputs, False
     raw = unit.raw
     if unit.recon is not None:
         denoised = rows_bytes(input_to_array(unit.recon, raw), unit.rel, unit.key)
@@ -134,6 +158,8 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         if unit.key:
             record["array_key"] = unit.key
         outputs.append(Output(verdict, unit.dest_rel, rows_bytes(raw[idx], unit.rel, unit.key), record=record))
+        outputs += [Output(verdict, unit.dest_rel, unit.maps[int(j)], map_suffix=f".map-{int(j)}.png", map_row=int(j))
+                    for j in idx if int(j) in unit.maps]
     return outputs, True
 
 
@@ -180,32 +206,41 @@ def _rejected(unit: Unit, bundle) -> dict:
                            model_version=bundle.version)
 
 
-def score_paths(bundle, paths: Iterable[Path | str], limits: Limits) -> Iterator[dict]:
-    """``aemon score``: one record per image (per row for arrays and named datasets), in order."""
+def score_paths(bundle, paths: Iterable[Path | str], limits: Limits, maps: Path | None = None) -> Iterator[dict]:
+    """``aemon score``: one record per image (per row for arrays and named datasets), in order.
+
+    With ``maps``, the anomaly map of each anomalous image is written there (``NAME.map.png``,
+    ``NAME.map-ROW.png`` for rows; a taken name gets ``-N``) and named in its record's ``map``.
+    """
+    router = Router(maps) if maps is not None else None
     for arg in paths:
         if isinstance(arg, str):  # a named dataset (sample:..., keras:...): its images are rows
             units = [Unit(Path(arg), arg, arrived=time.time())]
             units[0].x = load_source(arg, bundle.preprocessing, limits).x
-            yield from _score_records(bundle, units, rows=True)
+            yield from _score_records(bundle, units, router, rows=True)
             continue
         for batch in _decoded_batches([arg], bundle.preprocessing, limits):
             units = [u for u, _ in batch]
             if units[0].error is not None:
                 yield _rejected(units[0], bundle)
                 continue
-            yield from _score_records(bundle, units)
+            yield from _score_records(bundle, units, router)
 
 
-def _score_records(bundle, units: list[Unit], rows: bool = False) -> Iterator[dict]:
-    decide(units, bundle)
+def _score_records(bundle, units: list[Unit], router: Router | None, rows: bool = False) -> Iterator[dict]:
+    decide(units, bundle, maps="anomaly" if router is not None else "off")
     decided_at = utc_now()
     for unit in units:
         is_rows = rows or unit.raw is not None
         for i in range(len(unit.scores)):
+            extra: dict[str, Any] = {"index": i} if is_rows else {}
+            if i in unit.maps:
+                name = Path(unit.rel).name + (f".map-{i}.png" if is_rows else ".map.png")
+                extra["map"] = str(router.write_new(unit.maps[i], "", name))
             yield scored_record(item=unit.rel, verdict=unit.verdicts[i], score=unit.scores[i],
                                 threshold=bundle.threshold, p_value=unit.p_values[i], model_name=bundle.name,
                                 model_version=bundle.version, received_at=unit.received_at, decided_at=decided_at,
-                                **({"index": i} if is_rows else {}))
+                                **extra)
 
 
 def _denoise_name(unit: Unit, root: Path | None) -> str:

@@ -50,6 +50,8 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(40_000_000, ge=1)
     #: Largest number of rows in one array item.
     max_array_rows: int = Field(1_000_000, ge=1)
+    #: Anomaly maps: of anomalous items (``anomaly``), of every item (``all``) or none (``off``).
+    maps: Literal["anomaly", "all", "off"] = "anomaly"
     #: Processes that decode, score and commit (the main one and ``workers - 1`` more).
     workers: int = Field(default_factory=lambda: cores(), ge=1, le=64)
     #: Seconds allowed to finish the batch in flight on SIGTERM.

@@ -13,7 +13,7 @@ import errno
 import hashlib
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +54,8 @@ class Unit:
     p_values: np.ndarray | None = None
     verdicts: list[str] | None = None
     recon: np.ndarray | None = None
+    #: Anomaly maps (PNG bytes) by row: row 0 for an image.
+    maps: dict[int, bytes] = field(default_factory=dict)
 
     @property
     def received_at(self) -> str:

@@ -109,7 +109,8 @@ class WorkerPool:
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker", f"{index}:{os.getpid()}"],
+        proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker",
+                                 f"{index}:{self.count + 1}:{os.getpid()}"],
                                 env=_worker_env(self.settings))
         self._procs[index] = proc
         self._started[index] = time.monotonic()

@@ -310,3 +310,17 @@ def test_calibrate_prints_only_its_summary(tiny_bundle: Path, tmp_path: Path) ->
     lines = [line for line in done.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "threshold" in lines[0], done.stderr
     assert done.stdout == ""
+
+
+def test_score_maps_writes_a_map_per_anomalous_image(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                     mnist_digits: np.ndarray) -> None:
+    """`aemon score --maps DIR` writes the map of each anomalous image and names it in the record."""
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "n.png")
+    Image.fromarray(mnist_digits[5]).save(tmp_path / "d.png")
+    code, out, _ = run(capsys, "score", "mnist-detect", str(tmp_path / "n.png"), str(tmp_path / "d.png"),
+                       "--maps", str(tmp_path / "maps"))
+    assert code == 0
+    noise, digit = (json.loads(line) for line in out.splitlines())
+    assert noise["verdict"] == "anomaly" and Path(noise["map"]) == tmp_path / "maps" / "n.png.map.png"
+    assert Path(noise["map"]).is_file() and "map" not in digit
+    assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["n.png.map.png"]

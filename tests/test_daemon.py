@@ -488,3 +488,54 @@ def test_denoise_mode_refuses_a_detection_bundle(root, make_daemon):
     daemon = make_daemon(mode="denoise")
     with pytest.raises(StartupError, match="trained with --denoise"):
         daemon.run()
+
+
+def _noise(seed: int = 0, n: int | None = None) -> np.ndarray:
+    shape = (28, 28) if n is None else (n, 28, 28)
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+def test_anomalous_images_get_a_map_named_in_their_record(root, make_daemon, digits):
+    """Default AEMON_MAPS=anomaly: anomalous images and array rows get a map beside them, named in the
+    record (relative to its folder); ok items get none; the map is red where the image differs."""
+    from PIL import Image
+
+    _png(root / "inbox" / "noise.png", _noise())
+    _png(root / "inbox" / "digit.png", digits[3])
+    np.save(root / "inbox" / "rows.npy", np.concatenate([digits[:2], _noise(1, 2)]))
+    make_daemon().run(until_idle=True)
+    rec = _record(root / "anomaly" / "noise.png")
+    assert rec["map"] == "noise.png.map.png"
+    with Image.open(root / "anomaly" / rec["map"]) as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    assert img.size == (140, 140)  # 28 px drawn 5 times larger
+    assert (pixels[..., 0] - pixels[..., 2]).mean() > 40  # tinted red where it differs
+    assert "map" not in _record(root / "ok" / "digit.png")
+    assert not list((root / "ok").glob("*.map*.png"))
+    part = _record(root / "anomaly" / "rows.npy")
+    assert sorted(r["index"] for r in part["rows"]) == [2, 3]
+    for row in part["rows"]:
+        assert row["map"] == f"rows.npy.map-{row['index']}.png" and (root / "anomaly" / row["map"]).is_file()
+
+
+def test_maps_all_and_off(root, make_daemon, digits, tmp_path):
+    """AEMON_MAPS=all draws ok items too; off draws none."""
+    _png(root / "inbox" / "digit.png", digits[4])
+    make_daemon(maps="all").run(until_idle=True)
+    assert _record(root / "ok" / "digit.png")["map"] == "digit.png.map.png"
+    assert (root / "ok" / "digit.png.map.png").is_file()
+    _png(root / "inbox" / "noise.png", _noise())
+    make_daemon(maps="off").run(until_idle=True)
+    assert "map" not in _record(root / "anomaly" / "noise.png")
+    assert not (root / "anomaly" / "noise.png.map.png").exists()
+
+
+def test_a_map_name_is_never_taken_from_an_item(root, make_daemon):
+    """An item already named like another's map keeps its bytes; the map gets the reserved name's twin."""
+    (root / "anomaly").mkdir()
+    (root / "anomaly" / "noise.png.map.png").write_bytes(b"an operator's file")
+    _png(root / "inbox" / "noise.png", _noise())
+    make_daemon().run(until_idle=True)
+    assert (root / "anomaly" / "noise.png.map.png").read_bytes() == b"an operator's file"
+    rec = _record(root / "anomaly" / "noise-1.png")
+    assert rec["map"] == "noise-1.png.map.png" and (root / "anomaly" / rec["map"]).is_file()
