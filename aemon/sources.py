@@ -33,7 +33,10 @@ from aemon.images import (
 __all__ = ["Dataset", "load_source", "list_images"]
 
 _KERAS = ("mnist", "fashion_mnist")
-_OPTIONS = {"digits", "split", "key", "limit"}
+_OPTIONS = {"digits", "split", "key", "limit", "type", "defect"}
+#: Share of sample:elpv in its ``split=train`` part (a fixed, seeded split of the whole set).
+ELPV_TRAIN_SHARE = 0.7
+_ELPV_DEFECTS = {"0": 0.0, "1/3": 1 / 3, "2/3": 2 / 3, "1": 1.0}
 
 
 @dataclass
@@ -91,6 +94,50 @@ def _filter(x: np.ndarray, labels: np.ndarray | None, options: dict[str, str], s
     if len(x) == 0:
         raise SourceError(f"{src} holds no images after filtering")
     return x, labels
+
+
+def _elpv_labels(src: str) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """The elpv-dataset package's folder, image paths, defect probabilities and module types."""
+    try:
+        import elpv_dataset
+    except ImportError as exc:
+        raise SourceError(f"{src} needs the elpv-dataset package: pip install 'aemon[elpv]' "
+                          "(or pip install elpv-dataset)") from exc
+    folder = Path(elpv_dataset.__file__).parent / "data"
+    data = np.genfromtxt(folder / "labels.csv", dtype=["|S19", "<f8", "|S4"], names=["path", "probability", "type"])
+    return folder, np.char.decode(data["path"]), data["probability"], np.char.decode(data["type"])
+
+
+def _sample_elpv(options: dict[str, str], prep: Preprocessing, limits: Limits, src: str) -> tuple:
+    """sample:elpv: real solar-cell electroluminescence images, filtered by type, defect and split.
+
+    Labels are the defect probabilities (0, 1/3, 2/3, 1). The split is a fixed seeded 70/30
+    permutation of the whole set, so a ``train`` and a ``test`` selection never share an image.
+    """
+    folder, paths, probs, types = _elpv_labels(src)
+    keep = np.ones(len(paths), bool)
+    if "type" in options:
+        if options["type"] not in ("mono", "poly"):
+            raise SourceError(f"{src}: type must be mono or poly")
+        keep &= types == options["type"]
+    if "defect" in options:
+        wanted = [v.strip() for v in options["defect"].split(",") if v.strip()]
+        if not wanted or any(v not in _ELPV_DEFECTS for v in wanted):
+            raise SourceError(f"{src}: defect must be among 0, 1/3, 2/3, 1 (comma-separated), e.g. defect=0")
+        keep &= np.isin(np.round(probs, 3), [round(_ELPV_DEFECTS[v], 3) for v in wanted])
+    if "split" in options:
+        split = options["split"]
+        if split not in ("train", "test"):
+            raise SourceError(f"{src}: split must be train or test")
+        order = np.random.default_rng(0).permutation(len(paths))
+        in_train = np.zeros(len(paths), bool)
+        in_train[order[: round(ELPV_TRAIN_SHARE * len(paths))]] = True
+        keep &= in_train if split == "train" else ~in_train
+    chosen = np.flatnonzero(keep)
+    if len(chosen) == 0:
+        raise SourceError(f"{src} selects no images")
+    x = np.stack([decode_image(folder / paths[i], prep, limits) for i in chosen])
+    return x, probs[chosen]
 
 
 def _sample_mnist() -> tuple[np.ndarray, np.ndarray]:
@@ -181,9 +228,12 @@ def load_source(src: str, prep: Preprocessing = Preprocessing(), limits: Limits 
         SourceError: one line saying what is wrong with the source and what to do.
     """
     base, options = _split_query(src)
-    if base.startswith("sample:"):
+    if base == "sample:elpv":
+        x, labels = _sample_elpv(options, prep, limits, src)
+        options = {k: v for k, v in options.items() if k not in ("split", "type", "defect")}
+    elif base.startswith("sample:"):
         if base != "sample:mnist":
-            raise SourceError(f"{src}: the only sample is sample:mnist")
+            raise SourceError(f"{src}: the samples are sample:mnist and sample:elpv")
         raw, labels = _sample_mnist()
         x = array_to_input(raw, prep, base)
     elif base.startswith("keras:"):

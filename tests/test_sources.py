@@ -171,3 +171,24 @@ def test_keras_mnist_offline_names_sample() -> None:
     else:
         pytest.skip("keras:mnist loaded (network or cache available); the offline error cannot be seen")
     assert "sample:mnist" in message and "\n" not in message
+
+
+def test_sample_elpv_selects_by_type_defect_and_a_fixed_split() -> None:
+    """sample:elpv: real 300×300 EL cells (resized to the bundle's size); type and defect filter exactly;
+    split=train and split=test never share an image and together are the whole selection."""
+    pytest.importorskip("elpv_dataset", reason="sample:elpv needs the elpv-dataset package (pip install 'aemon[elpv]')")
+    from aemon.images import Preprocessing
+
+    prep = Preprocessing(size=(32, 32))
+    every = load_source("sample:elpv?type=mono&defect=1", prep)
+    train = load_source("sample:elpv?type=mono&defect=1&split=train", prep)
+    test = load_source("sample:elpv?type=mono&defect=1&split=test", prep)
+    assert every.x.shape[1:] == (32, 32, 1) and np.all(every.labels == 1.0)
+    assert len(train) + len(test) == len(every) and 0.6 < len(train) / len(every) < 0.8
+    whole = {arr.tobytes() for arr in every.x}
+    assert {a.tobytes() for a in train.x} | {a.tobytes() for a in test.x} == whole
+    both = load_source("sample:elpv?type=poly&defect=0,1&limit=50", prep)
+    assert set(np.unique(both.labels)) <= {0.0, 1.0} and len(both) == 50
+    for bad in ("sample:elpv?type=cigs", "sample:elpv?defect=0.5", "sample:elpv?split=dev"):
+        with pytest.raises(SourceError):
+            load_source(bad, prep)
