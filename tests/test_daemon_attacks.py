@@ -309,12 +309,13 @@ def test_idle_http_connections_cannot_starve_the_daemon(tmp_path, digits):
 
 # -- 8. no library writes outside the root -----------------------------------
 def test_nothing_is_written_to_home_or_tmpdir(tmp_path, digits):
-    """HOME, TMPDIR and XDG folders stay empty across a run, a SIGKILL and a clean restart."""
+    """HOME, TMPDIR and XDG folders stay empty across a run with a worker process, a SIGKILL and a clean
+    restart."""
     root = new_root(tmp_path)
     watched = {name: tmp_path / name for name in ("home", "tmp", "cache", "config")}
     for path in watched.values():
         path.mkdir()
-    env = {"HOME": str(watched["home"]), "TMPDIR": str(watched["tmp"]),
+    env = {"HOME": str(watched["home"]), "TMPDIR": str(watched["tmp"]), "AEMON_WORKERS": "2",
            "XDG_CACHE_HOME": str(watched["cache"]), "XDG_CONFIG_HOME": str(watched["config"])}
     log = tmp_path / "daemon.log"
     daemon = Daemon(root, log, settle=SETTLE, env=env).wait_ready()
