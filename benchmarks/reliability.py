@@ -9,10 +9,10 @@ Three scenarios, each ending with a count of lost, duplicated and stray results 
 
 A unit is one image file, one file inside a folder, or one array row. *Lost*: a unit with no
 record. *Duplicated*: a unit with two records (or an array row in two parts). *Stray*: a result
-file without a record, a record without its file, a temp file, anything left in ``inbox/`` or
-``.aemon/claims``.
+file without a record, a record without its file or its map, a temp file, anything left in
+``inbox/`` or ``.aemon/claims``.
 
-Usage: python benchmarks/reliability.py [--kills 10] [--burst 20000] [--only NAME]
+Usage: python benchmarks/reliability.py [--kills 10] [--burst 20000] [--only NAME] [--workers 2]
 """
 
 from __future__ import annotations
@@ -32,6 +32,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from daemon_process import VERDICT_DIRS, Daemon, items, png_bytes, records
+
+#: AEMON_WORKERS of every daemon started here.
+WORKERS = "2"
+
+
+def _daemon(root: Path, log: Path) -> Daemon:
+    return Daemon(root, log, settle=0.3, env={"AEMON_WORKERS": WORKERS})
 
 
 def _digits() -> np.ndarray:
@@ -91,6 +98,8 @@ def account(root: Path, expected: set[str]) -> dict[str, int]:
         data = json.loads(rec.read_text())
         if not os.path.lexists(root / data["path"]):
             stray += 1
+        maps = [data["map"]] if "map" in data else [r["map"] for r in data.get("rows", []) if "map" in r]
+        stray += sum(1 for m in maps if not (rec.parent / m).is_file())  # a map named but missing
         if "rows" in data:
             for row in data["rows"]:
                 key = f"{data['item']}[{row['index']}]"
@@ -149,14 +158,14 @@ def kill_loop(base: Path, digits: np.ndarray, kills: int) -> dict[str, int]:
     log = base / "kill-loop.log"
     thread = threading.Thread(target=drop)
     for k in range(kills):
-        daemon = Daemon(root, log, settle=0.3).wait_ready()
+        daemon = _daemon(root, log).wait_ready()
         if k == 0:
             thread.start()
         time.sleep(rng.uniform(0.2, 2.5))
         daemon.kill()
     stop.set()
     thread.join()
-    daemon = Daemon(root, log, settle=0.3).wait_ready()
+    daemon = _daemon(root, log).wait_ready()
     _drain(root, daemon)
     assert daemon.stop() == 0, daemon.text()
     shutil.rmtree(root / "stage")
@@ -166,7 +175,7 @@ def kill_loop(base: Path, digits: np.ndarray, kills: int) -> dict[str, int]:
 def three_daemons(base: Path, digits: np.ndarray) -> dict[str, int]:
     root = base / "three"
     (root / "inbox").mkdir(parents=True)
-    daemons = [Daemon(root, base / f"three-{i}.log", settle=0.3) for i in range(3)]
+    daemons = [_daemon(root, base / f"three-{i}.log") for i in range(3)]
     for d in daemons:
         d.wait_ready()
     dropper = Dropper(root, digits, seed=3)
@@ -190,7 +199,7 @@ def burst(base: Path, digits: np.ndarray, n: int) -> dict[str, int]:
     names = [f"b{i:06d}.png" for i in range(n)]
     for i, name in enumerate(names):
         (stage / name).write_bytes(blobs[i % len(blobs)])
-    daemon = Daemon(root, base / "burst.log", settle=0.3).wait_ready()
+    daemon = _daemon(root, base / "burst.log").wait_ready()
     started = time.monotonic()
     for name in names:
         os.rename(stage / name, root / "inbox" / name)
@@ -208,7 +217,10 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=10, help="SIGKILLs in the kill loop (10)")
     parser.add_argument("--burst", type=int, default=20_000, help="files in the burst (20,000)")
     parser.add_argument("--only", choices=["kill-loop", "three-daemons", "burst"])
+    parser.add_argument("--workers", default="2", help="AEMON_WORKERS of every daemon (2: a worker each)")
     args = parser.parse_args()
+    global WORKERS
+    WORKERS = args.workers
     digits = _digits()
     results = {}
     with tempfile.TemporaryDirectory(prefix="aemon-reliability-") as tmp:
@@ -219,6 +231,7 @@ def main() -> int:
             results["three-daemons"] = three_daemons(base, digits)
         if args.only in (None, "burst"):
             results["burst"] = burst(base, digits, args.burst)
+    print(f"AEMON_WORKERS={WORKERS} for every daemon")
     print(f"{'scenario':<15}{'units':>8}{'lost':>7}{'dup':>6}{'stray':>7}")
     bad = 0
     for name, r in results.items():

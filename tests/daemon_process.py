@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,6 +124,15 @@ def _is_record(dirpath: str, name: str) -> bool:
     return name.endswith(".json") and os.path.lexists(os.path.join(dirpath, name[: -len(".json")]))
 
 
+_MAP = re.compile(r"^(?P<item>.+)\.map(-\d+)?\.png$")
+
+
+def _is_map(dirpath: str, name: str) -> bool:
+    """``NAME.map.png`` (``NAME.map-ROW.png`` for array rows) beside ``NAME`` is an anomaly map."""
+    m = _MAP.match(name)
+    return bool(m) and os.path.lexists(os.path.join(dirpath, m.group("item")))
+
+
 def records(root: Path) -> list[Path]:
     """Every committed record under ok/, anomaly/ and rejected/ (links are never followed)."""
     out = []
@@ -133,11 +143,12 @@ def records(root: Path) -> list[Path]:
 
 
 def items(root: Path) -> list[Path]:
-    """Every routed item (not a record) under ok/, anomaly/ and rejected/, links included, never followed."""
+    """Every routed item (not a record, not a map) under ok/, anomaly/ and rejected/, links included, never
+    followed."""
     out = []
     for d in VERDICT_DIRS:
         for dirpath, dirs, files in os.walk(root / d):
-            out += [Path(dirpath, f) for f in files if not _is_record(dirpath, f)]
+            out += [Path(dirpath, f) for f in files if not _is_record(dirpath, f) and not _is_map(dirpath, f)]
             out += [Path(dirpath, f) for f in dirs if os.path.islink(os.path.join(dirpath, f))]
     return sorted(out)
 
