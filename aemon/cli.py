@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         aemon train --data 'sample:mnist?digits=0,1' --arch dense --latent-dim 16 --out bundles/01
         aemon train --data mnist.npz?key=x_train --arch conv --denoise --out bundles/denoise
         aemon train --data sample:mnist --arch pca --latent-dim 32 --out bundles/pca
+        aemon train --data photos/ --size 64x64 --color rgb --out bundles/photos
     """)
     p.add_argument("--data", required=True, metavar="SRC",
                    help="normal images: folder, .npy/.npz, sample:mnist, keras:mnist (options after ?)")
@@ -77,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense, deep, conv, convsmall (conv with a latent-dim bottleneck) or pca "
                         "(the linear baseline, fitted by SVD) (default: conv)")
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE_DIR", help="bundle directory to create")
+    p.add_argument("--size", default="auto", metavar="{auto,HxW}",
+                   help="model input size; auto: the median image size, longer side at most 128 (auto)")
+    p.add_argument("--color", default="auto", choices=["auto", "grayscale", "rgb"],
+                   help="colour mode; auto: rgb if the images have colour (auto)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--denoise", action="store_true", help="train on noisy inputs against clean targets")
     p.add_argument("--noise-factor", type=float, default=0.5, help="Gaussian noise scale for --denoise (0.5)")
@@ -181,7 +186,7 @@ def _load_bundle_meta(path: Path | None, settings: Settings, task: str = "detect
 
 @_verb("train")
 def _train(args: argparse.Namespace, settings: Settings) -> int:
-    from aemon.sources import load_source
+    from aemon.sources import choose_input, load_source
 
     quiet_tensorflow()
     from aemon.train import TrainConfig, train_bundle
@@ -196,8 +201,11 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     cfg.check()
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} already exists; choose another --out or pass --force to replace it")
-    data = load_source(args.data)
-    path = train_bundle(data, cfg, args.out, overwrite=args.force)
+    prep, choices = choose_input(args.data, args.size, args.color)
+    for what, why in choices.items():
+        print(f"{what}: {why}", file=sys.stderr)
+    data = load_source(args.data, prep)
+    path = train_bundle(data, cfg, args.out, overwrite=args.force, prep=prep, choices=choices)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

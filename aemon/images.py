@@ -3,14 +3,16 @@
 This is the single decoding path shared by the CLI, the training sources and the daemon.
 Policy (also in the README):
 
-* Images: any mode is converted to 8-bit grayscale (Pillow ``L``; alpha is dropped,
-  palette and colour images use ITU-R 601 luma), the first frame of an animation is used,
-  an image of another size is resized to the bundle's input size with bilinear filtering,
-  and pixels are scaled from 0–255 to [0, 1].
-* Arrays: shapes ``(N, H, W)``, ``(N, H*W)`` or ``(N, H, W, 1)`` with H×W the bundle's input
-  size. ``uint8`` (and other integer types holding 0–255) are divided by 255; floats already
-  in [0, 1] are used as they are; floats in (1, 255] are taken as 0–255 and divided by 255.
-  Anything else (negative values, NaN, bool, complex, object) is refused.
+* Images: converted to the bundle's colour mode, grayscale (Pillow ``L``: alpha dropped, palette
+  and colour images use ITU-R 601 luma) or ``rgb`` (grey images repeated on three channels); the
+  first frame of an animation is used; an image of another size is resized to the bundle's input
+  size with bilinear filtering (aspect not kept); 8-bit pixels are scaled from 0–255 and 16-bit
+  ones from 0–65535 to [0, 1].
+* Arrays: grayscale bundles take ``(N, H, W)``, ``(N, H*W)`` or ``(N, H, W, 1)``, rgb bundles
+  ``(N, H, W, 3)``, with H×W the bundle's input size. ``uint8`` (and other integer types holding
+  0–255) are divided by 255; floats already in [0, 1] are used as they are; floats in (1, 255] are
+  taken as 0–255 and divided by 255. Anything else (negative values, NaN, bool, complex, object)
+  is refused.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
 class Preprocessing:
     """How raw pixels become model input; stored in every bundle."""
 
-    #: Colour mode every image is converted to.
+    #: Colour mode every image is converted to: ``grayscale`` or ``rgb``.
     color_mode: str = "grayscale"
     #: Input height and width of the model.
     size: tuple[int, int] = (28, 28)
@@ -59,9 +61,14 @@ class Preprocessing:
     scaling: str = "unit"
 
     @property
+    def channels(self) -> int:
+        """1 for grayscale, 3 for rgb."""
+        return 3 if self.color_mode == "rgb" else 1
+
+    @property
     def input_shape(self) -> tuple[int, int, int]:
-        """The model's input shape, ``(H, W, 1)``."""
-        return (self.size[0], self.size[1], 1)
+        """The model's input shape, ``(H, W, C)``."""
+        return (self.size[0], self.size[1], self.channels)
 
     def to_dict(self) -> dict:
         """Plain form for ``bundle.json``."""
@@ -112,7 +119,7 @@ def _check_file(path: Path, limits: Limits) -> int:
 
 
 def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:
-    """Decode one image file into a float32 array of shape ``(H, W, 1)`` in [0, 1].
+    """Decode one image file into a float32 array of shape ``(H, W, C)`` in [0, 1].
 
     Args:
         path: The image file.
@@ -133,30 +140,35 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
                         f"{path.name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels"
                     )
                 img.seek(0)
-                gray = _to_gray(img)
+                converted = _convert(img, prep.color_mode)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"{path.name} looks like a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
         raise Unreadable(f"{path.name} is not a readable image") from exc
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise Unreadable(f"{path.name} could not be decoded: {exc}") from exc
-    if gray.size != (prep.size[1], prep.size[0]):
-        gray = gray.resize((prep.size[1], prep.size[0]), Image.Resampling.BILINEAR)
-    pixels = np.asarray(gray, dtype=np.float32)
-    if gray.mode == "L":
+    if converted.size != (prep.size[1], prep.size[0]):
+        converted = converted.resize((prep.size[1], prep.size[0]), Image.Resampling.BILINEAR)
+    pixels = np.asarray(converted, dtype=np.float32)
+    if converted.mode in ("L", "RGB"):
         pixels /= 255.0
-    return np.clip(pixels, 0.0, 1.0)[:, :, None]
+    pixels = np.clip(pixels, 0.0, 1.0)
+    if pixels.ndim == 2:
+        pixels = pixels[:, :, None]
+    if prep.channels == 3 and pixels.shape[2] == 1:
+        pixels = np.repeat(pixels, 3, axis=2)
+    return pixels
 
 
-def _to_gray(img: Image.Image) -> Image.Image:
-    """8-bit grayscale (``L``), or for 16-bit images a float image (``F``) already scaled to [0, 1].
+def _convert(img: Image.Image, color_mode: str) -> Image.Image:
+    """``L`` or ``RGB`` (8-bit), or for 16-bit images a float image (``F``) already scaled to [0, 1].
 
     Converting a 16-bit image to ``L`` would clip every value above 255 to white.
     """
     if img.mode.startswith("I;16") or img.mode == "I":
         values = np.asarray(img, dtype=np.float32) / 65535.0
-        return Image.fromarray(values)  # float32: mode F
-    return img.convert("L")
+        return Image.fromarray(values)  # float32: mode F (grey; repeated to 3 channels for rgb)
+    return img.convert("RGB" if color_mode == "rgb" else "L")
 
 
 def _npy_header(fp, name: str) -> tuple[tuple[int, ...], np.dtype]:
@@ -246,10 +258,10 @@ def read_array(path: Path, limits: Limits = Limits(), key: str | None = None) ->
 
 
 def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name: str = "array") -> np.ndarray:
-    """Convert a raw array of images into float32 model input ``(N, H, W, 1)`` in [0, 1].
+    """Convert a raw array of images into float32 model input ``(N, H, W, C)`` in [0, 1].
 
     Raises:
-        BadShape: the shape is not ``(N, H, W)``, ``(N, H*W)`` or ``(N, H, W, 1)``.
+        BadShape: the shape is not one the bundle takes (see the module docstring).
         EmptyItem: the array has no rows.
         Unreadable: the values are not pixels (negative, above 255, NaN, non-numeric).
     """
@@ -257,11 +269,14 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
     shape = raw.shape
     if raw.ndim >= 1 and shape[0] == 0:
         raise EmptyItem(f"{name} has 0 rows")
-    if raw.ndim == 2 and shape[1] == height * width:
-        raw = raw.reshape(shape[0], height, width)
-    elif raw.ndim == 4 and shape[1:] == (height, width, 1):
-        raw = raw[..., 0]
-    elif not (raw.ndim == 3 and shape[1:] == (height, width)):
+    if prep.channels == 3:
+        if not (raw.ndim == 4 and shape[1:] == (height, width, 3)):
+            raise BadShape(f"{name} has shape {shape}; this rgb bundle expects (N, {height}, {width}, 3)")
+    elif raw.ndim == 2 and shape[1] == height * width:
+        raw = raw.reshape(shape[0], height, width, 1)
+    elif raw.ndim == 3 and shape[1:] == (height, width):
+        raw = raw[..., None]
+    elif not (raw.ndim == 4 and shape[1:] == (height, width, 1)):
         raise BadShape(
             f"{name} has shape {shape}; expected (N, {height}, {width}), (N, {height * width}) "
             f"or (N, {height}, {width}, 1)"
@@ -277,16 +292,16 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
     pixels = raw.astype(np.float32)
     if kind in "ui" or high > 1.0:
         pixels /= 255.0
-    return pixels[..., None]
+    return pixels
 
 
 def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
-    """Model-space pixels ``(N, H, W, 1)`` in [0, 1] back to the shape, scale and dtype of ``like``.
+    """Model-space pixels ``(N, H, W, C)`` in [0, 1] back to the shape, scale and dtype of ``like``.
 
     The inverse of :func:`array_to_input`: integer arrays and floats above 1 get 0–255 values
     (rounded for integers), floats in [0, 1] keep that range.
     """
-    out = np.clip(pixels[..., 0].astype(np.float64), 0.0, 1.0)
+    out = np.clip(pixels.astype(np.float64), 0.0, 1.0)
     if like.dtype.kind in "ui" or (like.size and float(like.max()) > 1.0):
         out = out * 255.0
     if like.dtype.kind in "ui":
@@ -298,7 +313,7 @@ def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
 class Decoded:
     """One decoded file: model input, and for an array file the array exactly as stored."""
 
-    #: Model input ``(N, H, W, 1)`` float32 in [0, 1]; N is 1 for an image.
+    #: Model input ``(N, H, W, C)`` float32 in [0, 1]; N is 1 for an image.
     x: np.ndarray
     #: The array as stored (arrays only), for writing parts of it back with its own dtype.
     raw: np.ndarray | None = None
@@ -333,5 +348,5 @@ def decode(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = L
 
 
 def decode_file(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:
-    """Model input ``(N, H, W, 1)`` of an image or array file (see :func:`decode`)."""
+    """Model input ``(N, H, W, C)`` of an image or array file (see :func:`decode`)."""
     return decode(path, prep, limits).x

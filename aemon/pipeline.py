@@ -9,6 +9,7 @@ and :func:`denoise_paths` below.
 
 from __future__ import annotations
 
+import io
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -132,7 +133,7 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
     outputs: list[Output] = []
     if unit.raw is None:
         if unit.recon is not None:
-            outputs.append(Output("denoised", png_name(unit.dest_rel), png_bytes(unit.recon[0]), names_as="denoised"))
+            outputs.append(Output("denoised", png_name(unit.dest_rel), denoised_png(unit), names_as="denoised"))
         verdict = unit.verdicts[0]
         record = scored_record(item=unit.rel, verdict=verdict, score=float(unit.scores[0]), threshold=threshold,
                                p_value=float(unit.p_values[0]), **common)
@@ -161,6 +162,24 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         outputs += [Output(verdict, unit.dest_rel, unit.maps[int(j)], map_suffix=f".map-{int(j)}.png", map_row=int(j))
                     for j in idx if int(j) in unit.maps]
     return outputs, True
+
+
+def denoised_png(unit: Unit) -> bytes:
+    """An image's reconstruction as a PNG of the image's own size and colour (grey or RGB)."""
+    from PIL import Image
+
+    try:
+        with Image.open(unit.path) as img:
+            size, colour = img.size, img.mode not in ("1", "L", "LA", "I", "F") and not img.mode.startswith("I;16")
+    except OSError:  # decoded a moment ago: only a vanished file ends here; keep the model's size
+        return png_bytes(unit.recon[0])
+    with Image.open(io.BytesIO(png_bytes(unit.recon[0]))) as recon:
+        out = recon.convert("RGB" if colour else "L")
+        if out.size != size:
+            out = out.resize(size, Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        out.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 # -- the one-shot verbs ----------------------------------------------------
@@ -266,7 +285,7 @@ def denoise_paths(bundle, paths: Iterable[Path], limits: Limits, out: Path) -> I
         for unit, root in batch:
             name = _denoise_name(unit, root)
             if unit.raw is None:
-                dest = router.write_new(png_bytes(unit.recon[0]), "", png_name(name))
+                dest = router.write_new(denoised_png(unit), "", png_name(name))
             else:
                 dest = router.write_new(rows_bytes(input_to_array(unit.recon, unit.raw), name, unit.key), "", name)
             yield {"item": unit.rel, "denoised": str(dest), "rows": len(unit.scores),

@@ -32,12 +32,14 @@ FOLDERS = ("ok", "anomaly", "rejected", "denoised")
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
-    """``(H, W[, 1])`` pixels in [0, 1] as an 8-bit grayscale PNG file."""
+    """``(H, W[, 1])`` or ``(H, W, 3)`` pixels in [0, 1] as an 8-bit grayscale or RGB PNG file."""
     from PIL import Image
 
-    img = Image.fromarray(np.clip(np.rint(np.squeeze(pixels) * 255.0), 0, 255).astype(np.uint8), mode="L")
+    values = np.clip(np.rint(np.asarray(pixels) * 255.0), 0, 255).astype(np.uint8)
+    if values.ndim == 3 and values.shape[2] == 1:
+        values = values[..., 0]
     buf = io.BytesIO()
-    img.save(buf, format="PNG")
+    Image.fromarray(values).save(buf, format="PNG")
     return buf.getvalue()
 
 

@@ -30,7 +30,12 @@ from aemon.images import (
     read_array,
 )
 
-__all__ = ["Dataset", "load_source", "list_images"]
+__all__ = ["Dataset", "load_source", "list_images", "choose_input", "MAX_AUTO_SIDE"]
+
+#: ``--size auto`` keeps the longer side at most this (the aspect kept, sides multiples of 4).
+MAX_AUTO_SIDE = 128
+#: Images whose headers ``--size auto`` and ``--color auto`` look at, at most.
+_INSPECT = 500
 
 _KERAS = ("mnist", "fashion_mnist")
 _OPTIONS = {"digits", "split", "key", "limit", "type", "defect"}
@@ -283,3 +288,78 @@ def write_samples(out: Path, count: int = 5) -> list[Path]:
             Image.fromarray(pixels).save(fp, format="PNG")
         written.append(path)
     return written
+
+
+def choose_input(src: str, size: str = "auto", color: str = "auto") -> tuple[Preprocessing, dict[str, str]]:
+    """The input size and colour mode for training on ``src``, decided from the data when ``auto``.
+
+    * size: the median height and width of the images, scaled down (aspect kept) so the longer side
+      is at most :data:`MAX_AUTO_SIDE`, each side rounded to a multiple of 4 (at least 8), which
+      every architecture takes; ``HxW`` is taken as given.
+    * colour: ``rgb`` if any inspected image has colour (its channels differ), else ``grayscale``.
+
+    Returns:
+        The preprocessing, and a sentence per choice saying how it was made (printed, stored).
+    """
+    sizes, colourful, how = _inspect(src)
+    why: dict[str, str] = {}
+    if size == "auto":
+        heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
+        h, w = heights[len(heights) // 2], widths[len(widths) // 2]
+        scale = min(1.0, MAX_AUTO_SIDE / max(h, w))
+        hw = tuple(max(8, 4 * round(side * scale / 4)) for side in (h, w))
+        why["size"] = (f"auto: {hw[0]}x{hw[1]} from the median image size {h}x{w} of {len(sizes)} {how}"
+                       + (f", scaled so the longer side is at most {MAX_AUTO_SIDE}" if scale < 1 else ""))
+    else:
+        try:
+            hw = tuple(int(v) for v in size.lower().split("x"))
+            if len(hw) != 2 or min(hw) < 4 or max(hw) > 4096:
+                raise ValueError
+        except ValueError:
+            raise SourceError(f"--size must be auto or HxW (e.g. 64x64, sides 4 to 4096), got {size!r}") from None
+        why["size"] = f"given: {hw[0]}x{hw[1]}"
+    if color == "auto":
+        mode = "rgb" if colourful else "grayscale"
+        why["color"] = f"auto: {mode} ({'some' if colourful else 'none'} of the inspected {how} have colour)"
+    elif color in ("grayscale", "rgb"):
+        mode = color
+        why["color"] = f"given: {mode}"
+    else:
+        raise SourceError(f"--color must be auto, grayscale or rgb, got {color!r}")
+    return Preprocessing(color_mode=mode, size=(int(hw[0]), int(hw[1]))), why
+
+
+def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
+    """Image sizes ``(H, W)`` and whether any image has colour, from headers where possible."""
+    base, options = _split_query(src)
+    if base in ("sample:mnist",) or base.startswith("keras:"):
+        return [(28, 28)], False, "images of the data set"
+    if base == "sample:elpv":
+        return [(300, 300)], False, "images of the data set"
+    path = Path(base)
+    if path.suffix.lower() in (".npy", ".npz") and path.is_file():
+        try:
+            raw, _ = read_array(path, Limits(), options.get("key"))
+        except ItemRejected as exc:
+            raise SourceError(f"{src}: {exc}") from exc
+        if raw.ndim < 3:
+            raise SourceError(f"{src}: an array of shape {raw.shape} has no image size; give --size HxW")
+        colourful = raw.ndim == 4 and raw.shape[-1] == 3
+        return [(int(raw.shape[1]), int(raw.shape[2]))], colourful, "rows of the array"
+    files = list_images(path) if path.is_dir() else [path]
+    if not files:
+        raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
+    from PIL import Image
+
+    sizes, colourful = [], False
+    for file in files[:_INSPECT]:
+        try:
+            with Image.open(file) as img:
+                sizes.append((img.height, img.width))
+                if not colourful and img.mode not in ("1", "L", "LA", "I", "F") and not img.mode.startswith("I;16"):
+                    rgb = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.int16)
+                    colourful = bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() > 8
+                                     or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 8)
+        except OSError as exc:
+            raise SourceError(f"{src}: {file.name} is not a readable image: {exc}") from exc
+    return sizes, colourful, "images inspected"

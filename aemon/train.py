@@ -157,7 +157,8 @@ def _optimizer(cfg: TrainConfig):
 
 
 def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool = False,
-                 prep: Preprocessing = Preprocessing(), verbose: bool | None = None) -> Path:
+                 prep: Preprocessing = Preprocessing(), verbose: bool | None = None,
+                 choices: dict[str, str] | None = None) -> Path:
     """Train, calibrate and save a bundle.
 
     Args:
@@ -167,6 +168,7 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
         overwrite: Replace an existing bundle.
         prep: Preprocessing the data was decoded with (stored in the bundle).
         verbose: Keras progress bar; ``None`` shows it only on a terminal.
+        choices: How the input size and colour were chosen (stored in ``bundle.json``).
 
     Raises:
         CalibrationError: too few images to hold out enough for the target FPR.
@@ -230,7 +232,7 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
         "task": "denoise" if cfg.denoise else "detect",
         "input_shape": list(prep.input_shape),
         "latent_dim": cfg.latent_dim if cfg.arch != "conv" else None,
-        "preprocessing": prep.to_dict(),
+        "preprocessing": {**prep.to_dict(), **({"choices": choices} if choices else {})},
         "score_fn": cfg.score_fn,
         "threshold": threshold,
         "target_fpr": cfg.target_fpr,

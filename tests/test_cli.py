@@ -214,11 +214,12 @@ def test_train_cli_bad_arch(capsys: pytest.CaptureFixture, tmp_path: Path) -> No
 
 def test_denoise_writes_png_and_same_dtype_arrays(capsys: pytest.CaptureFixture, tiny_denoise_bundle: Path,
                                                   tmp_path: Path, mnist_digits: np.ndarray) -> None:
-    """Images come back as PNGs, arrays with their shape and dtype; clashes get a suffix; garbage is rejected."""
+    """Images come back as PNGs of their own size and colour, arrays with their shape and dtype; clashes get a
+    suffix; garbage is rejected."""
     src = tmp_path / "src"
     (src / "batch").mkdir(parents=True)
     Image.fromarray(mnist_digits[0]).save(src / "a.png")
-    Image.fromarray(mnist_digits[1]).save(src / "batch" / "b.png")
+    Image.fromarray(mnist_digits[1]).resize((56, 56)).convert("RGB").save(src / "batch" / "b.png")
     np.save(src / "rows.npy", mnist_digits[:4])
     np.save(src / "flat.npy", (mnist_digits[:3] / 255.0).astype(np.float32).reshape(3, 784))
     (src / "junk.png").write_bytes(b"not an image")
@@ -235,7 +236,8 @@ def test_denoise_writes_png_and_same_dtype_arrays(capsys: pytest.CaptureFixture,
     assert records[0]["denoised"] == str(out / "a-1.png")
     with Image.open(out / "a-1.png") as img:
         assert img.mode == "L" and img.size == (28, 28)
-    assert (out / "batch" / "b.png").is_file()
+    with Image.open(out / "batch" / "b.png") as img:  # the item's own size and colour
+        assert img.mode == "RGB" and img.size == (56, 56)
     rows = np.load(out / "rows.npy")
     assert rows.dtype == np.uint8 and rows.shape == (4, 28, 28) and rows.max() > 100
     flat = np.load(out / "flat.npy")
@@ -324,3 +326,55 @@ def test_score_maps_writes_a_map_per_anomalous_image(capsys: pytest.CaptureFixtu
     assert noise["verdict"] == "anomaly" and Path(noise["map"]) == tmp_path / "maps" / "n.png.map.png"
     assert Path(noise["map"]).is_file() and "map" not in digit
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["n.png.map.png"]
+
+
+def _colour_folder(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:
+    """``n`` smooth colour images (a red-to-blue gradient with a green disc at a random place)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    h, w = size
+    yy, xx = np.mgrid[0:h, 0:w]
+    for i in range(n):
+        img = np.zeros((h, w, 3), np.uint8)
+        img[..., 0] = (255 * xx / w).astype(np.uint8)
+        img[..., 2] = (255 * yy / h).astype(np.uint8)
+        cy, cx = rng.integers(h // 4, 3 * h // 4), rng.integers(w // 4, 3 * w // 4)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < (h // 8) ** 2, 1] = 200
+        Image.fromarray(img).save(folder / f"c{i:03d}.png")
+    return folder
+
+
+def test_train_chooses_size_and_colour_from_the_data(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """64x48 colour images train an rgb bundle at 64x48 (printed and stored); scoring keeps the colour; a grey
+    image of another size is converted and resized; denoise-free scoring of an rgb array works."""
+    data = _colour_folder(tmp_path / "colour", 120, (64, 48))
+    out = tmp_path / "rgb"
+    code, _, err = run(capsys, "train", "--data", str(data), "--arch", "conv", "--epochs", "1", "--target-fpr", "0.1",
+                       "--out", str(out), "--log-format", "json")
+    assert code == 0, err
+    assert "size: auto: 64x48" in err and "color: auto: rgb" in err
+    meta = read_meta(out)
+    assert meta.input_shape == [64, 48, 3]
+    assert meta.preprocessing["color_mode"] == "rgb" and meta.preprocessing["size"] == [64, 48]
+    assert meta.preprocessing["choices"]["color"].startswith("auto: rgb")
+    Image.fromarray(np.full((30, 30), 128, np.uint8)).save(tmp_path / "grey.png")
+    np.save(tmp_path / "rows.npy", np.zeros((2, 64, 48, 3), np.uint8))
+    code, stdout, err = run(capsys, "score", str(out), str(data / "c000.png"), str(tmp_path / "grey.png"),
+                            str(tmp_path / "rows.npy"))
+    assert code == 0, err
+    records = [json.loads(line) for line in stdout.splitlines()]
+    assert len(records) == 4 and all(r["verdict"] in ("ok", "anomaly") for r in records)
+
+
+def test_train_size_and_colour_flags(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """--size and --color override the data; a bad --size is one clear error line."""
+    data = _colour_folder(tmp_path / "colour", 120, (40, 40))
+    out = tmp_path / "grey"
+    code, _, err = run(capsys, "train", "--data", str(data), "--arch", "dense", "--epochs", "1", "--target-fpr", "0.1",
+                       "--size", "32x32", "--color", "grayscale", "--out", str(out))
+    assert code == 0, err
+    assert read_meta(out).input_shape == [32, 32, 1]
+    code, _, err = run(capsys, "train", "--data", str(data), "--size", "big", "--out", str(tmp_path / "x"))
+    assert code != 0
+    _assert_one_error_line(err)
+    assert "--size" in err
