@@ -90,7 +90,7 @@ def test_sample_mnist_digits_and_limit() -> None:
         ("sample:mnist?digits=a", "comma-separated"),
         ("sample:mnist?limit=x", "limit must be an integer"),
         ("sample:mnist?digits=42", "no images after filtering"),
-        ("sample:cifar", "only sample is sample:mnist"),
+        ("sample:cifar", "samples are sample:mnist and sample:elpv"),
         ("keras:cifar10", "unknown Keras dataset"),
     ],
 )
