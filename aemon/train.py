@@ -72,6 +72,28 @@ class TrainConfig:
         required_samples(self.target_fpr)
 
 
+def _calibration_size(n: int, cfg: TrainConfig) -> tuple[int, str]:
+    """How many of ``n`` images to hold out for calibration, and why.
+
+    ``--calibration-split`` of them, or, when that is fewer than the target FPR needs, exactly as
+    many as it needs, provided at least as many are left to train on.
+
+    Raises:
+        CalibrationError: too few images for an honest threshold, with the number needed.
+    """
+    share = math.floor(n * cfg.calibration_split)
+    needed = required_samples(cfg.target_fpr)
+    if share >= needed:
+        return share, f"{share} of {n} images (--calibration-split {cfg.calibration_split})"
+    if n >= 2 * needed:
+        return needed, (f"{needed} of {n} images: the {cfg.calibration_split:.0%} split would hold out {share}, "
+                        f"fewer than the {needed} a target FPR of {cfg.target_fpr} needs")
+    raise CalibrationError(
+        f"{n} images are too few for a target FPR of {cfg.target_fpr}: calibrating needs {needed} held out and "
+        f"as many again to train on, {2 * needed} in all; give more normal images or raise --target-fpr"
+    )
+
+
 def add_noise(x: np.ndarray, noise_factor: float, rng: np.random.Generator) -> np.ndarray:
     """Gaussian noise scaled by ``noise_factor``, clipped back to [0, 1]."""
     noisy = x + noise_factor * rng.standard_normal(x.shape).astype(np.float32)
@@ -176,14 +198,8 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
     cfg.check()
     log = get_logger()
     n = len(data)
-    n_cal = math.floor(n * cfg.calibration_split)
-    needed = required_samples(cfg.target_fpr)
-    if n_cal < needed:
-        raise CalibrationError(
-            f"{n} images hold out {n_cal} for calibration at --calibration-split {cfg.calibration_split}, "
-            f"but a target FPR of {cfg.target_fpr} needs {needed}; give at least "
-            f"{math.ceil(needed / cfg.calibration_split)} images or raise --target-fpr"
-        )
+    n_cal, held_out = _calibration_size(n, cfg)
+    log.info("train.calibration", held_out=held_out)
     if n - n_cal < 2:
         raise CalibrationError(f"{n} images leave nothing to train on after holding out {n_cal} for calibration")
     keras.utils.set_random_seed(cfg.seed)
@@ -243,6 +259,7 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
             "n_fit": len(fit_x),
             "n_validation": n_val,
             "n_calibration": n_cal,
+            "calibration_held_out": held_out,
             "epochs_max": 0 if pca else cfg.epochs,
             "epochs_run": 0 if pca else len(losses.get("loss", [])),
             "final_loss": float(losses["loss"][-1]),

@@ -58,13 +58,28 @@ def test_denoise_bundle_records_task(tiny_denoise_bundle: Path) -> None:
 
 
 def test_too_few_images_for_calibration(tmp_path: Path) -> None:
-    """Too few images to hold out enough calibration samples raise CalibrationError naming the count."""
+    """Fewer images than an honest threshold needs (99 held out and as many to train on) are refused, naming
+    the number needed."""
     from aemon.sources import load_source
 
-    data = load_source("sample:mnist?limit=100")
-    with pytest.raises(CalibrationError, match=r"needs 99; give at least 990 images"):
+    data = load_source("sample:mnist?limit=150")
+    with pytest.raises(CalibrationError, match=r"calibrating needs 99 held out and as many again to train on, 198"):
         train_bundle(data, TrainConfig(arch="dense", epochs=1, target_fpr=0.01), tmp_path / "b", verbose=False)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_few_hundred_images_hold_out_what_the_target_needs(tmp_path: Path) -> None:
+    """666 images at the default 1 % target: the 10 % split (66) is too small, so exactly 99 are held out,
+    said in bundle.json; the share of calibration scores above the threshold stays at or under the target."""
+    from aemon.sources import load_source
+
+    data = load_source("sample:mnist?limit=666")
+    out = train_bundle(data, TrainConfig(arch="pca", latent_dim=16, target_fpr=0.01), tmp_path / "b", verbose=False)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["training"]["n_calibration"] == 99 and meta["training"]["n_fit"] == 567
+    assert "fewer than the 99" in meta["training"]["calibration_held_out"]
+    scores = np.array(meta["calibration"]["scores"])
+    assert np.mean(scores > meta["threshold"]) <= 0.01
 
 
 @pytest.mark.parametrize(
