@@ -308,7 +308,8 @@ def choose_input(src: str, size: str = "auto", color: str = "auto") -> tuple[Pre
         h, w = heights[len(heights) // 2], widths[len(widths) // 2]
         scale = min(1.0, MAX_AUTO_SIDE / max(h, w))
         hw = tuple(max(8, 4 * round(side * scale / 4)) for side in (h, w))
-        why["size"] = (f"auto: {hw[0]}x{hw[1]} from the median image size {h}x{w} of {len(sizes)} {how}"
+        seen = f"the median image size {h}x{w} of {len(sizes)} {how}" if len(sizes) > 1 else f"{h}x{w}, the {how}"
+        why["size"] = (f"auto: {hw[0]}x{hw[1]} from {seen}"
                        + (f", scaled so the longer side is at most {MAX_AUTO_SIDE}" if scale < 1 else ""))
     else:
         try:
@@ -320,7 +321,7 @@ def choose_input(src: str, size: str = "auto", color: str = "auto") -> tuple[Pre
         why["size"] = f"given: {hw[0]}x{hw[1]}"
     if color == "auto":
         mode = "rgb" if colourful else "grayscale"
-        why["color"] = f"auto: {mode} ({'some' if colourful else 'none'} of the inspected {how} have colour)"
+        why["color"] = f"auto: {mode} ({'colour' if colourful else 'no colour'} in the inspected data)"
     elif color in ("grayscale", "rgb"):
         mode = color
         why["color"] = f"given: {mode}"
@@ -333,9 +334,9 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
     """Image sizes ``(H, W)`` and whether any image has colour, from headers where possible."""
     base, options = _split_query(src)
     if base in ("sample:mnist",) or base.startswith("keras:"):
-        return [(28, 28)], False, "images of the data set"
+        return [(28, 28)], False, "size of every image of the data set"
     if base == "sample:elpv":
-        return [(300, 300)], False, "images of the data set"
+        return [(300, 300)], False, "size of every image of the data set"
     path = Path(base)
     if path.suffix.lower() in (".npy", ".npz") and path.is_file():
         try:
@@ -345,7 +346,7 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
         if raw.ndim < 3:
             raise SourceError(f"{src}: an array of shape {raw.shape} has no image size; give --size HxW")
         colourful = raw.ndim == 4 and raw.shape[-1] == 3
-        return [(int(raw.shape[1]), int(raw.shape[2]))], colourful, "rows of the array"
+        return [(int(raw.shape[1]), int(raw.shape[2]))], colourful, "size of every row of the array"
     files = list_images(path) if path.is_dir() else [path]
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
