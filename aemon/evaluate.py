@@ -91,8 +91,9 @@ def _digits(options: dict[str, str]) -> set[str] | None:
 def overlaps(a: str, b: str) -> bool:
     """Whether sources ``a`` and ``b`` may hold the same images, judged from their text.
 
-    Same named dataset (``keras:`` with the same split or ``all``), the same file (``.npz`` with
-    the same array key or no key) or folders one inside the other overlap, unless both keep
+    Same named dataset (``keras:`` with the same split or ``all``; ``sample:elpv`` unless one is
+    ``split=train`` and the other ``split=test``, or of different types), the same file (``.npz``
+    with the same array key or no key) or folders one inside the other overlap, unless both keep
     disjoint ``digits``.
     """
     (base_a, opt_a), (base_b, opt_b) = _parse(a), _parse(b)
@@ -102,6 +103,11 @@ def overlaps(a: str, b: str) -> bool:
         if base_a.startswith("keras:"):
             split_a, split_b = opt_a.get("split", "train"), opt_b.get("split", "train")
             if split_a != split_b and "all" not in (split_a, split_b):
+                return False
+        if base_a == "sample:elpv":  # its train and test splits never share an image, nor do types
+            if {opt_a.get("split"), opt_b.get("split")} == {"train", "test"}:
+                return False
+            if opt_a.get("type") and opt_b.get("type") and opt_a["type"] != opt_b["type"]:
                 return False
     else:
         same = base_a == base_b

@@ -144,6 +144,9 @@ def test_overlap_with_training_data_is_warned(capsys, tiny_bundle: Path, data_fi
         ("data/m.npz", "data/other.npz", False),
         ("images/cats", "images", True),
         ("sample:mnist", "data/m.npz", False),
+        ("sample:elpv?type=mono&defect=0&split=test", "sample:elpv?type=mono&defect=0&split=train", False),
+        ("sample:elpv?type=mono&defect=0", "sample:elpv?type=mono&split=train", True),
+        ("sample:elpv?type=poly", "sample:elpv?type=mono", False),
     ],
 )
 def test_overlap_rules(a: str, b: str, expected: bool) -> None:
