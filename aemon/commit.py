@@ -8,6 +8,7 @@ removes the batch folder. Decisions are counted and logged only once committed.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 from collections.abc import Callable
@@ -139,7 +140,7 @@ class Committer:
             if out.data is None:
                 src = unit.rel  # the unit's own file, inside the batch folder
             else:
-                tmp = output_path(batch.batch_dir, Path(out.rel).suffix)
+                tmp = output_path(batch.batch_dir, Path(out.map_suffix or out.rel).suffix)
                 write_durably(tmp, out.data)
                 src = tmp.name
             record = None
@@ -157,7 +158,7 @@ class Committer:
     def _map_destination(self, item: Path, suffix: str, reserved: list[Path]) -> Path:
         """``item`` + ``suffix`` (reserved with the item for ``.map.png``), or a free name beside it."""
         wanted = Path(f"{item}{suffix}")
-        if suffix == ".map.png" and not wanted.exists():
+        if suffix == ".map.png" and not os.path.lexists(wanted):
             return wanted
         folder, _, rest = self.router.relative(wanted).partition("/")
         dest = self.router.destination(folder, rest)

@@ -90,7 +90,11 @@ def _draw_maps(units: list[Unit], bundle, maps: str) -> None:
     if not wanted:
         return
     x = np.stack([unit.x[row] for unit, row in wanted])
-    diffs = difference(x, bundle.scorer.reconstruct(x))
+    if all(unit.recon is not None for unit, _ in wanted):  # denoise mode: reconstructed already
+        recon = np.stack([unit.recon[row] for unit, row in wanted])
+    else:
+        recon = bundle.scorer.reconstruct(x)
+    diffs = difference(x, recon)
     for (unit, row), image, diff in zip(wanted, x, diffs, strict=True):
         unit.maps[row] = render(image, diff)
 
