@@ -43,9 +43,10 @@ def metrics_dir(root: Path) -> Path:
     Folders of daemons that no longer run on this host are removed (their counters are over).
     """
     state = Path(root) / ".aemon"
-    if state.is_symlink() or (state / "metrics").is_symlink():
-        raise StartupError(f"{state} or its metrics/ folder is a link; aemon never follows links out of its root: "
-                           "make it a real folder")
+    for folder in (state, state / "metrics"):
+        if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+            raise StartupError(f"{folder} is a link or a file; aemon never follows links out of its root: "
+                               "make it a real folder")
     base = state / "metrics"
     host = socket.gethostname()
     if base.is_dir():

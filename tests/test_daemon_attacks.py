@@ -338,14 +338,20 @@ def _run_cli(*argv: str, env: dict[str, str] | None = None, cwd: Path | None = N
 
 
 def test_bad_roots_and_configs_are_named_exactly(tmp_path):
-    """An empty AEMON_ROOT, a root that is a file, and AEMON_CONFIG naming a folder: exit non-zero with
-    one line that says what is wrong."""
+    """An empty AEMON_ROOT, a root that is a file, a state folder that is a file, and AEMON_CONFIG naming a
+    folder: exit non-zero with one line that says what is wrong."""
     empty = _run_cli("run", env={"AEMON_ROOT": ""}, cwd=tmp_path)
     assert empty.returncode == 2 and "AEMON_ROOT" in empty.stderr and "empty" in empty.stderr, empty.stderr
     assert os.listdir(tmp_path) == [], "an empty root never means the current folder"
     (tmp_path / "afile").write_text("x")
     as_file = _run_cli("run", env={"AEMON_ROOT": str(tmp_path / "afile")})
     assert as_file.returncode == 3 and "not a folder" in as_file.stderr, as_file.stderr
+    state_file = tmp_path / "statefile"
+    state_file.mkdir()
+    (state_file / ".aemon").write_text("not a folder")
+    bad_state = _run_cli("run", env={"AEMON_ROOT": str(state_file), "AEMON_WORKERS": "2"})
+    assert bad_state.returncode == 3 and "is a link or a file" in bad_state.stderr, bad_state.stderr
+    assert "Traceback" not in bad_state.stderr
     folder = tmp_path / "cfgdir"
     folder.mkdir()
     cfg = _run_cli("run", env={"AEMON_ROOT": str(tmp_path), "AEMON_CONFIG": str(folder)})
