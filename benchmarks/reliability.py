@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-from daemon_process import VERDICT_DIRS, Daemon, items, png_bytes, records
+from daemon_process import VERDICT_DIRS, Daemon, items, png_bytes, records, wait_drained
 
 #: AEMON_WORKERS of every daemon started here.
 WORKERS = "2"
@@ -116,33 +116,6 @@ def account(root: Path, expected: set[str]) -> dict[str, int]:
     return {"units": len(expected), "lost": lost, "duplicated": duplicated, "stray": stray + unexpected}
 
 
-def _claimed(root: Path) -> int:
-    """Entries lying in batch folders of any daemon."""
-    n = 0
-    for owner in (root / ".aemon" / "claims").iterdir():
-        try:
-            n += sum(1 for e in os.listdir(owner) if not e.startswith("."))
-        except (NotADirectoryError, FileNotFoundError):
-            continue
-    return n
-
-
-def _drain(root: Path, daemon: Daemon, timeout: float = 600) -> None:
-    """Wait until the inbox and every claims folder have been empty for 2 s."""
-    deadline = time.monotonic() + timeout
-    quiet_since = None
-    while time.monotonic() < deadline:
-        assert daemon.proc.poll() is None, daemon.text()
-        if os.listdir(root / "inbox") or _claimed(root):
-            quiet_since = None
-        elif quiet_since is None:
-            quiet_since = time.monotonic()
-        elif time.monotonic() - quiet_since > 2.0:
-            return
-        time.sleep(0.2)
-    raise AssertionError("the inbox never drained:\n" + daemon.text())
-
-
 def kill_loop(base: Path, digits: np.ndarray, kills: int) -> dict[str, int]:
     root = base / "kill-loop"
     (root / "inbox").mkdir(parents=True)
@@ -166,7 +139,7 @@ def kill_loop(base: Path, digits: np.ndarray, kills: int) -> dict[str, int]:
     stop.set()
     thread.join()
     daemon = _daemon(root, log).wait_ready()
-    _drain(root, daemon)
+    wait_drained(root, daemon)
     assert daemon.stop() == 0, daemon.text()
     shutil.rmtree(root / "stage")
     return account(root, dropper.units)
@@ -183,7 +156,7 @@ def three_daemons(base: Path, digits: np.ndarray) -> dict[str, int]:
         dropper.drop()
         if i == 300:
             daemons[1].kill()
-    _drain(root, daemons[0])
+    wait_drained(root, daemons[0])
     for d in (daemons[0], daemons[2]):
         assert d.stop() == 0, d.text()
     shutil.rmtree(root / "stage")
@@ -203,8 +176,8 @@ def burst(base: Path, digits: np.ndarray, n: int) -> dict[str, int]:
     started = time.monotonic()
     for name in names:
         os.rename(stage / name, root / "inbox" / name)
-    _drain(root, daemon, timeout=1800)
-    took = time.monotonic() - started - 2.0  # _drain waits 2 s of quiet
+    wait_drained(root, daemon, timeout=1800)
+    took = time.monotonic() - started - 2.0  # wait_drained waits 2 s of quiet
     assert daemon.stop() == 0, daemon.text()
     shutil.rmtree(stage)
     out = account(root, set(names))

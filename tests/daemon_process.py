@@ -166,6 +166,33 @@ def wait_records(root: Path, n: int, daemon: Daemon | None = None, timeout: floa
     raise AssertionError(f"{len(records(root))} records, expected {n}:\n" + (daemon.text() if daemon else ""))
 
 
+def claimed(root: Path) -> int:
+    """Entries lying in the batch folders of any daemon on ``root`` (its own files excluded)."""
+    n = 0
+    for owner in (root / ".aemon" / "claims").iterdir():
+        try:
+            n += sum(1 for e in os.listdir(owner) if not e.startswith("."))
+        except (NotADirectoryError, FileNotFoundError):
+            continue
+    return n
+
+
+def wait_drained(root: Path, daemon: Daemon, timeout: float = 600, quiet: float = 2.0) -> None:
+    """Wait until the inbox and every batch folder have been empty for ``quiet`` seconds."""
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        assert daemon.proc.poll() is None, daemon.text()
+        if os.listdir(root / "inbox") or claimed(root):
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > quiet:
+            return
+        time.sleep(0.2)
+    raise AssertionError("the inbox never drained:\n" + daemon.text())
+
+
 def load(record: Path) -> dict:
     return json.loads(record.read_text())
 

@@ -26,6 +26,7 @@ from daemon_process import (
     new_root,
     png_bytes,
     records,
+    wait_drained,
     wait_records,
     write_png,
 )
@@ -285,10 +286,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(tmp_path, digits
         dropper.join()
         daemon = Daemon(root, log).wait_ready()
         wait_records(root, len(names), daemon, timeout=120)
-        deadline = time.monotonic() + 30
-        while (os.listdir(root / "inbox") or os.listdir(root / ".aemon" / "claims")) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        time.sleep(1.0)
+        wait_drained(root, daemon, timeout=30, quiet=1.0)
         assert daemon.stop() == 0, daemon.text()
     finally:
         stop.set()
