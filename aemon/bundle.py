@@ -44,6 +44,8 @@ __all__ = [
 FORMAT_VERSION = 1
 MODEL_FILE = "model.keras"
 META_FILE = "bundle.json"
+#: Arrays a local score function learnt at training (per-cell error statistics), when it has any.
+STATE_FILE = "score_state.npz"
 
 
 class Calibration(BaseModel):
@@ -79,6 +81,9 @@ class BundleMeta(BaseModel):
     keras_version: str | None = None
     model_file: str = MODEL_FILE
     model_sha256: str
+    #: The score function's state (:data:`STATE_FILE`) and its sha256, for local scores.
+    score_state_file: str | None = None
+    score_state_sha256: str | None = None
     #: Bumped by every recalibration of the same model file.
     revision: int = 1
 
@@ -115,11 +120,13 @@ def staged_dir(out: Path, *, overwrite: bool = False):
     return fsio.staged_dir(out, overwrite=overwrite, exists_error=_exists)
 
 
-def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = False) -> Path:
+def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = False,
+                state: dict[str, np.ndarray] | None = None) -> Path:
     """Write ``model`` and its metadata as a bundle at ``out``, atomically.
 
     Args:
         model: The trained Keras model.
+        state: The score function's state, written as :data:`STATE_FILE` when not empty.
         meta: Every ``bundle.json`` field except ``model_sha256``, ``format_version``,
             ``created_at`` and ``aemon_version``, which are filled in here.
         out: The bundle directory to create.
@@ -135,6 +142,14 @@ def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = Fal
         model_path = tmp / MODEL_FILE
         model.save(model_path)
         _fsync_file(model_path)
+        extra = {}
+        if state:
+            state_path = tmp / STATE_FILE
+            with state_path.open("xb") as fp:
+                np.savez(fp, **state)
+                fp.flush()
+                os.fsync(fp.fileno())
+            extra = {"score_state_file": STATE_FILE, "score_state_sha256": sha256_of(state_path)}
         full = {
             **meta,
             "format_version": FORMAT_VERSION,
@@ -143,6 +158,7 @@ def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = Fal
             "keras_version": keras.__version__,
             "model_file": MODEL_FILE,
             "model_sha256": sha256_of(model_path),
+            **extra,
         }
         BundleMeta.model_validate(full)
         write_json_atomic(tmp / META_FILE, full)
@@ -249,7 +265,26 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file
         raise BundleError(f"{model_path} could not be loaded by Keras: {exc}") from exc
-    return Bundle(path=path, meta=meta, model=model, scorer=Scorer(model, meta.score_fn, chunk=chunk))
+    state = _read_state(path, meta)
+    try:
+        scorer = Scorer(model, meta.score_fn, chunk=chunk, state=state)
+    except ValueError as exc:
+        raise BundleError(f"{path}: {exc}") from exc
+    return Bundle(path=path, meta=meta, model=model, scorer=scorer)
+
+
+def _read_state(path: Path, meta: BundleMeta) -> dict[str, np.ndarray]:
+    """The score function's state, verified against its sha256 (empty when the bundle has none)."""
+    if not meta.score_state_file:
+        return {}
+    state_path = path / meta.score_state_file
+    if not state_path.is_file():
+        raise BundleError(f"{path} is incomplete: {meta.score_state_file} is missing")
+    if sha256_of(state_path) != meta.score_state_sha256:
+        raise BundleError(f"{state_path} does not match bundle.json (sha256); the file was changed: restore it or "
+                          "retrain")
+    with np.load(state_path, allow_pickle=False) as npz:
+        return {k: npz[k].astype(np.float32) for k in npz.files}
 
 
 def shipped_bundle(name: str) -> Path | None:

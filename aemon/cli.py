@@ -74,9 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
     """)
     p.add_argument("--data", required=True, metavar="SRC",
                    help="normal images: folder, .npy/.npz, sample:mnist, keras:mnist (options after ?)")
-    p.add_argument("--arch", default="conv",
-                   help="dense, deep, conv, convsmall (conv with a latent-dim bottleneck) or pca "
-                        "(the linear baseline, fitted by SVD) (default: conv)")
+    p.add_argument("--arch", default="auto",
+                   help="auto (chosen from the data: PCA sizes ranked on synthetic defects of set-aside normal "
+                        "images), dense, deep, conv, convsmall (conv with a latent-dim bottleneck) or pca "
+                        "(the linear baseline, fitted by SVD) (auto)")
     p.add_argument("--out", required=True, type=Path, metavar="BUNDLE_DIR", help="bundle directory to create")
     p.add_argument("--size", default="auto", metavar="{auto,HxW}",
                    help="model input size; auto: the median image size, longer side at most 128 (auto)")
@@ -93,8 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam", help="adam, adadelta, rmsprop or sgd (adam)")
     p.add_argument("--learning-rate", type=float, help="optimizer learning rate (Keras default)")
     p.add_argument("--loss", default="binary_crossentropy", help="binary_crossentropy or mse")
-    p.add_argument("--score", default="mse", dest="score_fn",
-                   help="score function: mse, bce or topk (mean of the worst 5%% pixel errors) (mse)")
+    p.add_argument("--score", default="auto", dest="score_fn",
+                   help="score function: auto (ranked like --arch auto), mse, bce, topk (mean of the worst 5%% "
+                        "pixel errors), zmax (local: the most unusual place of the smoothed error map) or "
+                        "zmax+mean (zmax plus the distance to the mean normal image) (auto)")
     p.add_argument("--calibration-split", type=float, default=0.1, help="share held out for calibration (0.1)")
     p.add_argument("--validation-split", type=float, default=0.1, help="share of the rest for early stopping (0.1)")
     p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (3)")
@@ -206,6 +209,12 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         print(f"{what}: {why}", file=sys.stderr)
     data = load_source(args.data, prep)
     path = train_bundle(data, cfg, args.out, overwrite=args.force, prep=prep, choices=choices)
+    from aemon.bundle import read_meta
+
+    made = read_meta(path).preprocessing.get("choices", {})
+    for what in ("arch", "score"):
+        if what in made:
+            print(f"{what}: {made[what]}", file=sys.stderr)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

@@ -1,9 +1,14 @@
-"""Anomaly maps: where an image differs from its reconstruction, drawn over the image as a PNG.
+"""Anomaly maps: where an image is unusual, drawn over the image as a PNG.
 
-The colour scale is the same for every image and every bundle, so two maps can be compared: a
-pixel is tinted red in proportion to the absolute difference between the image and its
-reconstruction (pixels in [0, 1]), from none at 0 to full at :data:`FULL_SCALE` or more. Small
-images are enlarged (nearest neighbour) to at least :data:`MIN_SIDE` pixels so the map is legible.
+A pixel is tinted red in proportion to a *strength* in [0, 1]. The colour scale is fixed per
+bundle, never per image, so two maps of one bundle can be compared:
+
+* local scores (``zmax``, ``zmax+mean``): the score's own map (how unusual each place is against the
+  normal images at that place), full colour at the bundle's threshold (:func:`local_strength`);
+* global scores: the absolute difference between the image and its reconstruction (pixels in
+  [0, 1]), full colour at :data:`FULL_SCALE` or more (:func:`difference`).
+
+Small images are enlarged (nearest neighbour) to at least :data:`MIN_SIDE` pixels so the map is legible.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import math
 
 import numpy as np
 
-__all__ = ["FULL_SCALE", "MIN_SIDE", "MAPS_MODES", "difference", "render"]
+__all__ = ["FULL_SCALE", "MIN_SIDE", "MAPS_MODES", "difference", "local_strength", "render"]
 
 #: Absolute pixel difference drawn at full colour.
 FULL_SCALE = 0.5
@@ -25,21 +30,34 @@ _TINT = np.array([1.0, 0.1, 0.0], dtype=np.float32)  # red with a touch of green
 
 
 def difference(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
-    """Per-pixel absolute difference ``(N, H, W)`` of images and reconstructions ``(N, H, W, C)``."""
-    return np.abs(x.astype(np.float32) - recon.astype(np.float32)).mean(axis=-1)
+    """Strength ``(N, H, W)``: the absolute difference of images and reconstructions ``(N, H, W, C)``
+    over :data:`FULL_SCALE`."""
+    return np.clip(np.abs(x.astype(np.float32) - recon.astype(np.float32)).mean(axis=-1) / FULL_SCALE, 0.0, 1.0)
 
 
-def render(image: np.ndarray, diff: np.ndarray) -> bytes:
+def local_strength(where: np.ndarray, threshold: float, size: tuple[int, int]) -> np.ndarray:
+    """Strength ``(N, H, W)`` from a local score's map ``(N, g_h, g_w)``: 0 at or below 0, 1 at the threshold.
+
+    The grid is enlarged to the image ``size`` by bilinear interpolation.
+    """
+    from PIL import Image
+
+    scaled = np.clip(where / max(threshold, 1e-6), 0.0, 1.0).astype(np.float32)
+    h, w = size
+    return np.stack([np.asarray(Image.fromarray(m, mode="F").resize((w, h), Image.BILINEAR)) for m in scaled])
+
+
+def render(image: np.ndarray, strength: np.ndarray) -> bytes:
     """The map of one image as PNG bytes.
 
     Args:
         image: The model input ``(H, W, C)`` in [0, 1].
-        diff: Its :func:`difference` ``(H, W)``.
+        strength: How strongly to tint each pixel, ``(H, W)`` in [0, 1].
     """
     from PIL import Image
 
     gray = image.astype(np.float32).mean(axis=-1)
-    alpha = np.clip(diff / FULL_SCALE, 0.0, 1.0)[..., None] * 0.85
+    alpha = np.clip(strength, 0.0, 1.0)[..., None] * 0.85
     rgb = gray[..., None] * (1.0 - alpha) + _TINT * alpha
     pixels = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
     scale = max(1, math.ceil(MIN_SIDE / max(1, min(pixels.shape[:2]))))

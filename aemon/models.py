@@ -15,7 +15,9 @@ import keras
 import numpy as np
 from keras import layers
 
-__all__ = ["ARCHS", "BUILDERS", "build", "set_pca_weights"]
+from aemon.errors import UsageError
+
+__all__ = ["ARCHS", "BUILDERS", "build", "fit_pca", "pca_reconstruct", "set_pca_weights"]
 
 #: Architectures ``build`` knows, with a one-line description for ``--help``.
 ARCHS: dict[str, str] = {
@@ -127,6 +129,35 @@ def set_pca_weights(model: keras.Model, mean, components) -> None:
     encoder, decoder = model.get_layer("encoder"), model.get_layer("decoder")
     encoder.get_layer("code").set_weights([comps.T, -(mean @ comps.T)])
     decoder.get_layer("pixels").set_weights([comps, mean])
+
+
+def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Principal components of ``x`` by SVD of the centred data.
+
+    Returns:
+        The per-pixel mean ``(pixels,)``, the top ``n_components`` orthonormal directions
+        ``(n_components, pixels)`` and the share of variance they explain.
+
+    Raises:
+        UsageError: more components than images or pixels.
+    """
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    if n_components > min(flat.shape):
+        raise UsageError(f"--arch pca with {len(flat)} images of {flat.shape[1]} pixels keeps at most "
+                         f"{min(flat.shape)} components; lower --latent-dim")
+    mean = flat.mean(axis=0)
+    _, sv, vt = np.linalg.svd(flat - mean, full_matrices=False)
+    total = float(np.sum(sv**2))
+    explained = float(np.sum(sv[:n_components] ** 2) / total) if total > 0 else 1.0
+    return mean, vt[:n_components], explained
+
+
+def pca_reconstruct(x: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """What a ``pca`` model outputs for ``x`` (numpy): the projection, clipped to [0, 1]."""
+    flat = x.reshape(len(x), -1).astype(np.float32)
+    mean = np.asarray(mean, np.float32)
+    comps = np.asarray(components, np.float32)
+    return np.clip((flat - mean) @ comps.T @ comps + mean, 0.0, 1.0).reshape(x.shape)
 
 
 def _pca_checked(input_shape: tuple[int, int, int], latent_dim: int) -> tuple[keras.Model, keras.Model]:

@@ -23,7 +23,7 @@ from aemon.errors import ItemRejected, Unreadable
 from aemon.fsio import utc_now
 from aemon.images import Limits, Preprocessing, input_to_array
 from aemon.images import decode as decode_file
-from aemon.maps import difference, render
+from aemon.maps import difference, local_strength, render
 from aemon.records import rejected_record, scored_record
 from aemon.router import Router, png_bytes, png_name, rows_bytes
 from aemon.sources import list_images, load_source
@@ -62,10 +62,8 @@ def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "of
     x = units[0].x if len(units) == 1 else np.concatenate([u.x for u in units])
     started = time.perf_counter()
     if reconstruct:
-        from aemon.scoring import reconstruction_error  # TensorFlow: imported only once a bundle is loaded
-
         recon = bundle.scorer.reconstruct(x)
-        scores = reconstruction_error(x, recon, bundle.scorer.score_fn)
+        scores = bundle.scorer.score_of(x, recon)
     else:
         recon, scores = None, bundle.score(x)
     seconds = time.perf_counter() - started
@@ -94,9 +92,10 @@ def _draw_maps(units: list[Unit], bundle, maps: str) -> None:
         recon = np.stack([unit.recon[row] for unit, row in wanted])
     else:
         recon = bundle.scorer.reconstruct(x)
-    diffs = difference(x, recon)
-    for (unit, row), image, diff in zip(wanted, x, diffs, strict=True):
-        unit.maps[row] = render(image, diff)
+    where = bundle.scorer.where(x, recon)
+    strengths = difference(x, recon) if where is None else local_strength(where, bundle.threshold, x.shape[1:3])
+    for (unit, row), image, strength in zip(wanted, x, strengths, strict=True):
+        unit.maps[row] = render(image, strength)
 
 
 @dataclass

@@ -1,127 +1,331 @@
-"""One compiled model call per batch, scoring included; the reconstruction error also in numpy.
+"""Score functions, and one compiled model call per batch with the score inside it.
 
 ``model.predict`` costs tens of milliseconds per call whatever the batch; a ``tf.function``
-traced once over a ``(None, H, W, 1)`` signature costs about a millisecond, so one scorer
+traced once over a ``(None, H, W, C)`` signature costs about a millisecond, so one scorer
 serves 1 image or 10,000 at full speed. Large inputs are cut into chunks of ``chunk``.
+
+Two kinds of score function:
+
+* **global** (``mse``, ``bce``, ``topk``): a function of the image and its reconstruction.
+* **local** (``zmax``, ``zmax+mean``): the squared error map is pooled to a grid of at most
+  :data:`GRID` cells a side and smoothed (Gaussian, σ = 1/32 of the grid side), then compared cell by
+  cell with the same map of the normal images the model was fitted on (their mean and standard
+  deviation at that cell: the *state*, stored in the bundle). The score is the largest z-score:
+  a small defect anywhere counts, and places that are always hard to reconstruct (edges, busbars,
+  fine texture) do not. ``zmax+mean`` adds the same score of the distance to the mean normal image,
+  which catches large faint changes that a reconstruction follows.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["SCORE_FUNCTIONS", "ScoreFunction", "TOPK_SHARE", "reconstruction_error", "Scorer"]
+__all__ = ["GRID", "SCORE_FUNCTIONS", "ScoreFunction", "TOPK_SHARE", "fit_state", "local_operators",
+           "reconstruction_error", "Scorer"]
 
 #: Share of pixels whose squared errors ``topk`` averages (the worst 5 %: 40 of 784).
 TOPK_SHARE = 0.05
+#: Most cells a side of the grid that local scores pool the error map to.
+GRID = 64
+#: Gaussian smoothing of the pooled map, as a share of the grid side (2 cells on a 64 grid).
+SIGMA_SHARE = 1 / 32
 _EPS = 1e-7
+
+State = dict[str, np.ndarray]
 
 
 def _topk(pixels: int) -> int:
     return max(1, math.ceil(TOPK_SHARE * pixels))
 
 
-# Each score function twice: numpy (reference, evaluation) and TensorFlow (inside the compiled
-# call). Both take flattened (N, pixels) float32 inputs and reconstructions; a parity test
-# checks every pair.
-def _mse_np(x: np.ndarray, r: np.ndarray) -> np.ndarray:
-    return np.mean(np.square(x - r), axis=1, dtype=np.float64)
+def _flat(a):
+    return a.reshape(len(a), -1) if isinstance(a, np.ndarray) else tf.reshape(a, (tf.shape(a)[0], -1))
 
 
-def _mse_tf(x, r):
-    return tf.reduce_mean(tf.square(x - r), axis=1)
+# Global scores, each twice: numpy (reference, evaluation) and TensorFlow (inside the compiled
+# call). Inputs are images (N, H, W, C) float32 and the state (unused here); a parity test checks
+# every pair.
+def _mse_np(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+    return np.mean(np.square(_flat(x) - _flat(r)), axis=1, dtype=np.float64)
 
 
-def _bce_np(x: np.ndarray, r: np.ndarray) -> np.ndarray:
-    r = np.clip(r, _EPS, 1 - _EPS)
+def _mse_tf(x, r, state):
+    return tf.reduce_mean(tf.square(_flat(x) - _flat(r)), axis=1)
+
+
+def _bce_np(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+    x, r = _flat(x), np.clip(_flat(r), _EPS, 1 - _EPS)
     return -np.mean(x * np.log(r) + (1 - x) * np.log1p(-r), axis=1, dtype=np.float64)
 
 
-def _bce_tf(x, r):
-    r = tf.clip_by_value(r, _EPS, 1 - _EPS)
+def _bce_tf(x, r, state):
+    x, r = _flat(x), tf.clip_by_value(_flat(r), _EPS, 1 - _EPS)
     return -tf.reduce_mean(x * tf.math.log(r) + (1 - x) * tf.math.log1p(-r), axis=1)
 
 
-def _topk_np(x: np.ndarray, r: np.ndarray) -> np.ndarray:
-    pixels = x.shape[1]
+def _topk_np(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+    err = np.square(_flat(x) - _flat(r))
+    pixels = err.shape[1]
     k = _topk(pixels)
-    return np.mean(np.partition(np.square(x - r), pixels - k, axis=1)[:, pixels - k:], axis=1, dtype=np.float64)
+    return np.mean(np.partition(err, pixels - k, axis=1)[:, pixels - k:], axis=1, dtype=np.float64)
 
 
-def _topk_tf(x, r):
-    return tf.reduce_mean(tf.math.top_k(tf.square(x - r), k=_topk(x.shape[1]), sorted=False).values, axis=1)
+def _topk_tf(x, r, state):
+    err = tf.square(_flat(x) - _flat(r))
+    return tf.reduce_mean(tf.math.top_k(err, k=_topk(math.prod(x.shape[1:])), sorted=False).values, axis=1)
+
+
+# Local scores.
+def local_operators(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """Matrices ``A_h (g_h, H)`` and ``A_w (g_w, W)`` with ``A_h @ E @ A_wᵀ`` = ``E`` pooled and smoothed.
+
+    Area pooling to at most :data:`GRID` cells a side, then a Gaussian of σ = side × :data:`SIGMA_SHARE`
+    cells whose weights are renormalised at the borders (no dark frame).
+    """
+    def one(n: int) -> np.ndarray:
+        g = min(n, GRID)
+        edges = np.linspace(0.0, n, g + 1)
+        lo, hi = edges[:-1, None], edges[1:, None]
+        j = np.arange(n)[None, :]
+        pool = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None) / (hi - lo)
+        sigma = max(g * SIGMA_SHARE, 0.5)
+        i = np.arange(g)
+        gauss = np.exp(-np.square(i[:, None] - i[None, :]) / (2 * sigma * sigma))
+        gauss /= gauss.sum(axis=1, keepdims=True)
+        return (gauss @ pool).astype(np.float32)
+
+    return one(height), one(width)
+
+
+def _smoothed_np(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+    err = np.square(x.astype(np.float32) - r.astype(np.float32)).mean(axis=-1)
+    return state["a_h"] @ err @ state["a_w"].T
+
+
+def _smoothed_tf(x, r, state):
+    err = tf.reduce_mean(tf.square(x - r), axis=-1)
+    return tf.einsum("ih,nhw,jw->nij", state["a_h"], err, state["a_w"])
+
+
+def _z_stats(maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cell mean and (floored) standard deviation of smoothed error maps ``(N, g_h, g_w)``."""
+    mean = maps.mean(axis=0, dtype=np.float64)
+    sd = maps.std(axis=0, dtype=np.float64)
+    floor = max(1e-3 * float(maps.std(dtype=np.float64)), 1e-8)
+    return mean.astype(np.float32), (sd + floor).astype(np.float32)
+
+
+def _z_np(x: np.ndarray, r: np.ndarray, state: State, key: str = "") -> np.ndarray:
+    return (_smoothed_np(x, r, state) - state["m" + key]) / state["s" + key]
+
+
+def _zmax_np(x: np.ndarray, r: np.ndarray, state: State, key: str = "") -> np.ndarray:
+    z = _z_np(x, r, state, key)
+    return z.reshape(len(z), -1).max(axis=1).astype(np.float64)
+
+
+def _zmax_tf(x, r, state, key: str = ""):
+    z = (_smoothed_tf(x, r, state) - state["m" + key]) / state["s" + key]
+    return tf.reduce_max(tf.reshape(z, (tf.shape(z)[0], -1)), axis=1)
+
+
+def _zmax_fit(x: np.ndarray, r: np.ndarray) -> State:
+    a_h, a_w = local_operators(x.shape[1], x.shape[2])
+    state = {"a_h": a_h, "a_w": a_w}
+    state["m"], state["s"] = _z_stats(_smoothed_np(x, r, state))
+    return state
+
+
+def _zmean_np(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+    mean = np.broadcast_to(state["mean_image"], x.shape)
+    t = state["terms"]
+    return (_zmax_np(x, r, state) - t[0]) / t[1] + (_zmax_np(x, mean, state, "_mean") - t[2]) / t[3]
+
+
+def _zmean_where(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+    t = state["terms"]
+    mean = np.broadcast_to(state["mean_image"], x.shape)
+    return (_z_np(x, r, state) - t[0]) / t[1] + (_z_np(x, mean, state, "_mean") - t[2]) / t[3]
+
+
+def _zmean_tf(x, r, state):
+    mean = tf.broadcast_to(state["mean_image"], tf.shape(x))
+    t = state["terms"]
+    return (_zmax_tf(x, r, state) - t[0]) / t[1] + (_zmax_tf(x, mean, state, "_mean") - t[2]) / t[3]
+
+
+def _zmean_fit(x: np.ndarray, r: np.ndarray) -> State:
+    state = _zmax_fit(x, r)
+    state["mean_image"] = x.mean(axis=0, dtype=np.float64).astype(np.float32)
+    mean = np.broadcast_to(state["mean_image"], x.shape)
+    state["m_mean"], state["s_mean"] = _z_stats(_smoothed_np(x, mean, state))
+    own, far = _zmax_np(x, r, state), _zmax_np(x, mean, state, "_mean")
+    state["terms"] = np.array([own.mean(), own.std() + 1e-8, far.mean(), far.std() + 1e-8], np.float32)
+    return state
+
+
+# The "shape" term: where the image's intensity sits, how much of it and how spread, as a Gaussian
+# over 6 moments fitted on the normal images. Reconstruction errors miss a digit shrunk to half its
+# size (the autoencoder reconstructs small digits well); these moments do not.
+def _moments_np(x: np.ndarray) -> np.ndarray:
+    img = x.mean(axis=-1, dtype=np.float64)
+    h, w = img.shape[1:]
+    yy, xx = (np.arange(h) / h)[None, :, None], (np.arange(w) / w)[None, None, :]
+    mass = img.sum(axis=(1, 2)) + 1e-3
+    cy, cx = (img * yy).sum(axis=(1, 2)) / mass, (img * xx).sum(axis=(1, 2)) / mass
+    dy, dx = yy - cy[:, None, None], xx - cx[:, None, None]
+    vy, vx = (img * dy**2).sum(axis=(1, 2)) / mass, (img * dx**2).sum(axis=(1, 2)) / mass
+    cov = (img * dy * dx).sum(axis=(1, 2)) / mass
+    return np.stack([np.log(mass / (h * w)), cy, cx, 0.5 * np.log(vy + 1e-6), 0.5 * np.log(vx + 1e-6),
+                     cov / np.sqrt(vy * vx + 1e-9)], axis=1)
+
+
+def _moments_tf(x):
+    img = tf.reduce_mean(x, axis=-1)
+    h, w = x.shape[1], x.shape[2]
+    yy = tf.reshape(tf.range(h, dtype=tf.float32) / h, (1, h, 1))
+    xx = tf.reshape(tf.range(w, dtype=tf.float32) / w, (1, 1, w))
+    mass = tf.reduce_sum(img, axis=(1, 2)) + 1e-3
+    cy, cx = tf.reduce_sum(img * yy, axis=(1, 2)) / mass, tf.reduce_sum(img * xx, axis=(1, 2)) / mass
+    dy, dx = yy - cy[:, None, None], xx - cx[:, None, None]
+    vy, vx = tf.reduce_sum(img * dy**2, axis=(1, 2)) / mass, tf.reduce_sum(img * dx**2, axis=(1, 2)) / mass
+    cov = tf.reduce_sum(img * dy * dx, axis=(1, 2)) / mass
+    return tf.stack([tf.math.log(mass / (h * w)), cy, cx, 0.5 * tf.math.log(vy + 1e-6), 0.5 * tf.math.log(vx + 1e-6),
+                     cov / tf.sqrt(vy * vx + 1e-9)], axis=1)
+
+
+def _shape_np(x: np.ndarray, state: State) -> np.ndarray:
+    d = _moments_np(x) - state["shape_mean"]
+    return np.einsum("ni,ij,nj->n", d, state["shape_precision"].astype(np.float64), d)
+
+
+def _shape_tf(x, state):
+    d = _moments_tf(x) - state["shape_mean"]
+    return tf.einsum("ni,ij,nj->n", d, state["shape_precision"], d)
+
+
+def _bce_shape_np(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+    t = state["terms"].astype(np.float64)
+    return (_bce_np(x, r, state) - t[0]) / t[1] + (_shape_np(x, state) - t[2]) / t[3]
+
+
+def _bce_shape_tf(x, r, state):
+    t = state["terms"]
+    return (_bce_tf(x, r, state) - t[0]) / t[1] + (_shape_tf(x, state) - t[2]) / t[3]
+
+
+def _bce_shape_fit(x: np.ndarray, r: np.ndarray) -> State:
+    moments = _moments_np(x)
+    cov = np.cov(moments.T) + 1e-6 * np.eye(moments.shape[1])
+    state = {"shape_mean": moments.mean(axis=0).astype(np.float32),
+             "shape_precision": np.linalg.inv(cov).astype(np.float32)}
+    own, shape = _bce_np(x, r, state), _shape_np(x, state)
+    state["terms"] = np.array([own.mean(), own.std() + 1e-8, shape.mean(), shape.std() + 1e-8], np.float32)
+    return state
 
 
 @dataclass(frozen=True)
 class ScoreFunction:
-    """One per-image score: the same formula in numpy and in TensorFlow ops."""
+    """One per-image score: the same formula in numpy and in TensorFlow ops.
+
+    Both take images ``(N, H, W, C)``, reconstructions of the same shape and the state that
+    ``fit`` made from the normal images the model was fitted on (empty for global scores).
+    """
 
     #: What it measures (shown by ``aemon train --help``).
     summary: str
-    numpy: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    numpy: Callable[[np.ndarray, np.ndarray, State], np.ndarray]
     tf: Callable
+    #: Learns the state from fitted normal images and their reconstructions; None: stateless.
+    fit: Callable[[np.ndarray, np.ndarray], State] | None = field(default=None)
+    #: Local scores: the map ``(N, g_h, g_w)`` whose largest value (about) is the score, for anomaly maps.
+    where: Callable[[np.ndarray, np.ndarray, State], np.ndarray] | None = field(default=None)
 
 
-#: Score functions by the name stored in a bundle. To add one, add a pair above and a row here.
+#: Score functions by the name stored in a bundle. To add one, write its pair (and ``fit`` if it
+#: needs state) above and add a row here.
 SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
     "mse": ScoreFunction("mean squared pixel error", _mse_np, _mse_tf),
     "bce": ScoreFunction("mean binary cross-entropy of the reconstruction against the input", _bce_np, _bce_tf),
-    "topk": ScoreFunction(f"mean squared error of the worst {TOPK_SHARE:.0%} of the pixels (small defects count "
-                          "as much on big images)", _topk_np, _topk_tf),
+    "topk": ScoreFunction(f"mean squared error of the worst {TOPK_SHARE:.0%} of the pixels", _topk_np, _topk_tf),
+    "zmax": ScoreFunction("largest z-score of the smoothed error map against the normal images' error at each place "
+                          "(small local defects)", _zmax_np, _zmax_tf, _zmax_fit, _z_np),
+    "zmax+mean": ScoreFunction("zmax plus the same score of the distance to the mean normal image (also large faint "
+                               "changes)", _zmean_np, _zmean_tf, _zmean_fit, _zmean_where),
+    "bce+shape": ScoreFunction("bce plus how unusual the image's amount, place and spread of intensity are (a digit "
+                               "shrunk, moved or turned)", _bce_shape_np, _bce_shape_tf, _bce_shape_fit),
 }
 
 
-def _lookup(kind: str) -> ScoreFunction:
+def lookup(kind: str) -> ScoreFunction:
+    """The score function named ``kind``.
+
+    Raises:
+        ValueError: no such score function, naming the choices.
+    """
     try:
         return SCORE_FUNCTIONS[kind]
     except KeyError:
         raise ValueError(f"unknown score function {kind!r}; choose one of {', '.join(SCORE_FUNCTIONS)}") from None
 
 
-def reconstruction_error(x: np.ndarray, recon: np.ndarray, kind: str = "mse") -> np.ndarray:
-    """Per-image reconstruction error (numpy), ``kind`` naming a row of :data:`SCORE_FUNCTIONS`.
+def fit_state(kind: str, x: np.ndarray, recon: np.ndarray) -> State:
+    """The state of score function ``kind`` learnt from normal images ``x`` and their reconstructions."""
+    fn = lookup(kind)
+    return {} if fn.fit is None else fn.fit(np.asarray(x, np.float32), np.asarray(recon, np.float32))
+
+
+def reconstruction_error(x: np.ndarray, recon: np.ndarray, kind: str = "mse", state: State | None = None) -> np.ndarray:
+    """Per-image score (numpy), ``kind`` naming a row of :data:`SCORE_FUNCTIONS`.
 
     Args:
         x: Inputs, ``(N, H, W, C)`` in [0, 1].
         recon: The model's reconstructions, same shape.
         kind: The score function's name.
+        state: What the score function learnt at training (required by local scores).
     """
-    fn = _lookup(kind)
-    x = x.reshape(len(x), -1).astype(np.float32, copy=False)
-    recon = recon.reshape(len(recon), -1).astype(np.float32, copy=False)
-    return fn.numpy(x, recon)
+    fn = lookup(kind)
+    if fn.fit is not None and not state:
+        raise ValueError(f"the {kind!r} score needs the state learnt at training; it is stored in the bundle")
+    x = x.astype(np.float32, copy=False)
+    recon = recon.astype(np.float32, copy=False)
+    return fn.numpy(x, recon, state or {})
 
 
-def _tf_error(x, recon, kind: str):
+def _tf_error(x, recon, kind: str, state=None):
     """:func:`reconstruction_error` in TensorFlow ops (float32), for use inside a compiled call."""
-    fn = _lookup(kind)
-    pixels = math.prod(x.shape[1:])
-    return fn.tf(tf.reshape(x, (-1, pixels)), tf.reshape(recon, (-1, pixels)))
+    return lookup(kind).tf(x, recon, state or {})
 
 
 class Scorer:
     """Reconstructs and scores images with a compiled call of a Keras model.
 
     Args:
-        model: A Keras autoencoder taking ``(N, H, W, 1)`` float32.
+        model: A Keras autoencoder taking ``(N, H, W, C)`` float32.
         score_fn: Name of the score function (see :data:`SCORE_FUNCTIONS`).
         chunk: Largest batch sent to the model in one call.
+        state: The score function's state (see :func:`fit_state`), for local scores.
     """
 
-    def __init__(self, model, score_fn: str = "mse", chunk: int = 1024) -> None:
+    def __init__(self, model, score_fn: str = "mse", chunk: int = 1024, state: State | None = None) -> None:
         self.model = model
         self.score_fn = score_fn
         self.chunk = chunk
+        self.state = dict(state or {})
+        if lookup(score_fn).fit is not None and not self.state:
+            raise ValueError(f"the {score_fn!r} score needs the state learnt at training; it is stored in the bundle")
+        consts = {k: tf.constant(v) for k, v in self.state.items()}
         shape = tuple(model.input_shape[1:])
         self.input_shape = shape
         spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.float32)
         self._call = tf.function(lambda x: model(x, training=False), input_signature=[spec])
         # The score is computed in the same compiled call: no reconstruction is copied back.
-        self._score_call = tf.function(lambda x: _tf_error(x, model(x, training=False), score_fn),
+        self._score_call = tf.function(lambda x: _tf_error(x, model(x, training=False), score_fn, consts),
                                        input_signature=[spec])
         # Trace now, so the first real item does not pay for it.
         self._call(tf.zeros((1, *shape), tf.float32))
@@ -137,6 +341,16 @@ class Scorer:
     def reconstruct(self, x: np.ndarray) -> np.ndarray:
         """The model's reconstructions of ``x`` (float32, same shape)."""
         return self._chunks(self._call, x)
+
+    def where(self, x: np.ndarray, recon: np.ndarray) -> np.ndarray | None:
+        """Where a local score finds ``x`` unusual: a map ``(N, g_h, g_w)`` on the score's own scale; None
+        for global scores."""
+        fn = lookup(self.score_fn)
+        return None if fn.where is None else fn.where(x.astype(np.float32), recon.astype(np.float32), self.state)
+
+    def score_of(self, x: np.ndarray, recon: np.ndarray) -> np.ndarray:
+        """Per-image score of ``x`` from reconstructions already made (numpy)."""
+        return reconstruction_error(x, recon, self.score_fn, self.state)
 
     @property
     def has_encoder(self) -> bool:
@@ -159,7 +373,7 @@ class Scorer:
         return codes.reshape(len(codes), -1)
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        """Per-image reconstruction error of ``x``."""
+        """Per-image score of ``x``."""
         if len(x) == 0:
             return np.zeros(0, dtype=np.float64)
         return self._chunks(self._score_call, x).astype(np.float64)

@@ -10,25 +10,30 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from aemon.autoselect import AUTO_SCORES, Choice, choose_pca, choose_score, pick, split_for_selection
 from aemon.bundle import save_bundle, utc_now
 from aemon.calibration import conformal_threshold, required_samples
 from aemon.errors import CalibrationError, UsageError
 from aemon.images import Preprocessing
 from aemon.logs import get_logger
-from aemon.models import ARCHS, build, set_pca_weights
-from aemon.scoring import SCORE_FUNCTIONS, Scorer
+from aemon.models import ARCHS, build, fit_pca, set_pca_weights
+from aemon.scoring import SCORE_FUNCTIONS, Scorer, fit_state
 from aemon.sources import Dataset
+from aemon.synthetic import damage
 
-__all__ = ["TrainConfig", "add_noise", "fit_pca", "train_bundle", "calibration_payload"]
+__all__ = ["TrainConfig", "add_noise", "train_bundle", "calibration_payload"]
 
 _OPTIMIZERS = ("adam", "adadelta", "rmsprop", "sgd")
+#: Most fitted images a local score learns its per-place statistics from (a random subset beyond).
+MAX_STATE_IMAGES = 10_000
 
 
 @dataclass
 class TrainConfig:
     """Everything ``aemon train`` can set."""
 
-    arch: str = "conv"
+    #: ``auto``: chosen from the training data (:mod:`aemon.autoselect`).
+    arch: str = "auto"
     epochs: int = 20
     batch_size: int = 256
     latent_dim: int = 32
@@ -43,14 +48,14 @@ class TrainConfig:
     optimizer: str = "adam"
     learning_rate: float | None = None
     loss: str = "binary_crossentropy"
-    score_fn: str = "mse"
+    score_fn: str = "auto"
     seed: int = 0
     name: str | None = None
 
     def check(self) -> None:
         """Raise :class:`UsageError` for impossible values."""
-        if self.arch not in ARCHS:
-            raise UsageError(f"unknown --arch {self.arch!r}; choose one of {', '.join(ARCHS)}")
+        if self.arch not in ARCHS and self.arch != "auto":
+            raise UsageError(f"unknown --arch {self.arch!r}; choose auto or one of {', '.join(ARCHS)}")
         if self.epochs < 1:
             raise UsageError("--epochs must be at least 1")
         if self.batch_size < 1:
@@ -67,8 +72,8 @@ class TrainConfig:
             raise UsageError("--loss must be binary_crossentropy or mse")
         if self.arch == "pca" and self.denoise:
             raise UsageError("--arch pca fits clean data; train it without --denoise (its projection already denoises)")
-        if self.score_fn not in SCORE_FUNCTIONS:
-            raise UsageError(f"--score must be one of {', '.join(SCORE_FUNCTIONS)}")
+        if self.score_fn not in SCORE_FUNCTIONS and self.score_fn != "auto":
+            raise UsageError(f"--score must be auto or one of {', '.join(SCORE_FUNCTIONS)}")
         required_samples(self.target_fpr)
 
 
@@ -98,27 +103,6 @@ def add_noise(x: np.ndarray, noise_factor: float, rng: np.random.Generator) -> n
     """Gaussian noise scaled by ``noise_factor``, clipped back to [0, 1]."""
     noisy = x + noise_factor * rng.standard_normal(x.shape).astype(np.float32)
     return np.clip(noisy, 0.0, 1.0)
-
-
-def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Principal components of ``x`` by SVD of the centred data.
-
-    Returns:
-        The per-pixel mean ``(pixels,)``, the top ``n_components`` orthonormal directions
-        ``(n_components, pixels)`` and the share of variance they explain.
-
-    Raises:
-        UsageError: more components than images or pixels.
-    """
-    flat = x.reshape(len(x), -1).astype(np.float64)
-    if n_components > min(flat.shape):
-        raise UsageError(f"--arch pca with {len(flat)} images of {flat.shape[1]} pixels keeps at most "
-                         f"{min(flat.shape)} components; lower --latent-dim")
-    mean = flat.mean(axis=0)
-    _, sv, vt = np.linalg.svd(flat - mean, full_matrices=False)
-    total = float(np.sum(sv**2))
-    explained = float(np.sum(sv[:n_components] ** 2) / total) if total > 0 else 1.0
-    return mean, vt[:n_components], explained
 
 
 def _fit_pca_model(model, x_fit: np.ndarray, cfg: TrainConfig) -> dict[str, list[float]]:
@@ -178,6 +162,79 @@ def _optimizer(cfg: TrainConfig):
     return cls(learning_rate=cfg.learning_rate) if cfg.learning_rate else cls()
 
 
+def _resolve_auto(cfg: TrainConfig, x_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, Choice | None]:
+    """Settle ``--arch auto`` now (PCA candidates ranked on synthetic anomalies, :mod:`aemon.autoselect`).
+
+    Returns:
+        The images to fit, the images set aside to rank scores after fitting (``--score auto`` with
+        a given architecture) or None, and the choice made here (or None).
+    """
+    scores = AUTO_SCORES if cfg.score_fn == "auto" else (cfg.score_fn,)
+    if cfg.arch == "auto" and cfg.denoise:
+        cfg.arch = "conv"  # the seed's denoiser: restoring images is what it was made for
+    if cfg.arch == "auto":
+        choice = choose_pca(x_fit, cfg.seed, scores)
+        if choice is None:  # too few images to set any aside: the plainest model and score
+            cfg.arch, cfg.latent_dim = "pca", min(cfg.latent_dim, len(x_fit) - 1, x_fit[0].size)
+            cfg.score_fn = "mse" if cfg.score_fn == "auto" else cfg.score_fn
+            return x_fit, None, None
+        cfg.arch, cfg.latent_dim, cfg.score_fn = choice.arch, choice.latent_dim, choice.score_fn
+        return x_fit, None, choice
+    if cfg.score_fn != "auto":
+        return x_fit, None, None
+    fit_idx, sel_idx = split_for_selection(len(x_fit), cfg.seed)
+    if not len(sel_idx):
+        cfg.score_fn = "mse"
+        return x_fit, None, None
+    return x_fit[fit_idx], x_fit[sel_idx], None
+
+
+def _fit(cfg: TrainConfig, prep: Preprocessing, x_fit: np.ndarray, n_cal: int, rng: np.random.Generator,
+         verbose: bool | None) -> tuple[keras.Model, dict[str, list[float]], int, int]:
+    """Build and fit the model: ``(model, history, images fitted, images for early stopping)``."""
+    log = get_logger()
+    if cfg.arch == "pca" and cfg.latent_dim > min(len(x_fit), math.prod(prep.input_shape)):
+        raise UsageError(f"--arch pca keeps at most min(images fitted, pixels) = "
+                         f"{min(len(x_fit), math.prod(prep.input_shape))} components; lower --latent-dim")
+    model = build(cfg.arch, prep.input_shape, cfg.latent_dim)
+    if cfg.arch == "pca":
+        # A closed-form fit: every non-calibration image is fitted, nothing is needed for early stopping.
+        log.info("train.start", arch=cfg.arch, n_fit=len(x_fit), n_val=0, n_calibration=n_cal, denoise=False,
+                 epochs=0)
+        return model, _fit_pca_model(model, x_fit, cfg), len(x_fit), 0
+    model.compile(optimizer=_optimizer(cfg), loss=cfg.loss)
+    inputs = add_noise(x_fit, cfg.noise_factor, rng) if cfg.denoise else x_fit
+    n_val = math.floor(len(x_fit) * cfg.validation_split) if len(x_fit) >= 10 else 0
+    callbacks = []
+    if n_val:
+        callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
+                                                       restore_best_weights=True))
+    if verbose is None:
+        verbose = sys.stdout.isatty()
+    if not verbose:
+        callbacks.append(_EpochLog(cfg.epochs))
+    fit_x, fit_y = inputs[: len(inputs) - n_val], x_fit[: len(x_fit) - n_val]
+    val = (inputs[len(inputs) - n_val :], x_fit[len(x_fit) - n_val :]) if n_val else None
+    log.info("train.start", arch=cfg.arch, n_fit=len(fit_x), n_val=n_val, n_calibration=n_cal,
+             denoise=cfg.denoise, epochs=cfg.epochs)
+    history = model.fit(fit_x, fit_y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
+                        validation_data=val, callbacks=callbacks, verbose=1 if verbose else 0)
+    return model, history.history, len(fit_x), n_val
+
+
+def _score_state(cfg: TrainConfig, scorer: Scorer, x_fit: np.ndarray, x_sel: np.ndarray | None,
+                 rng: np.random.Generator) -> tuple[dict[str, np.ndarray], Choice | None]:
+    """Rank the scores on the set-aside images (``--score auto``), then fit the chosen score's state."""
+    x_state = x_fit if len(x_fit) <= MAX_STATE_IMAGES else x_fit[rng.choice(len(x_fit), MAX_STATE_IMAGES, False)]
+    choice = None
+    if x_sel is not None:
+        damaged, _ = damage(x_sel, cfg.seed)
+        choice = pick(choose_score(scorer.reconstruct, x_state, x_sel, damaged), len(x_sel), cfg.arch)
+        choice.latent_dim = cfg.latent_dim if cfg.arch != "conv" else None
+        cfg.score_fn = choice.score_fn
+    return fit_state(cfg.score_fn, x_state, scorer.reconstruct(x_state)), choice
+
+
 def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool = False,
                  prep: Preprocessing = Preprocessing(), verbose: bool | None = None,
                  choices: dict[str, str] | None = None) -> Path:
@@ -185,7 +242,7 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
 
     Args:
         data: Normal images.
-        cfg: Training settings.
+        cfg: Training settings (``auto`` architecture and score are settled here, and stored).
         out: Bundle directory to write.
         overwrite: Replace an existing bundle.
         prep: Preprocessing the data was decoded with (stored in the bundle).
@@ -206,43 +263,48 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n)
     x_cal, x_fit = data.x[order[:n_cal]], data.x[order[n_cal:]]
-
-    if cfg.arch == "pca" and cfg.latent_dim > min(len(x_fit), math.prod(prep.input_shape)):
-        raise UsageError(f"--arch pca keeps at most min(images fitted, pixels) = "
-                         f"{min(len(x_fit), math.prod(prep.input_shape))} components; lower --latent-dim")
-    model = build(cfg.arch, prep.input_shape, cfg.latent_dim)
-    if cfg.arch == "pca":
-        # A closed-form fit: every non-calibration image is fitted, nothing is needed for early stopping.
-        log.info("train.start", arch=cfg.arch, n_fit=len(x_fit), n_val=0, n_calibration=n_cal, denoise=False,
-                 epochs=0)
-        losses = _fit_pca_model(model, x_fit, cfg)
-        fit_x, n_val = x_fit, 0
-    else:
-        model.compile(optimizer=_optimizer(cfg), loss=cfg.loss)
-        inputs = add_noise(x_fit, cfg.noise_factor, rng) if cfg.denoise else x_fit
-        n_val = math.floor(len(x_fit) * cfg.validation_split) if len(x_fit) >= 10 else 0
-        callbacks = []
-        if n_val:
-            callbacks.append(keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience,
-                                                           restore_best_weights=True))
-        if verbose is None:
-            verbose = sys.stdout.isatty()
-        if not verbose:
-            callbacks.append(_EpochLog(cfg.epochs))
-        fit_x, fit_y = inputs[: len(inputs) - n_val], x_fit[: len(x_fit) - n_val]
-        val = (inputs[len(inputs) - n_val :], x_fit[len(x_fit) - n_val :]) if n_val else None
-        log.info("train.start", arch=cfg.arch, n_fit=len(fit_x), n_val=n_val, n_calibration=n_cal,
-                 denoise=cfg.denoise, epochs=cfg.epochs)
-        history = model.fit(fit_x, fit_y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
-                            validation_data=val, callbacks=callbacks, verbose=1 if verbose else 0)
-        losses = history.history
-
-    scorer = Scorer(model, cfg.score_fn)
+    requested = {"arch": cfg.arch, "score": cfg.score_fn}
+    x_fit, x_sel, choice = _resolve_auto(cfg, x_fit)
+    model, losses, n_fitted, n_val = _fit(cfg, prep, x_fit, n_cal, rng, verbose)
+    state, score_choice = _score_state(cfg, Scorer(model, "mse"), x_fit[: len(x_fit) - n_val], x_sel, rng)
+    choice = choice or score_choice
+    if choice is not None:
+        log.info("train.auto", choice=choice.summary())
+    scorer = Scorer(model, cfg.score_fn, state=state)
     # Calibrate on clean held-out images, for denoisers too: they also score what arrives.
-    cal_scores = scorer.score(x_cal)
-    threshold, calibration = calibration_payload(cal_scores, cfg.target_fpr, data.source)
+    threshold, calibration = calibration_payload(scorer.score(x_cal), cfg.target_fpr, data.source)
+    choices = {**(choices or {}), **_auto_sentences(requested, cfg, choice)}
+    meta = _meta(cfg, prep, data, out, choices, threshold, calibration, losses,
+                 counts={"n_total": n, "n_fit": n_fitted, "n_validation": n_val, "n_calibration": n_cal,
+                         "n_selection": choice.n_selection if choice else 0, "calibration_held_out": held_out})
+    if choice is not None:
+        meta["auto"] = choice.to_dict()
+    path = save_bundle(_weights_only(model, cfg, prep), meta, Path(out), overwrite=overwrite, state=state)
+    log.info("train.done", bundle=str(path), threshold=threshold, epochs_run=meta["training"]["epochs_run"],
+             final_loss=meta["training"]["final_loss"])
+    return path
+
+
+def _auto_sentences(requested: dict[str, str], cfg: TrainConfig, choice: Choice | None) -> dict[str, str]:
+    """How the architecture and score were chosen, one sentence each (printed, stored)."""
+    out = {}
+    for key, value in (("arch", cfg.arch if cfg.arch != "pca" else f"pca {cfg.latent_dim}"), ("score", cfg.score_fn)):
+        if requested[key] != "auto":
+            out[key] = f"given: {value}"
+        elif choice is not None:
+            out[key] = f"auto: {value} ({choice.summary()})"
+        elif key == "arch" and cfg.denoise:
+            out[key] = f"auto: {value} (the seed's denoising network)"
+        else:
+            out[key] = f"auto: {value} (too few images to set any aside for choosing)"
+    return out
+
+
+def _meta(cfg: TrainConfig, prep: Preprocessing, data: Dataset, out: Path, choices: dict[str, str],
+          threshold: float, calibration: dict, losses: dict[str, list[float]], counts: dict) -> dict:
+    """Every ``bundle.json`` field that training decides."""
     pca = cfg.arch == "pca"
-    meta = {
+    return {
         "name": cfg.name or Path(out).name,
         "arch": cfg.arch,
         "task": "denoise" if cfg.denoise else "detect",
@@ -255,11 +317,7 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
         "calibration": calibration,
         "training": {
             "source": data.source,
-            "n_total": n,
-            "n_fit": len(fit_x),
-            "n_validation": n_val,
-            "n_calibration": n_cal,
-            "calibration_held_out": held_out,
+            **counts,
             "epochs_max": 0 if pca else cfg.epochs,
             "epochs_run": 0 if pca else len(losses.get("loss", [])),
             "final_loss": float(losses["loss"][-1]),
@@ -275,7 +333,3 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
             **({"explained_variance": losses["explained_variance"][0]} if pca else {}),
         },
     }
-    path = save_bundle(_weights_only(model, cfg, prep), meta, Path(out), overwrite=overwrite)
-    log.info("train.done", bundle=str(path), threshold=threshold, epochs_run=meta["training"]["epochs_run"],
-             final_loss=meta["training"]["final_loss"])
-    return path

@@ -7,12 +7,20 @@
     the same held-out MNIST training images; test data never sets anything.
 (b) One-class MNIST: for each digit d, trained on the training images of d, scored on all test
     images (d normal, the rest anomalous): AUROC per digit and the mean.
+(c) elpv solar cells (``sample:elpv``, needs the ``elpv-dataset`` package), per module type:
+    trained on ``defect=0&split=train`` at the automatic size and colour, scored on
+    ``defect=0&split=test`` (normal) vs ``defect=1`` (anomalous, both splits; never used to choose
+    anything): AUROC, AUPRC, FPR/TPR at the threshold calibrated on held-out training images.
+
+``auto`` in ``--archs`` is ``aemon train``'s default: architecture and score chosen on synthetic
+anomalies made from set-aside training images (``aemon.autoselect``). Local scores (``zmax``,
+``zmax+mean``) learn their state from the bundle's fitted training images.
 
 Every model is trained by ``aemon.train.train_bundle``, saved as a bundle and loaded back, so the
 numbers are those of bundles that ``aemon score``, ``aemon evaluate`` and the daemon would use.
 
-Usage: python benchmarks/quality.py [--data ../shared/data] [--archs dense,deep,conv,convsmall,pca]
-       [--part a|b|ab] [--epochs-a 30] [--epochs-b 30] [--scores mse,bce,topk] [--bundles DIR...]
+Usage: python benchmarks/quality.py [--data ../shared/data] [--archs auto,dense,deep,conv,convsmall,pca]
+       [--part a|b|c|abc] [--epochs-a 30] [--epochs-b 30] [--scores mse,bce,topk] [--bundles DIR...]
        [--json FILE]
 """
 
@@ -20,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
@@ -36,30 +43,57 @@ from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 
 from aemon.bundle import load_bundle  # noqa: E402
 from aemon.calibration import conformal_threshold  # noqa: E402
-from aemon.scoring import SCORE_FUNCTIONS, reconstruction_error  # noqa: E402
-from aemon.sources import load_source  # noqa: E402
+from aemon.scoring import SCORE_FUNCTIONS, fit_state, reconstruction_error  # noqa: E402
+from aemon.sources import choose_input, load_source  # noqa: E402
 from aemon.train import TrainConfig, train_bundle  # noqa: E402
 
 
-def _train(data, spec: str, epochs: int, out: Path, latent: int, seed: int):
-    # "convsmall:16" is convsmall with latent 16; a bare name uses --latent-dim.
+def _train(data, spec: str, epochs: int, out: Path, latent: int, seed: int, prep=None):
+    # "convsmall:16" is convsmall with latent 16; a bare name uses --latent-dim; "auto" is the default.
     arch, _, size = spec.partition(":")
     cfg = TrainConfig(arch=arch, epochs=epochs, latent_dim=int(size or latent), target_fpr=0.01, seed=seed,
-                      name=out.name)
+                      name=out.name, score_fn="auto" if arch == "auto" else "mse")
     start = time.perf_counter()
-    train_bundle(data, cfg, out, verbose=False)
-    return load_bundle(out), cfg, time.perf_counter() - start
+    train_bundle(data, cfg, out, verbose=False, **({"prep": prep} if prep else {}))
+    bundle = load_bundle(out)
+    fit = _fitted(data, bundle)
+    return bundle, cfg, time.perf_counter() - start, fit
 
 
-def _held_out(data, cfg: TrainConfig) -> np.ndarray:
+def _fitted(data, bundle) -> np.ndarray:
+    """Up to 5,000 of the images train_bundle fitted (after its calibration hold-out; same seed)."""
+    n_cal = bundle.meta.training["n_calibration"]
+    order = np.random.default_rng(bundle.meta.training["seed"]).permutation(len(data))
+    return data.x[order[n_cal:]][:5000]
+
+
+def _held_out(data, bundle) -> np.ndarray:
     """The calibration images train_bundle held out (same seed, same permutation)."""
-    order = np.random.default_rng(cfg.seed).permutation(len(data))
-    return data.x[order[: math.floor(len(data) * cfg.calibration_split)]]
+    order = np.random.default_rng(bundle.meta.training["seed"]).permutation(len(data))
+    return data.x[order[: bundle.meta.training["n_calibration"]]]
 
 
-def _scores(bundle, x: np.ndarray, kinds: list[str]) -> dict[str, np.ndarray]:
+def _scores(bundle, x: np.ndarray, kinds: list[str], fit: np.ndarray) -> dict[str, np.ndarray]:
+    """Every score of ``kinds``; a local one uses the bundle's own state or learns one from ``fit``."""
     recon = bundle.scorer.reconstruct(x)
-    return {k: reconstruction_error(x, recon, k) for k in kinds}
+    out = {}
+    for k in kinds:
+        if SCORE_FUNCTIONS[k].fit is None:
+            out[k] = reconstruction_error(x, recon, k)
+        else:
+            state = bundle.scorer.state if k == bundle.meta.score_fn else _state(bundle, k, fit)
+            out[k] = reconstruction_error(x, recon, k, state)
+    return out
+
+
+_STATES: dict = {}
+
+
+def _state(bundle, kind: str, fit: np.ndarray) -> dict:
+    key = (str(bundle.path), kind)
+    if key not in _STATES:
+        _STATES[key] = fit_state(kind, fit, bundle.scorer.reconstruct(fit))
+    return _STATES[key]
 
 
 def part_a(args, archs: list[str], tmp: Path) -> list[dict]:
@@ -80,15 +114,15 @@ def part_a(args, archs: list[str], tmp: Path) -> list[dict]:
         })
     for arch in archs:
         out = tmp / f"a-{arch.replace(':', '-')}"
-        bundle, cfg, seconds = _train(train, arch, args.epochs_a, out, args.latent_dim, args.seed)
-        cal = _scores(bundle, _held_out(train, cfg), args.scores)
+        bundle, _, seconds, fit = _train(train, arch, args.epochs_a, out, args.latent_dim, args.seed)
+        cal = _scores(bundle, _held_out(train, bundle), args.scores, fit)
         # The bundle's own calibration must be reproduced exactly, or the split above is not train_bundle's.
         np.testing.assert_allclose(np.sort(cal[bundle.meta.score_fn]), bundle.meta.calibration.scores, rtol=1e-5)
-        s_n, s_a = _scores(bundle, normal, args.scores), _scores(bundle, anomalous, args.scores)
+        s_n, s_a = _scores(bundle, normal, args.scores, fit), _scores(bundle, anomalous, args.scores, fit)
         for kind in args.scores:
             threshold = conformal_threshold(cal[kind], 0.01)
             row = {
-                "arch": arch, "score": kind, "epochs": bundle.meta.training["epochs_run"],
+                "arch": _name(arch, bundle), "score": kind, "epochs": bundle.meta.training["epochs_run"],
                 "train_s": round(seconds, 1),
                 "auroc": roc_auc_score(labels, np.r_[s_n[kind], s_a[kind]]),
                 "auprc": average_precision_score(labels, np.r_[s_n[kind], s_a[kind]]),
@@ -108,15 +142,65 @@ def part_b(args, archs: list[str], tmp: Path) -> list[dict]:
         for digit in args.digits:
             train = load_source(f"{args.data / 'mnist.npz'}?key=x_train&digits={digit}")
             out = tmp / f"b-{arch.replace(':', '-')}-{digit}"
-            bundle, _, seconds = _train(train, arch, args.epochs_b, out, args.latent_dim, args.seed)
-            scores = _scores(bundle, test.x, args.scores)
+            bundle, _, seconds, fit = _train(train, arch, args.epochs_b, out, args.latent_dim, args.seed)
+            scores = _scores(bundle, test.x, args.scores, fit)
             for kind in args.scores:
                 auroc = roc_auc_score(test.labels != digit, scores[kind])
-                rows.append({"arch": arch, "score": kind, "digit": digit, "auroc": auroc,
+                rows.append({"arch": arch, "score": kind, "digit": digit, "auroc": auroc, "picked": _name(arch, bundle),
                              "epochs": bundle.meta.training["epochs_run"], "train_s": round(seconds, 1)})
                 print(f"(b) {arch:<10} {kind:<4} digit {digit}  AUROC {auroc:.4f}  epochs "
                       f"{bundle.meta.training['epochs_run']} ({seconds:.1f}s)", file=sys.stderr, flush=True)
     return rows
+
+
+def _name(spec: str, bundle) -> str:
+    """The arch column: ``auto`` says what it picked (``auto → pca 128, zmax``)."""
+    if spec != "auto":
+        return spec
+    meta = bundle.meta
+    return f"auto → {meta.arch} {meta.latent_dim or ''}, {meta.score_fn}".replace(" ,", ",")
+
+
+def part_c(args, archs: list[str], tmp: Path) -> list[dict]:
+    rows = []
+    prep, _ = choose_input("sample:elpv")
+    for kind in args.types:
+        train = load_source(f"sample:elpv?type={kind}&defect=0&split=train", prep)
+        normal = load_source(f"sample:elpv?type={kind}&defect=0&split=test", prep).x
+        anomalous = load_source(f"sample:elpv?type={kind}&defect=1", prep).x
+        labels = np.r_[np.zeros(len(normal)), np.ones(len(anomalous))]
+        for arch in archs:
+            out = tmp / f"c-{kind}-{arch.replace(':', '-')}"
+            bundle, _, seconds, fit = _train(train, arch, args.epochs_c, out, args.latent_dim, args.seed, prep)
+            cal = _scores(bundle, _held_out(train, bundle), args.scores, fit)
+            s_n, s_a = _scores(bundle, normal, args.scores, fit), _scores(bundle, anomalous, args.scores, fit)
+            for score in args.scores:
+                own = score == bundle.meta.score_fn
+                threshold = bundle.threshold if own else conformal_threshold(cal[score], 0.01)
+                both = np.r_[s_n[score], s_a[score]]
+                row = {"type": kind, "arch": _name(arch, bundle), "score": score + (" (own)" if own else ""),
+                       "auroc": roc_auc_score(labels, both), "auprc": average_precision_score(labels, both),
+                       "fpr": float(np.mean(s_n[score] > threshold)), "tpr": float(np.mean(s_a[score] > threshold)),
+                       "epochs": bundle.meta.training["epochs_run"], "train_s": round(seconds, 1),
+                       "default": arch == "auto" and own}
+                rows.append(row)
+                print(f"(c) {kind} {row['arch']:<24} {row['score']:<16} AUROC {row['auroc']:.4f}  FPR {row['fpr']:.4f}"
+                      f"  TPR {row['tpr']:.4f}  ({seconds:.1f}s)", file=sys.stderr, flush=True)
+    return rows
+
+
+def _print_c(rows: list[dict]) -> None:
+    print("(c) elpv: defect-free test cells (normal) vs defective cells (defect=1); threshold calibrated on "
+          "held-out training cells at target FPR 0.01\n")
+    print("| type | arch | score | AUROC | AUPRC | FPR at threshold | TPR at threshold | epochs | train s |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        print(f"| {r['type']} | {r['arch']} | {r['score']} | {r['auroc']:.4f} | {r['auprc']:.4f} | {r['fpr']:.4f} | "
+              f"{r['tpr']:.4f} | {r['epochs']} | {r['train_s']:.0f} |")
+    defaults = [r for r in rows if r["default"]]
+    if defaults:
+        print(f"\nDefaults (`aemon train --data ... --out B`): mean AUROC over {len(defaults)} types "
+              f"{np.mean([r['auroc'] for r in defaults]):.4f}\n")
 
 
 def _print_tables(rows_a: list[dict], rows_b: list[dict], args) -> None:
@@ -139,6 +223,9 @@ def _print_tables(rows_a: list[dict], rows_b: list[dict], args) -> None:
         for arch, kind in keys:
             aurocs = [r["auroc"] for d in digits for r in rows_b
                       if r["arch"] == arch and r["score"] == kind and r["digit"] == d]
+            if arch == "auto":
+                picks = sorted({r["picked"] for r in rows_b if r["arch"] == "auto" and r["score"] == kind})
+                arch = f"auto (picked: {'; '.join(picks)})"
             print(f"| {arch} | {kind} | " + " | ".join(f"{a:.3f}" for a in aurocs) + f" | {np.mean(aurocs):.4f} |")
         print()
 
@@ -147,9 +234,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     here = Path(__file__).resolve().parent
     parser.add_argument("--data", type=Path, default=here.parent.parent / "shared" / "data")
-    parser.add_argument("--archs", default="dense,deep,conv,convsmall,pca",
+    parser.add_argument("--archs", default="auto,dense,deep,conv,convsmall,pca",
                         help="comma-separated architectures; NAME:N sets the latent size of one (convsmall:16)")
-    parser.add_argument("--part", default="ab", choices=["a", "b", "ab"])
+    parser.add_argument("--part", default="abc", help="any of a, b, c (abc)")
+    parser.add_argument("--epochs-c", type=int, default=20, help="most epochs per elpv type for (c)")
+    parser.add_argument("--types", default="mono,poly", help="elpv module types for (c)")
     parser.add_argument("--epochs-a", type=int, default=30, help="most epochs for (a); early stopping, patience 3")
     parser.add_argument("--epochs-b", type=int, default=30, help="most epochs per digit for (b)")
     parser.add_argument("--latent-dim", type=int, default=32, help="latent size of dense/deep/pca (32)")
@@ -163,16 +252,20 @@ def main() -> None:
     args.archs = args.archs.split(",")
     args.scores = args.scores.split(",")
     args.digits = [int(d) for d in args.digits.split(",")]
+    args.types = args.types.split(",")
     configure("console", "WARNING", stream=sys.stderr)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         rows_a = part_a(args, args.archs, Path(tmp)) if "a" in args.part else []
         rows_b = part_b(args, args.archs, Path(tmp)) if "b" in args.part else []
+        rows_c = part_c(args, args.archs, Path(tmp)) if "c" in args.part else []
     cmd = " ".join(["python", "benchmarks/quality.py", *sys.argv[1:]])
     print(f"`{cmd}` ({time.perf_counter() - start:.0f} s)\n")
     _print_tables(rows_a, rows_b, args)
+    if rows_c:
+        _print_c(rows_c)
     if args.json:
-        args.json.write_text(json.dumps({"a": rows_a, "b": rows_b}, indent=2))
+        args.json.write_text(json.dumps({"a": rows_a, "b": rows_b, "c": rows_c}, indent=2))
 
 
 if __name__ == "__main__":

@@ -50,10 +50,11 @@ def _no_thread_leaks():
 
 
 def _train(out: Path, *, arch: str = "dense", denoise: bool = False, src: str = "sample:mnist?limit=1500",
-           epochs: int = 2, **cfg) -> Path:
+           epochs: int = 2, score_fn: str = "mse", **cfg) -> Path:
     from aemon.sources import load_source
     from aemon.train import TrainConfig, train_bundle
 
+    cfg["score_fn"] = score_fn
     config = TrainConfig(arch=arch, epochs=epochs, batch_size=64, denoise=denoise, target_fpr=TINY_FPR, **cfg)
     return train_bundle(load_source(src), config, out, verbose=False)
 

@@ -10,7 +10,7 @@ import pytest
 
 from aemon.bundle import META_FILE, load_bundle
 from aemon.models import build
-from aemon.scoring import SCORE_FUNCTIONS, reconstruction_error
+from aemon.scoring import SCORE_FUNCTIONS, fit_state, reconstruction_error
 
 
 def test_convsmall_has_a_latent_dim_bottleneck() -> None:
@@ -36,6 +36,12 @@ def test_convsmall_bundle_with_topk_score(train_tiny, tmp_path: Path, mnist_digi
     assert bundle.scorer.encode(x).shape == (10, 16)
 
 
+def _state(kind: str, rng: np.random.Generator, shape=(28, 28, 1)) -> dict:
+    """A local score's state learnt from random images reconstructed with a little noise."""
+    normal = rng.random((40, *shape)).astype(np.float32)
+    return fit_state(kind, normal, np.clip(normal + rng.normal(0, 0.05, normal.shape), 0, 1))
+
+
 @pytest.mark.parametrize("kind", SCORE_FUNCTIONS)
 def test_perfect_reconstruction_scores_lowest(kind: str) -> None:
     """Every score function ranks a perfect reconstruction below a blurred one and a wrong one."""
@@ -43,26 +49,57 @@ def test_perfect_reconstruction_scores_lowest(kind: str) -> None:
     x = (rng.random((1, 28, 28, 1)) > 0.8).astype(np.float32)
     blurred = np.clip(x * 0.7 + 0.1, 0, 1)
     wrong = 1 - x
-    scores = [reconstruction_error(x, r, kind)[0] for r in (x, blurred, wrong)]
+    state = _state(kind, rng)
+    scores = [reconstruction_error(x, r, kind, state)[0] for r in (x, blurred, wrong)]
     assert scores[0] < scores[1] < scores[2]
     with pytest.raises(ValueError, match="unknown score function"):
         reconstruction_error(x, x, "psnr")
 
 
+@pytest.mark.parametrize("shape", [(28, 28, 1), (96, 72, 3)])
 @pytest.mark.parametrize("kind", SCORE_FUNCTIONS)
-def test_numpy_and_tensorflow_scores_agree(kind: str) -> None:
-    """Every score function's TensorFlow form (used inside the compiled call) matches its numpy form."""
+def test_numpy_and_tensorflow_scores_agree(kind: str, shape: tuple[int, int, int]) -> None:
+    """Every score function's TensorFlow form (used inside the compiled call) matches its numpy form,
+    grey and colour, square and not (local scores pool 96x72 to a 64x64 grid)."""
     import tensorflow as tf
 
     from aemon.scoring import _tf_error
 
     rng = np.random.default_rng(1)
-    x = rng.random((6, 28, 28, 1)).astype(np.float32)
+    x = rng.random((6, *shape)).astype(np.float32)
     recon = np.clip(x + rng.normal(0, 0.2, x.shape), 0, 1).astype(np.float32)
     recon[0] = x[0]  # one perfect reconstruction
     recon[1] = 1 - x[1]  # one completely wrong
-    got = _tf_error(tf.constant(x), tf.constant(recon), kind).numpy()
-    np.testing.assert_allclose(got, reconstruction_error(x, recon, kind), rtol=2e-5, atol=1e-7)
+    state = _state(kind, rng, shape)
+    consts = {k: tf.constant(v) for k, v in state.items()}
+    got = _tf_error(tf.constant(x), tf.constant(recon), kind, consts).numpy()
+    np.testing.assert_allclose(got, reconstruction_error(x, recon, kind, state), rtol=1e-4, atol=1e-4)
+
+
+def test_local_score_points_at_the_defect() -> None:
+    """zmax finds a small defect where mse barely moves, and its map peaks where the defect is."""
+    from aemon.scoring import Scorer
+
+    rng = np.random.default_rng(2)
+    texture = lambda n: np.clip(0.5 + 0.15 * rng.standard_normal((n, 64, 64, 1)), 0, 1).astype(np.float32)  # noqa: E731
+    normal = texture(60)
+    # A reconstruction that keeps the mean level but not the texture: every image errs everywhere.
+    flat = np.full_like(normal, 0.5)
+    state = fit_state("zmax", normal, flat)
+    clean, damaged = texture(20), texture(20)
+    damaged[:, 40:46, 10:16] = 0.0  # a dark 6x6 spot, under 1 % of the pixels
+    recon = np.full_like(clean, 0.5)
+    z_clean = reconstruction_error(clean, recon, "zmax", state)
+    z_damaged = reconstruction_error(damaged, recon, "zmax", state)
+    assert z_damaged.min() > z_clean.max()
+    mse_clean, mse_damaged = reconstruction_error(clean, recon, "mse"), reconstruction_error(damaged, recon, "mse")
+    assert mse_damaged.min() < mse_clean.max()  # the global score mixes them up
+    model = build("pca", (64, 64, 1), latent_dim=1)  # any model: where() uses the given reconstructions
+    where = Scorer(model, "zmax", state=state).where(damaged, recon)
+    peaks = [np.unravel_index(np.argmax(m), m.shape) for m in where]
+    assert all(38 <= r <= 48 and 8 <= c <= 18 for r, c in peaks), peaks
+    with pytest.raises(ValueError, match="needs the state"):
+        Scorer(model, "zmax")
 
 
 def test_conv_is_the_lecture_network() -> None:

@@ -12,8 +12,9 @@ import pytest
 from aemon.bundle import META_FILE, load_bundle
 from aemon.cli import main
 from aemon.errors import UsageError
+from aemon.models import fit_pca
 from aemon.sources import load_source
-from aemon.train import TrainConfig, fit_pca
+from aemon.train import TrainConfig
 
 
 def _numpy_scores(fit: np.ndarray, x: np.ndarray, k: int) -> np.ndarray:

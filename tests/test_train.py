@@ -29,7 +29,8 @@ def test_every_arch_trains_a_loadable_bundle(
     assert set(meta) >= CONTRACT_FIELDS
     assert meta["arch"] == arch and meta["input_shape"] == [28, 28, 1]
     assert meta["task"] == ("denoise" if denoise else "detect")
-    assert meta["preprocessing"] == {"color_mode": "grayscale", "size": [28, 28], "scaling": "unit"}
+    assert meta["preprocessing"] == {"color_mode": "grayscale", "size": [28, 28], "scaling": "unit",
+                                     "choices": {"arch": f"given: {arch}", "score": "given: mse"}}
     cal = meta["calibration"]
     assert cal["n"] == 40 and cal["scores"] == sorted(cal["scores"]) and len(cal["scores"]) == 40
     assert meta["threshold"] in cal["scores"]
@@ -74,7 +75,8 @@ def test_a_few_hundred_images_hold_out_what_the_target_needs(tmp_path: Path) -> 
     from aemon.sources import load_source
 
     data = load_source("sample:mnist?limit=666")
-    out = train_bundle(data, TrainConfig(arch="pca", latent_dim=16, target_fpr=0.01), tmp_path / "b", verbose=False)
+    cfg = TrainConfig(arch="pca", latent_dim=16, target_fpr=0.01, score_fn="mse")
+    out = train_bundle(data, cfg, tmp_path / "b", verbose=False)
     meta = json.loads((out / META_FILE).read_text())
     assert meta["training"]["n_calibration"] == 99 and meta["training"]["n_fit"] == 567
     assert "fewer than the 99" in meta["training"]["calibration_held_out"]

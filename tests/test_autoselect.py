@@ -1,0 +1,141 @@
+"""Training with defaults on the user's own images: --arch auto, --score auto, local scores and their maps."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aemon.autoselect import AUTO_SCORES
+from aemon.bundle import META_FILE, STATE_FILE, load_bundle
+from aemon.cli import main
+from aemon.errors import BundleError
+from aemon.synthetic import FAMILIES, damage
+from tests.daemon_process import write_png
+
+H, W = 40, 48
+
+
+def _tiles(n: int, seed: int) -> np.ndarray:
+    """Colour 'product photos': a lit tile with a grid of grooves, grain, and a little jitter in place."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:H, 0:W]
+    out = []
+    for _ in range(n):
+        dy, dx = rng.integers(-1, 2, 2)
+        grooves = ((yy + dy) % 10 < 2) | ((xx + dx) % 12 < 2)
+        base = np.where(grooves, 0.25, 0.7) + rng.normal(0, 0.04, (H, W))
+        rgb = np.stack([base * 1.0, base * 0.85, base * 0.6], axis=-1)
+        out.append(np.clip(rgb * 255, 0, 255).astype(np.uint8))
+    return np.stack(out)
+
+
+def _spot(images: np.ndarray, seed: int) -> np.ndarray:
+    """A dark 5x5 spot at a random place of each image: a defect under 1.5 % of the pixels."""
+    rng = np.random.default_rng(seed)
+    out = images.copy()
+    for img in out:
+        y, x = rng.integers(4, H - 9), rng.integers(4, W - 9)
+        img[y:y + 5, x:x + 5] = (img[y:y + 5, x:x + 5] * 0.2).astype(np.uint8)
+    return out
+
+
+@pytest.fixture(scope="module")
+def auto_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`aemon train` with only --data and --out on a folder of 300 colour 40x48 PNGs."""
+    root = tmp_path_factory.mktemp("auto")
+    for i, img in enumerate(_tiles(300, seed=0)):
+        write_png(root / "normal" / f"{i:03d}.png", img)
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", "--data", str(root / "normal"), "--out", str(root / "bundle")])
+    assert code == 0, err.getvalue()
+    return root / "bundle", err.getvalue()
+
+
+def test_defaults_choose_and_say_what(auto_bundle: tuple[Path, str]) -> None:
+    """Size, colour, architecture and score are decided from the data, printed, and stored with every candidate."""
+    bundle, err = auto_bundle
+    meta = json.loads((bundle / META_FILE).read_text())
+    assert meta["input_shape"] == [H, W, 3]
+    auto = meta["auto"]
+    assert meta["arch"] == auto["arch"] == "pca" and meta["latent_dim"] == auto["latent_dim"]
+    assert meta["score_fn"] == auto["score_fn"] and auto["families"] == list(FAMILIES)
+    best = max(auto["candidates"], key=lambda row: row["synthetic_auroc"])
+    assert (best["latent_dim"], best["score_fn"]) == (auto["latent_dim"], auto["score_fn"])
+    assert {row["score_fn"] for row in auto["candidates"]} == set(AUTO_SCORES)
+    choices = meta["preprocessing"]["choices"]
+    assert choices["arch"].startswith(f"auto: pca {auto['latent_dim']}") and choices["score"].startswith("auto: ")
+    assert f"arch: {choices['arch']}" in err and f"score: {choices['score']}" in err
+    # Candidates were ranked on set-aside images; the chosen PCA is then fitted on every training image.
+    training = meta["training"]
+    assert training["n_selection"] == auto["n_selection"] > 0
+    assert training["n_fit"] == training["n_total"] - training["n_calibration"]
+
+
+def test_defaults_find_small_defects(auto_bundle: tuple[Path, str]) -> None:
+    """On new tiles, the default bundle ranks tiles with a small dark spot above clean ones, at the target FPR."""
+    bundle = load_bundle(auto_bundle[0])
+    clean = _tiles(100, seed=1).astype(np.float32) / 255.0
+    spotted = _spot(_tiles(100, seed=2), seed=3).astype(np.float32) / 255.0
+    from sklearn.metrics import roc_auc_score
+
+    s_clean, s_spot = bundle.score(clean), bundle.score(spotted)
+    auroc = roc_auc_score(np.r_[np.zeros(100), np.ones(100)], np.r_[s_clean, s_spot])
+    assert auroc > 0.95, auroc
+    assert np.mean(s_clean > bundle.threshold) <= 0.05
+    assert np.mean(s_spot > bundle.threshold) > 0.5
+
+
+def test_map_shows_where(auto_bundle: tuple[Path, str], tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`aemon score --maps` of a spotted tile draws a map whose red is brightest at the spot."""
+    bundle = auto_bundle[0]
+    if json.loads((bundle / META_FILE).read_text())["score_fn"] not in ("zmax", "zmax+mean"):
+        pytest.skip("the default chose a global score here; the local map is not drawn")
+    img = _tiles(1, seed=4)[0]
+    img[25:31, 8:14] = (img[25:31, 8:14] * 0.2).astype(np.uint8)
+    path = write_png(tmp_path / "in" / "spot.png", img)
+    assert main(["score", str(bundle), str(path), "--maps", str(tmp_path / "maps")]) == 0
+    record = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert record["verdict"] == "anomaly", record
+    drawn = np.asarray(Image.open(tmp_path / "maps" / record["map"]).convert("RGB"), dtype=np.float32)
+    scale = drawn.shape[0] // H
+    redness = (drawn[..., 0] - drawn[..., 1]).reshape(H, scale, W, scale).mean(axis=(1, 3))
+    y, x = np.unravel_index(np.argmax(redness), redness.shape)
+    assert 22 <= y <= 34 and 5 <= x <= 17, (y, x)
+
+
+def test_changed_state_file_is_refused(auto_bundle: tuple[Path, str], tmp_path: Path) -> None:
+    """A bundle whose score state no longer matches its sha256 (or is missing) does not load."""
+    import shutil
+
+    meta = json.loads((auto_bundle[0] / META_FILE).read_text())
+    if not meta.get("score_state_file"):
+        pytest.skip("the default chose a global score here; it has no state")
+    copy = tmp_path / "b"
+    shutil.copytree(auto_bundle[0], copy)
+    with (copy / STATE_FILE).open("ab") as fp:
+        fp.write(b"\0")
+    with pytest.raises(BundleError, match="does not match"):
+        load_bundle(copy)
+    (copy / STATE_FILE).unlink()
+    with pytest.raises(BundleError, match="missing"):
+        load_bundle(copy)
+
+
+def test_every_family_damages_grey_and_colour() -> None:
+    """Each synthetic family changes every image, stays in [0, 1] and keeps the shape (grey and colour)."""
+    rng = np.random.default_rng(0)
+    for shape in ((28, 28, 1), (40, 48, 3)):
+        x = rng.random((4, *shape)).astype(np.float32) * 0.8 + 0.1
+        out, family = damage(x, seed=1)
+        assert out.shape == (4 * len(FAMILIES), *shape) and out.min() >= 0 and out.max() <= 1
+        assert np.bincount(family).tolist() == [4] * len(FAMILIES)
+        changed = np.abs(out - np.repeat(x, len(FAMILIES), axis=0)).reshape(len(out), -1).max(axis=1)
+        assert (changed > 0.01).all()
