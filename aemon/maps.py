@@ -18,7 +18,7 @@ import math
 
 import numpy as np
 
-__all__ = ["FULL_SCALE", "MIN_SIDE", "MAPS_MODES", "difference", "local_strength", "render"]
+__all__ = ["FULL_SCALE", "MIN_SIDE", "MAPS_MODES", "difference", "local_strength", "render", "strengths", "tinted"]
 
 #: Absolute pixel difference drawn at full colour.
 FULL_SCALE = 0.5
@@ -47,6 +47,20 @@ def local_strength(where: np.ndarray, threshold: float, size: tuple[int, int]) -
     return np.stack([np.asarray(Image.fromarray(m, mode="F").resize((w, h), Image.BILINEAR)) for m in scaled])
 
 
+def strengths(scorer, x: np.ndarray, recon: np.ndarray, threshold: float) -> np.ndarray:
+    """The tint ``(N, H, W)`` of images ``x`` by a bundle's scorer: its local map if it has one, else the difference."""
+    where = scorer.where(x, recon)
+    return difference(x, recon) if where is None else local_strength(where, threshold, x.shape[1:3])
+
+
+def tinted(image: np.ndarray, strength: np.ndarray) -> np.ndarray:
+    """The image in grey, tinted red by ``strength`` ``(H, W)`` in [0, 1]: uint8 RGB ``(H, W, 3)``."""
+    gray = image.astype(np.float32).mean(axis=-1)
+    alpha = np.clip(strength, 0.0, 1.0)[..., None] * 0.85
+    rgb = gray[..., None] * (1.0 - alpha) + _TINT * alpha
+    return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+
+
 def render(image: np.ndarray, strength: np.ndarray) -> bytes:
     """The map of one image as PNG bytes.
 
@@ -56,10 +70,7 @@ def render(image: np.ndarray, strength: np.ndarray) -> bytes:
     """
     from PIL import Image
 
-    gray = image.astype(np.float32).mean(axis=-1)
-    alpha = np.clip(strength, 0.0, 1.0)[..., None] * 0.85
-    rgb = gray[..., None] * (1.0 - alpha) + _TINT * alpha
-    pixels = np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
+    pixels = tinted(image, strength)
     scale = max(1, math.ceil(MIN_SIDE / max(1, min(pixels.shape[:2]))))
     if scale > 1:
         pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)

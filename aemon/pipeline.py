@@ -23,7 +23,7 @@ from aemon.errors import ItemRejected, Unreadable
 from aemon.fsio import utc_now
 from aemon.images import Limits, Preprocessing, input_to_array
 from aemon.images import decode as decode_file
-from aemon.maps import difference, local_strength, render
+from aemon.maps import render, strengths
 from aemon.records import rejected_record, scored_record
 from aemon.router import Router, png_bytes, png_name, rows_bytes
 from aemon.sources import list_images, load_source
@@ -92,9 +92,8 @@ def _draw_maps(units: list[Unit], bundle, maps: str) -> None:
         recon = np.stack([unit.recon[row] for unit, row in wanted])
     else:
         recon = bundle.scorer.reconstruct(x)
-    where = bundle.scorer.where(x, recon)
-    strengths = difference(x, recon) if where is None else local_strength(where, bundle.threshold, x.shape[1:3])
-    for (unit, row), image, strength in zip(wanted, x, strengths, strict=True):
+    for (unit, row), image, strength in zip(wanted, x, strengths(bundle.scorer, x, recon, bundle.threshold),
+                                            strict=True):
         unit.maps[row] = render(image, strength)
 
 

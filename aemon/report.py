@@ -19,6 +19,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from aemon.fsio import utc_now, write_durably, write_with
 from aemon.logs import get_logger
+from aemon.maps import strengths, tinted
 
 __all__ = ["DPI", "FIGURE_PIXELS", "INDEX", "ReportFile", "write_report"]
 
@@ -158,35 +159,29 @@ def _reconstructions(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n
 
 
 def _errors(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n: int) -> None:
-    """Per-pixel squared error of the highest-scoring images, with the originals and reconstructions."""
+    """The highest-scoring images: originals, reconstructions and their anomaly maps (as the daemon draws them)."""
     scores = np.r_[r.normal_scores, r.anomalous_scores]
     top = np.argsort(scores)[::-1][:n]
     x = np.stack([normal[i] if i < len(normal) else anomalous[i - len(normal)] for i in top])
     recon = r.bundle.scorer.reconstruct(x)
-    error = np.square(x - recon).sum(axis=-1)
-    vmax = float(error.max()) or 1.0
+    tint = strengths(r.bundle.scorer, x, recon, r.bundle.threshold)
     fig = _figure("errors")
     grid = fig.add_gridspec(3, n)
-    heat = None
     for col in range(n):
         for row, (image, kw) in enumerate((
             (_image(x[col]) if col < len(x) else None, {"cmap": "gray", "vmin": 0, "vmax": 1}),
             (_image(recon[col]) if col < len(x) else None, {"cmap": "gray", "vmin": 0, "vmax": 1}),
-            (error[col] if col < len(x) else None, {"cmap": "inferno", "vmin": 0, "vmax": vmax}),
+            (tinted(x[col], tint[col]) if col < len(x) else None, {}),
         )):
             ax = fig.add_subplot(grid[row, col])
             ax.set_axis_off()
             if image is None:
                 continue
-            shown = ax.imshow(image, **kw)
-            if row == 2:
-                heat = shown
+            ax.imshow(image, **kw)
             if row == 0:
                 kind = "normal" if top[col] < len(normal) else "anomalous"
                 ax.set_title(f"{kind}\n{scores[top[col]]:.3g}", fontsize="x-small")
-    if heat is not None:
-        fig.colorbar(heat, ax=fig.axes, shrink=0.3, location="right", label="squared error")
-    fig.suptitle(f"{r.quality.bundle}: top-scoring images (original, reconstruction, per-pixel error)",
+    fig.suptitle(f"{r.quality.bundle}: top-scoring images (original, reconstruction, anomaly map)",
                  fontsize="medium")
     _save(fig, path)
 
@@ -319,7 +314,8 @@ def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, 
             ReportFile(f"{stem}-reconstructions.png", "reconstructions", "Random normal and anomalous samples: "
                        "originals above, reconstructions below."),
             ReportFile(f"{stem}-errors.png", "errors", "The highest-scoring images: original, reconstruction and "
-                       "per-pixel squared error (label and score above each)."),
+                       "anomaly map, red where the image is unusual, on the bundle's fixed scale (label and score "
+                       "above each)."),
         ]
         if r.bundle.scorer.has_encoder:
             files[i].append(ReportFile(f"{stem}-latent.png", "latent", "Latent space."))

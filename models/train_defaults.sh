@@ -7,7 +7,7 @@
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 data="${1:-$here/../../shared/data/mnist.npz}"
-aemon train --data "$data?key=x_train" --arch convsmall --latent-dim 32 --score bce --epochs 30 --patience 3 \
+aemon train --data "$data?key=x_train" --arch convsmall --latent-dim 32 --score bce+shape --epochs 30 --patience 3 \
     --seed 0 --name mnist-detect --out "$here/mnist-detect" --force
 aemon train --data "$data?key=x_train" --arch conv --denoise --noise-factor 0.5 --epochs 30 --patience 3 --seed 0 \
     --name mnist-denoise --out "$here/mnist-denoise" --force
