@@ -29,9 +29,13 @@ __all__ = ["AUTO_COMPONENTS", "AUTO_SCORES", "Choice", "choose_pca", "choose_sco
 AUTO_COMPONENTS = (32, 64, 128, 256)
 #: Scores tried by ``--score auto``.
 AUTO_SCORES = ("mse", "topk", "zmax", "zmax+mean")
-#: Share of the training images set aside to rank candidates (at least :data:`MIN_SELECTION`).
+#: Share of the training images set aside to rank candidates (at least :data:`MIN_SELECTION`, at most
+#: :data:`MAX_SELECTION`: each is damaged once per family).
 SELECTION_SHARE = 0.2
 MIN_SELECTION = 10
+MAX_SELECTION = 500
+#: Most fitted images a candidate's local score learns its statistics from while ranking.
+MAX_STATE_WHILE_RANKING = 2000
 
 
 @dataclass
@@ -61,7 +65,7 @@ class Choice:
 def split_for_selection(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices ``(fit, selection)`` of ``n`` training images; selection is empty when too few."""
     order = np.random.default_rng(seed + 1).permutation(n)
-    n_sel = max(MIN_SELECTION, round(n * SELECTION_SHARE))
+    n_sel = min(MAX_SELECTION, max(MIN_SELECTION, round(n * SELECTION_SHARE)))
     if n - n_sel < MIN_SELECTION:
         return order, order[:0]
     return order[n_sel:], order[:n_sel]
@@ -109,5 +113,5 @@ def choose_pca(x: np.ndarray, seed: int, scores: tuple[str, ...] = AUTO_SCORES) 
             return pca_reconstruct(images, mean, comps[:k])
 
         rows += [{"arch": "pca", "latent_dim": k, **row}
-                 for row in choose_score(reconstruct, x_fit, x_sel, x_damaged, scores)]
+                 for row in choose_score(reconstruct, x_fit[:MAX_STATE_WHILE_RANKING], x_sel, x_damaged, scores)]
     return pick(rows, len(x_sel), "pca")

@@ -131,8 +131,14 @@ def set_pca_weights(model: keras.Model, mean, components) -> None:
     decoder.get_layer("pixels").set_weights([comps, mean])
 
 
+#: Most values (images × pixels) a PCA is fitted on; beyond, a seeded random subset of the images
+#: (at least 4,000): a few hundred components are well estimated from it, and the SVD stays
+#: within minutes and a few GB.
+MAX_PCA_VALUES = 120_000_000
+
+
 def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Principal components of ``x`` by SVD of the centred data.
+    """Principal components of ``x`` by SVD of the centred data (of a subset, past :data:`MAX_PCA_VALUES`).
 
     Returns:
         The per-pixel mean ``(pixels,)``, the top ``n_components`` orthonormal directions
@@ -141,6 +147,10 @@ def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, f
     Raises:
         UsageError: more components than images or pixels.
     """
+    pixels = x[0].size
+    most = max(4000, MAX_PCA_VALUES // pixels)
+    if len(x) > most:
+        x = x[np.sort(np.random.default_rng(0).choice(len(x), most, replace=False))]
     flat = x.reshape(len(x), -1).astype(np.float64)
     if n_components > min(flat.shape):
         raise UsageError(f"--arch pca with {len(flat)} images of {flat.shape[1]} pixels keeps at most "

@@ -25,7 +25,7 @@ __all__ = ["TrainConfig", "add_noise", "train_bundle", "calibration_payload"]
 
 _OPTIMIZERS = ("adam", "adadelta", "rmsprop", "sgd")
 #: Most fitted images a local score learns its per-place statistics from (a random subset beyond).
-MAX_STATE_IMAGES = 10_000
+MAX_STATE_IMAGES = 5_000
 
 
 @dataclass
