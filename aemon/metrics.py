@@ -14,7 +14,10 @@ __all__ = ["Metrics", "build", "REASONS"]
 REASONS = tuple(sorted({cls.reason for cls in vars(errors).values()
                         if isinstance(cls, type) and issubclass(cls, errors.ItemRejected)}))
 
-_SCORE_BUCKETS = (0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, float("inf"))
+# Scores of pixel errors sit in [0, 1]; local and combined scores (z-scores, standardised sums) can be
+# negative and reach the hundreds: the buckets span both.
+_SCORE_BUCKETS = (-2, -1, 0, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1,
+                  2, 5, 10, 20, 50, 100, 200, 500, 1000, float("inf"))
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
 _SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
 
@@ -53,7 +56,7 @@ def build(registry: CollectorRegistry, info_registry: CollectorRegistry | None =
         items=Counter("aemon_items_total", "Items decided, by verdict.", ["verdict"], registry=registry),
         batches=Counter("aemon_batches_total", "Model calls (one per batch).", registry=registry),
         errors=Counter("aemon_errors_total", "Items rejected or failed, by reason.", ["reason"], registry=registry),
-        reconstruction_error=Histogram("aemon_reconstruction_error", "Reconstruction error of scored images.",
+        reconstruction_error=Histogram("aemon_reconstruction_error", "Scores of scored images.",
                                        buckets=_SCORE_BUCKETS, registry=registry),
         threshold=Gauge("aemon_anomaly_threshold", "Threshold of the loaded bundle.", registry=registry,
                         multiprocess_mode="livemostrecent"),
