@@ -139,3 +139,31 @@ def test_every_family_damages_grey_and_colour() -> None:
         assert np.bincount(family).tolist() == [4] * len(FAMILIES)
         changed = np.abs(out - np.repeat(x, len(FAMILIES), axis=0)).reshape(len(out), -1).max(axis=1)
         assert (changed > 0.01).all()
+
+
+def test_daemon_scores_and_maps_with_a_default_bundle(auto_bundle: tuple[Path, str], tmp_path: Path) -> None:
+    """A real daemon with the default bundle: clean tiles go to ok/, spotted ones to anomaly/ with a map and a
+    record naming it; the colour image keeps its size and colour."""
+    from tests.daemon_process import Daemon, by_item, new_root, wait_records
+
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "log", env={"AEMON_MODEL": str(auto_bundle[0])}).wait_ready()
+    try:
+        clean, spotted = _tiles(6, seed=5), _spot(_tiles(6, seed=6), seed=7)
+        for i in range(6):
+            write_png(tmp_path / "stage" / f"clean-{i}.png", clean[i]).rename(root / "inbox" / f"clean-{i}.png")
+            write_png(tmp_path / "stage" / f"spot-{i}.png", spotted[i]).rename(root / "inbox" / f"spot-{i}.png")
+        wait_records(root, 12, daemon)
+    finally:
+        assert daemon.stop() == 0
+    found = {name: recs[0] for name, recs in by_item(root).items()}
+    spot_verdicts = [found[f"spot-{i}.png"]["verdict"] for i in range(6)]
+    clean_verdicts = [found[f"clean-{i}.png"]["verdict"] for i in range(6)]
+    assert spot_verdicts.count("anomaly") >= 5 and clean_verdicts.count("ok") >= 5, (spot_verdicts, clean_verdicts)
+    for i in range(6):
+        record = found[f"spot-{i}.png"]
+        if record["verdict"] == "anomaly":
+            with Image.open(root / "anomaly" / record["map"]) as drawn:
+                assert drawn.mode == "RGB" and drawn.size[0] >= W
+            with Image.open(root / "anomaly" / f"spot-{i}.png") as item:
+                assert np.asarray(item).shape == (H, W, 3)
