@@ -55,17 +55,10 @@ def _add(sub, name: str, summary: str, examples: str) -> argparse.ArgumentParser
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The full argument parser (every verb with its ``--help`` and examples)."""
-    parser = _Parser(
-        prog="aemon",
-        description="Anomaly detection for images with Keras autoencoders: train, calibrate, score, watch a folder.",
-        epilog="Run 'aemon VERB --help' for a verb's options and examples.",
-    )
-    parser.add_argument("--version", action="version", version=f"aemon {__version__}")
-    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
-
+def _train_parser(sub) -> None:
+    """``aemon train`` and its options."""
     p = _add(sub, "train", "train an autoencoder on normal data, calibrate its threshold, write a bundle", """
+        aemon train --data photos/ --out bundles/photos      # size, colour, model, score: auto
         aemon train --data sample:mnist --arch conv --out bundles/digits --epochs 10
         aemon train --data 'sample:mnist?digits=0,1' --arch dense --latent-dim 16 --out bundles/01
         aemon train --data mnist.npz?key=x_train --arch conv --denoise --out bundles/denoise
@@ -104,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
     p.add_argument("--name", help="bundle name (default: the --out folder's name)")
 
+
+def _calibrate_parser(sub) -> None:
+    """``aemon calibrate`` and its options."""
     p = _add(sub, "calibrate", "recalibrate a bundle's threshold on new normal data", """
         aemon calibrate bundles/digits --data sample:mnist --target-fpr 0.05
         aemon calibrate bundles/digits --data normal_images/ --out bundles/digits-site2
@@ -113,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-fpr", type=float, help="new target false-positive rate (default: the bundle's)")
     p.add_argument("--out", type=Path, help="write a new bundle here instead of updating BUNDLE in place")
 
+
+def _score_parser(sub) -> None:
+    """``aemon score`` and its options."""
     p = _add(sub, "score", "score images or arrays once; one JSON record per item on stdout", """
         aemon score bundles/digits digit.png more_images/
         aemon score mnist-detect batch.npy          # the shipped bundle, by name
@@ -125,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--maps", type=Path, metavar="DIR",
                    help="write the anomaly map of each anomalous image into DIR (named in the record's 'map')")
 
+
+def _denoise_parser(sub) -> None:
+    """``aemon denoise`` and its options."""
     p = _add(sub, "denoise", "denoise images or arrays once; reconstructions go to --out", """
         aemon denoise bundles/denoise noisy.png more_noisy/ --out clean/
         aemon denoise mnist-denoise noisy.npy --out clean/     # the shipped denoise bundle, by name
@@ -134,12 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, metavar="DIR",
                    help="folder for the results: PNG per image, same shape and dtype per array")
 
+
+def _samples_parser(sub) -> None:
+    """``aemon samples`` and its options."""
     p = _add(sub, "samples", "write a few real digit images (and one that is not) to try the daemon with", """
         aemon samples samples/ && cp samples/digit-3-3.png aemon-data/inbox/
     """)
     p.add_argument("out", type=Path, metavar="DIR", help="folder to write the PNGs into (made if missing)")
     p.add_argument("--count", type=int, default=5, help="how many digits (5)")
 
+
+def _info_parser(sub) -> None:
+    """``aemon info`` and its options."""
     p = _add(sub, "info", "print a bundle's metadata", """
         aemon info bundles/digits
         aemon info --json bundles/digits | jq .threshold
@@ -147,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle", type=Path, nargs="?", metavar="BUNDLE", help="bundle (default: the default bundle)")
     p.add_argument("--json", action="store_true", help="machine-readable output (calibration scores omitted)")
 
+
+def _evaluate_parser(sub) -> None:
+    """``aemon evaluate`` and its options."""
     p = _add(sub, "evaluate", "detection quality of bundles: AUROC, AUPRC, FPR and TPR at the threshold", """
         aemon evaluate bundles/digits --normal 'sample:mnist?digits=0' --anomalous 'sample:mnist?digits=1'
         aemon evaluate bundles/a bundles/b --normal mnist.npz?key=x_test --anomalous fashion.npz?key=x_test --json
@@ -161,6 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write PNG plots and an index.html showing them with the numbers into DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
+
+def _run_parser(sub) -> None:
+    """``aemon run`` and its options."""
     p = _add(sub, "run", "the daemon: watch ROOT/inbox, score every item, route it to ok/, anomaly/ or rejected/", """
         aemon run --root /srv/aemon
         AEMON_ROOT=/srv/aemon AEMON_METRICS_PORT=9108 aemon run
@@ -177,6 +191,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--polling", action="store_true", default=None, help="poll the inbox (network filesystems)")
     p.add_argument("--workers", type=int, help="processes that decode, score and commit (default: the cores)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by the main process for its workers
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser (every verb with its ``--help`` and examples)."""
+    parser = _Parser(
+        prog="aemon",
+        description="Anomaly detection for images with Keras autoencoders: train, calibrate, score, watch a folder.",
+        epilog="Run 'aemon VERB --help' for a verb's options and examples.",
+    )
+    parser.add_argument("--version", action="version", version=f"aemon {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB", parser_class=_Parser)
+    _train_parser(sub)
+    _calibrate_parser(sub)
+    _score_parser(sub)
+    _denoise_parser(sub)
+    _samples_parser(sub)
+    _info_parser(sub)
+    _evaluate_parser(sub)
+    _run_parser(sub)
     return parser
 
 
