@@ -346,7 +346,9 @@ def _info_lines(path: Path, meta) -> Iterator[str]:
     yield f"task          {meta.task}"
     yield f"arch          {meta.arch}" + (f" (latent {meta.latent_dim})" if meta.latent_dim else "")
     yield f"input         {'x'.join(map(str, meta.input_shape))}, {meta.preprocessing.get('color_mode')}"
-    yield f"score         {meta.score_fn}"
+    yield f"score         {meta.score_fn}" + (f" (state: {meta.score_state_file})" if meta.score_state_file else "")
+    for what, why in meta.preprocessing.get("choices", {}).items():
+        yield f"{'chosen ' + what:<14}{why}"
     yield f"threshold     {meta.threshold:.6g} (target FPR {meta.target_fpr})"
     yield f"calibration   {meta.calibration.n} samples from {meta.calibration.source} at {meta.calibration.created_at}"
     epochs = f"{t.get('epochs_run')}/{t.get('epochs_max')} epochs"
