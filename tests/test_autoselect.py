@@ -167,3 +167,15 @@ def test_daemon_scores_and_maps_with_a_default_bundle(auto_bundle: tuple[Path, s
                 assert drawn.mode == "RGB" and drawn.size[0] >= W
             with Image.open(root / "anomaly" / f"spot-{i}.png") as item:
                 assert np.asarray(item).shape == (H, W, 3)
+
+
+def test_recalibrated_copy_keeps_the_state(auto_bundle: tuple[Path, str], tmp_path: Path) -> None:
+    """`aemon calibrate --out` of a bundle with a local score copies its state; the copy loads and scores alike."""
+    for i, img in enumerate(_tiles(120, seed=8)):
+        write_png(tmp_path / "site2" / f"{i:03d}.png", img)
+    out = tmp_path / "recal"
+    assert main(["calibrate", str(auto_bundle[0]), "--data", str(tmp_path / "site2"), "--out", str(out)]) == 0
+    original, copy = load_bundle(auto_bundle[0]), load_bundle(out)
+    assert copy.meta.revision == original.meta.revision + 1 and copy.meta.calibration.n == 120
+    x = _tiles(5, seed=9).astype(np.float32) / 255.0
+    np.testing.assert_allclose(copy.score(x), original.score(x), rtol=1e-6)
