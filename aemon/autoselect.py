@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from aemon.logs import get_logger
 from aemon.models import fit_pca, pca_reconstruct
 from aemon.scoring import fit_state, reconstruction_error
 from aemon.synthetic import FAMILIES, damage
@@ -36,6 +37,10 @@ MIN_SELECTION = 10
 MAX_SELECTION = 500
 #: Most fitted images a candidate's local score learns its statistics from while ranking.
 MAX_STATE_WHILE_RANKING = 2000
+#: Below this synthetic AUROC the best candidate is reported as weak.
+WEAK_AUROC = 0.6
+#: Folds of the out-of-fold reconstructions that a PCA's local scores learn from.
+OUT_OF_FOLD = 5
 
 
 @dataclass
@@ -79,9 +84,14 @@ def _auroc(normal: np.ndarray, damaged: np.ndarray) -> float:
 
 
 def choose_score(reconstruct: Callable[[np.ndarray], np.ndarray], x_fit: np.ndarray, x_sel: np.ndarray,
-                 x_damaged: np.ndarray, scores: tuple[str, ...] = AUTO_SCORES) -> list[dict]:
-    """Synthetic AUROC of every score for one fitted model (``reconstruct``), in ``scores`` order."""
-    r_fit, r_sel, r_dmg = reconstruct(x_fit), reconstruct(x_sel), reconstruct(x_damaged)
+                 x_damaged: np.ndarray, scores: tuple[str, ...] = AUTO_SCORES,
+                 r_fit: np.ndarray | None = None) -> list[dict]:
+    """Synthetic AUROC of every score for one fitted model (``reconstruct``), in ``scores`` order.
+
+    ``r_fit``: the reconstructions of ``x_fit`` that local scores learn from (default: ``reconstruct``'s).
+    """
+    r_fit = reconstruct(x_fit) if r_fit is None else r_fit
+    r_sel, r_dmg = reconstruct(x_sel), reconstruct(x_damaged)
     rows = []
     for kind in scores:
         state = fit_state(kind, x_fit, r_fit)
@@ -92,10 +102,32 @@ def choose_score(reconstruct: Callable[[np.ndarray], np.ndarray], x_fit: np.ndar
 
 
 def pick(rows: list[dict], n_selection: int, arch: str) -> Choice:
-    """The first row with the highest synthetic AUROC."""
+    """The first row with the highest synthetic AUROC (a weak best is logged as a warning)."""
     best = max(rows, key=lambda row: row["synthetic_auroc"])  # max keeps the first of equals
+    if best["synthetic_auroc"] < WEAK_AUROC:
+        get_logger().warning("train.auto_weak", synthetic_auroc=best["synthetic_auroc"],
+                             hint="no candidate tells the set-aside images from their damaged copies well: "
+                                  "more (or larger) normal images help")
     return Choice(arch=arch, latent_dim=best.get("latent_dim"), score_fn=best["score_fn"],
                   synthetic_auroc=best["synthetic_auroc"], n_selection=n_selection, table=rows)
+
+
+def pca_out_of_fold(x: np.ndarray, sizes: list[int], seed: int, folds: int = OUT_OF_FOLD) -> dict[int, np.ndarray]:
+    """Reconstructions of every image of ``x`` by PCAs of each size fitted without it (``folds``-fold).
+
+    A PCA reconstructs the images it was fitted on far better than new ones (with 256 components
+    and a few hundred images, almost exactly), so local scores learn their per-place statistics
+    from these: what a new normal image's error looks like. Otherwise new normal images get huge,
+    heavy-tailed z-scores and one of them sets the threshold.
+    """
+    fold = np.random.default_rng(seed + 2).permutation(len(x)) % folds
+    out = {k: np.empty(x.shape, np.float32) for k in sizes}
+    for f in range(folds):
+        rest = x[fold != f]
+        mean, comps, _ = fit_pca(rest, min(max(sizes), len(rest) - 1, x[0].size))
+        for k in sizes:
+            out[k][fold == f] = pca_reconstruct(x[fold == f], mean, comps[:k])
+    return out
 
 
 def choose_pca(x: np.ndarray, seed: int, scores: tuple[str, ...] = AUTO_SCORES) -> Choice | None:
@@ -107,11 +139,13 @@ def choose_pca(x: np.ndarray, seed: int, scores: tuple[str, ...] = AUTO_SCORES) 
     x_damaged, _ = damage(x_sel, seed)
     sizes = [k for k in AUTO_COMPONENTS if k < len(x_fit) and k < x[0].size] or [min(len(x_fit), x[0].size) - 1]
     mean, comps, _ = fit_pca(x_fit, max(sizes))
+    x_state = x_fit[:MAX_STATE_WHILE_RANKING]
+    out_of_fold = pca_out_of_fold(x_state, sizes, seed)
     rows = []
     for k in sizes:
         def reconstruct(images: np.ndarray, k: int = k) -> np.ndarray:
             return pca_reconstruct(images, mean, comps[:k])
 
         rows += [{"arch": "pca", "latent_dim": k, **row}
-                 for row in choose_score(reconstruct, x_fit[:MAX_STATE_WHILE_RANKING], x_sel, x_damaged, scores)]
+                 for row in choose_score(reconstruct, x_state, x_sel, x_damaged, scores, out_of_fold[k])]
     return pick(rows, len(x_sel), "pca")

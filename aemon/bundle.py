@@ -249,7 +249,7 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
 
     path = Path(path)
     meta = read_meta(path)
-    model_path = path / meta.model_file
+    model_path = _own_file(path, meta.model_file, "model file")
     if not model_path.is_file():
         raise BundleError(f"{path} is incomplete: {meta.model_file} is missing")
     actual = sha256_of(model_path)
@@ -268,23 +268,48 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
     state = _read_state(path, meta)
     try:
         scorer = Scorer(model, meta.score_fn, chunk=chunk, state=state)
-    except ValueError as exc:
-        raise BundleError(f"{path}: {exc}") from exc
+        probe = scorer.score(np.zeros((1, *scorer.input_shape), np.float32))
+    except Exception as exc:  # a state that does not fit its score function: KeyError, ValueError, TF errors
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BundleError(f"{path}: the model or its score state does not fit the {meta.score_fn!r} score "
+                          f"function ({first}); retrain the bundle") from exc
+    if not np.isfinite(probe).all():
+        raise BundleError(f"{path}: the {meta.score_fn!r} score of a blank image is {probe[0]}; the score state "
+                          "is broken: retrain the bundle")
     return Bundle(path=path, meta=meta, model=model, scorer=scorer)
+
+
+def _own_file(path: Path, name: str, what: str) -> Path:
+    """``path / name`` for a plain file name; anything else (a path out of the bundle) is refused."""
+    if not name or Path(name).name != name or name in (".", ".."):
+        raise BundleError(f"{path}: bundle.json names its {what} {name!r}; it must be a file name inside the bundle")
+    return path / name
 
 
 def _read_state(path: Path, meta: BundleMeta) -> dict[str, np.ndarray]:
     """The score function's state, verified against its sha256 (empty when the bundle has none)."""
+    import zipfile
+
     if not meta.score_state_file:
         return {}
-    state_path = path / meta.score_state_file
+    state_path = _own_file(path, meta.score_state_file, "score state")
     if not state_path.is_file():
         raise BundleError(f"{path} is incomplete: {meta.score_state_file} is missing")
+    if not meta.score_state_sha256:
+        raise BundleError(f"{path}: bundle.json names {meta.score_state_file} but no score_state_sha256 to check it "
+                          "against")
     if sha256_of(state_path) != meta.score_state_sha256:
         raise BundleError(f"{state_path} does not match bundle.json (sha256); the file was changed: restore it or "
                           "retrain")
-    with np.load(state_path, allow_pickle=False) as npz:
-        return {k: npz[k].astype(np.float32) for k in npz.files}
+    try:
+        with np.load(state_path, allow_pickle=False) as npz:
+            state = {k: npz[k] for k in npz.files}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as exc:
+        raise BundleError(f"{state_path} is not a NumPy .npz of plain arrays: {exc}") from exc
+    for key, value in state.items():
+        if not np.issubdtype(value.dtype, np.number) or not np.isfinite(value).all():
+            raise BundleError(f"{state_path}: {key!r} holds non-numbers (NaN, infinity or another type); retrain")
+    return {k: v.astype(np.float32) for k, v in state.items()}
 
 
 def shipped_bundle(name: str) -> Path | None:

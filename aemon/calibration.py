@@ -66,8 +66,9 @@ def p_values(scores: np.ndarray, sorted_calibration: np.ndarray) -> np.ndarray:
 
 
 def is_anomalous(scores: np.ndarray, threshold: float) -> np.ndarray:
-    """The one threshold rule: a score strictly above the threshold is an anomaly."""
-    return np.asarray(scores, dtype=np.float64).ravel() > threshold
+    """The one threshold rule: a score strictly above the threshold is an anomaly (so is a score that is not a
+    number: a broken score never lets an item pass)."""
+    return ~(np.asarray(scores, dtype=np.float64).ravel() <= threshold)
 
 
 def decide(scores: np.ndarray, threshold: float) -> list[str]:

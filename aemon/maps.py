@@ -35,22 +35,30 @@ def difference(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
     return np.clip(np.abs(x.astype(np.float32) - recon.astype(np.float32)).mean(axis=-1) / FULL_SCALE, 0.0, 1.0)
 
 
-def local_strength(where: np.ndarray, threshold: float, size: tuple[int, int]) -> np.ndarray:
-    """Strength ``(N, H, W)`` from a local score's map ``(N, g_h, g_w)``: 0 at or below 0, 1 at the threshold.
+def local_strength(where: np.ndarray, threshold: float, size: tuple[int, int], lowest: float = 0.0) -> np.ndarray:
+    """Strength ``(N, H, W)`` from a local score's map ``(N, g_h, g_w)``: 1 at the threshold, 0 at 0 or at
+    the ``lowest`` calibration score when that is below 0 (combined scores can be negative).
 
     The grid is enlarged to the image ``size`` by bilinear interpolation.
     """
     from PIL import Image
 
-    scaled = np.clip(where / max(threshold, 1e-6), 0.0, 1.0).astype(np.float32)
+    base = min(0.0, lowest)
+    if threshold > base:
+        scaled = np.clip((where - base) / (threshold - base), 0.0, 1.0).astype(np.float32)
+    else:
+        scaled = (where > threshold).astype(np.float32)
     h, w = size
     return np.stack([np.asarray(Image.fromarray(m, mode="F").resize((w, h), Image.BILINEAR)) for m in scaled])
 
 
-def strengths(scorer, x: np.ndarray, recon: np.ndarray, threshold: float) -> np.ndarray:
-    """The tint ``(N, H, W)`` of images ``x`` by a bundle's scorer: its local map if it has one, else the difference."""
-    where = scorer.where(x, recon)
-    return difference(x, recon) if where is None else local_strength(where, threshold, x.shape[1:3])
+def strengths(bundle, x: np.ndarray, recon: np.ndarray) -> np.ndarray:
+    """The tint ``(N, H, W)`` of images ``x`` by a bundle: its score's local map if it has one, else the difference."""
+    where = bundle.scorer.where(x, recon)
+    if where is None:
+        return difference(x, recon)
+    scores = bundle.meta.calibration.scores
+    return local_strength(where, bundle.threshold, x.shape[1:3], scores[0] if scores else 0.0)
 
 
 def tinted(image: np.ndarray, strength: np.ndarray) -> np.ndarray:

@@ -132,9 +132,9 @@ def set_pca_weights(model: keras.Model, mean, components) -> None:
 
 
 #: Most values (images × pixels) a PCA is fitted on; beyond, a seeded random subset of the images
-#: (at least 4,000): a few hundred components are well estimated from it, and the SVD stays
-#: within minutes and a few GB.
-MAX_PCA_VALUES = 120_000_000
+#: (at least 1,000): a few hundred components are well estimated from it, and the SVD stays
+#: within a minute and about 2 GB.
+MAX_PCA_VALUES = 60_000_000
 
 
 def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, float]:
@@ -148,7 +148,7 @@ def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, f
         UsageError: more components than images or pixels.
     """
     pixels = x[0].size
-    most = max(4000, MAX_PCA_VALUES // pixels)
+    most = max(1000, MAX_PCA_VALUES // pixels)
     if len(x) > most:
         x = x[np.sort(np.random.default_rng(0).choice(len(x), most, replace=False))]
     flat = x.reshape(len(x), -1).astype(np.float64)

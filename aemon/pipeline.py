@@ -92,7 +92,7 @@ def _draw_maps(units: list[Unit], bundle, maps: str) -> None:
         recon = np.stack([unit.recon[row] for unit, row in wanted])
     else:
         recon = bundle.scorer.reconstruct(x)
-    for (unit, row), image, strength in zip(wanted, x, strengths(bundle.scorer, x, recon, bundle.threshold),
+    for (unit, row), image, strength in zip(wanted, x, strengths(bundle, x, recon),
                                             strict=True):
         unit.maps[row] = render(image, strength)
 

@@ -164,7 +164,7 @@ def _errors(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n: int) ->
     top = np.argsort(scores)[::-1][:n]
     x = np.stack([normal[i] if i < len(normal) else anomalous[i - len(normal)] for i in top])
     recon = r.bundle.scorer.reconstruct(x)
-    tint = strengths(r.bundle.scorer, x, recon, r.bundle.threshold)
+    tint = strengths(r.bundle, x, recon)
     fig = _figure("errors")
     grid = fig.add_gridspec(3, n)
     for col in range(n):

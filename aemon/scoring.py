@@ -84,16 +84,20 @@ def _topk_tf(x, r, state):
 def local_operators(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """Matrices ``A_h (g_h, H)`` and ``A_w (g_w, W)`` with ``A_h @ E @ A_wᵀ`` = ``E`` pooled and smoothed.
 
-    Area pooling to at most :data:`GRID` cells a side, then a Gaussian of σ = side × :data:`SIGMA_SHARE`
-    cells whose weights are renormalised at the borders (no dark frame).
+    Area pooling to square cells, at most :data:`GRID` a side on the longer side, then a Gaussian of
+    σ = :data:`SIGMA_SHARE` × that side in cells, the same in pixels on both axes, its weights
+    renormalised at the borders (no dark frame).
     """
+    longest = max(height, width)
+    cells = min(longest, GRID)
+    sigma = max(cells * SIGMA_SHARE, 0.5)
+
     def one(n: int) -> np.ndarray:
-        g = min(n, GRID)
+        g = max(1, min(n, round(n * cells / longest)))
         edges = np.linspace(0.0, n, g + 1)
         lo, hi = edges[:-1, None], edges[1:, None]
         j = np.arange(n)[None, :]
         pool = np.clip(np.minimum(hi, j + 1) - np.maximum(lo, j), 0.0, None) / (hi - lo)
-        sigma = max(g * SIGMA_SHARE, 0.5)
         i = np.arange(g)
         gauss = np.exp(-np.square(i[:, None] - i[None, :]) / (2 * sigma * sigma))
         gauss /= gauss.sum(axis=1, keepdims=True)
@@ -141,6 +145,19 @@ def _zmax_fit(x: np.ndarray, r: np.ndarray) -> State:
     return state
 
 
+def _terms(*scores: np.ndarray) -> np.ndarray:
+    """Mean and floored standard deviation of each term's scores on the normal images, for standardising.
+
+    The floor (a thousandth of the mean's size, at least 1e-6) keeps a term that barely varies (constant
+    images) from turning float32 rounding into large scores.
+    """
+    out = []
+    for s in scores:
+        mean = float(np.mean(s))
+        out += [mean, max(float(np.std(s)), 1e-3 * abs(mean), 1e-6)]
+    return np.array(out, np.float32)
+
+
 def _zmean_np(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
     mean = np.broadcast_to(state["mean_image"], x.shape)
     t = state["terms"]
@@ -165,7 +182,7 @@ def _zmean_fit(x: np.ndarray, r: np.ndarray) -> State:
     mean = np.broadcast_to(state["mean_image"], x.shape)
     state["m_mean"], state["s_mean"] = _z_stats(_smoothed_np(x, mean, state))
     own, far = _zmax_np(x, r, state), _zmax_np(x, mean, state, "_mean")
-    state["terms"] = np.array([own.mean(), own.std() + 1e-8, far.mean(), far.std() + 1e-8], np.float32)
+    state["terms"] = _terms(own, far)
     return state
 
 
@@ -225,7 +242,7 @@ def _bce_shape_fit(x: np.ndarray, r: np.ndarray) -> State:
     state = {"shape_mean": moments.mean(axis=0).astype(np.float32),
              "shape_precision": np.linalg.inv(cov).astype(np.float32)}
     own, shape = _bce_np(x, r, state), _shape_np(x, state)
-    state["terms"] = np.array([own.mean(), own.std() + 1e-8, shape.mean(), shape.std() + 1e-8], np.float32)
+    state["terms"] = _terms(own, shape)
     return state
 
 
@@ -319,7 +336,7 @@ class Scorer:
         self.state = dict(state or {})
         if lookup(score_fn).fit is not None and not self.state:
             raise ValueError(f"the {score_fn!r} score needs the state learnt at training; it is stored in the bundle")
-        consts = {k: tf.constant(v) for k, v in self.state.items()}
+        consts = {k: tf.constant(v, tf.float32) for k, v in self.state.items()}
         shape = tuple(model.input_shape[1:])
         self.input_shape = shape
         spec = tf.TensorSpec(shape=(None, *shape), dtype=tf.float32)

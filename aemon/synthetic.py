@@ -88,7 +88,7 @@ def _blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A square of 10–25 % of the side blurred (lost focus, smudge)."""
     h, w = img.shape[:2]
     side = min(h, w)
-    s = max(2, int(rng.uniform(0.1, 0.25) * side))
+    s = min(side, max(2, int(rng.uniform(0.1, 0.25) * side)))
     y0, x0 = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
     sigma = rng.uniform(2.5, 5) * side / 300 + 0.5
     blurred = ndimage.gaussian_filter(img, (sigma, sigma, 0))

@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from aemon.autoselect import AUTO_SCORES, Choice, choose_pca, choose_score, pick, split_for_selection
+from aemon.autoselect import AUTO_SCORES, Choice, choose_pca, choose_score, pca_out_of_fold, pick, split_for_selection
 from aemon.bundle import save_bundle, utc_now
 from aemon.calibration import conformal_threshold, required_samples
 from aemon.errors import CalibrationError, UsageError
@@ -232,7 +232,11 @@ def _score_state(cfg: TrainConfig, scorer: Scorer, x_fit: np.ndarray, x_sel: np.
         choice = pick(choose_score(scorer.reconstruct, x_state, x_sel, damaged), len(x_sel), cfg.arch)
         choice.latent_dim = cfg.latent_dim if cfg.arch != "conv" else None
         cfg.score_fn = choice.score_fn
-    return fit_state(cfg.score_fn, x_state, scorer.reconstruct(x_state)), choice
+    if cfg.arch == "pca" and SCORE_FUNCTIONS[cfg.score_fn].fit is not None:
+        recon = pca_out_of_fold(x_state, [cfg.latent_dim], cfg.seed)[cfg.latent_dim]  # see pca_out_of_fold
+    else:
+        recon = scorer.reconstruct(x_state)
+    return fit_state(cfg.score_fn, x_state, recon), choice
 
 
 def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool = False,
@@ -291,10 +295,10 @@ def _auto_sentences(requested: dict[str, str], cfg: TrainConfig, choice: Choice 
     for key, value in (("arch", cfg.arch if cfg.arch != "pca" else f"pca {cfg.latent_dim}"), ("score", cfg.score_fn)):
         if requested[key] != "auto":
             out[key] = f"given: {value}"
-        elif choice is not None:
-            out[key] = f"auto: {value} ({choice.summary()})"
         elif key == "arch" and cfg.denoise:
             out[key] = f"auto: {value} (the seed's denoising network)"
+        elif choice is not None:
+            out[key] = f"auto: {value} ({choice.summary()})"
         else:
             out[key] = f"auto: {value} (too few images to set any aside for choosing)"
     return out

@@ -179,3 +179,70 @@ def test_recalibrated_copy_keeps_the_state(auto_bundle: tuple[Path, str], tmp_pa
     assert copy.meta.revision == original.meta.revision + 1 and copy.meta.calibration.n == 120
     x = _tiles(5, seed=9).astype(np.float32) / 255.0
     np.testing.assert_allclose(copy.score(x), original.score(x), rtol=1e-6)
+
+
+def _rewrite_state(bundle: Path, change) -> None:
+    """Rewrite a bundle's score_state.npz through ``change(dict)`` and put its new sha256 in bundle.json,
+    as a careless tool would: the sha256 check alone cannot catch it."""
+    from aemon.bundle import sha256_of
+
+    with np.load(bundle / STATE_FILE) as npz:
+        state = {k: npz[k] for k in npz.files}
+    change(state)
+    with (bundle / STATE_FILE).open("wb") as fp:
+        np.savez(fp, **state)
+    meta = json.loads((bundle / META_FILE).read_text())
+    meta["score_state_sha256"] = sha256_of(bundle / STATE_FILE)
+    (bundle / META_FILE).write_text(json.dumps(meta))
+
+
+def _copy_local(auto_bundle: tuple[Path, str], dest: Path) -> Path:
+    import shutil
+
+    if not json.loads((auto_bundle[0] / META_FILE).read_text()).get("score_state_file"):
+        pytest.skip("the default chose a global score here; it has no state")
+    shutil.copytree(auto_bundle[0], dest)
+    return dest
+
+
+def test_broken_state_with_matching_sha_is_refused(auto_bundle: tuple[Path, str], tmp_path: Path) -> None:
+    """A state with NaN, a missing array or a path out of the bundle is refused with one BundleError."""
+    nan = _copy_local(auto_bundle, tmp_path / "nan")
+    _rewrite_state(nan, lambda s: s.__setitem__("s", np.full_like(s["s"], np.nan)))
+    with pytest.raises(BundleError, match="non-numbers"):
+        load_bundle(nan)
+    lacking = _copy_local(auto_bundle, tmp_path / "lacking")
+    _rewrite_state(lacking, lambda s: s.pop("m"))
+    with pytest.raises(BundleError, match="does not fit"):
+        load_bundle(lacking)
+    outside = _copy_local(auto_bundle, tmp_path / "outside")
+    meta = json.loads((outside / META_FILE).read_text())
+    meta["score_state_file"] = f"../nan/{STATE_FILE}"
+    (outside / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="inside the bundle"):
+        load_bundle(outside)
+
+
+def test_reload_of_a_broken_state_keeps_the_daemon_running(auto_bundle: tuple[Path, str], tmp_path: Path) -> None:
+    """SIGHUP after the state file was replaced by one that does not fit: the reload fails, the old bundle
+    keeps scoring, and the daemon stops with 0."""
+    import signal
+    import time
+
+    from tests.daemon_process import Daemon, new_root, wait_records
+
+    bundle = _copy_local(auto_bundle, tmp_path / "b")
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "log", env={"AEMON_MODEL": str(bundle)}).wait_ready()
+    try:
+        _rewrite_state(bundle, lambda s: s.pop("m"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 30
+        while not daemon.events("bundle.reload_failed") and daemon.proc.poll() is None:
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.1)
+        assert daemon.proc.poll() is None, daemon.text()
+        write_png(tmp_path / "stage" / "after.png", _tiles(1, seed=10)[0]).rename(root / "inbox" / "after.png")
+        wait_records(root, 1, daemon)
+    finally:
+        assert daemon.stop() == 0, daemon.text()
