@@ -39,8 +39,6 @@ MAX_SELECTION = 500
 MAX_STATE_WHILE_RANKING = 2000
 #: Below this synthetic AUROC the best candidate is reported as weak.
 WEAK_AUROC = 0.6
-#: Folds of the out-of-fold reconstructions that a PCA's local scores learn from.
-OUT_OF_FOLD = 5
 
 
 @dataclass
@@ -112,24 +110,6 @@ def pick(rows: list[dict], n_selection: int, arch: str) -> Choice:
                   synthetic_auroc=best["synthetic_auroc"], n_selection=n_selection, table=rows)
 
 
-def pca_out_of_fold(x: np.ndarray, sizes: list[int], seed: int, folds: int = OUT_OF_FOLD) -> dict[int, np.ndarray]:
-    """Reconstructions of every image of ``x`` by PCAs of each size fitted without it (``folds``-fold).
-
-    A PCA reconstructs the images it was fitted on far better than new ones (with 256 components
-    and a few hundred images, almost exactly), so local scores learn their per-place statistics
-    from these: what a new normal image's error looks like. Otherwise new normal images get huge,
-    heavy-tailed z-scores and one of them sets the threshold.
-    """
-    fold = np.random.default_rng(seed + 2).permutation(len(x)) % folds
-    out = {k: np.empty(x.shape, np.float32) for k in sizes}
-    for f in range(folds):
-        rest = x[fold != f]
-        mean, comps, _ = fit_pca(rest, min(max(sizes), len(rest) - 1, x[0].size))
-        for k in sizes:
-            out[k][fold == f] = pca_reconstruct(x[fold == f], mean, comps[:k])
-    return out
-
-
 def choose_pca(x: np.ndarray, seed: int, scores: tuple[str, ...] = AUTO_SCORES) -> Choice | None:
     """The PCA size and score with the best synthetic AUROC, or None when too few images to set any aside."""
     fit_idx, sel_idx = split_for_selection(len(x), seed)
@@ -140,12 +120,11 @@ def choose_pca(x: np.ndarray, seed: int, scores: tuple[str, ...] = AUTO_SCORES) 
     sizes = [k for k in AUTO_COMPONENTS if k < len(x_fit) and k < x[0].size] or [min(len(x_fit), x[0].size) - 1]
     mean, comps, _ = fit_pca(x_fit, max(sizes))
     x_state = x_fit[:MAX_STATE_WHILE_RANKING]
-    out_of_fold = pca_out_of_fold(x_state, sizes, seed)
     rows = []
     for k in sizes:
         def reconstruct(images: np.ndarray, k: int = k) -> np.ndarray:
             return pca_reconstruct(images, mean, comps[:k])
 
         rows += [{"arch": "pca", "latent_dim": k, **row}
-                 for row in choose_score(reconstruct, x_state, x_sel, x_damaged, scores, out_of_fold[k])]
+                 for row in choose_score(reconstruct, x_state, x_sel, x_damaged, scores)]
     return pick(rows, len(x_sel), "pca")

@@ -10,7 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from aemon.autoselect import AUTO_SCORES, Choice, choose_pca, choose_score, pca_out_of_fold, pick, split_for_selection
+from aemon.autoselect import AUTO_SCORES, Choice, choose_pca, choose_score, pick, split_for_selection
 from aemon.bundle import save_bundle, utc_now
 from aemon.calibration import conformal_threshold, required_samples
 from aemon.errors import CalibrationError, UsageError
@@ -232,11 +232,7 @@ def _score_state(cfg: TrainConfig, scorer: Scorer, x_fit: np.ndarray, x_sel: np.
         choice = pick(choose_score(scorer.reconstruct, x_state, x_sel, damaged), len(x_sel), cfg.arch)
         choice.latent_dim = cfg.latent_dim if cfg.arch != "conv" else None
         cfg.score_fn = choice.score_fn
-    if cfg.arch == "pca" and SCORE_FUNCTIONS[cfg.score_fn].fit is not None:
-        recon = pca_out_of_fold(x_state, [cfg.latent_dim], cfg.seed)[cfg.latent_dim]  # see pca_out_of_fold
-    else:
-        recon = scorer.reconstruct(x_state)
-    return fit_state(cfg.score_fn, x_state, recon), choice
+    return fit_state(cfg.score_fn, x_state, scorer.reconstruct(x_state)), choice
 
 
 def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool = False,
