@@ -7,7 +7,7 @@ Policy (also in the README):
   and colour images use ITU-R 601 luma) or ``rgb`` (grey images repeated on three channels); the
   first frame of an animation is used; an image of another size is resized to the bundle's input
   size with bilinear filtering (aspect not kept); 8-bit pixels are scaled from 0–255 and 16-bit
-  ones from 0–65535 to [0, 1].
+  ones from 0–65535 to [0, 1]; float images (TIFF mode ``F``) follow the arrays' rule below.
 * Arrays: grayscale bundles take ``(N, H, W)``, ``(N, H*W)`` or ``(N, H, W, 1)``, rgb bundles
   ``(N, H, W, 3)``, with H×W the bundle's input size. ``uint8`` (and other integer types holding
   0–255) are divided by 255; floats already in [0, 1] are used as they are; floats in (1, 255] are
@@ -37,6 +37,7 @@ __all__ = [
     "decode_image",
     "read_array",
     "array_to_input",
+    "unit_pixels",
     "input_to_array",
     "Decoded",
     "decode",
@@ -140,7 +141,7 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
                         f"{path.name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels"
                     )
                 img.seek(0)
-                converted = _convert(img, prep.color_mode)
+                converted = _convert(img, prep.color_mode, path.name)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooLarge(f"{path.name} looks like a decompression bomb: {exc}") from exc
     except UnidentifiedImageError as exc:
@@ -160,14 +161,17 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
     return pixels
 
 
-def _convert(img: Image.Image, color_mode: str) -> Image.Image:
-    """``L`` or ``RGB`` (8-bit), or for 16-bit images a float image (``F``) already scaled to [0, 1].
+def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
+    """``L`` or ``RGB`` (8-bit), or for 16-bit and float images a float image (``F``) already
+    scaled to [0, 1] (grey; repeated to 3 channels for rgb).
 
-    Converting a 16-bit image to ``L`` would clip every value above 255 to white.
+    Converting a 16-bit image to ``L`` would clip every value above 255 to white, and a float
+    image in [0, 1] to black: floats follow the arrays' rule (:func:`unit_pixels`).
     """
     if img.mode.startswith("I;16") or img.mode == "I":
-        values = np.asarray(img, dtype=np.float32) / 65535.0
-        return Image.fromarray(values)  # float32: mode F (grey; repeated to 3 channels for rgb)
+        return Image.fromarray(np.asarray(img, dtype=np.float32) / 65535.0)
+    if img.mode == "F":
+        return Image.fromarray(unit_pixels(np.asarray(img, dtype=np.float32), name))
     return img.convert("RGB" if color_mode == "rgb" else "L")
 
 
@@ -281,16 +285,25 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
             f"{name} has shape {shape}; expected (N, {height}, {width}), (N, {height * width}) "
             f"or (N, {height}, {width}, 1)"
         )
-    kind = raw.dtype.kind
-    if kind not in "uif":
+    if raw.dtype.kind not in "uif":
         raise Unreadable(f"{name} has dtype {raw.dtype}; expected uint8 pixels or floats in [0, 1]")
-    if kind == "f" and not np.isfinite(raw).all():
+    return unit_pixels(raw, name)
+
+
+def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
+    """Pixel values as float32 in [0, 1], by the one rule for arrays and float images: integers
+    (0–255) and floats above 1 (up to 255) are divided by 255, floats in [0, 1] kept.
+
+    Raises:
+        Unreadable: NaN or infinite values, or values outside 0–255.
+    """
+    if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise Unreadable(f"{name} contains NaN or infinite values")
-    low, high = (float(raw.min()), float(raw.max()))
+    low, high = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
     if low < 0 or high > 255:
         raise Unreadable(f"{name} has values in [{low:g}, {high:g}]; expected 0–255 or [0, 1]")
     pixels = raw.astype(np.float32)
-    if kind in "ui" or high > 1.0:
+    if raw.dtype.kind in "ui" or high > 1.0:
         pixels /= 255.0
     return pixels
 

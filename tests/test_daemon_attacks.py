@@ -209,6 +209,30 @@ def test_a_16_bit_png_scores_like_its_8_bit_twin(shared, tmp_path, digits):
     assert s16 == pytest.approx(s8, rel=1e-3, abs=1e-5)
 
 
+
+def test_a_float_tiff_scores_like_its_8_bit_twin(shared, tmp_path, digits):
+    """Float TIFFs (mode F) follow the array rule: [0, 1] as they are, (1, 255] divided by 255;
+    negative or NaN pixels are rejected with the reason, and the daemon goes on."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    staging = tmp_path / "stage"
+    write_png(staging / "f8.png", digits[12])
+    unit = digits[12].astype(np.float32) / 255.0
+    Image.fromarray(unit).save(staging / "unit.tif")
+    Image.fromarray(digits[12].astype(np.float32)).save(staging / "wide.tif")
+    Image.fromarray(unit - 0.5).save(staging / "negative.tif")
+    with Image.open(staging / "unit.tif") as img:
+        assert img.mode == "F"
+    _publish(staging, inbox)
+    wait_records(root, before + 4, shared)
+    seen = by_item(root)
+    s8 = seen["f8.png"][0]["score"]
+    assert seen["unit.tif"][0]["score"] == pytest.approx(s8, rel=1e-3, abs=1e-5)
+    assert seen["wide.tif"][0]["score"] == pytest.approx(s8, rel=1e-3, abs=1e-5)
+    (bad,) = seen["negative.tif"]
+    assert bad["verdict"] == "rejected" and bad["reason"] == "unreadable", bad
+    assert "negative.tif" in bad["error"] and "[0, 1]" in bad["error"], bad
+
 # -- 5. names too long ------------------------------------------------------
 def _deep_folder(parent: Path, total: int) -> Path:
     """A folder ``deep`` under ``parent`` whose innermost file's path is ``total`` bytes long (built
