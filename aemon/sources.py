@@ -353,7 +353,10 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
     from PIL import Image
 
     sizes, colourful = [], False
-    for file in files[:_INSPECT]:
+    # Spread over the whole list, not its first files: a folder sorted by camera or date would
+    # otherwise be judged by one end of it.
+    picked = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), _INSPECT)).astype(int))]
+    for file in picked:
         try:
             with Image.open(file) as img:
                 sizes.append((img.height, img.width))

@@ -178,3 +178,21 @@ def test_preprocessing_round_trip() -> None:
     prep = Preprocessing(size=(32, 20))
     assert Preprocessing.from_dict(prep.to_dict()) == prep
     assert prep.input_shape == (32, 20, 1)
+
+
+def test_auto_colour_looks_across_the_whole_folder(tmp_path: Path) -> None:
+    """--color auto inspects files spread over the folder, not its first 500 in name order: a folder
+    whose colour images sort last is still found colourful."""
+    from aemon.sources import choose_input
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    grey = np.full((8, 8), 90, np.uint8)
+    colour = np.zeros((8, 8, 3), np.uint8)
+    colour[..., 0] = 200
+    for i in range(600):
+        Image.fromarray(grey).save(folder / f"a{i:04d}.png")
+    for i in range(60):
+        Image.fromarray(colour).save(folder / f"b{i:04d}.png")
+    prep, choices = choose_input(str(folder))
+    assert prep.color_mode == "rgb", choices
