@@ -1,7 +1,8 @@
 """The commit stage: turn a decided batch into files and records, on its own thread.
 
 The loop thread decodes and scores batch *n+1* while this thread commits batch *n*: it writes
-array parts and denoised outputs into the batch folder, writes the journal (one fsync), places
+array parts, denoised outputs and maps into the batch folder (one syncfs for them all), writes
+the journal (one fsync), places
 every file and writes every record (one fsync each), fsyncs the destination folders once and
 removes the batch folder. Decisions are counted and logged only once committed.
 """
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aemon.claims import Claim
-from aemon.fsio import write_durably
+from aemon.fsio import write_all_durably
 from aemon.journal import Journal, Step, output_path, remove_batch
 from aemon.logs import get_logger
 from aemon.pipeline import plan
@@ -109,9 +110,11 @@ class Committer:
         """Plan, journal and carry out ``batch``; then report each decision."""
         journal = Journal(entries=[c.name for c in batch.claims])
         reserved: list[Path] = []
+        writes: list[tuple[str, bytes]] = []
         try:
             for unit in batch.units:
-                self._plan(batch, unit, journal, reserved)
+                self._plan(batch, unit, journal, reserved, writes)
+            write_all_durably(writes)  # on disk before the journal names them
             journal.write(batch.batch_dir)
             journal.run(self.router, batch.batch_dir)
         finally:
@@ -122,17 +125,20 @@ class Committer:
             self.on_decided(unit, record)
         self.on_committed(batch)
 
-    def _plan(self, batch: Batch, unit: Unit, journal: Journal, reserved: list[Path]) -> None:
-        """Turn :func:`aemon.pipeline.plan` into journal steps: new bytes are written into the batch
-        folder first (durably), then every placement is a rename recorded in the journal."""
+    def _plan(self, batch: Batch, unit: Unit, journal: Journal, reserved: list[Path],
+              writes: list[tuple[str, bytes]]) -> None:
+        """Turn :func:`aemon.pipeline.plan` into journal steps: new bytes go to ``writes`` (files of
+        the batch folder, written durably before the journal), and every placement is a rename
+        recorded in the journal."""
         outputs, remove_source = plan(unit, (batch.model_name, batch.model_version), batch.threshold)
         named: dict[str, str] = {}
         last: tuple[Path, dict | None] | None = None  # the previous output placed, and its record
+        rows: dict[int, dict] = {}  # the rows of the previous record, by index
         for out in outputs:
             if out.map_suffix is not None and last is not None:
                 dest = self._map_destination(last[0], out.map_suffix, reserved)
                 if last[1] is not None:
-                    _name_map(last[1], dest.name, out.map_row)
+                    _name_map(last[1], rows, dest.name, out.map_row)
             else:
                 dest = self.router.destination(out.folder, out.rel)
                 reserved.append(dest)
@@ -141,7 +147,7 @@ class Committer:
                 src = unit.rel  # the unit's own file, inside the batch folder
             else:
                 tmp = output_path(batch.batch_dir, Path(out.map_suffix or out.rel).suffix)
-                write_durably(tmp, out.data)
+                writes.append((str(tmp), out.data))
                 src = tmp.name
             record = None
             if out.record is not None:
@@ -152,6 +158,7 @@ class Committer:
                 named[out.names_as] = rel
             if out.map_suffix is None:
                 last = (dest, record)
+                rows = {entry["index"]: entry for entry in (record or {}).get("rows", [])}
         if remove_source:
             journal.remove.append(unit.rel)
 
@@ -166,11 +173,10 @@ class Committer:
         return dest
 
 
-def _name_map(record: dict, name: str, row: int | None) -> None:
-    """Name a map in its item's record: ``map`` (relative to the record's folder), per row for arrays."""
+def _name_map(record: dict, rows: dict[int, dict], name: str, row: int | None) -> None:
+    """Name a map in its item's record: ``map`` (relative to the record's folder), per row for arrays
+    (``rows``: the record's rows by index)."""
     if row is None:
         record["map"] = name
-        return
-    for entry in record.get("rows", []):
-        if entry["index"] == row:
-            entry["map"] = name
+    elif row in rows:
+        rows[row]["map"] = name
