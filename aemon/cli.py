@@ -15,7 +15,7 @@ from pathlib import Path
 from aemon import __version__
 from aemon.errors import AemonError, ItemRejected, UsageError
 from aemon.logs import configure, get_logger, quiet_tensorflow
-from aemon.settings import Settings, cores, load_settings, unknown_env_names
+from aemon.settings import Settings, load_settings, unknown_env_names
 
 __all__ = ["main", "build_parser"]
 
@@ -412,9 +412,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         # Before prometheus_client is imported: every process then writes its values to files.
         shared = metrics_dir(Path(os.path.abspath(settings.root)))
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.fspath(shared)
-        # Processes share the cores: one TensorFlow thread pool each, sized to its share.
-        threads = str(max(1, cores() // settings.workers))
-        os.environ.setdefault("TF_NUM_INTRAOP_THREADS", threads)
+        # Every process keeps a TensorFlow pool over all the cores: a big array is one process's
+        # work, and with a pool of cores/workers threads it scored at half speed; small batches
+        # from every process at once measured the same either way.
         os.environ.setdefault("TF_NUM_INTEROP_THREADS", "1")
     from aemon.daemon import Daemon
 
