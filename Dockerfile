@@ -20,13 +20,17 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY aemon ./aemon
 COPY models ./models
+COPY deploy/smoke.py ./
 # The pip cache is a build cache mount: it speeds up rebuilds and never reaches a layer.
 # Trimmed, none of it read at run time: the pip and setuptools of the venv; libclang (a TensorFlow dependency for
 # its code generators, never imported); TensorFlow's C++ headers (tensorflow/include, ~290 MB, for building custom
 # ops); the packages' own test suites (directories named "tests"); and the symbol tables
 # of TensorFlow's shared libraries (strip --strip-unneeded keeps the dynamic symbols; ~225 MB, most of it
 # libtensorflow_cc). Libraries that auditwheel patched (the *.libs folders of numpy, scipy...) must not be
-# stripped: they stop loading.
+# stripped: they stop loading. Bytecode: pip compiles every module it installs (140 MB); only the modules
+# that aemon's verbs and daemon import are compiled again (a module left out still works, compiled in
+# memory when imported). deploy/smoke.py runs every verb and the daemon once in the trimmed environment: a
+# trim that breaks one fails the build, and it compiles the bytecode of what they import.
 RUN --mount=type=cache,target=/root/.cache/pip \
     python3 -m venv /opt/aemon \
     && /opt/aemon/bin/pip install /src \
@@ -36,7 +40,8 @@ RUN --mount=type=cache,target=/root/.cache/pip \
     && rm -rf "$site/tensorflow/include" \
     && find "$site" -depth -type d -name tests -exec rm -rf {} + \
     && find "$site/tensorflow" -type f \( -name '*.so' -o -name '*.so.*' \) -exec strip --strip-unneeded {} + \
-    && /opt/aemon/bin/python -c 'import aemon.cli, tensorflow, sklearn.metrics, matplotlib.figure, mlxtend.data'
+    && find /opt/aemon -depth -type d -name __pycache__ -exec rm -rf {} + \
+    && env -u PYTHONDONTWRITEBYTECODE /opt/aemon/bin/python /src/smoke.py
 
 # --- final: that environment, run as a non-root user; no compiler, no pip, no caches
 FROM ${PYTHON_IMAGE}
