@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -229,9 +230,13 @@ class Bundle:
         """Per-image scores of model input ``x``."""
         return self.scorer.score(x)
 
+    @cached_property
+    def _calibration_scores(self) -> np.ndarray:
+        return np.sort(np.asarray(self.meta.calibration.scores, dtype=np.float64))
+
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """Share of calibration scores at or above each score."""
-        return p_values(scores, np.asarray(self.meta.calibration.scores))
+        return p_values(scores, self._calibration_scores)
 
 
 def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:

@@ -119,6 +119,7 @@ def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: str | os.PathLike
                 taken.append(path)
         return taken
     temps = [temp_name(tmp_dir if tmp_dir is not None else os.path.dirname(path)) for path, _ in files]
+    published = 0
     try:
         for tmp, (_, data) in zip(temps, files, strict=True):
             _write_file(tmp, data, fsync=False)
@@ -128,8 +129,10 @@ def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: str | os.PathLike
                 _publish(tmp, path, replace)
             except FileExistsError:
                 taken.append(path)
+                os.unlink(tmp)
+            published += 1
     finally:
-        for tmp in temps:
+        for tmp in temps[published:]:  # not renamed: a failure on the way
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
     return taken
