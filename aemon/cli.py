@@ -256,10 +256,13 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import load_bundle
     from aemon.recalibrate import recalibrate
-    from aemon.sources import load_source
+    from aemon.sources import load_source, unlike_input
 
     bundle = load_bundle(args.bundle)
     data = load_source(args.data, bundle.preprocessing)
+    unlike = unlike_input(args.data, bundle.preprocessing)
+    if unlike:
+        get_logger().warning("calibrate.data_unlike", message=f"{unlike}; calibrate on images like those it will score")
     meta = recalibrate(bundle, data, args.target_fpr, args.out)
     where = args.out or args.bundle
     print(f"{where}: threshold {meta.threshold:.6g} at target FPR {meta.target_fpr} "

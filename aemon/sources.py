@@ -12,6 +12,7 @@ Every form becomes a :class:`Dataset` of model input ``(N, H, W, 1)`` in [0, 1],
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from aemon.images import (
     read_array,
 )
 
-__all__ = ["Dataset", "load_source", "list_images", "choose_input", "sample_mnist", "MAX_AUTO_SIDE"]
+__all__ = ["Dataset", "load_source", "list_images", "choose_input", "unlike_input", "sample_mnist", "MAX_AUTO_SIDE"]
 
 #: ``--size auto`` keeps the longer side at most this (the aspect kept, sides multiples of 4).
 MAX_AUTO_SIDE = 128
@@ -328,6 +329,28 @@ def choose_input(src: str, size: str = "auto", color: str = "auto") -> tuple[Pre
     else:
         raise SourceError(f"--color must be auto, grayscale or rgb, got {color!r}")
     return Preprocessing(color_mode=mode, size=(int(hw[0]), int(hw[1]))), why
+
+
+def unlike_input(src: str, prep: Preprocessing) -> str | None:
+    """How the images of ``src`` differ from a bundle's input in colour or aspect, or None.
+
+    Such images are still usable (converted and resized as the daemon converts items), but a
+    threshold calibrated on them fits them, not what the bundle was made for: callers warn.
+    """
+    sizes, colourful, _ = _inspect(src)
+    heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
+    h, w = heights[len(heights) // 2], widths[len(widths) // 2]
+    (bh, bw), notes = prep.size, []
+    if colourful and prep.color_mode == "grayscale":
+        notes.append("their colour is dropped")
+    elif not colourful and prep.color_mode == "rgb":
+        notes.append("grey images are repeated on three channels")
+    if abs(math.log((h / w) / (bh / bw))) > math.log(1.1):
+        notes.append("they are resized without keeping their aspect")
+    if not notes:
+        return None
+    return (f"the images of {src} ({h}x{w}, {'colour' if colourful else 'grey'}) are unlike this bundle's input "
+            f"({bh}x{bw} {prep.color_mode}): {'; '.join(notes)}")
 
 
 def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:

@@ -189,6 +189,29 @@ def test_calibrate_too_few_samples(capsys: pytest.CaptureFixture, tiny_bundle: P
     assert (bundle / "bundle.json").read_bytes() == before
 
 
+def test_calibrate_warns_when_the_data_do_not_look_like_the_bundles_input(capsys: pytest.CaptureFixture,
+                                                                          tiny_bundle: Path, tmp_path: Path) -> None:
+    """Calibrating a grey 28x28 bundle on colour images of another shape still works (they are converted
+    as the daemon would), but says so: a threshold from data unlike what arrives is a silent mistake.
+    Data like the bundle's input get no such line."""
+    data = tmp_path / "wide-colour"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(120):
+        Image.fromarray(rng.integers(0, 256, (20, 60, 3), dtype=np.uint8)).save(data / f"c{i:03d}.png")
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", str(data), "--target-fpr", "0.1",
+                       "--out", str(tmp_path / "odd"))
+    assert code == 0, err
+    warning = [line for line in err.splitlines() if "warning" in line.lower()]
+    assert len(warning) == 1, err
+    assert "colour" in warning[0] and "grayscale" in warning[0], warning
+    assert "20x60" in warning[0] and "28x28" in warning[0], warning
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", "sample:mnist?limit=100",
+                       "--target-fpr", "0.1", "--out", str(tmp_path / "fine"))
+    assert code == 0, err
+    assert "warning" not in err.lower(), err
+
+
 def test_train_cli_end_to_end(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     """'aemon train' on a tiny sample writes a bundle that 'aemon info' reads; a second run refuses to overwrite."""
     out = tmp_path / "cli-bundle"
