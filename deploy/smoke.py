@@ -7,6 +7,7 @@ and the daemon import. Also usable on any install: exit 0 when everything worked
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -20,14 +21,20 @@ from pathlib import Path
 MNIST = "sample:mnist?limit=300"
 
 
-QUIET = {**os.environ, "AEMON_LOG_LEVEL": "WARNING", "TF_CPP_MIN_LOG_LEVEL": "2"}
+#: -P and a scratch working folder: the installed aemon runs (and gets its bytecode), never a source tree
+#: beside this script.
+QUIET = {**os.environ, "AEMON_LOG_LEVEL": "WARNING", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONSAFEPATH": "1"}
+#: The daemon's HTTP port is local: never through a proxy that the build may have in its environment.
+LOCAL = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def aemon(*args: str) -> None:
-    subprocess.run([sys.executable, "-m", "aemon", *args], check=True, stdout=subprocess.DEVNULL, env=QUIET)
+def run_aemon(*args: str, cwd: Path) -> None:
+    subprocess.run([sys.executable, "-P", "-m", "aemon", *args], check=True, stdout=subprocess.DEVNULL, env=QUIET,
+                   cwd=cwd, timeout=900)
 
 
 def verbs(tmp: Path) -> None:
+    aemon = functools.partial(run_aemon, cwd=tmp)
     aemon("samples", str(tmp / "samples"))
     aemon("score", "mnist-detect", "sample:mnist?limit=20", "--maps", str(tmp / "maps"))
     aemon("denoise", "mnist-denoise", str(tmp / "samples"), "--out", str(tmp / "denoised"))
@@ -47,12 +54,12 @@ def daemon(tmp: Path) -> None:
     root = tmp / "root"
     (root / "inbox").mkdir(parents=True)
     env = {**QUIET, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": str(port), "AEMON_WORKERS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=env, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "aemon", "run"], env=env, stdout=subprocess.DEVNULL, cwd=tmp)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while True:
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1):
+                with LOCAL.open(f"http://127.0.0.1:{port}/readyz", timeout=1):
                     break
             except OSError:
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -64,10 +71,15 @@ def daemon(tmp: Path) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit("smoke: the sample was not routed")
             time.sleep(0.1)
-        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+        with LOCAL.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            response.read()
     finally:
         proc.send_signal(signal.SIGTERM)
-        code = proc.wait(60)
+        try:
+            code = proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise SystemExit("smoke: the daemon did not stop within 60 s of SIGTERM") from None
     if code != 0:
         raise SystemExit(f"smoke: the daemon exited {code}")
 
@@ -76,7 +88,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         verbs(Path(tmp))
         daemon(Path(tmp))
-    print("smoke: every verb and the daemon worked")
+        where = subprocess.run([sys.executable, "-P", "-c", "import aemon; print(aemon.__file__)"], cwd=tmp,
+                               env=QUIET, capture_output=True, text=True, check=True).stdout.strip()
+    print(f"smoke: every verb and the daemon worked (aemon from {where})")
 
 
 if __name__ == "__main__":
