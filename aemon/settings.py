@@ -6,6 +6,7 @@ Precedence, lowest first: defaults < TOML file (``--config`` or ``AEMON_CONFIG``
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -100,11 +101,55 @@ class Settings(BaseSettings):
 
 
 def cores() -> int:
-    """The cores this process may run on."""
+    """The cores this process may use: the CPUs it may run on, capped by a cgroup CPU quota (a
+    container's ``--cpus``, a Kubernetes CPU limit) rounded up."""
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
+        count = os.cpu_count() or 1
+    quota = cgroup_cpu_quota()
+    if quota is not None:
+        count = min(count, math.ceil(quota))
+    return max(1, count)
+
+
+def cgroup_cpu_quota(mounts: str = "/sys/fs/cgroup", own: str = "/proc/self/cgroup") -> float | None:
+    """CPUs allowed by the tightest CPU quota on this process's cgroup or its ancestors (cgroup v2
+    ``cpu.max``, v1 ``cpu.cfs_quota_us``), or None without one."""
+    try:
+        lines = Path(own).read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            base, files = Path(mounts), ("cpu.max",)
+        elif "cpu" in controllers.split(","):  # v1 (cpu or cpu,cpuacct)
+            base, files = Path(mounts) / "cpu", ("cpu.cfs_quota_us", "cpu.cfs_period_us")
+        else:
+            continue
+        # The process's own group and its ancestors; inside a container the controller's mount is
+        # often the container's group itself, whatever the path says.
+        parts = [p for p in path.split("/") if p]
+        for folder in [base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]:
+            quota = _quota_in(folder, files)
+            if quota is not None:
+                quotas.append(quota)
+    return min(quotas) if quotas else None
+
+
+def _quota_in(folder: Path, files: tuple[str, ...]) -> float | None:
+    try:
+        if len(files) == 1:
+            limit, period = (folder / files[0]).read_text().split()[:2]
+        else:
+            limit, period = ((folder / name).read_text().strip() for name in files)
+        if limit in ("max", "-1") or float(period) <= 0:
+            return None
+        return float(limit) / float(period)
+    except (OSError, ValueError):
+        return None
 
 
 def config_path_from_env() -> Path | None:

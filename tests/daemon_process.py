@@ -58,11 +58,11 @@ class Daemon:
         root: AEMON_ROOT.
         log: File the daemon's stdout and stderr are appended to.
         settle: AEMON_SETTLE_SECONDS.
-        env: Extra environment variables.
+        env: Extra environment variables (a value None removes one).
         preexec: Run in the child before exec (e.g. to lower a resource limit).
     """
 
-    def __init__(self, root: Path, log: Path, settle: float = 0.3, env: dict[str, str] | None = None,
+    def __init__(self, root: Path, log: Path, settle: float = 0.3, env: dict[str, str | None] | None = None,
                  preexec: Callable[[], None] | None = None) -> None:
         self.root, self.log = root, log
         # One process unless a test asks for workers: each costs a TensorFlow start-up.
@@ -70,7 +70,11 @@ class Daemon:
                 "AEMON_SETTLE_SECONDS": str(settle), "AEMON_LOG_FORMAT": "json", "AEMON_RESCAN_SECONDS": "1"}
         full.pop("AEMON_MODEL", None)
         full.pop("NOTIFY_SOCKET", None)
-        full.update(env or {})
+        for name, value in (env or {}).items():  # None removes a variable
+            if value is None:
+                full.pop(name, None)
+            else:
+                full[name] = value
         self.offset = log.stat().st_size if log.exists() else 0  # this run's lines start here
         with log.open("ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=full, stdout=out,

@@ -107,3 +107,29 @@ def test_toml_file_not_sticky(tmp_path: Path) -> None:
     """A config file used once does not leak into the next load_settings call."""
     load_settings(_toml(tmp_path, "batch_size = 8\n"))
     assert load_settings().batch_size == 64
+
+
+def test_cgroup_cpu_quota_reads_v1_and_v2_and_takes_the_tightest(tmp_path: Path) -> None:
+    """cpu.max (v2) and cfs_quota_us/cfs_period_us (v1), on the group or an ancestor; "max"/-1 is no limit."""
+    from aemon.settings import cgroup_cpu_quota
+
+    own = tmp_path / "cgroup"
+    mounts = tmp_path / "fs"
+    pod = mounts / "kubepods" / "pod1"
+    (pod / "c1").mkdir(parents=True)
+    (mounts / "kubepods" / "cpu.max").write_text("max 100000\n")
+    (pod / "cpu.max").write_text("250000 100000\n")
+    (pod / "c1" / "cpu.max").write_text("max 100000\n")
+    own.write_text("0::/kubepods/pod1/c1\n")
+    assert cgroup_cpu_quota(str(mounts), str(own)) == 2.5
+    (pod / "cpu.max").write_text("max 100000\n")
+    assert cgroup_cpu_quota(str(mounts), str(own)) is None
+    v1 = mounts / "cpu"
+    v1.mkdir()  # inside a container: the controller's mount is the container's own group
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    own.write_text("4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n")
+    assert cgroup_cpu_quota(str(mounts), str(own)) == 1.5
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert cgroup_cpu_quota(str(mounts), str(own)) is None
+    assert cgroup_cpu_quota(str(mounts), str(tmp_path / "missing")) is None

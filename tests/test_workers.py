@@ -6,7 +6,9 @@ import os
 import re
 import signal
 import time
+from pathlib import Path
 
+import pytest
 from daemon_process import Daemon, by_item, new_root, records, wait_records, write_png
 
 
@@ -91,3 +93,53 @@ def test_workers_stop_when_the_main_process_is_killed(tmp_path, digits):
         assert all(len(v) == 1 for v in by_item(root).values()) and len(by_item(root)) == 40
     finally:
         assert again.stop() == 0, again.text()
+
+
+def _cpu_limited_cgroup(name: str, cpus: float) -> tuple[Path, str] | None:
+    """A cgroup with a CPU quota of ``cpus`` (v1 ``cpu`` controller or v2 ``cpu.max``), or None."""
+    period = 100_000
+    v1 = Path("/sys/fs/cgroup/cpu")
+    try:
+        if (v1 / "cpu.cfs_quota_us").exists():
+            group = v1 / name
+            group.mkdir()
+            (group / "cpu.cfs_period_us").write_text(str(period))
+            (group / "cpu.cfs_quota_us").write_text(str(int(cpus * period)))
+            return group, "tasks"
+        v2 = Path("/sys/fs/cgroup")
+        if "cpu" in (v2 / "cgroup.subtree_control").read_text().split():
+            group = v2 / name
+            group.mkdir()
+            (group / "cpu.max").write_text(f"{int(cpus * period)} {period}")
+            return group, "cgroup.procs"
+    except OSError:
+        return None
+    return None
+
+
+def test_a_cpu_quota_caps_the_default_workers(tmp_path):
+    """Under a CPU quota (a container's --cpus, a Kubernetes CPU limit) the default AEMON_WORKERS is the
+    quota rounded up, not every core of the host: each process holds a TensorFlow runtime."""
+    if os.cpu_count() is None or len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("needs at least 2 cores to tell a quota of 1 from the cores")
+    made = _cpu_limited_cgroup(f"aemon-test-{os.getpid()}", 1.0)
+    if made is None:
+        pytest.skip("cannot make a CPU-limited cgroup here (needs root and a writable cgroup cpu controller)")
+    group, procs = made
+
+    def enter() -> None:
+        (group / procs).write_text(str(os.getpid()))
+
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": None}, preexec=enter)
+    try:
+        daemon.wait_ready()
+        assert daemon.events("daemon.ready")[0]["workers"] == 1, daemon.text()
+    finally:
+        daemon.stop()
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
