@@ -169,7 +169,11 @@ def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
     image in [0, 1] to black: floats follow the arrays' rule (:func:`unit_pixels`).
     """
     if img.mode.startswith("I;16") or img.mode == "I":
-        return Image.fromarray(np.asarray(img, dtype=np.float32) / 65535.0)
+        values = np.asarray(img, dtype=np.float64)
+        if values.size and (values.min() < 0 or values.max() > 65535):  # 32-bit: nothing but 16-bit values
+            raise Unreadable(f"{name} has values in [{values.min():g}, {values.max():g}]; expected 0–65535 "
+                             f"for a {img.mode} image")
+        return Image.fromarray((values / 65535.0).astype(np.float32))
     if img.mode == "F":
         return Image.fromarray(unit_pixels(np.asarray(img, dtype=np.float32), name))
     return img.convert("RGB" if color_mode == "rgb" else "L")

@@ -196,3 +196,16 @@ def test_auto_colour_looks_across_the_whole_folder(tmp_path: Path) -> None:
         Image.fromarray(colour).save(folder / f"b{i:04d}.png")
     prep, choices = choose_input(str(folder))
     assert prep.color_mode == "rgb", choices
+
+
+def test_a_32_bit_image_outside_16_bit_values_is_refused(tmp_path: Path) -> None:
+    """A 32-bit integer image (mode I) is read as 16-bit values; others are refused, not clipped."""
+    ok = tmp_path / "ok.tif"
+    Image.fromarray(np.full((8, 8), 65535, np.int32)).save(ok)
+    with Image.open(ok) as img:
+        assert img.mode == "I"
+    assert decode_image(ok, Preprocessing(size=(8, 8))).max() == pytest.approx(1.0)
+    for name, value in (("big.tif", 100_000), ("negative.tif", -5)):
+        Image.fromarray(np.full((8, 8), value, np.int32)).save(tmp_path / name)
+        with pytest.raises(Unreadable, match=name):
+            decode_image(tmp_path / name, Preprocessing(size=(8, 8)))
