@@ -29,6 +29,7 @@ from aemon.errors import BadShape, EmptyItem, TooLarge, Unreadable, UnsafeItem, 
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "PNG_LEVEL",
     "ARRAY_SUFFIXES",
     "Preprocessing",
     "Limits",
@@ -49,6 +50,10 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".
 #: File name endings read as arrays of images (numpy, never with pickles).
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
 
+
+#: zlib level of the PNGs aemon writes (maps, denoised images): 3x faster than Pillow's default 6,
+#: about 3 % larger.
+PNG_LEVEL = 1
 
 @dataclass(frozen=True)
 class Preprocessing:

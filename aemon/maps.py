@@ -18,6 +18,8 @@ import math
 
 import numpy as np
 
+from aemon.images import PNG_LEVEL
+
 __all__ = ["FULL_SCALE", "MIN_SIDE", "MAPS_MODES", "difference", "local_strength", "render", "strengths", "tinted"]
 
 #: Absolute pixel difference drawn at full colour.
@@ -83,5 +85,5 @@ def render(image: np.ndarray, strength: np.ndarray) -> bytes:
     if scale > 1:
         pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    Image.fromarray(pixels).save(buf, format="PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()

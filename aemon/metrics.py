@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from aemon import errors
 
-__all__ = ["Metrics", "build", "REASONS"]
+__all__ = ["Metrics", "build", "observe_many", "REASONS"]
 
 #: Every ``reason`` an item can be rejected for (the ``aemon_errors_total`` labels).
 REASONS = tuple(sorted({cls.reason for cls in vars(errors).values()
@@ -84,3 +85,26 @@ def build(registry: CollectorRegistry, info_registry: CollectorRegistry | None =
     for reason in REASONS:
         metrics.errors.labels(reason=reason)
     return metrics
+
+
+def observe_many(histogram: Histogram, values: np.ndarray) -> None:
+    """``histogram.observe(v)`` for every value, with one update per bucket instead of one per value
+    (10,000 rows of an array cost 60 ms one by one in multiprocess mode).
+
+    Uses the layout of prometheus_client's unlabelled Histogram (``_upper_bounds``, ``_buckets``,
+    ``_sum``), as ``observe`` does: a value goes to the first bucket whose bound it does not exceed,
+    NaN to none, and every value to the sum. Without that layout, observes one value at a time.
+    """
+    values = np.asarray(values, dtype=np.float64).ravel()
+    bounds, buckets, total = (getattr(histogram, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+    if bounds is None or buckets is None or total is None:
+        for value in values.tolist():
+            histogram.observe(value)
+        return
+    if values.size == 0:
+        return
+    total.inc(sum(values.tolist()))  # in order, as one observe after another adds them
+    first = np.searchsorted(np.asarray(bounds, dtype=np.float64), values, side="left")  # NaN sorts last
+    counts = np.bincount(first[first < len(bounds)], minlength=len(bounds))
+    for i in np.flatnonzero(counts):
+        buckets[i].inc(int(counts[i]))

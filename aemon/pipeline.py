@@ -21,7 +21,7 @@ import numpy as np
 from aemon.calibration import decide as verdicts_of
 from aemon.errors import ItemRejected, Unreadable
 from aemon.fsio import utc_now
-from aemon.images import Limits, Preprocessing, input_to_array
+from aemon.images import PNG_LEVEL, Limits, Preprocessing, input_to_array
 from aemon.images import decode as decode_file
 from aemon.maps import render, strengths
 from aemon.records import rejected_record, scored_record
@@ -180,7 +180,7 @@ def denoised_png(unit: Unit) -> bytes:
         if out.size != size:
             out = out.resize(size, Image.Resampling.BILINEAR)
         buf = io.BytesIO()
-        out.save(buf, format="PNG")
+        out.save(buf, format="PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
 
 

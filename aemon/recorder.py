@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from aemon.logs import get_logger
-from aemon.metrics import Metrics
+from aemon.metrics import Metrics, observe_many
 
 __all__ = ["Recorder"]
 
@@ -49,8 +49,7 @@ class Recorder:
         """One model call scored ``scores`` in ``seconds``."""
         self.metrics.scoring_duration.observe(seconds)
         self.metrics.batches.inc()
-        for s in scores.tolist():
-            self.metrics.reconstruction_error.observe(s)
+        observe_many(self.metrics.reconstruction_error, scores)
 
     def pending(self, n: int) -> None:
         """Entries waiting in the inbox or claimed and not committed."""

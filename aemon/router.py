@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from aemon.fsio import fsync_dir, rename_noreplace, write_all_durably, write_durably
+from aemon.images import PNG_LEVEL
 
 __all__ = ["FOLDERS", "DERIVED", "Router", "png_bytes", "png_name", "rows_bytes"]
 
@@ -39,7 +40,7 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     if values.ndim == 3 and values.shape[2] == 1:
         values = values[..., 0]
     buf = io.BytesIO()
-    Image.fromarray(values).save(buf, format="PNG")
+    Image.fromarray(values).save(buf, format="PNG", compress_level=PNG_LEVEL)
     return buf.getvalue()
 
 
