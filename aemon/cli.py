@@ -103,6 +103,7 @@ def _calibrate_parser(sub) -> None:
     p = _add(sub, "calibrate", "recalibrate a bundle's threshold on new normal data", """
         aemon calibrate bundles/digits --data sample:mnist --target-fpr 0.05
         aemon calibrate bundles/digits --data normal_images/ --out bundles/digits-site2
+        aemon calibrate mnist-detect --data my_digits/ --out bundles/digits   # a shipped bundle, copied
     """)
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.add_argument("--data", required=True, metavar="SRC", help="normal images to calibrate on")
@@ -254,10 +255,16 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 @_verb("calibrate")
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
-    from aemon.bundle import load_bundle
+    from aemon.bundle import is_bundle, load_bundle, shipped_bundle
     from aemon.recalibrate import recalibrate
     from aemon.sources import load_source, unlike_input
 
+    shipped = None if is_bundle(args.bundle) else shipped_bundle(str(args.bundle))
+    if shipped is not None:
+        if args.out is None:
+            raise UsageError(f"{args.bundle} is a bundle shipped with aemon: give --out DIR to write a recalibrated "
+                             "copy (it is never changed in place)")
+        args.bundle = shipped
     bundle = load_bundle(args.bundle)
     data = load_source(args.data, bundle.preprocessing)
     unlike = unlike_input(args.data, bundle.preprocessing)

@@ -177,6 +177,25 @@ def test_calibrate_out_writes_new_bundle(capsys: pytest.CaptureFixture, tiny_bun
     assert code == 0 and json.loads(out_text)["name"] == "site2"
 
 
+def test_calibrate_a_shipped_bundle_by_name_only_into_a_copy(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """'aemon calibrate mnist-detect --out DIR' writes a recalibrated copy; without --out it is one clear
+    error line and the shipped bundle is untouched."""
+    from aemon.bundle import shipped_bundle
+
+    shipped = shipped_bundle("mnist-detect")
+    original = (shipped / "bundle.json").read_bytes()
+    code, _, err = run(capsys, "calibrate", "mnist-detect", "--data", "sample:mnist?limit=200", "--target-fpr", "0.1")
+    assert code == 2, err
+    _assert_one_error_line(err)
+    assert "--out" in err
+    out = tmp_path / "site"
+    code, _, err = run(capsys, "calibrate", "mnist-detect", "--data", "sample:mnist?limit=200", "--target-fpr", "0.1",
+                       "--out", str(out))
+    assert code == 0, err
+    assert read_meta(out).calibration.n == 200 and read_meta(out).name == "site"
+    assert (shipped / "bundle.json").read_bytes() == original
+
+
 def test_calibrate_too_few_samples(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
     """Calibrating on too few samples exits non-zero and names how many are needed."""
     bundle = tmp_path / "b"
