@@ -38,6 +38,7 @@ __all__ = [
     "default_bundle_path",
     "shipped_bundle",
     "is_bundle",
+    "find_bundle",
     "sha256_of",
 ]
 
@@ -335,6 +336,11 @@ def shipped_bundle(name: str) -> Path | None:
 def is_bundle(path: Path) -> bool:
     """True for a folder holding ``bundle.json``."""
     return (Path(path) / META_FILE).is_file()
+
+
+def find_bundle(arg: str | os.PathLike) -> Path | None:
+    """A bundle argument as the verbs take it: a bundle folder, else a shipped bundle by name, else None."""
+    return Path(arg) if is_bundle(Path(arg)) else shipped_bundle(os.fspath(arg))
 
 
 def default_bundle_path(task: str = "detect") -> Path:

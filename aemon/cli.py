@@ -255,16 +255,16 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 @_verb("calibrate")
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
-    from aemon.bundle import is_bundle, load_bundle, shipped_bundle
+    from aemon.bundle import find_bundle, is_bundle, load_bundle
     from aemon.recalibrate import recalibrate
     from aemon.sources import load_source, unlike_input
 
-    shipped = None if is_bundle(args.bundle) else shipped_bundle(str(args.bundle))
-    if shipped is not None:
+    found = find_bundle(args.bundle)
+    if found is not None and not is_bundle(args.bundle):  # a shipped bundle, by name
         if args.out is None:
             raise UsageError(f"{args.bundle} is a bundle shipped with aemon: give --out DIR to write a recalibrated "
                              "copy (it is never changed in place)")
-        args.bundle = shipped
+        args.bundle = found
     bundle = load_bundle(args.bundle)
     data = load_source(args.data, bundle.preprocessing)
     unlike = unlike_input(args.data, bundle.preprocessing)
@@ -279,11 +279,11 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
 
 def _split_bundle_arg(paths: list[str], task: str = "detect") -> tuple[Path, list]:
     """``BUNDLE PATH...``: the bundle must come first and be one; no other argument may be a bundle."""
-    from aemon.bundle import is_bundle, shipped_bundle
+    from aemon.bundle import find_bundle, is_bundle
 
     verb = "score" if task == "detect" else task
     first, rest = paths[0], paths[1:]
-    bundle = Path(first) if is_bundle(Path(first)) else shipped_bundle(first)
+    bundle = find_bundle(first)
     if bundle is None:
         what = "holds no bundle.json" if Path(first).is_dir() else "does not exist" if not Path(first).exists() \
             else "is not a bundle folder"

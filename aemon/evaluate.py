@@ -175,14 +175,14 @@ def _table(rows: list[Quality]) -> str:
 
 def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     """``aemon evaluate``: score both sources with each bundle, print the table, write the report."""
-    from aemon.bundle import is_bundle, load_bundle, shipped_bundle
+    from aemon.bundle import find_bundle, load_bundle
     from aemon.sources import load_source
 
     log = get_logger()
     report_dir: Path | None = args.report
     if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
         raise UsageError(f"--report {report_dir} exists and is not a folder")
-    bundles = [load_bundle(p if is_bundle(p) else shipped_bundle(str(p)) or p) for p in args.bundles]
+    bundles = [load_bundle(find_bundle(p) or p) for p in args.bundles]
     shapes = {tuple(b.meta.input_shape) for b in bundles}
     if len(shapes) > 1:
         raise UsageError(f"bundles take different input shapes {sorted(shapes)}; compare bundles of one shape")
