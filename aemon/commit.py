@@ -2,9 +2,8 @@
 
 The loop thread decodes and scores batch *n+1* while this thread commits batch *n*: it writes
 array parts, denoised outputs and maps into the batch folder (one syncfs for them all), writes
-the journal (one fsync), places
-every file and writes every record (one fsync each), fsyncs the destination folders once and
-removes the batch folder. Decisions are counted and logged only once committed.
+the journal (one fsync), places every file and writes every record (one fsync each), fsyncs the
+destination folders once and removes the batch folder. Decisions are counted and logged only once committed.
 """
 
 from __future__ import annotations

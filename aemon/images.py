@@ -55,6 +55,7 @@ ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
 #: about 3 % larger.
 PNG_LEVEL = 1
 
+
 @dataclass(frozen=True)
 class Preprocessing:
     """How raw pixels become model input; stored in every bundle."""

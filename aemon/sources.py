@@ -305,8 +305,7 @@ def choose_input(src: str, size: str = "auto", color: str = "auto") -> tuple[Pre
     sizes, colourful, how = _inspect(src)
     why: dict[str, str] = {}
     if size == "auto":
-        heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
-        h, w = heights[len(heights) // 2], widths[len(widths) // 2]
+        h, w = _median_size(sizes)
         scale = min(1.0, MAX_AUTO_SIDE / max(h, w))
         hw = tuple(max(8, 4 * round(side * scale / 4)) for side in (h, w))
         seen = f"the median image size {h}x{w} of {len(sizes)} {how}" if len(sizes) > 1 else f"{h}x{w}, the {how}"
@@ -338,8 +337,7 @@ def unlike_input(src: str, prep: Preprocessing) -> str | None:
     threshold calibrated on them fits them, not what the bundle was made for: callers warn.
     """
     sizes, colourful, _ = _inspect(src)
-    heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
-    h, w = heights[len(heights) // 2], widths[len(widths) // 2]
+    h, w = _median_size(sizes)
     (bh, bw), notes = prep.size, []
     if colourful and prep.color_mode == "grayscale":
         notes.append("their colour is dropped")
@@ -351,6 +349,12 @@ def unlike_input(src: str, prep: Preprocessing) -> str | None:
         return None
     return (f"the images of {src} ({h}x{w}, {'colour' if colourful else 'grey'}) are unlike this bundle's input "
             f"({bh}x{bw} {prep.color_mode}): {'; '.join(notes)}")
+
+
+def _median_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
+    """The median height and the median width (upper middle for an even count)."""
+    heights, widths = sorted(h for h, _ in sizes), sorted(w for _, w in sizes)
+    return heights[len(heights) // 2], widths[len(widths) // 2]
 
 
 def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
