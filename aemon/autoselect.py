@@ -17,10 +17,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
 from aemon.logs import get_logger
 from aemon.models import fit_pca, pca_reconstruct
+from aemon.ranking import roc_auc
 from aemon.scoring import fit_state, reconstruction_error
 from aemon.synthetic import FAMILIES, damage
 
@@ -78,7 +78,7 @@ def _auroc(normal: np.ndarray, damaged: np.ndarray) -> float:
     scores = np.concatenate([normal, damaged])
     if not np.isfinite(scores).all():
         return 0.0
-    return float(roc_auc_score(np.r_[np.zeros(len(normal)), np.ones(len(damaged))], scores))
+    return roc_auc(np.r_[np.zeros(len(normal)), np.ones(len(damaged))], scores)
 
 
 def choose_score(reconstruct: Callable[[np.ndarray], np.ndarray], x_fit: np.ndarray, x_sel: np.ndarray,

@@ -12,11 +12,11 @@ from typing import Any
 from urllib.parse import parse_qs
 
 import numpy as np
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 from aemon.calibration import is_anomalous
 from aemon.errors import UsageError
 from aemon.logs import get_logger
+from aemon.ranking import average_precision, roc_auc
 from aemon.settings import Settings
 
 __all__ = ["Quality", "Evaluation", "quality", "overlaps", "overlap_warnings", "evaluate_bundles",
@@ -63,8 +63,8 @@ def quality(bundle_name: str, normal_scores: np.ndarray, anomalous_scores: np.nd
         raise UsageError(f"{bundle_name} gives NaN or infinite scores; the model output is broken")
     return Quality(
         bundle=bundle_name,
-        auroc=float(roc_auc_score(labels, scores)),
-        auprc=float(average_precision_score(labels, scores)),
+        auroc=roc_auc(labels, scores),
+        auprc=average_precision(labels, scores),
         threshold=float(threshold),
         fpr=float(np.mean(is_anomalous(normal_scores, threshold))),
         tpr=float(np.mean(is_anomalous(anomalous_scores, threshold))),

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from sklearn.decomposition import PCA
-from sklearn.metrics import precision_recall_curve, roc_curve
 
 from aemon.fsio import utc_now, write_durably, write_with
 from aemon.logs import get_logger
 from aemon.maps import strengths, tinted
+from aemon.ranking import precision_recall_curve, roc_curve
 
 __all__ = ["DPI", "FIGURE_PIXELS", "INDEX", "ReportFile", "write_report"]
 
@@ -186,6 +185,14 @@ def _errors(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n: int) ->
     _save(fig, path)
 
 
+def _principal_plane(x: np.ndarray) -> tuple[np.ndarray, float]:
+    """Rows of ``x`` projected on their first two principal axes, and the share of the variance kept."""
+    centred = x - x.mean(axis=0)
+    _, s, vt = np.linalg.svd(centred, full_matrices=False)
+    total = float(np.sum(s**2))
+    return centred @ vt[:2].T, float(np.sum(s[:2] ** 2) / total) if total else 0.0
+
+
 def _latent(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n: int) -> str:
     """Codes of normal and anomalous samples projected to 2-D by PCA; returns the caption."""
     rng = np.random.default_rng(1)
@@ -194,9 +201,7 @@ def _latent(path: Path, r, normal: np.ndarray, anomalous: np.ndarray, n: int) ->
     both = np.concatenate([codes_n, codes_a]).astype(np.float64)
     size = both.shape[1]
     if size >= 2 and len(both) >= 2:
-        pca = PCA(n_components=2, random_state=0).fit(both)
-        points = pca.transform(both)
-        explained = float(np.sum(pca.explained_variance_ratio_))
+        points, explained = _principal_plane(both)
         how = f"PCA of the {size}-number codes ({explained:.0%} of their variance)"
     else:
         points = np.c_[both[:, :1], np.zeros(len(both))]

@@ -2,7 +2,8 @@
 
 Each family damages one image ``(H, W, C)`` in [0, 1] in a way that real defects often look like,
 with sizes relative to the image side, so the same families serve 28-pixel digits and 300-pixel
-camera frames. None of them was fitted to a particular data set.
+camera frames. None of them was fitted to a particular data set. The two image operations they need
+(a Gaussian blur and bilinear resampling) are written here with numpy, as scipy.ndimage defines them.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
-from scipy import ndimage
 
 __all__ = ["FAMILIES", "damage"]
 
@@ -32,6 +32,49 @@ def _cutpaste(img: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> n
     return out
 
 
+def _gaussian(img: np.ndarray, sigma: float) -> np.ndarray:
+    """``img`` blurred over its first two axes, edges mirrored (scipy.ndimage.gaussian_filter, truncate 4)."""
+    radius = int(4.0 * sigma + 0.5)
+    taps = np.arange(-radius, radius + 1)
+    kernel = np.exp(-0.5 * (taps / sigma) ** 2)
+    kernel /= kernel.sum()
+    out = np.asarray(img, np.float64)
+    for axis in (0, 1):
+        out = np.moveaxis(out, axis, 0)
+        size = out.shape[0]
+        padded = np.pad(out, [(radius, radius)] + [(0, 0)] * (out.ndim - 1), mode="symmetric")
+        blurred = kernel[0] * padded[:size]
+        for i in range(1, len(kernel)):
+            blurred += kernel[i] * padded[i:i + size]
+        out = np.moveaxis(blurred, 0, axis)
+    return out.astype(np.float32)
+
+
+def _resample(img: np.ndarray, ys: np.ndarray, xs: np.ndarray, fill: float | None = None) -> np.ndarray:
+    """``img`` ``(H, W, C)`` read bilinearly at positions ``ys, xs``: outside it, ``fill``, or mirrored if None."""
+    h, w = img.shape[:2]
+    if fill is None:
+        ys, xs = _mirrored(ys, h), _mirrored(xs, w)
+        outside = None
+    else:
+        outside = (ys < 0) | (ys > h - 1) | (xs < 0) | (xs > w - 1)
+    ys, xs = np.clip(ys, 0, h - 1), np.clip(xs, 0, w - 1)
+    y0, x0 = np.minimum(ys.astype(int), h - 2).clip(0), np.minimum(xs.astype(int), w - 2).clip(0)
+    y1, x1 = np.minimum(y0 + 1, h - 1), np.minimum(x0 + 1, w - 1)
+    fy, fx = (ys - y0)[..., None], (xs - x0)[..., None]
+    out = ((img[y0, x0] * (1 - fx) + img[y0, x1] * fx) * (1 - fy)
+           + (img[y1, x0] * (1 - fx) + img[y1, x1] * fx) * fy)
+    if outside is not None:
+        out[outside] = fill
+    return out.astype(np.float32)
+
+
+def _mirrored(c: np.ndarray, n: int) -> np.ndarray:
+    """Positions outside [-0.5, n - 0.5] folded back in, the edge pixel repeated (half-sample symmetric)."""
+    c = np.mod(c + 0.5, 2 * n)
+    return np.where(c >= n, 2 * n - c, c) - 0.5
+
+
 def _grid(img: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     h, w = img.shape[:2]
     return np.mgrid[0:h, 0:w].astype(np.float32)
@@ -51,7 +94,7 @@ def _crack(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         xs = np.clip(x + np.cos(angle) * steps, 0, w - 1)
         mask[ys.astype(int), xs.astype(int)] = 1
         y, x = ys[-1], xs[-1]
-    mask = ndimage.gaussian_filter(mask, rng.uniform(0.7, 1.8) * side / 300 + 0.3)
+    mask = _gaussian(mask, rng.uniform(0.7, 1.8) * side / 300 + 0.3)
     mask /= mask.max() + 1e-6
     return img * (1 - rng.uniform(0.35, 0.7) * mask)[..., None]
 
@@ -91,10 +134,10 @@ def _blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     s = min(side, max(2, int(rng.uniform(0.1, 0.25) * side)))
     y0, x0 = rng.integers(0, h - s + 1), rng.integers(0, w - s + 1)
     sigma = rng.uniform(2.5, 5) * side / 300 + 0.5
-    blurred = ndimage.gaussian_filter(img, (sigma, sigma, 0))
+    blurred = _gaussian(img, sigma)
     mask = np.zeros((h, w), np.float32)
     mask[y0:y0 + s, x0:x0 + s] = 1
-    mask = ndimage.gaussian_filter(mask, max(0.5, 2 * side / 300))[..., None]
+    mask = _gaussian(mask, max(0.5, 2 * side / 300))[..., None]
     return img * (1 - mask) + blurred * mask
 
 
@@ -106,9 +149,7 @@ def _warp(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     r = rng.uniform(0.06, 0.14) * min(h, w) + 0.5
     g = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
     amp, angle = rng.uniform(0.4, 0.8) * r, rng.uniform(0, 2 * np.pi)
-    coords = [yy + amp * g * np.sin(angle), xx + amp * g * np.cos(angle)]
-    return np.stack([ndimage.map_coordinates(img[..., c], coords, order=1, mode="reflect")
-                     for c in range(img.shape[2])], axis=-1)
+    return _resample(img, yy + amp * g * np.sin(angle), xx + amp * g * np.cos(angle))
 
 
 def _geometry(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -128,8 +169,7 @@ def _geometry(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         d = rng.uniform(0.08, 0.2, 2) * np.array([h, w]) * rng.choice([-1, 1], 2)
         sy, sx = yy - d[0], xx - d[1]
     fill = float(np.median(np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])))
-    return np.stack([ndimage.map_coordinates(img[..., c], [sy, sx], order=1, mode="constant", cval=fill)
-                     for c in range(img.shape[2])], axis=-1)
+    return _resample(img, sy, sx, fill)
 
 
 #: Damage families by name.

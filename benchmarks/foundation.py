@@ -24,11 +24,11 @@ from aemon.logs import quiet_tensorflow
 quiet_tensorflow()
 
 import tensorflow as tf  # noqa: E402
-from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
 
 from aemon.bundle import default_bundle_path, load_bundle  # noqa: E402
 from aemon.images import array_to_input  # noqa: E402
 from aemon.pipeline import score_paths  # noqa: E402
+from aemon.ranking import average_precision, roc_auc  # noqa: E402
 from aemon.settings import Settings  # noqa: E402
 
 
@@ -56,8 +56,8 @@ def main() -> None:
     y = np.r_[np.zeros(len(s_norm)), np.ones(len(s_anom))]
     s = np.r_[s_norm, s_anom]
     print(f"bundle {bundle.path} ({bundle.meta.arch}, version {bundle.version}, threshold {bundle.threshold:.6g})")
-    print(f"AUROC  MNIST test vs Fashion-MNIST test: {roc_auc_score(y, s):.4f}")
-    print(f"AUPRC  MNIST test vs Fashion-MNIST test: {average_precision_score(y, s):.4f}")
+    print(f"AUROC  MNIST test vs Fashion-MNIST test: {roc_auc(y, s):.4f}")
+    print(f"AUPRC  MNIST test vs Fashion-MNIST test: {average_precision(y, s):.4f}")
     print(f"FPR on MNIST test at threshold: {np.mean(s_norm > bundle.threshold):.4f} "
           f"(target {bundle.meta.target_fpr}, n={len(s_norm)})")
     print(f"TPR on Fashion-MNIST test at threshold: {np.mean(s_anom > bundle.threshold):.4f}")

@@ -39,10 +39,9 @@ from aemon.logs import configure, quiet_tensorflow
 
 quiet_tensorflow()
 
-from sklearn.metrics import average_precision_score, roc_auc_score  # noqa: E402
-
 from aemon.bundle import load_bundle  # noqa: E402
 from aemon.calibration import conformal_threshold  # noqa: E402
+from aemon.ranking import average_precision, roc_auc  # noqa: E402
 from aemon.scoring import SCORE_FUNCTIONS, fit_state, reconstruction_error  # noqa: E402
 from aemon.sources import choose_input, load_source  # noqa: E402
 from aemon.train import TrainConfig, train_bundle  # noqa: E402
@@ -109,7 +108,7 @@ def part_a(args, archs: list[str], tmp: Path) -> list[dict]:
         rows.append({
             "arch": f"{bundle.meta.arch} ({path.name}, as shipped)", "score": bundle.meta.score_fn,
             "epochs": bundle.meta.training.get("epochs_run"), "train_s": 0.0,
-            "auroc": roc_auc_score(labels, np.r_[s_n, s_a]), "auprc": average_precision_score(labels, np.r_[s_n, s_a]),
+            "auroc": roc_auc(labels, np.r_[s_n, s_a]), "auprc": average_precision(labels, np.r_[s_n, s_a]),
             "fpr": float(np.mean(s_n > bundle.threshold)), "tpr": float(np.mean(s_a > bundle.threshold)),
         })
     for arch in archs:
@@ -124,8 +123,8 @@ def part_a(args, archs: list[str], tmp: Path) -> list[dict]:
             row = {
                 "arch": _name(arch, bundle), "score": kind, "epochs": bundle.meta.training["epochs_run"],
                 "train_s": round(seconds, 1),
-                "auroc": roc_auc_score(labels, np.r_[s_n[kind], s_a[kind]]),
-                "auprc": average_precision_score(labels, np.r_[s_n[kind], s_a[kind]]),
+                "auroc": roc_auc(labels, np.r_[s_n[kind], s_a[kind]]),
+                "auprc": average_precision(labels, np.r_[s_n[kind], s_a[kind]]),
                 "fpr": float(np.mean(s_n[kind] > threshold)), "tpr": float(np.mean(s_a[kind] > threshold)),
             }
             rows.append(row)
@@ -145,7 +144,7 @@ def part_b(args, archs: list[str], tmp: Path) -> list[dict]:
             bundle, _, seconds, fit = _train(train, arch, args.epochs_b, out, args.latent_dim, args.seed)
             scores = _scores(bundle, test.x, args.scores, fit)
             for kind in args.scores:
-                auroc = roc_auc_score(test.labels != digit, scores[kind])
+                auroc = roc_auc(test.labels != digit, scores[kind])
                 rows.append({"arch": arch, "score": kind, "digit": digit, "auroc": auroc, "picked": _name(arch, bundle),
                              "epochs": bundle.meta.training["epochs_run"], "train_s": round(seconds, 1)})
                 print(f"(b) {arch:<10} {kind:<4} digit {digit}  AUROC {auroc:.4f}  epochs "
@@ -179,7 +178,7 @@ def part_c(args, archs: list[str], tmp: Path) -> list[dict]:
                 threshold = bundle.threshold if own else conformal_threshold(cal[score], 0.01)
                 both = np.r_[s_n[score], s_a[score]]
                 row = {"type": kind, "arch": _name(arch, bundle), "score": score + (" (own)" if own else ""),
-                       "auroc": roc_auc_score(labels, both), "auprc": average_precision_score(labels, both),
+                       "auroc": roc_auc(labels, both), "auprc": average_precision(labels, both),
                        "fpr": float(np.mean(s_n[score] > threshold)), "tpr": float(np.mean(s_a[score] > threshold)),
                        "epochs": bundle.meta.training["epochs_run"], "train_s": round(seconds, 1),
                        "default": arch == "auto" and own}

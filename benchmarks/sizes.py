@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from sklearn.metrics import roc_auc_score
 
 from aemon.bundle import load_bundle
 from aemon.logs import configure
+from aemon.ranking import roc_auc
 from aemon.sources import Preprocessing, choose_input, load_source
 from aemon.train import TrainConfig, train_bundle
 
@@ -81,7 +81,7 @@ def main() -> None:
             for policy in ("resize", "pad", "crop"):
                 s_n, s_a = (bundle.score(np.stack([_to_bundle(i, policy, side) for i in got])[..., None] / 255.0)
                             for got in (got_n, got_a))
-                auroc = roc_auc_score(np.r_[np.zeros(len(s_n)), np.ones(len(s_a))], np.r_[s_n, s_a])
+                auroc = roc_auc(np.r_[np.zeros(len(s_n)), np.ones(len(s_a))], np.r_[s_n, s_a])
                 cells.append(f"{auroc:.3f} (FPR {np.mean(s_n > bundle.threshold):.3f})")
             print(f"| {kind} | {scenario} | " + " | ".join(cells) + " |", flush=True)
 

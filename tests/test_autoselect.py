@@ -141,6 +141,26 @@ def test_every_family_damages_grey_and_colour() -> None:
         assert (changed > 0.01).all()
 
 
+@pytest.mark.parametrize("shape", [(28, 28, 1), (30, 41, 3), (7, 5, 1)])
+def test_image_operations_match_scipy_ndimage(shape: tuple[int, int, int]) -> None:
+    """The blur and the resampling the families use give scipy.ndimage's numbers (scipy: a test dependency)."""
+    from scipy import ndimage
+
+    from aemon.synthetic import _gaussian, _resample
+
+    rng = np.random.default_rng(2)
+    img = rng.random(shape).astype(np.float32)
+    for sigma in (0.3, 1.3, 5.5):
+        np.testing.assert_allclose(_gaussian(img, sigma), ndimage.gaussian_filter(img.astype(np.float64),
+                                                                                  (sigma, sigma, 0)), atol=1e-5)
+    yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]].astype(np.float32)
+    ys, xs = yy + rng.normal(0, 3, yy.shape), xx + rng.normal(0, 3, xx.shape)
+    for fill, mode in ((None, "reflect"), (0.3, "constant")):
+        theirs = np.stack([ndimage.map_coordinates(img[..., c], [ys, xs], order=1, mode=mode, cval=fill or 0.0)
+                           for c in range(shape[2])], axis=-1)
+        np.testing.assert_allclose(_resample(img, ys, xs, fill), theirs, atol=1e-5)
+
+
 def test_daemon_scores_and_maps_with_a_default_bundle(auto_bundle: tuple[Path, str], tmp_path: Path) -> None:
     """A real daemon with the default bundle: clean tiles go to ok/, spotted ones to anomaly/ with a map and a
     record naming it; the colour image keeps its size and colour."""
