@@ -1,9 +1,9 @@
 """The daemon's lifecycle: startup → main loop → shutdown (after uvicorn ``server.py``).
 
 The loop thread takes complete inbox entries, claims them into one batch folder, decodes
-them and scores the batch with one model call; the commit thread (:mod:`aemon.commit`) writes
-the results of that batch while the loop scores the next one. The watchdog observer and the
-HTTP server run on their own threads; signal handlers only set flags.
+them, scores the batch with one model call and commits it (:mod:`aemon.commit`), all on one
+thread; worker processes (:mod:`aemon.workers`) use the other cores. The watchdog observer and
+the HTTP server run on their own threads; signal handlers only set flags.
 """
 
 from __future__ import annotations
@@ -83,7 +83,6 @@ class Daemon:
                                    lambda unit, record: self.recorder.decided(unit.arrived, record), self._committed)
         #: Entries claimed and not yet committed.
         self.in_flight = 0
-        self._in_flight_lock = threading.Lock()
         self._last_adopt = float("-inf")
         self.limits = settings.limits
         self.http: HttpServer | None = None
@@ -143,7 +142,6 @@ class Daemon:
             raise StartupError(f"AEMON_MODE=denoise needs a bundle trained with --denoise; {self.bundle.name} is a "
                                f"{self.bundle.meta.task} bundle (the shipped one is mnist-denoise)")
         self._set_model_metrics()
-        self.committer.start()
         if self.worker is not None:
             self.inbox.start()
             self.heartbeat = time.monotonic()
@@ -254,15 +252,13 @@ class Daemon:
             if claims:
                 self.process(claims)
                 continue
-            if until_idle and self.inbox.idle() and self.committer.idle():
+            if until_idle and self.inbox.idle():
                 break
             # Wake on the next inbox event rather than at the next tick: latency, not polling.
             self.inbox.wait(max(0.0, TICK - (time.monotonic() - started)))
 
     def on_tick(self) -> None:
         """Heartbeat, watchdog ping, pending gauge, orphan claims, a requested reload."""
-        if self.committer.failure is not None:
-            raise self.committer.failure
         self.heartbeat = time.monotonic()
         self._notify("WATCHDOG=1")
         self._set_pending()
@@ -290,20 +286,14 @@ class Daemon:
         self.recorder.reload(ok=True)
 
     def drain(self) -> None:
-        """Commit what was scored; entries not committed within the grace time stay claimed."""
-        grace = self.settings.shutdown_grace_seconds
+        """Log the stop: the loop commits each batch before it looks at the stop flag, so none is in hand."""
         log.info("daemon.draining", in_flight=self.in_flight)
-        if not self.committer.stop(grace):
-            log.warning("daemon.drain_timeout", grace_seconds=grace, in_flight=self.in_flight)
-        if self.committer.failure is not None:
-            raise self.committer.failure
 
     def _set_pending(self) -> None:
         self.recorder.pending(self.inbox.pending() + self.in_flight)
 
     def _count_in_flight(self, n: int) -> None:
-        with self._in_flight_lock:
-            self.in_flight += n
+        self.in_flight += n
 
     def _adopt_orphans(self) -> None:
         """Finish or route again the batch folders of daemons that stopped (this one's, earlier)."""
@@ -318,7 +308,7 @@ class Daemon:
 
     # -- one batch -------------------------------------------------------
     def process(self, claims: list[Claim]) -> None:
-        """Decode and score (one model call) the entries of one batch folder; queue the batch for commit."""
+        """Decode and score (one model call) the entries of one batch folder, then commit the batch."""
         bundle, prep = self.bundle, self.bundle.preprocessing
         units = [unit for claim in claims for unit in expand(claim, os.fspath(self.root))]
         good: list[Unit] = []
@@ -333,7 +323,7 @@ class Daemon:
         if good:
             self.recorder.scored(*decide(good, bundle, reconstruct=self.settings.mode == "denoise",
                                          maps=self.settings.maps))
-        self.committer.put(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version, bundle.threshold))
+        self.committer.commit(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version, bundle.threshold))
 
     def _committed(self, batch: Batch) -> None:
         self._count_in_flight(-len(batch.claims))
@@ -341,13 +331,12 @@ class Daemon:
 
     # -- shutdown --------------------------------------------------------
     def shutdown(self) -> None:
-        """Stop the observer, the commit thread, then HTTP; log the counts. Safe after a failed startup."""
+        """Stop the workers, the observer, then HTTP; log the counts. Safe after a failed startup."""
         self.ready = False
         self.recorder.ready(False)
         if self.pool is not None:
             self.pool.stop(self.settings.shutdown_grace_seconds)
         self.inbox.stop()
-        self.committer.stop(self.settings.shutdown_grace_seconds)
         self.claims.close()
         if self._unconfine is not None:
             self._unconfine()
