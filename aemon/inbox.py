@@ -1,6 +1,7 @@
 """The inbox: watch it and decide when each entry is complete (the taking rule).
 
-The watchdog thread only classifies events and queues them; the daemon loop does the rest.
+Watchdog's reader thread only classifies events and queues them (:mod:`aemon.watch`); the daemon
+loop does the rest.
 Watchers report changes, not state, so the inbox is also scanned at start-up and every
 ``rescan_seconds``. An entry is complete when:
 
@@ -38,11 +39,11 @@ from watchdog.events import (
     FileSystemEvent,
     FileSystemEventHandler,
 )
-from watchdog.observers.inotify_move_event_grouper import InotifyMoveEventGrouper
 from watchdog.observers.polling import PollingObserver
 
 from aemon.claims import Claim, ClaimStore
 from aemon.logs import get_logger
+from aemon.watch import TreeWatch
 
 __all__ = ["IGNORED_SUFFIXES", "is_ignored", "Inbox"]
 
@@ -140,21 +141,42 @@ class Inbox:
         self._wakeup.wait(timeout)
         self._wakeup.clear()
 
+    def _on_inotify(self, event, path: bytes) -> None:
+        """One raw inotify event (on watchdog's reader thread): its kind, as :class:`_Handler` tells them."""
+        if event.is_moved_to:
+            kind = _MOVED_IN
+        elif event.is_moved_from:
+            kind = _CHANGED
+        elif event.is_directory:
+            if not event.is_create:
+                return  # a folder's own modification or attributes: its entries' events say it all
+            kind = _CHANGED
+        elif event.is_close_write:
+            kind = _CLOSED
+        elif event.is_modify:
+            kind = _WRITING
+        elif event.is_create:
+            kind = _CREATED
+        else:
+            return  # attributes, the watched folder itself
+        self.notify(os.fsdecode(path), kind)
+
+    def _on_overflow(self) -> None:
+        """The kernel dropped events: scan the whole inbox at the next take."""
+        log.warning("inbox.overflow", hint="inotify dropped events; the inbox is scanned again")
+        self._last_scan = float("-inf")
+        self._wakeup.set()
+
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
-        """Start the observer thread."""
-        # watchdog holds every unpaired IN_MOVED_FROM for 0.5 s to pair it with an IN_MOVED_TO,
-        # and its queue is FIFO: each claim (a rename out of inbox/) would delay every later
-        # event by half a second. Only names matter here, so pairing is not needed.
-        InotifyMoveEventGrouper.delay = 0.0
-        if self.polling:
-            observer = PollingObserver(timeout=0.5)
-        else:
-            from watchdog.observers.inotify import InotifyObserver
-
-            # Full events: a rename into the inbox is a move (complete), not a creation.
-            observer = InotifyObserver(generate_full_events=True)
-        # Only what the taking rule needs: no open, read-only close, delete or attribute events.
+        """Start watching: inotify (:mod:`aemon.watch`), or watchdog's polling observer."""
+        if not self.polling:
+            watch = TreeWatch(self.dir, self._on_inotify, self._on_overflow)
+            watch.start()
+            self._observer = watch
+            return
+        observer = PollingObserver(timeout=0.5)
+        # Only what the taking rule needs: no delete or attribute events.
         wanted = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent, FileModifiedEvent, FileClosedEvent]
         observer.schedule(_Handler(self), str(self.dir), recursive=True, event_filter=wanted)
         observer.daemon = True
@@ -162,11 +184,13 @@ class Inbox:
         self._observer = observer
 
     def stop(self) -> None:
-        """Stop and join the observer thread."""
-        if self._observer is not None:
+        """Stop watching."""
+        if isinstance(self._observer, TreeWatch):
+            self._observer.stop()
+        elif self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
-            self._observer = None
+        self._observer = None
 
     # -- loop thread -----------------------------------------------------
     def gather(self, store: ClaimStore, size: int, wait: float, stop: Callable[[], bool],
