@@ -2,8 +2,8 @@
 
 The loop thread takes complete inbox entries, claims them into one batch folder, decodes
 them, scores the batch with one model call and commits it (:mod:`aemon.commit`), all on one
-thread; worker processes (:mod:`aemon.workers`) use the other cores. The watchdog observer and
-the HTTP server run on their own threads; signal handlers only set flags.
+thread; worker processes (:mod:`aemon.workers`) use the other cores. Watchdog's inotify reader (or
+its polling observer) and the HTTP server run on their own threads; signal handlers only set flags.
 """
 
 from __future__ import annotations

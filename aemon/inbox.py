@@ -184,13 +184,11 @@ class Inbox:
         self._observer = observer
 
     def stop(self) -> None:
-        """Stop watching."""
-        if isinstance(self._observer, TreeWatch):
-            self._observer.stop()
-        elif self._observer is not None:
+        """Stop watching and join the watcher's thread."""
+        if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
-        self._observer = None
+            self._observer = None
 
     # -- loop thread -----------------------------------------------------
     def gather(self, store: ClaimStore, size: int, wait: float, stop: Callable[[], bool],

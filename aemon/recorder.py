@@ -56,7 +56,7 @@ class Recorder:
         self.metrics.inbox_pending.set(n)
 
     def decided(self, arrived: float, record: dict[str, Any]) -> None:
-        """One record was committed (called on the commit thread)."""
+        """One record was committed."""
         now = time.time()
         verdict = record["verdict"]
         rows = record.get("n_rows") or 1

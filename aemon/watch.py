@@ -8,7 +8,7 @@ and rebuilds them after a queue overflow, and replaces only its move-event group
 that passes each event straight on (names are all the inbox needs, so moves are not paired).
 
 Measured on 5,000 renamed-in PNGs with two processes on one inbox, where each process reads
-every event: see the README ("Performance"). The stand-in relies on watchdog 7's layering
+every event: see the README ("The daemon", "Measured"). The stand-in relies on watchdog 7's layering
 (``InotifyFD`` and ``InotifyWatchGroup``), hence the version range in ``pyproject.toml``.
 """
 
@@ -91,12 +91,16 @@ class TreeWatch:
         self._group = _Group(self._reader, self.path, event_mask=EVENT_MASK, is_recursive=True,
                              forward=self.on_event, overflowed=self.on_overflow)
 
-    def stop(self, timeout: float = 5.0) -> None:
-        """Remove every watch, close the inotify instance and join its reader."""
+    def stop(self) -> None:
+        """Remove every watch and close the inotify instance (its reader thread then ends)."""
         if self._group is not None:
             self._group.deactivate()
             self._group = None
         if self._reader is not None:
             self._reader.stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the reader thread to end, as for watchdog's observers."""
+        if self._reader is not None:
             self._reader.join(timeout)
             self._reader = None

@@ -50,6 +50,7 @@ def test_events_below_new_folders_renames_and_closes(tmp_path: Path) -> None:
         assert not missing, (missing, seen)
     finally:
         watch.stop()
+        watch.join(5)
     assert not [t for t in threading.enumerate() if t.name == "aemon-inotify"]
     count = len(seen)
     (tmp_path / "w" / "after.png").write_bytes(b"x")
