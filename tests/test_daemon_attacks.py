@@ -405,3 +405,35 @@ def test_score_never_uses_a_model_the_user_did_not_name(tmp_path, digits, tiny_b
     assert named.returncode == 0, named.stderr
     (line,) = named.stdout.strip().splitlines()
     assert json.loads(line)["verdict"] in ("ok", "anomaly")
+
+
+def test_a_commit_that_fails_on_the_filesystem_stops_the_daemon_and_loses_nothing(tmp_path, digits):
+    """ok/ and anomaly/ replaced by files while the daemon runs: the commit of the next item fails, the
+    daemon logs commit.failed and exits 1 (so a supervisor restarts it), and the item stays claimed;
+    once the folders are back, a restart places it with its record."""
+    root = new_root(tmp_path)
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(root, log, settle=SETTLE).wait_ready()
+    try:
+        for folder in ("ok", "anomaly"):
+            os.rename(root / folder, tmp_path / f"{folder}.saved")
+            (root / folder).write_bytes(b"not a folder")
+        write_png(tmp_path / "stage" / "digit.png", digits[0])
+        os.rename(tmp_path / "stage" / "digit.png", root / "inbox" / "digit.png")
+        assert daemon.proc.wait(timeout=60) == 1, daemon.text()
+    finally:
+        daemon.stop()
+    (failed,) = daemon.events("commit.failed")
+    assert "not a folder" in failed["error"], failed
+    claimed_files = [name for _, _, names in os.walk(root / ".aemon" / "claims") for name in names]
+    assert "digit.png" in claimed_files
+    for folder in ("ok", "anomaly"):
+        (root / folder).unlink()
+        os.rename(tmp_path / f"{folder}.saved", root / folder)
+    again = Daemon(root, log, settle=SETTLE).wait_ready()
+    try:
+        (record,) = wait_records(root, 1, again)
+    finally:
+        assert again.stop() == 0, again.text()
+    assert load(record)["item"] == "digit.png"
+    assert (record.parent / "digit.png").read_bytes() == png_bytes(digits[0])
