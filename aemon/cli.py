@@ -405,7 +405,10 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 
 @_verb("run")
 def _run(args: argparse.Namespace, settings: Settings) -> int:
+    from aemon.confine import skip_unused_imports
+
     quiet_tensorflow()
+    skip_unused_imports()
     if args.worker:
         from aemon.workers import die_with_parent
 

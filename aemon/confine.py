@@ -5,6 +5,10 @@ Keras writes ``~/.keras/keras.json``, matplotlib its font cache under ``~/.cache
 all of them into ``.aemon/`` before any of those libraries is imported; its temp folder lies in
 its own claims folder, so it is removed with that folder (also after a SIGKILL, by the daemon
 that adopts it).
+
+It also keeps libraries that the daemon never uses from loading: Keras imports matplotlib's
+pyplot and scikit-learn (with scipy) whenever they are installed, which costs seconds of start-up
+in every process (:func:`skip_unused_imports`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,30 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["confine_libraries"]
+__all__ = ["UNUSED_BY_DAEMON", "confine_libraries", "skip_unused_imports"]
+
+#: Optional libraries that Keras or TensorFlow import at start-up when installed, and that no step of
+#: the daemon's item path uses (plots are drawn by ``evaluate --report`` only).
+UNUSED_BY_DAEMON = ("matplotlib", "sklearn", "scipy", "pandas")
+
+
+def skip_unused_imports() -> list[str]:
+    """Make :data:`UNUSED_BY_DAEMON` unimportable in this process, before TensorFlow is imported.
+
+    Keras guards these imports (``except ImportError``), so it loads as if they were not installed:
+    ``import tensorflow`` measured 6.1 s with them installed and about 2 s less without
+    (``python -X importtime``, scikit-learn 1.3 s, matplotlib 0.8 s). Only for processes that run
+    the daemon; one already imported is left alone.
+
+    Returns:
+        The names made unimportable.
+    """
+    import sys
+
+    skipped = [name for name in UNUSED_BY_DAEMON if name not in sys.modules]
+    for name in skipped:
+        sys.modules[name] = None  # the import system raises ModuleNotFoundError for a None entry
+    return skipped
 
 
 def confine_libraries(state: Path, temp: Path) -> Callable[[], None]:

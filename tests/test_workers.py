@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,6 +36,28 @@ def _metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _mapped_packages(pid: int) -> set[str]:
+    """Top-level packages under a site-packages folder with a file mapped into process ``pid`` (its extensions)."""
+    found = set()
+    for line in Path(f"/proc/{pid}/maps").read_text().splitlines():
+        _, sep, rest = line.partition("/site-packages/")
+        if sep:
+            found.add(rest.split("/")[0])
+    return found
+
+
+def test_the_package_check_sees_an_imported_library():
+    """Control for the check below: a process that imports matplotlib and scikit-learn shows them mapped."""
+    pytest.importorskip("sklearn")
+    code = "import sys, matplotlib.pyplot, sklearn.base; print(flush=True); sys.stdin.read()"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        proc.stdout.readline()
+        assert {"matplotlib", "sklearn", "scipy"} <= _mapped_packages(proc.pid)
+    finally:
+        proc.communicate(b"")
+
+
 def test_workers_share_the_work_and_the_metrics(tmp_path, digits):
     """Two processes: every item once, /metrics sums both, SIGHUP reaches the worker, SIGTERM stops both."""
     root = new_root(tmp_path)
@@ -51,6 +75,8 @@ def test_workers_share_the_work_and_the_metrics(tmp_path, digits):
         time.sleep(1.0)
         seen = by_item(root)
         assert sorted(seen) == names and all(len(v) == 1 for v in seen.values())
+        for pid in (daemon.proc.pid, started["pid"]):  # Keras imports these when installed; the daemon skips them
+            assert not {"matplotlib", "sklearn", "scipy", "pandas"} & _mapped_packages(pid)
         code, text = daemon.get("/metrics")
         assert code == 200
         total = sum(_metric(text, "aemon_items_total", f'{{verdict="{v}"}}') for v in ("ok", "anomaly", "rejected"))
