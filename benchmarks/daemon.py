@@ -7,14 +7,15 @@ Prints, all measured in this run on this machine:
 * p50/p99 arrival→record latency at a steady rate of renamed-in files;
 * a 10,000-row .npy through the daemon as a ratio to a bare compiled model call run just before it
   (four arrays one after another: the first of a fresh daemon, and the median of the other three);
-* seconds from process start to /readyz 200;
+* seconds from process start to /readyz 200 (``--only ready``: three fresh daemons, each beside a bare
+  ``import tensorflow``);
 * with ``--only real``: N 128x128 grey PNGs scored by a bundle trained with aemon's defaults, against
   a bare loop that decodes the same files, scores them in batches with the same compiled model and
   writes the same fsync'd records (and against decoding + scoring alone);
 * RSS after a first and a last block of items.
 
 Usage: python benchmarks/daemon.py [--files 5000] [--rate 100] [--seconds 20] [--rss-items 1000 50000]
-       [--daemons N] [--rounds 3] [--only throughput|latency|array|rss|real]
+       [--daemons N] [--rounds 3] [--only ready|throughput|latency|array|rss|real]
 """
 
 from __future__ import annotations
@@ -167,6 +168,19 @@ class _Daemon:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
+
+
+def bench_ready(tmp: Path, starts: int = 3) -> None:
+    """Seconds to /readyz 200 of ``starts`` fresh daemons, each right after a bare ``import tensorflow`` in
+    a new process of the same interpreter (the floor of any process that loads a Keras model)."""
+    for i in range(starts):
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import tensorflow"], check=True, stderr=subprocess.DEVNULL)
+        bare = time.perf_counter() - t
+        d = _Daemon(tmp / f"root_ready{i}")
+        print(f"ready: /readyz 200 after {d.ready_after:.2f} s, every worker routing after {d.all_ready_after:.2f} s;"
+              f" a bare `import tensorflow` just before: {bare:.2f} s")
+        d.stop()
 
 
 def bench_throughput(tmp: Path, n: int, daemons: int = 1, rounds: int = 3) -> None:
@@ -378,7 +392,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--rss-items", type=int, nargs=2, default=[1000, 50000])
-    parser.add_argument("--only", choices=["throughput", "latency", "array", "rss", "real"])
+    parser.add_argument("--only", choices=["ready", "throughput", "latency", "array", "rss", "real"])
     parser.add_argument("--daemons", type=int, default=1, help="replicas on one root for the throughput figure")
     parser.add_argument("--rounds", type=int, default=3, help="bare loop + burst rounds for the throughput figure")
     parser.add_argument("--workers", help="AEMON_WORKERS for every daemon (default: the daemon's own, the cores)")
@@ -388,6 +402,8 @@ def main() -> None:
     print(f"AEMON_WORKERS={os.environ.get('AEMON_WORKERS', 'default (the cores)')}, {os.cpu_count()} cores")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
+        if args.only == "ready":
+            bench_ready(tmp)
         if args.only in (None, "throughput"):
             bench_throughput(tmp, args.files, args.daemons, args.rounds)
         if args.only in (None, "latency"):
