@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -437,3 +438,34 @@ def test_a_commit_that_fails_on_the_filesystem_stops_the_daemon_and_loses_nothin
         assert again.stop() == 0, again.text()
     assert load(record)["item"] == "digit.png"
     assert (record.parent / "digit.png").read_bytes() == png_bytes(digits[0])
+
+
+_QUEUE_LIMIT = Path("/proc/sys/fs/inotify/max_queued_events")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not os.access(_QUEUE_LIMIT, os.W_OK),
+                    reason="needs root to shrink the kernel's inotify queue (fs.inotify.max_queued_events)")
+def test_files_whose_events_the_kernel_dropped_are_found_at_once(tmp_path, digits):
+    """An inotify queue overflow: the daemon logs inbox.overflow and looks at the inbox again at once,
+    not at its next periodic rescan (an hour away here)."""
+    root = new_root(tmp_path)
+    before = _QUEUE_LIMIT.read_text()
+    _QUEUE_LIMIT.write_text("8")  # read by the kernel when the daemon opens its inotify instance
+    try:
+        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env={"AEMON_RESCAN_SECONDS": "3600"})
+        daemon.wait_ready()
+    finally:
+        _QUEUE_LIMIT.write_text(before)
+    try:
+        staged = [write_png(tmp_path / "stage" / f"o{i:03d}.png", digits[i]) for i in range(60)]
+        os.kill(daemon.proc.pid, signal.SIGSTOP)  # nothing reads the queue while 60 files arrive
+        try:
+            for p in staged:
+                os.rename(p, root / "inbox" / p.name)
+        finally:
+            os.kill(daemon.proc.pid, signal.SIGCONT)
+        wait_records(root, len(staged), daemon, timeout=30)
+        assert daemon.events("inbox.overflow"), daemon.text()
+        assert sorted(by_item(root)) == sorted(p.name for p in staged)
+    finally:
+        assert daemon.stop() == 0, daemon.text()
