@@ -168,7 +168,7 @@ def rename_noreplace(src: str | os.PathLike, dest: str | os.PathLike) -> None:
     """
     src, dest = os.fspath(src), os.fspath(dest)
     if _renameat2 is not None:
-        if _renameat2(-100, src.encode(), -100, dest.encode(), _RENAME_NOREPLACE) == 0:
+        if _renameat2(-100, os.fsencode(src), -100, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):

@@ -469,3 +469,31 @@ def test_files_whose_events_the_kernel_dropped_are_found_at_once(tmp_path, digit
         assert sorted(by_item(root)) == sorted(p.name for p in staged)
     finally:
         assert daemon.stop() == 0, daemon.text()
+
+
+def test_names_that_are_not_utf8_are_scored_and_keep_their_bytes(tmp_path, digits):
+    """Names from systems that do not write UTF-8 (Latin-1 bytes): a file and a file inside a folder are
+    placed under their own bytes with a record; the daemon goes on, also across a restart."""
+    root = new_root(tmp_path)
+    inbox = os.fsencode(root / "inbox")
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        stage = os.fsencode(tmp_path / "stage")
+        os.makedirs(stage + b"/caf\xe9")
+        for name, pixels in ((b"bad\xff.png", digits[0]), (b"caf\xe9/in\xe9side.png", digits[1]),
+                             (b"caf\xe9/fine.png", digits[2])):
+            with open(stage + b"/" + name, "wb") as fp:
+                fp.write(png_bytes(pixels))
+        os.rename(stage + b"/bad\xff.png", inbox + b"/bad\xff.png")
+        os.rename(stage + b"/caf\xe9", inbox + b"/caf\xe9")
+        wait_records(root, 3, daemon, timeout=30)
+        write_png(root / "inbox" / "after.png", digits[3])
+        wait_records(root, 4, daemon, timeout=30)
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+    placed = {os.path.relpath(os.fsencode(p), os.fsencode(root)).split(b"/", 1)[1] for p in items(root)}
+    assert placed == {b"bad\xff.png", b"caf\xe9/in\xe9side.png", b"caf\xe9/fine.png", b"after.png"}
+    for record in records(root):
+        data = load(record)
+        assert os.fsencode(root / data["path"]) == os.fsencode(record)[: -len(".json")]
+    assert os.listdir(root / "inbox") == []
