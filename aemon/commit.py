@@ -27,6 +27,10 @@ __all__ = ["Batch", "Committer"]
 
 log = get_logger()
 
+#: Most new files (array parts, denoised outputs, maps) written with one filesystem sync; a batch with
+#: more (an array with thousands of maps) reports progress between them.
+WRITES_PER_SYNC = 1024
+
 
 @dataclass
 class Batch:
@@ -49,14 +53,16 @@ class Committer:
         inbox: Where files that reached a folder entry after it was expanded are given back.
         on_decided: Called with ``(unit, record)`` for every record once committed.
         on_committed: Called with each batch once committed.
+        progress: Called between the parts of a large commit (the daemon's liveness heartbeat).
     """
 
     def __init__(self, router: Router, inbox: Path, on_decided: Callable[[Unit, dict], None],
-                 on_committed: Callable[[Batch], None]) -> None:
+                 on_committed: Callable[[Batch], None], progress: Callable[[], None] = lambda: None) -> None:
         self.router = router
         self.inbox = inbox
         self.on_decided = on_decided
         self.on_committed = on_committed
+        self.progress = progress
 
     # -- one batch -------------------------------------------------------
     def commit(self, batch: Batch) -> None:
@@ -71,9 +77,12 @@ class Committer:
         try:
             for unit in batch.units:
                 self._plan(batch, unit, journal, reserved, writes)
-            write_all_durably(writes)  # on disk before the journal names them
+            self.progress()
+            for start in range(0, len(writes), WRITES_PER_SYNC):  # on disk before the journal names them
+                write_all_durably(writes[start : start + WRITES_PER_SYNC])
+                self.progress()
             journal.write(batch.batch_dir)
-            journal.run(self.router, batch.batch_dir)
+            journal.run(self.router, batch.batch_dir, self.progress)
         except OSError as exc:
             log.error("commit.failed", batch=batch.batch_dir.name, error=str(exc))
             raise

@@ -38,7 +38,8 @@ __all__ = ["Daemon"]
 
 #: Seconds between loop ticks (flag checks, heartbeat, watchdog ping).
 TICK = 0.1
-#: ``/healthz`` fails once the loop has not ticked for this long.
+#: ``/healthz`` fails once the loop has made no progress for this long (systemd's ``WATCHDOG_USEC`` when
+#: set): a tick, or a step of a large batch.
 HEARTBEAT_STALE = 30.0
 
 log = get_logger()
@@ -80,7 +81,8 @@ class Daemon:
         self.claims = ClaimStore(self.root)
         self.recorder = Recorder(self.metrics)
         self.committer = Committer(self.router, self.root / "inbox",
-                                   lambda unit, record: self.recorder.decided(unit.arrived, record), self._committed)
+                                   lambda unit, record: self.recorder.decided(unit.arrived, record), self._committed,
+                                   self.beat)
         #: Entries claimed and not yet committed.
         self.in_flight = 0
         self._last_adopt = float("-inf")
@@ -90,6 +92,8 @@ class Daemon:
         self.force_exit = False
         self.reload_requested = False
         self.heartbeat = 0.0
+        self._pinged = float("-inf")
+        self.stale = _watchdog_seconds() or HEARTBEAT_STALE
         self.ready = False
         self._old_handlers: dict[int, object] = {}
         self._notify_sock: socket.socket | None = None
@@ -120,7 +124,15 @@ class Daemon:
 
     def healthy(self) -> bool:
         """True while the loop's heartbeat is fresh."""
-        return time.monotonic() - self.heartbeat < HEARTBEAT_STALE
+        return time.monotonic() - self.heartbeat < self.stale
+
+    def beat(self) -> None:
+        """The loop made progress (a tick, or a step of a large batch): fresh heartbeat, and a systemd
+        watchdog ping at most four times per watchdog interval (and once a second)."""
+        now = self.heartbeat = time.monotonic()
+        if now - self._pinged >= min(1.0, self.stale / 4):
+            self._pinged = now
+            self._notify("WATCHDOG=1")
 
     def is_ready(self) -> bool:
         """True once the model is loaded and the folders are usable."""
@@ -259,8 +271,7 @@ class Daemon:
 
     def on_tick(self) -> None:
         """Heartbeat, watchdog ping, pending gauge, orphan claims, a requested reload."""
-        self.heartbeat = time.monotonic()
-        self._notify("WATCHDOG=1")
+        self.beat()
         self._set_pending()
         if self.heartbeat - self._last_adopt >= self.settings.rescan_seconds:
             self._adopt_orphans()
@@ -320,9 +331,10 @@ class Daemon:
                 good.append(unit)
             except ItemRejected as exc:
                 unit.error = exc
+            self.beat()
         if good:
             self.recorder.scored(*decide(good, bundle, reconstruct=self.settings.mode == "denoise",
-                                         maps=self.settings.maps))
+                                         maps=self.settings.maps, progress=self.beat))
         self.committer.commit(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version, bundle.threshold))
 
     def _committed(self, batch: Batch) -> None:
@@ -350,3 +362,11 @@ class Daemon:
             self._notify_sock = None
         self._restore_signals()
         log.info("worker.stopped" if self.worker is not None else "daemon.stopped", **self.recorder.counts)
+
+
+def _watchdog_seconds() -> float | None:
+    """systemd's watchdog interval (``WATCHDOG_USEC``, meant for this process), or None."""
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,8 @@ __all__ = ["JOURNAL_NAME", "Step", "Journal", "read_journal", "output_path", "dr
            "prune_empty"]
 
 JOURNAL_NAME = ".journal.json"
+#: Steps (or records) carried out between two progress calls.
+STEPS_PER_PROGRESS = 1024
 
 
 @dataclass
@@ -58,17 +61,20 @@ class Journal:
         write_durably(batch_dir / JOURNAL_NAME, json.dumps(data).encode())
         fsync_dir(batch_dir)
 
-    def run(self, router: Router, batch_dir: Path) -> list[Step]:
+    def run(self, router: Router, batch_dir: Path, progress: Callable[[], None] = lambda: None) -> list[Step]:
         """Carry out every step (idempotent); return the steps whose destination now exists.
 
         A destination taken meanwhile by another process gets a new free name; the journal is
-        rewritten first so that recovery follows the item.
+        rewritten first so that recovery follows the item. ``progress`` is called every
+        :data:`STEPS_PER_PROGRESS` steps and after each group of records.
         """
         root, base = os.fspath(router.root), os.fspath(batch_dir)
         done: list[Step] = []
         touched: set[str] = set()
         records: list[tuple[str, dict[str, Any]]] = []
-        for step in self.steps:
+        for n, step in enumerate(self.steps, 1):
+            if n % STEPS_PER_PROGRESS == 0:
+                progress()
             src, dest = os.path.join(base, step.src), os.path.join(root, step.dest)
             while os.path.lexists(src):
                 if os.path.lexists(dest) and _same_file(src, dest):  # stopped between link and unlink
@@ -89,7 +95,11 @@ class Journal:
             touched.add(os.path.dirname(dest))
             done.append(step)
         while records:
-            taken = set(router.write_records([(os.path.join(root, st.dest), rec) for st, rec in records], batch_dir))
+            taken = set()
+            for start in range(0, len(records), STEPS_PER_PROGRESS):
+                some = records[start : start + STEPS_PER_PROGRESS]
+                taken |= set(router.write_records([(os.path.join(root, st.dest), rec) for st, rec in some], batch_dir))
+                progress()
             # A record name taken meanwhile by someone else: move the item to a free name and try again.
             records = [(st, rec) for st, rec in records if os.path.join(root, st.dest) in taken]
             for st, _ in records:

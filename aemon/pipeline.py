@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,8 @@ def decode(unit: Unit, prep: Preprocessing, limits: Limits) -> None:
     unit.x, unit.raw, unit.key = decoded.x, decoded.raw, decoded.key
 
 
-def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "off") -> tuple[float, np.ndarray]:
+def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "off",
+           progress: Callable[[], None] = lambda: None) -> tuple[float, np.ndarray]:
     """Score decoded ``units`` with one model call; set their scores, p-values, verdicts (and reconstructions).
 
     Args:
@@ -55,17 +56,23 @@ def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "of
         reconstruct: Keep the reconstructions (denoise mode), scoring them in numpy.
         maps: ``anomaly`` draws an anomaly map of each anomalous image (or row), ``all`` of every
             one, ``off`` none (:mod:`aemon.maps`); the maps cost one more model call for those rows.
+        progress: Called between slices of a large batch (the daemon's liveness heartbeat).
 
     Returns:
         Seconds spent in the model call, and every score of the batch.
     """
     x = units[0].x if len(units) == 1 else np.concatenate([u.x for u in units])
     started = time.perf_counter()
-    if reconstruct:
-        recon = bundle.scorer.reconstruct(x)
-        scores = bundle.scorer.score_of(x, recon)
-    else:
-        recon, scores = None, bundle.score(x)
+    recons, parts = [], []
+    for part in _slices(x):
+        if reconstruct:
+            recons.append(bundle.scorer.reconstruct(part))
+            parts.append(bundle.scorer.score_of(part, recons[-1]))
+        else:
+            parts.append(bundle.score(part))
+        progress()
+    scores = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    recon = None if not reconstruct else recons[0] if len(recons) == 1 else np.concatenate(recons)
     seconds = time.perf_counter() - started
     pvals = bundle.p_values(scores)
     verdicts = verdicts_of(scores, bundle.threshold)
@@ -76,25 +83,38 @@ def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "of
         unit.scores, unit.p_values, unit.verdicts = scores[part], pvals[part], verdicts[part]
         unit.recon = None if recon is None else recon[part]
     if maps != "off":
-        _draw_maps(units, bundle, maps)
+        _draw_maps(units, bundle, maps, progress)
     for unit in units:
         unit.x = None  # the pixels are no longer needed; the batch may wait for its commit
     return seconds, scores
 
 
-def _draw_maps(units: list[Unit], bundle, maps: str) -> None:
+#: Most pixel values scored or mapped between two progress calls (5,350 rows of 28x28, 256 of 128x128).
+SLICE_VALUES = 1 << 22
+
+
+def _slices(x: np.ndarray) -> list[np.ndarray]:
+    """``x`` cut into runs of rows of at most :data:`SLICE_VALUES` values (one run for most batches)."""
+    rows = max(1, SLICE_VALUES // max(1, x[0].size))
+    return [x[i : i + rows] for i in range(0, len(x), rows)] if len(x) else [x]
+
+
+def _draw_maps(units: list[Unit], bundle, maps: str, progress: Callable[[], None]) -> None:
     wanted = [(unit, row) for unit in units for row, verdict in enumerate(unit.verdicts)
               if maps == "all" or verdict == "anomaly"]
     if not wanted:
         return
-    x = np.stack([unit.x[row] for unit, row in wanted])
-    if all(unit.recon is not None for unit, _ in wanted):  # denoise mode: reconstructed already
-        recon = np.stack([unit.recon[row] for unit, row in wanted])
-    else:
-        recon = bundle.scorer.reconstruct(x)
-    for (unit, row), image, strength in zip(wanted, x, strengths(bundle, x, recon),
-                                            strict=True):
-        unit.maps[row] = render(image, strength)
+    rows = max(1, min(256, SLICE_VALUES // wanted[0][0].x[0].size))  # a map costs about a millisecond
+    for start in range(0, len(wanted), rows):
+        some = wanted[start : start + rows]
+        x = np.stack([unit.x[row] for unit, row in some])
+        if all(unit.recon is not None for unit, _ in some):  # denoise mode: reconstructed already
+            recon = np.stack([unit.recon[row] for unit, row in some])
+        else:
+            recon = bundle.scorer.reconstruct(x)
+        for (unit, row), image, strength in zip(some, x, strengths(bundle, x, recon), strict=True):
+            unit.maps[row] = render(image, strength)
+        progress()
 
 
 @dataclass

@@ -6,6 +6,7 @@ Every file dropped must end up under the root exactly once, and nothing may be w
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -497,3 +499,39 @@ def test_names_that_are_not_utf8_are_scored_and_keep_their_bytes(tmp_path, digit
         data = load(record)
         assert os.fsencode(root / data["path"]) == os.fsencode(record)[: -len(".json")]
     assert os.listdir(root / "inbox") == []
+
+
+def test_a_long_batch_keeps_the_daemon_alive_for_systemd_and_healthz(tmp_path):
+    """A valid array that takes several watchdog intervals to score, map and commit: WATCHDOG=1 keeps
+    coming and /healthz stays 200 all along (a liveness probe or systemd's watchdog would otherwise kill
+    the daemon in the middle of legitimate work, and again after every restart)."""
+    root = new_root(tmp_path)
+    interval = 1.5
+    with tempfile.TemporaryDirectory(dir="/tmp") as sockdir:
+        notify_path = os.path.join(sockdir, "notify")
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(notify_path)
+        notify.settimeout(0.05)
+        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env={
+            "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": str(int(interval * 1e6)), "AEMON_MAPS": "all"})
+        try:
+            daemon.wait_ready()
+            noise = np.random.default_rng(0).integers(0, 256, (4000, 28, 28), dtype=np.uint8)
+            np.save(tmp_path / "noise.npy", noise)
+            pings, health = [], []
+            os.rename(tmp_path / "noise.npy", root / "inbox" / "noise.npy")
+            start = time.monotonic()
+            while not records(root) and time.monotonic() - start < 300:
+                health.append(daemon.get("/healthz", timeout=5)[0])
+                with contextlib.suppress(TimeoutError):
+                    while True:
+                        if b"WATCHDOG=1" in notify.recv(64):
+                            pings.append(time.monotonic())
+            took = time.monotonic() - start
+        finally:
+            notify.close()
+            assert daemon.stop() == 0, daemon.text()
+    assert records(root) and took > 2 * interval, f"the batch took {took:.1f} s: too short to test anything"
+    gaps = np.diff([start, *pings])
+    assert gaps.max() < interval, f"no WATCHDOG=1 for {gaps.max():.1f} s while the batch ran ({took:.1f} s)"
+    assert set(health) == {200}, health
