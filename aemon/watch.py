@@ -15,6 +15,7 @@ every event: see the README ("The daemon", "Measured"). The stand-in relies on w
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -23,6 +24,13 @@ from watchdog.observers.inotify_c import InotifyConstants, InotifyEvent, Inotify
 from watchdog.observers.inotify_move_event_grouper import PathedInotifyEvent
 
 __all__ = ["EVENT_MASK", "TreeWatch"]
+
+# A folder renamed inside the tree (a hidden upload folder made visible): moves are not paired, so the
+# group adds the watches of the folder's subtree again under their new paths, which is what points
+# their events at the new paths; watchdog warns on stderr for each watch it already had ("Callback
+# with id ... already exists"), lines that would break a JSON log.
+warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning,
+                        module="watchdog")
 
 #: What the taking rule needs: entries made, renamed in or out, written to and closed after writing.
 EVENT_MASK = (InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVE | InotifyConstants.IN_MODIFY

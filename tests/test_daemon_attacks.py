@@ -173,6 +173,27 @@ def test_nothing_inside_a_folder_is_deleted(shared, tmp_path, digits):
 
 
 # -- 6. a writer that pauses before its first byte --------------------------
+def test_deep_new_folders_keep_the_log_parseable(shared, tmp_path, digits):
+    """`mkdir -p` 40 levels deep, a file at the bottom, and a hidden folder renamed visible: each file is
+    scored once, and every line the daemon writes (stdout and stderr) stays one JSON event."""
+    inbox = shared.root / "inbox"
+    before, done = shared.log.stat().st_size, len(records(shared.root))
+    deep = inbox.joinpath("deep", *(f"l{i}" for i in range(40)))
+    deep.mkdir(parents=True)
+    write_png(deep / "bottom.png", digits[0])
+    write_png(inbox / ".hidden" / "a" / "b" / "x.png", digits[1])
+    time.sleep(1.0)  # its folders are watched by now
+    os.rename(inbox / ".hidden", inbox / "shown")
+    wait_records(shared.root, done + 2, shared, timeout=60)
+    time.sleep(1.0)
+    seen = by_item(shared.root)
+    assert len(seen["deep/" + "/".join(f"l{i}" for i in range(40)) + "/bottom.png"]) == 1
+    assert len(seen["shown/a/b/x.png"]) == 1
+    lines = shared.log.read_bytes()[before:].decode(errors="replace").splitlines()
+    assert lines and all(line.startswith("{") and json.loads(line) for line in lines), \
+        [line for line in lines if not line.startswith("{")][:5]
+
+
 def test_a_writer_pausing_before_its_first_byte(shared, digits):
     """A file created in place and written only after three settle times is taken whole; a file
     linked in (no open or close event at all) is still taken promptly."""
