@@ -16,7 +16,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,18 +151,21 @@ class ClaimStore:
                 os.close(fd)
         return sorted(adopted, key=lambda p: p.name)
 
-    def recover(self, router: Router, inbox: Path) -> Iterator[list[Claim]]:
+    def recover(self, router: Router, inbox: Path,
+                progress: Callable[[], None] = lambda: None) -> Iterator[list[Claim]]:
         """Adopt the batch folders of stopped daemons; finish what they decided; yield what is left to route.
 
         A batch with a journal was decided before the crash: exactly that decision is finished
         (items placed, missing records written). Its folder entries' empty shells are removed;
         anything else, and the entries of a batch without a journal, are yielded (one list per
-        batch folder) to be routed again. Outputs of undecided batches are dropped.
+        batch folder) to be routed again. Outputs of undecided batches are dropped. ``progress`` is
+        called as a large journal runs and after each batch folder.
         """
         for batch_dir in self.adopt_orphans():
+            progress()
             journal = read_journal(batch_dir)
             if journal is not None:
-                done = journal.run(router, batch_dir)
+                done = journal.run(router, batch_dir, progress)
                 log.info("claim.finished", batch=batch_dir.name, steps=len(done))
                 for name in journal.entries:
                     entry = batch_dir / name

@@ -309,7 +309,7 @@ class Daemon:
     def _adopt_orphans(self) -> None:
         """Finish or route again the batch folders of daemons that stopped (this one's, earlier)."""
         self._last_adopt = time.monotonic()
-        for claims in self.claims.recover(self.router, self.inbox.dir):
+        for claims in self.claims.recover(self.router, self.inbox.dir, self.beat):
             self._count_in_flight(len(claims))
             self.process(claims)
 
