@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -55,9 +55,9 @@ class Calibration(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     source: str
-    n: int
+    n: int = Field(ge=1)
     #: Sorted calibration scores (for p-values).
-    scores: list[float]
+    scores: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1)
     created_at: str
 
 
@@ -69,13 +69,13 @@ class BundleMeta(BaseModel):
     format_version: int
     name: str
     arch: str
-    task: str = Field("detect", description="detect or denoise")
+    task: Literal["detect", "denoise"] = "detect"
     input_shape: list[int]
     latent_dim: int | None = None
     preprocessing: dict[str, Any]
     score_fn: str = "mse"
-    threshold: float
-    target_fpr: float
+    threshold: float = Field(allow_inf_nan=False)
+    target_fpr: float = Field(gt=0, lt=1)
     calibration: Calibration
     training: dict[str, Any]
     created_at: str
@@ -271,6 +271,7 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file
         raise BundleError(f"{model_path} could not be loaded by Keras: {exc}") from exc
+    _check_input(path, meta, tuple(model.input_shape[1:]))
     state = _read_state(path, meta)
     try:
         scorer = Scorer(model, meta.score_fn, chunk=chunk, state=state)
@@ -283,6 +284,22 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
         raise BundleError(f"{path}: the {meta.score_fn!r} score of a blank image is {probe[0]}; the score state "
                           "is broken: retrain the bundle")
     return Bundle(path=path, meta=meta, model=model, scorer=scorer)
+
+
+def _check_input(path: Path, meta: BundleMeta, model_shape: tuple) -> None:
+    """The preprocessing and ``input_shape`` of ``bundle.json`` must make exactly what the model takes.
+
+    Raises:
+        BundleError: a malformed preprocessing, or a shape unlike the model's.
+    """
+    try:
+        prep = Preprocessing.from_dict(meta.preprocessing)
+    except ValueError as exc:
+        raise BundleError(f"{path}: bundle.json preprocessing is invalid: {exc}; restore it or retrain") from exc
+    for what, shape in (("preprocessing", prep.input_shape), ("input_shape", tuple(meta.input_shape))):
+        if shape != model_shape:
+            raise BundleError(f"{path}: bundle.json {what} {'x'.join(map(str, shape))} does not match the model's "
+                              f"input {'x'.join(map(str, model_shape))}; restore bundle.json or retrain")
 
 
 def _own_file(path: Path, name: str, what: str) -> Path:

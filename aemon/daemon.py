@@ -165,10 +165,14 @@ class Daemon:
                                self.healthy, self.is_ready)
         try:
             self.http.start()
+        except ValueError as exc:  # waitress: a host that is no address and resolves to none
+            self.http = None
+            raise StartupError(f"cannot serve HTTP on AEMON_METRICS_HOST={self.settings.metrics_host!r}: it is not "
+                               "an address of this machine; use 127.0.0.1, 0.0.0.0 or a local address") from exc
         except OSError as exc:
             self.http = None
             raise StartupError(f"cannot serve HTTP on {self.settings.metrics_host}:{self.settings.metrics_port}: "
-                               f"{exc.strerror}; choose another AEMON_METRICS_PORT") from exc
+                               f"{exc.strerror}; choose another AEMON_METRICS_HOST or AEMON_METRICS_PORT") from exc
         if not is_loopback(self.settings.metrics_host):
             log.warning("http.public", host=self.settings.metrics_host, port=self.http.port,
                         hint="/metrics is served to the network without authentication; bind 127.0.0.1 "

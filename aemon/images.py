@@ -83,12 +83,22 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, data: dict) -> Preprocessing:
-        """Read the form written by :meth:`to_dict`."""
-        return cls(
-            color_mode=str(data.get("color_mode", "grayscale")),
-            size=(int(data["size"][0]), int(data["size"][1])),
-            scaling=str(data.get("scaling", "unit")),
-        )
+        """Read the form written by :meth:`to_dict`.
+
+        Raises:
+            ValueError: a missing or malformed field, named.
+        """
+        size = data.get("size")
+        if not (isinstance(size, list | tuple) and len(size) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise ValueError(f"size must be [height, width] in pixels, not {size!r}")
+        color_mode = data.get("color_mode", "grayscale")
+        if color_mode not in ("grayscale", "rgb"):
+            raise ValueError(f"color_mode must be grayscale or rgb, not {color_mode!r}")
+        scaling = data.get("scaling", "unit")
+        if scaling != "unit":
+            raise ValueError(f"scaling must be unit, not {scaling!r}")
+        return cls(color_mode=color_mode, size=(size[0], size[1]), scaling=scaling)
 
 
 @dataclass(frozen=True)

@@ -160,3 +160,30 @@ def test_invalid_meta_is_refused_before_rename(tmp_path: Path, tiny_bundle: Path
     with pytest.raises(ValueError):
         save_bundle(model, {"name": "x"}, out)
     assert not out.exists() and _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda m: m["preprocessing"].update(size=[32, 32]), "does not match the model"),
+    (lambda m: m["preprocessing"].update(color_mode="rgb"), "does not match the model"),
+    (lambda m: m["preprocessing"].update(color_mode="cmyk"), "color_mode"),
+    (lambda m: m["preprocessing"].pop("size"), "preprocessing"),
+    (lambda m: m["preprocessing"].update(size=[-1, 28]), "preprocessing"),
+    (lambda m: m["preprocessing"].update(size="28x28"), "preprocessing"),
+    (lambda m: m.update(input_shape=[32, 32, 1]), "does not match the model"),
+    (lambda m: m.update(threshold=float("nan")), "threshold"),
+    (lambda m: m.update(threshold=float("inf")), "threshold"),
+    (lambda m: m.update(target_fpr=2), "target_fpr"),
+    (lambda m: m["calibration"].update(scores=[], n=0), "calibration"),
+    (lambda m: m["calibration"].update(scores=[0.1, float("nan")]), "calibration"),
+    (lambda m: m.update(task="segment"), "task"),
+])
+def test_a_bundle_json_that_disagrees_with_its_model_is_refused(tiny_bundle: Path, tmp_path: Path, edit,
+                                                                message: str) -> None:
+    """Edited or damaged fields are refused when the bundle loads, never on the first item (a daemon
+    would die there, and again after every restart)."""
+    bundle = _copy(tiny_bundle, tmp_path)
+    meta = json.loads((bundle / META_FILE).read_text())
+    edit(meta)
+    (bundle / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match=message):
+        load_bundle(bundle)

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -404,6 +405,26 @@ def test_bad_roots_and_configs_are_named_exactly(tmp_path):
     folder.mkdir()
     cfg = _run_cli("run", env={"AEMON_ROOT": str(tmp_path), "AEMON_CONFIG": str(folder)})
     assert cfg.returncode == 2 and "is a folder" in cfg.stderr, cfg.stderr
+
+
+def test_a_bundle_or_host_that_cannot_work_stops_the_start_with_one_line(tmp_path, tiny_bundle):
+    """A bundle.json whose input size disagrees with its model (it loaded, then killed the daemon on the
+    first item and again after every restart), and metrics hosts that are not addresses: exit 3 with one
+    line, before anything is claimed."""
+    root = new_root(tmp_path)
+    write_png(root / "inbox" / "waiting.png", np.zeros((28, 28), np.uint8))
+    bundle = tmp_path / "edited"
+    shutil.copytree(tiny_bundle, bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["preprocessing"]["size"] = [32, 32]
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    edited = _run_cli("run", env={"AEMON_ROOT": str(root), "AEMON_MODEL": str(bundle)})
+    assert edited.returncode == 3 and "does not match the model" in edited.stderr, edited.stderr
+    for host in ("", "999.1.1.1", "no.such.host.invalid"):
+        bad = _run_cli("run", env={"AEMON_ROOT": str(root), "AEMON_METRICS_HOST": host})
+        assert bad.returncode in (2, 3) and "AEMON_METRICS_HOST" in bad.stderr, (host, bad.stderr)
+        assert "Traceback" not in bad.stderr, bad.stderr
+    assert os.listdir(root / "inbox") == ["waiting.png"] and not records(root)
 
 
 def test_a_public_metrics_host_is_warned_about(tmp_path):
