@@ -221,11 +221,32 @@ def _load_bundle_meta(path: Path | None, settings: Settings, task: str = "detect
     return path, read_meta(path)
 
 
+def _check_out(out: Path, force: bool, src: str) -> None:
+    """``--out`` may replace only a bundle (with ``--force``), and never be or hold the training data.
+
+    Raises:
+        UsageError: what is in the way.
+    """
+    from aemon.bundle import is_bundle
+
+    local = Path(src.split("?", 1)[0])
+    if local.exists() or local.is_symlink():
+        data, dest = local.resolve(), out.resolve()
+        if dest == data or dest in data.parents:
+            raise UsageError(f"--out {out} is or holds the training data {src}; choose another --out")
+    if out.exists() or out.is_symlink():
+        if not force:
+            raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
+        if out.is_symlink() or not is_bundle(out):
+            raise UsageError(f"{out} is not a model bundle; --force replaces a bundle only: choose another --out")
+
+
 @_verb("train")
 def _train(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.sources import choose_input, load_source
 
     quiet_tensorflow()
+    from aemon.models import check_fits
     from aemon.train import TrainConfig, train_bundle
 
     cfg = TrainConfig(
@@ -236,9 +257,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
         loss=args.loss, score_fn=args.score_fn, seed=args.seed, name=args.name,
     )
     cfg.check()
-    if args.out.exists() and not args.force:
-        raise UsageError(f"{args.out} already exists; choose another --out or pass --force to replace it")
+    _check_out(args.out, args.force, args.data)
     prep, choices = choose_input(args.data, args.size, args.color)
+    check_fits(cfg.arch, prep.input_shape)
     for what, why in choices.items():
         print(f"{what}: {why}", file=sys.stderr)
     data = load_source(args.data, prep)
@@ -441,7 +462,10 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 def _settings_flags(args: argparse.Namespace) -> dict:
     names = ("log_format", "log_level", "root", "model", "mode", "metrics_host", "metrics_port",
              "batch_size", "batch_wait_ms", "settle_seconds", "polling", "workers")
-    return {name: getattr(args, name, None) for name in names}
+    flags = {name: getattr(args, name, None) for name in names}
+    if args.verb != "run":
+        flags["batch_size"] = None  # train's --batch-size is the training batch, not AEMON_BATCH_SIZE
+    return flags
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -467,6 +491,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             traceback.print_exc()
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        # The reader went away (`aemon score ... | head -1`): stop quietly, as a pipe's writer does.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except OSError as exc:  # an output the filesystem refuses: read-only, below a file, full
+        if debug:
+            traceback.print_exc()
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"Error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
         return 130

@@ -94,7 +94,7 @@ def write_durably(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLi
         _write_file(tmp, data, fsync=True)
         _publish(tmp, path, replace)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
+        with contextlib.suppress(OSError):  # never made, or the folder refuses writes (read-only)
             os.unlink(tmp)
         raise
 

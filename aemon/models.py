@@ -17,7 +17,7 @@ from keras import layers
 
 from aemon.errors import UsageError
 
-__all__ = ["ARCHS", "BUILDERS", "build", "fit_pca", "pca_reconstruct", "set_pca_weights"]
+__all__ = ["ARCHS", "BUILDERS", "POOLED", "build", "check_fits", "fit_pca", "pca_reconstruct", "set_pca_weights"]
 
 #: Architectures ``build`` knows, with a one-line description for ``--help``.
 ARCHS: dict[str, str] = {
@@ -51,10 +51,26 @@ def _dense_stack(
     return encoder, decoder
 
 
+#: Architectures with two 2×2 poolings (or strides): height and width must be divisible by 4.
+POOLED = ("conv", "convsmall")
+
+
+def check_fits(arch: str, input_shape: tuple[int, int, int]) -> None:
+    """Refuse an input size that ``arch`` cannot take, before any data is loaded.
+
+    Raises:
+        UsageError: naming the nearest size that fits.
+    """
+    height, width = input_shape[0], input_shape[1]
+    if arch in POOLED and (height % 4 or width % 4):
+        fit = "x".join(str(max(4, round(v / 4) * 4)) for v in (height, width))
+        raise UsageError(f"--arch {arch} needs height and width divisible by 4 (two 2x2 poolings), not "
+                         f"{height}x{width}; choose --size {fit} or another --arch")
+
+
 def _conv_stack(input_shape: tuple[int, int, int], latent_dim: int = 0) -> tuple[keras.Model, keras.Model]:
     # The lecture's network exactly, every convolution 3×3 'same' (latent_dim is not used).
-    if input_shape[0] % 4 or input_shape[1] % 4:
-        raise ValueError(f"the conv architecture needs height and width divisible by 4, got {input_shape}")
+    check_fits("conv", input_shape)
     enc_in = keras.Input(shape=input_shape, name="image")
     x = layers.Conv2D(16, 3, activation="relu", padding="same", name="enc_conv_0")(enc_in)
     x = layers.MaxPooling2D(2, padding="same", name="enc_pool_0")(x)
@@ -79,8 +95,7 @@ def _conv_stack(input_shape: tuple[int, int, int], latent_dim: int = 0) -> tuple
 def _convsmall_stack(input_shape: tuple[int, int, int], latent_dim: int) -> tuple[keras.Model, keras.Model]:
     # The seed conv keeps a 7×7×8 code (392 numbers for 784 pixels) and, being all 'same'-padded
     # convolutions, reconstructs ink anywhere. A dense bottleneck makes the code small and global.
-    if input_shape[0] % 4 or input_shape[1] % 4:
-        raise ValueError(f"the convsmall architecture needs height and width divisible by 4, got {input_shape}")
+    check_fits("convsmall", input_shape)
     grid = (input_shape[0] // 4, input_shape[1] // 4, 64)
     enc_in = keras.Input(shape=input_shape, name="image")
     x = layers.Conv2D(32, 3, strides=2, activation="relu", padding="same", name="enc_conv_0")(enc_in)
@@ -196,7 +211,8 @@ def build(arch: str, input_shape: tuple[int, int, int] = (28, 28, 1), latent_dim
         latent_dim: Size of the code for the dense architectures and ``pca`` (ignored by ``conv``).
 
     Raises:
-        ValueError: unknown architecture or impossible shape.
+        ValueError: unknown architecture.
+        UsageError: a shape the architecture cannot take (:func:`check_fits`).
     """
     try:
         builder = BUILDERS[arch]

@@ -95,6 +95,8 @@ def _filter(x: np.ndarray, labels: np.ndarray | None, options: dict[str, str], s
             limit = int(options["limit"])
         except ValueError as exc:
             raise SourceError(f"{src}: limit must be an integer") from exc
+        if limit < 1:
+            raise SourceError(f"{src}: limit must be at least 1, not {limit}")
         x = x[:limit]
         labels = None if labels is None else labels[:limit]
     if len(x) == 0:

@@ -60,6 +60,8 @@ class TrainConfig:
             raise UsageError("--epochs must be at least 1")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if not 0 <= self.seed < 2**32:
+            raise UsageError("--seed must be between 0 and 4294967295")
         if self.latent_dim < 1:
             raise UsageError("--latent-dim must be at least 1")
         if not 0 <= self.noise_factor <= 10:

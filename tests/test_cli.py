@@ -420,3 +420,81 @@ def test_train_size_and_colour_flags(capsys: pytest.CaptureFixture, tmp_path: Pa
     assert code != 0
     _assert_one_error_line(err)
     assert "--size" in err
+
+
+def _pngs(folder: Path, digits: np.ndarray, n: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(digits[i]).save(folder / f"{i}.png")
+    return folder
+
+
+def test_train_force_replaces_only_a_bundle_and_never_the_data(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                 digits: np.ndarray) -> None:
+    """--force replaced whatever --out named: the training folder itself (its images gone), or a plain file
+    (left behind as a hidden stray). It replaces a bundle only, and --out may not hold the data."""
+    photos = _pngs(tmp_path / "photos", digits, 30)
+    (photos / "notes.txt").write_text("mine")
+    report = tmp_path / "report.txt"
+    report.write_text("important")
+    common = ["--epochs", "1", "--arch", "pca", "--latent-dim", "8", "--score", "mse", "--target-fpr", "0.5"]
+    for out in (photos, report, tmp_path):
+        code, _, err = run(capsys, "train", "--data", str(photos), "--out", str(out), "--force", *common)
+        assert code == 2, err
+        _assert_one_error_line(err)
+    assert len(list(photos.glob("*.png"))) == 30 and (photos / "notes.txt").read_text() == "mine"
+    assert report.read_text() == "important"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["photos", "report.txt"]  # no stray left
+    bundle = tmp_path / "bundle"
+    for _ in range(2):  # a bundle is replaced
+        code, _, err = run(capsys, "train", "--data", str(photos), "--out", str(bundle), "--force", *common)
+        assert code == 0, err
+    assert read_meta(bundle).arch == "pca"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--seed", "-1"],
+    ["--arch", "conv", "--size", "10x10"],
+    ["--batch-size", "5000"],
+])
+def test_train_flags_checked_before_or_with_one_line(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                     digits: np.ndarray, argv: list[str]) -> None:
+    """A negative seed and a conv size not divisible by 4 end in one error line (they were tracebacks); a
+    training batch larger than the daemon's AEMON_BATCH_SIZE limit is the training's own business."""
+    photos = _pngs(tmp_path / "photos", digits, 30)
+    code, _, err = run(capsys, "train", "--data", str(photos), "--out", str(tmp_path / "b"), "--epochs", "1",
+                       "--target-fpr", "0.5", *argv)
+    if argv[0] == "--batch-size":
+        assert code == 0, err
+    else:
+        assert code == 2, err
+        _assert_one_error_line(err)
+
+
+def test_unwritable_outputs_and_closed_pipes_end_in_one_line(capsys: pytest.CaptureFixture, tiny_bundle: Path,
+                                                              tmp_path: Path, digits: np.ndarray) -> None:
+    """An output path that cannot be written (below a file here; a read-only mount alike) is one error line,
+    exit 1, not a traceback; `aemon score ... | head -1` ends quietly."""
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    item = _pngs(tmp_path / "items", digits, 3)
+    code, _, err = run(capsys, "score", str(tiny_bundle), str(item), "--maps", str(blocker / "maps"))
+    assert code in (1, 2), err
+    _assert_one_error_line(err)
+    code, _, err = run(capsys, "samples", str(blocker / "s"))
+    assert code in (1, 2), err
+    _assert_one_error_line(err)
+    proc = subprocess.run(f"{sys.executable} -m aemon score {tiny_bundle} {item} {item} {item} | head -1",
+                          shell=True, capture_output=True, text=True, timeout=120)
+    assert proc.stdout.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_a_negative_limit_is_refused(capsys: pytest.CaptureFixture, tiny_bundle: Path) -> None:
+    """`?limit=-5` dropped the last five rows; a limit below 1 is an error."""
+    code, _, err = run(capsys, "score", str(tiny_bundle), "sample:mnist?limit=-5")
+    assert code != 0
+    _assert_one_error_line(err)
+    assert "limit" in err

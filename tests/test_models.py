@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from aemon.bundle import META_FILE, load_bundle
+from aemon.errors import UsageError
 from aemon.models import build
 from aemon.scoring import SCORE_FUNCTIONS, fit_state, reconstruction_error
 
@@ -18,7 +19,7 @@ def test_convsmall_has_a_latent_dim_bottleneck() -> None:
     model = build("convsmall", (28, 28, 1), latent_dim=12)
     assert model.get_layer("encoder").output.shape[1:] == (12,)
     assert model.output.shape[1:] == (28, 28, 1)
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(UsageError, match="divisible by 4"):
         build("convsmall", (30, 30, 1))
 
 
