@@ -298,7 +298,8 @@ def choose_input(src: str, size: str = "auto", color: str = "auto") -> tuple[Pre
 
     * size: the median height and width of the images, scaled down (aspect kept) so the longer side
       is at most :data:`MAX_AUTO_SIDE`, each side rounded to a multiple of 4 (at least 8), which
-      every architecture takes; ``HxW`` is taken as given.
+      every architecture takes; for an array, the size of its rows (arrays are never resized);
+      ``HxW`` is taken as given.
     * colour: ``rgb`` if any inspected image has colour (its channels differ), else ``grayscale``.
 
     Returns:
@@ -306,7 +307,10 @@ def choose_input(src: str, size: str = "auto", color: str = "auto") -> tuple[Pre
     """
     sizes, colourful, how = _inspect(src)
     why: dict[str, str] = {}
-    if size == "auto":
+    if size == "auto" and how == ARRAY_ROWS:  # rows are never resized: the bundle takes them as they are
+        hw = sizes[0]
+        why["size"] = f"auto: {hw[0]}x{hw[1]}, the {how} (arrays are taken at their own size)"
+    elif size == "auto":
         h, w = _median_size(sizes)
         scale = min(1.0, MAX_AUTO_SIDE / max(h, w))
         hw = tuple(max(8, 4 * round(side * scale / 4)) for side in (h, w))
@@ -359,6 +363,10 @@ def _median_size(sizes: list[tuple[int, int]]) -> tuple[int, int]:
     return heights[len(heights) // 2], widths[len(widths) // 2]
 
 
+#: How :func:`_inspect` names an array's size: every row has it, and rows are not resized.
+ARRAY_ROWS = "size of every row of the array"
+
+
 def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
     """Image sizes ``(H, W)`` and whether any image has colour, from headers where possible."""
     base, options = _split_query(src)
@@ -374,8 +382,11 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
             raise SourceError(f"{src}: {exc}") from exc
         if raw.ndim < 3:
             raise SourceError(f"{src}: an array of shape {raw.shape} has no image size; give --size HxW")
+        if raw.ndim == 4 and raw.shape[-1] not in (1, 3):
+            hint = "; it looks channels-first: transpose it to (N, H, W, C)" if raw.shape[1] in (1, 3) else ""
+            raise SourceError(f"{src}: rows of shape {raw.shape[1:]} are not (H, W, 1) or (H, W, 3) images{hint}")
         colourful = raw.ndim == 4 and raw.shape[-1] == 3
-        return [(int(raw.shape[1]), int(raw.shape[2]))], colourful, "size of every row of the array"
+        return [(int(raw.shape[1]), int(raw.shape[2]))], colourful, ARRAY_ROWS
     files = list_images(path) if path.is_dir() else [path]
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")

@@ -192,3 +192,25 @@ def test_sample_elpv_selects_by_type_defect_and_a_fixed_split() -> None:
     for bad in ("sample:elpv?type=cigs", "sample:elpv?defect=0.5", "sample:elpv?split=dev"):
         with pytest.raises(SourceError):
             load_source(bad, prep)
+
+
+@pytest.mark.parametrize("shape", [(40, 30, 30), (40, 6, 10), (40, 200, 200, 1)])
+def test_auto_size_of_an_array_is_its_own_and_it_trains(tmp_path, shape):
+    """Arrays are never resized, so --size auto takes their rows' size as it is (it rounded 30x30 to 32x32,
+    a shape the array could then never have, and training failed)."""
+    from aemon.sources import choose_input
+
+    path = tmp_path / "rows.npy"
+    np.save(path, np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    prep, why = choose_input(str(path))
+    assert prep.size == shape[1:3] and "arrays are taken at their own size" in why["size"]
+    assert load_source(str(path), prep).x.shape == (shape[0], *shape[1:3], 1)
+
+
+def test_a_channels_first_array_is_named_as_such(tmp_path):
+    """(N, 1, H, W) was read as 1xH images with W channels (auto size 8x28); it is named for what it is."""
+    from aemon.sources import choose_input
+
+    np.save(tmp_path / "nchw.npy", np.zeros((5, 1, 28, 28), np.uint8))
+    with pytest.raises(SourceError, match="channels-first"):
+        choose_input(str(tmp_path / "nchw.npy"))
