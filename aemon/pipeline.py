@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from aemon.calibration import decide as verdicts_of
-from aemon.errors import ItemRejected, Unreadable
+from aemon.errors import EmptyItem, ItemRejected, Unreadable
 from aemon.fsio import utc_now
 from aemon.images import PNG_LEVEL, Limits, Preprocessing, input_to_array
 from aemon.images import decode as decode_file
@@ -209,7 +209,12 @@ def _units(paths: Iterable[Path]) -> Iterator[tuple[Unit, Path | None]]:
     """Each file argument as a unit; each folder argument as its images and arrays (with that folder)."""
     for path in paths:
         if path.is_dir():
-            for file in list_images(path, arrays=True):
+            files = list_images(path, arrays=True)
+            if not files:  # said, not skipped: the daemon rejects such a folder as empty too
+                unit = Unit(path, path.as_posix(), arrived=time.time())
+                unit.error = EmptyItem(f"{path} holds no images or arrays")
+                yield unit, None
+            for file in files:
                 yield Unit(file, file.as_posix(), arrived=time.time()), path
         else:
             yield Unit(path, path.as_posix(), arrived=time.time()), None
@@ -222,6 +227,8 @@ def _decoded_batches(paths: Iterable[Path], prep: Preprocessing,
     pending = 0
     for unit, root in _units(paths):
         try:
+            if unit.error is not None:
+                raise unit.error
             if not unit.path.exists() and not unit.path.is_symlink():
                 raise Unreadable(f"{unit.path}: no such file or directory")
             decode(unit, prep, limits)

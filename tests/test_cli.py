@@ -498,3 +498,16 @@ def test_a_negative_limit_is_refused(capsys: pytest.CaptureFixture, tiny_bundle:
     assert code != 0
     _assert_one_error_line(err)
     assert "limit" in err
+
+
+def test_score_says_when_a_folder_holds_no_images(capsys: pytest.CaptureFixture, tiny_bundle: Path,
+                                                  tmp_path: Path) -> None:
+    """A folder without images or arrays printed nothing and exited 0; it is a rejected record, exit 1."""
+    folder = tmp_path / "nothing"
+    folder.mkdir()
+    (folder / "readme.txt").write_text("x")
+    code, out, err = run(capsys, "score", str(tiny_bundle), str(folder))
+    records = [json.loads(line) for line in out.splitlines()]
+    assert code == 1, err
+    assert [(r["verdict"], r["reason"]) for r in records] == [("rejected", "empty")]
+    assert "no images" in records[0]["error"]
