@@ -76,6 +76,10 @@ class TrainConfig:
             raise UsageError("--arch pca fits clean data; train it without --denoise (its projection already denoises)")
         if self.score_fn not in SCORE_FUNCTIONS and self.score_fn != "auto":
             raise UsageError(f"--score must be auto or one of {', '.join(SCORE_FUNCTIONS)}")
+        if not 0 < self.target_fpr < 1:  # NaN included
+            raise UsageError(f"--target-fpr must be between 0 and 1 (exclusive), got {self.target_fpr}")
+        if self.learning_rate is not None and not self.learning_rate > 0:
+            raise UsageError(f"--learning-rate must be above 0, got {self.learning_rate}")
         required_samples(self.target_fpr)
 
 

@@ -57,8 +57,13 @@ def test_top_level_help_and_version(capsys: pytest.CaptureFixture) -> None:
         ["train", "--data", "sample:mnist", "--out", "x", "--epochs", "many"],
         ["score"],
         ["calibrate", "somewhere"],
+        ["train", "--data", "sample:mnist", "--out", "x", "--target-fpr", "0"],
+        ["train", "--data", "sample:mnist", "--out", "x", "--target-fpr", "nan"],
+        ["train", "--data", "sample:mnist", "--out", "x", "--learning-rate", "-1"],
+        ["train", "--data", "sample:mnist", "--out", "x", "--learning-rate", "0"],
     ],
-    ids=["unknown-verb", "missing-required", "bad-int", "no-paths", "calibrate-no-data"],
+    ids=["unknown-verb", "missing-required", "bad-int", "no-paths", "calibrate-no-data", "fpr-0", "fpr-nan",
+         "lr-negative", "lr-0"],
 )
 def test_bad_usage_exits_2_with_one_line(capsys: pytest.CaptureFixture, argv: list[str]) -> None:
     """Bad usage exits 2 with one 'Error:' line on stderr and no traceback."""
