@@ -187,14 +187,25 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
 
 
 def denoised_png(unit: Unit) -> bytes:
-    """An image's reconstruction as a PNG of the image's own size and colour (grey or RGB)."""
+    """An image's reconstruction as a PNG of the image's own size, colour (grey or RGB) and depth (8 bits,
+    or 16 for 16-bit, 32-bit integer and float grey images)."""
     from PIL import Image
 
     try:
         with Image.open(unit.path) as img:
-            size, colour = img.size, img.mode not in ("1", "L", "LA", "I", "F") and not img.mode.startswith("I;16")
+            size, mode = img.size, img.mode
     except OSError:  # decoded a moment ago: only a vanished file ends here; keep the model's size
         return png_bytes(unit.recon[0])
+    deep = mode in ("I", "F") or mode.startswith("I;16")
+    colour = not deep and mode not in ("1", "L", "LA")
+    if deep:
+        grey = Image.fromarray(unit.recon[0].mean(axis=-1).astype(np.float32), mode="F")
+        if grey.size != size:
+            grey = grey.resize(size, Image.Resampling.BILINEAR)
+        values = np.clip(np.rint(np.asarray(grey, dtype=np.float64) * 65535), 0, 65535).astype(np.uint16)
+        buf = io.BytesIO()
+        Image.fromarray(values).save(buf, format="PNG", compress_level=PNG_LEVEL)
+        return buf.getvalue()
     with Image.open(io.BytesIO(png_bytes(unit.recon[0]))) as recon:
         out = recon.convert("RGB" if colour else "L")
         if out.size != size:

@@ -516,3 +516,17 @@ def test_score_says_when_a_folder_holds_no_images(capsys: pytest.CaptureFixture,
     assert code == 1, err
     assert [(r["verdict"], r["reason"]) for r in records] == [("rejected", "empty")]
     assert "no images" in records[0]["error"]
+
+
+def test_denoise_keeps_a_16_bit_image_16_bit(capsys: pytest.CaptureFixture, tiny_denoise_bundle: Path,
+                                             tmp_path: Path, mnist_digits: np.ndarray) -> None:
+    """denoised/ keeps the item's dtype (contract): a 16-bit grey PNG came back 8-bit."""
+    src = tmp_path / "deep.png"
+    deep = mnist_digits[0].astype(np.uint16) * 257  # the same picture over the full 16-bit range
+    Image.fromarray(np.kron(deep, np.ones((2, 2), np.uint16))).save(src)  # 56x56
+    code, stdout, err = run(capsys, "denoise", str(tiny_denoise_bundle), str(src), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    with Image.open(tmp_path / "out" / "deep.png") as img:
+        assert img.mode.startswith("I;16") and img.size == (56, 56), img.mode
+        values = np.asarray(img)
+    assert values.max() > 255 * 100  # scaled to 16 bits, not 8-bit values in a 16-bit file
