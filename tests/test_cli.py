@@ -524,7 +524,7 @@ def test_denoise_keeps_a_16_bit_image_16_bit(capsys: pytest.CaptureFixture, tiny
     src = tmp_path / "deep.png"
     deep = mnist_digits[0].astype(np.uint16) * 257  # the same picture over the full 16-bit range
     Image.fromarray(np.kron(deep, np.ones((2, 2), np.uint16))).save(src)  # 56x56
-    code, stdout, err = run(capsys, "denoise", str(tiny_denoise_bundle), str(src), "--out", str(tmp_path / "out"))
+    code, _, err = run(capsys, "denoise", str(tiny_denoise_bundle), str(src), "--out", str(tmp_path / "out"))
     assert code == 0, err
     with Image.open(tmp_path / "out" / "deep.png") as img:
         assert img.mode.startswith("I;16") and img.size == (56, 56), img.mode

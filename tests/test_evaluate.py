@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from aemon.bundle import META_FILE, load_bundle
+from aemon.bundle import load_bundle
 from aemon.cli import main
 from aemon.errors import UsageError
 from aemon.evaluate import overlaps, quality
@@ -171,11 +170,14 @@ def test_bad_inputs_give_one_error_line(capsys, tmp_path: Path, tiny_bundle: Pat
     np.save(empty, np.zeros((0, 28, 28), np.uint8))
     wrong = tmp_path / "wrong.npy"
     np.save(wrong, np.zeros((5, 10, 10), np.uint8))
-    other = tmp_path / "other-shape"
-    shutil.copytree(tiny_bundle, other)
-    meta = json.loads((other / META_FILE).read_text())
-    meta["input_shape"] = [32, 32, 1]
-    (other / META_FILE).write_text(json.dumps(meta))
+    from aemon.images import Preprocessing
+    from aemon.sources import load_source
+    from aemon.train import TrainConfig, train_bundle
+
+    other, prep = tmp_path / "other-shape", Preprocessing(size=(16, 16))  # a real 16x16 bundle
+    np.save(tmp_path / "small.npy", np.random.default_rng(0).integers(0, 256, (300, 16, 16), dtype=np.uint8))
+    train_bundle(load_source(str(tmp_path / "small.npy"), prep), TrainConfig(arch="pca", latent_dim=8,
+                 target_fpr=0.1, score_fn="mse"), other, verbose=False, prep=prep)
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
     cases = [
