@@ -192,7 +192,12 @@ def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
         return Image.fromarray((values / 65535.0).astype(np.float32))
     if img.mode == "F":
         return Image.fromarray(unit_pixels(np.asarray(img, dtype=np.float32), name))
-    return img.convert("RGB" if color_mode == "rgb" else "L")
+    if color_mode == "rgb":
+        return img.convert("RGB")
+    try:
+        return img.convert("L")
+    except ValueError:  # modes Pillow turns grey only by way of RGB (LAB)
+        return img.convert("RGB").convert("L")
 
 
 def _npy_header(fp, name: str) -> tuple[tuple[int, ...], np.dtype]:

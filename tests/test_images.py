@@ -209,3 +209,16 @@ def test_a_32_bit_image_outside_16_bit_values_is_refused(tmp_path: Path) -> None
         Image.fromarray(np.full((8, 8), value, np.int32)).save(tmp_path / name)
         with pytest.raises(Unreadable, match=name):
             decode_image(tmp_path / name, Preprocessing(size=(8, 8)))
+
+
+def test_a_lab_tiff_decodes_for_grey_and_colour_bundles(tmp_path):
+    """A LAB TIFF scored with a colour bundle but was rejected as unreadable by a grey one."""
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8))
+    path = tmp_path / "lab.tif"
+    rgb.convert("LAB").save(path)
+    grey = decode_image(path, Preprocessing(color_mode="grayscale"))
+    colour = decode_image(path, Preprocessing(color_mode="rgb"))
+    assert grey.shape == (28, 28, 1) and colour.shape == (28, 28, 3)
+    with Image.open(path) as img:
+        expected = np.asarray(img.convert("RGB").convert("L"), dtype=np.float32)[..., None] / 255.0
+    np.testing.assert_allclose(grey, expected)
