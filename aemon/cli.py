@@ -71,7 +71,7 @@ def _train_parser(sub) -> None:
                    help="auto (chosen from the data: PCA sizes ranked on synthetic defects of set-aside normal "
                         "images), dense, deep, conv, convsmall (conv with a latent-dim bottleneck) or pca "
                         "(the linear baseline, fitted by SVD) (auto)")
-    p.add_argument("--out", required=True, type=Path, metavar="BUNDLE_DIR", help="bundle directory to create")
+    p.add_argument("--out", required=True, type=_path, metavar="BUNDLE_DIR", help="bundle directory to create")
     p.add_argument("--size", default="auto", metavar="{auto,HxW}",
                    help="model input size; auto: the median image size, longer side at most 128 (auto)")
     p.add_argument("--color", default="auto", choices=["auto", "grayscale", "rgb"],
@@ -108,7 +108,7 @@ def _calibrate_parser(sub) -> None:
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.add_argument("--data", required=True, metavar="SRC", help="normal images to calibrate on")
     p.add_argument("--target-fpr", type=float, help="new target false-positive rate (default: the bundle's)")
-    p.add_argument("--out", type=Path, help="write a new bundle here instead of updating BUNDLE in place")
+    p.add_argument("--out", type=_path, help="write a new bundle here instead of updating BUNDLE in place")
 
 
 def _score_parser(sub) -> None:
@@ -122,7 +122,7 @@ def _score_parser(sub) -> None:
     """)
     p.add_argument("paths", nargs="+", metavar="BUNDLE PATH",
                    help="a bundle folder (or a shipped name: mnist-detect), then images, arrays or folders")
-    p.add_argument("--maps", type=Path, metavar="DIR",
+    p.add_argument("--maps", type=_path, metavar="DIR",
                    help="write the anomaly map of each anomalous image into DIR (named in the record's 'map')")
 
 
@@ -134,7 +134,7 @@ def _denoise_parser(sub) -> None:
     """)
     p.add_argument("paths", nargs="+", metavar="BUNDLE PATH",
                    help="a bundle folder (or a shipped name: mnist-denoise), then images, arrays or folders")
-    p.add_argument("--out", required=True, type=Path, metavar="DIR",
+    p.add_argument("--out", required=True, type=_path, metavar="DIR",
                    help="folder for the results: PNG per image, same shape and dtype per array")
 
 
@@ -169,7 +169,7 @@ def _evaluate_parser(sub) -> None:
                    help="one or more bundle folders (or shipped names such as mnist-detect) to compare")
     p.add_argument("--normal", required=True, metavar="SRC", help="normal images")
     p.add_argument("--anomalous", required=True, metavar="SRC", help="anomalous images")
-    p.add_argument("--report", type=Path, metavar="DIR",
+    p.add_argument("--report", type=_path, metavar="DIR",
                    help="also write PNG plots and an index.html showing them with the numbers into DIR")
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -192,6 +192,13 @@ def _run_parser(sub) -> None:
     p.add_argument("--polling", action="store_true", default=None, help="poll the inbox (network filesystems)")
     p.add_argument("--workers", type=int, help="processes that decode, score and commit (default: the cores)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by the main process for its workers
+
+
+def _path(text: str) -> Path:
+    """A path argument; an empty one (``--maps ""``) is refused, not taken as the current folder."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return Path(text)
 
 
 def build_parser() -> argparse.ArgumentParser:

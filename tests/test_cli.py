@@ -61,9 +61,11 @@ def test_top_level_help_and_version(capsys: pytest.CaptureFixture) -> None:
         ["train", "--data", "sample:mnist", "--out", "x", "--target-fpr", "nan"],
         ["train", "--data", "sample:mnist", "--out", "x", "--learning-rate", "-1"],
         ["train", "--data", "sample:mnist", "--out", "x", "--learning-rate", "0"],
+        ["score", "mnist-detect", "sample:mnist?limit=2", "--maps", ""],
+        ["train", "--data", "sample:mnist", "--out", ""],
     ],
     ids=["unknown-verb", "missing-required", "bad-int", "no-paths", "calibrate-no-data", "fpr-0", "fpr-nan",
-         "lr-negative", "lr-0"],
+         "lr-negative", "lr-0", "empty-maps", "empty-out"],
 )
 def test_bad_usage_exits_2_with_one_line(capsys: pytest.CaptureFixture, argv: list[str]) -> None:
     """Bad usage exits 2 with one 'Error:' line on stderr and no traceback."""
