@@ -88,6 +88,9 @@ def test_workers_share_the_work_and_the_metrics(tmp_path, digits):
         daemon.proc.send_signal(signal.SIGHUP)
         loaded = _wait_event(daemon, "bundle.loaded", n=4)  # two at start-up, two on reload
         assert {e.get("worker", 0) for e in loaded[2:]} == {0, 1}
+        time.sleep(0.5)
+        code, text = daemon.get("/metrics")
+        assert _metric(text, "aemon_reloads_total", '{result="ok"}') == 1, text  # one SIGHUP, not one per process
     finally:
         assert daemon.stop() == 0, daemon.text()
     assert not _alive(started["pid"])
