@@ -294,13 +294,13 @@ class Daemon:
             bundle = self._load(path)
         except AemonError as exc:
             log.error("bundle.reload_failed", path=str(path), error=str(exc), kept=self.bundle.version)
-            if self.worker is None:  # one SIGHUP counts once, not once per process
-                self.recorder.reload(ok=False)
-            return
-        self.bundle = bundle
-        self._set_model_metrics()
-        if self.worker is None:
-            self.recorder.reload(ok=True)
+            ok = False
+        else:
+            self.bundle = bundle
+            self._set_model_metrics()
+            ok = True
+        if self.worker is None:  # one SIGHUP counts once, not once per process
+            self.recorder.reload(ok=ok)
 
     def drain(self) -> None:
         """Log the stop: the loop commits each batch before it looks at the stop flag, so none is in hand."""
