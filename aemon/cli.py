@@ -83,7 +83,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--latent-dim", type=int, default=32,
                    help="code size of dense/deep/convsmall, components of pca (32)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the threshold (0.01)")
-    p.add_argument("--batch-size", type=int, default=256, help="training batch size (256)")
+    p.add_argument("--batch-size", dest="train_batch_size", type=int, default=256,
+                   help="training batch size (256)")
     p.add_argument("--optimizer", default="adam", help="adam, adadelta, rmsprop or sgd (adam)")
     p.add_argument("--learning-rate", type=float, help="optimizer learning rate (Keras default)")
     p.add_argument("--loss", default="binary_crossentropy", help="binary_crossentropy or mse")
@@ -235,9 +236,10 @@ def _check_out(out: Path, force: bool, src: str) -> None:
         UsageError: what is in the way.
     """
     from aemon.bundle import is_bundle
+    from aemon.sources import local_path
 
-    local = Path(src.split("?", 1)[0])
-    if local.exists() or local.is_symlink():
+    local = local_path(src)
+    if local is not None and (local.exists() or local.is_symlink()):
         data, dest = local.resolve(), out.resolve()
         if dest == data or dest in data.parents:
             raise UsageError(f"--out {out} is or holds the training data {src}; choose another --out")
@@ -257,7 +259,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.train import TrainConfig, train_bundle
 
     cfg = TrainConfig(
-        arch=args.arch, epochs=args.epochs, batch_size=args.batch_size, latent_dim=args.latent_dim,
+        arch=args.arch, epochs=args.epochs, batch_size=args.train_batch_size, latent_dim=args.latent_dim,
         denoise=args.denoise, noise_factor=args.noise_factor, target_fpr=args.target_fpr,
         calibration_split=args.calibration_split, validation_split=args.validation_split,
         patience=args.patience, optimizer=args.optimizer, learning_rate=args.learning_rate,
@@ -469,10 +471,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
 def _settings_flags(args: argparse.Namespace) -> dict:
     names = ("log_format", "log_level", "root", "model", "mode", "metrics_host", "metrics_port",
              "batch_size", "batch_wait_ms", "settle_seconds", "polling", "workers")
-    flags = {name: getattr(args, name, None) for name in names}
-    if args.verb != "run":
-        flags["batch_size"] = None  # train's --batch-size is the training batch, not AEMON_BATCH_SIZE
-    return flags
+    return {name: getattr(args, name, None) for name in names}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,7 +31,8 @@ from aemon.images import (
     read_array,
 )
 
-__all__ = ["Dataset", "load_source", "list_images", "choose_input", "unlike_input", "sample_mnist", "MAX_AUTO_SIDE"]
+__all__ = ["Dataset", "load_source", "local_path", "list_images", "choose_input", "unlike_input", "sample_mnist",
+           "MAX_AUTO_SIDE"]
 
 #: ``--size auto`` keeps the longer side at most this (the aspect kept, sides multiples of 4).
 MAX_AUTO_SIDE = 128
@@ -69,6 +70,12 @@ def _split_query(src: str) -> tuple[str, dict[str, str]]:
             f"{src}: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTIONS))}"
         )
     return base, options
+
+
+def local_path(src: str) -> Path | None:
+    """The file or folder that ``src`` reads (its query removed), or None for the built-in samples."""
+    base, _ = _split_query(src)
+    return None if base.startswith(("sample:", "keras:")) else Path(base)
 
 
 def _digits(options: dict[str, str], src: str) -> list[int] | None:
