@@ -184,8 +184,15 @@ FAMILIES: dict[str, Callable[..., np.ndarray]] = {
 }
 
 
+#: Smallest change, somewhere in the image, that counts as damage: a family drawn again until it makes one
+#: (a dark crack on a black background, or a blur of an empty corner, changes nothing and is no anomaly).
+VISIBLE = 0.1
+#: Draws of one family for one image before its last draw is kept whatever it changed.
+MAX_DRAWS = 10
+
+
 def damage(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One damaged copy of every image ``x`` ``(N, H, W, C)`` per family.
+    """One damaged copy of every image ``x`` ``(N, H, W, C)`` per family, each visibly changed where it can be.
 
     Returns:
         The damaged images ``(N × families, H, W, C)`` float32 in [0, 1], and each one's family index.
@@ -196,10 +203,14 @@ def damage(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     n = len(x)
     for i in range(n):
         for k, (name, fn) in enumerate(FAMILIES.items()):
-            if name == "cutpaste":
-                other = x[(i + 1 + int(rng.integers(0, max(1, n - 1)))) % n] if n > 1 else x[i][::-1, ::-1]
-                out.append(fn(x[i], other, rng))
-            else:
-                out.append(fn(x[i], rng))
+            for _ in range(MAX_DRAWS):
+                if name == "cutpaste":
+                    other = x[(i + 1 + int(rng.integers(0, max(1, n - 1)))) % n] if n > 1 else x[i][::-1, ::-1]
+                    damaged = np.clip(fn(x[i], other, rng), 0.0, 1.0)
+                else:
+                    damaged = np.clip(fn(x[i], rng), 0.0, 1.0)
+                if np.abs(damaged - x[i]).max() >= VISIBLE:
+                    break
+            out.append(damaged)
             family.append(k)
-    return np.clip(np.stack(out), 0.0, 1.0).astype(np.float32), np.array(family)
+    return np.stack(out).astype(np.float32), np.array(family)

@@ -141,6 +141,18 @@ def test_every_family_damages_grey_and_colour() -> None:
         assert (changed > 0.01).all()
 
 
+def test_every_family_visibly_damages_dark_background_digits() -> None:
+    """On white digits on black, a family that darkens the background (crack, blob, stain) or blurs an empty
+    corner changes nothing; such a copy is no anomaly and must be drawn again until the change is visible."""
+    from aemon.sources import load_source
+
+    x = load_source("sample:mnist").x[:200]
+    out, family = damage(x, seed=0)
+    changed = np.abs(out - np.repeat(x, len(FAMILIES), axis=0)).reshape(len(out), -1).max(axis=1)
+    unchanged = {name: int(np.sum(changed[family == k] < 0.1)) for k, name in enumerate(FAMILIES)}
+    assert sum(unchanged.values()) == 0, unchanged
+
+
 @pytest.mark.parametrize("shape", [(28, 28, 1), (30, 41, 3), (7, 5, 1)])
 def test_image_operations_match_scipy_ndimage(shape: tuple[int, int, int]) -> None:
     """The blur and the resampling the families use give scipy.ndimage's numbers (scipy: a test dependency)."""
