@@ -202,10 +202,7 @@ def denoised_png(unit: Unit) -> bytes:
         grey = Image.fromarray(unit.recon[0].mean(axis=-1).astype(np.float32), mode="F")
         if grey.size != size:
             grey = grey.resize(size, Image.Resampling.BILINEAR)
-        values = np.clip(np.rint(np.asarray(grey, dtype=np.float64) * 65535), 0, 65535).astype(np.uint16)
-        buf = io.BytesIO()
-        Image.fromarray(values).save(buf, format="PNG", compress_level=PNG_LEVEL)
-        return buf.getvalue()
+        return png_bytes(np.asarray(grey), bits=16)
     with Image.open(io.BytesIO(png_bytes(unit.recon[0]))) as recon:
         out = recon.convert("RGB" if colour else "L")
         if out.size != size:

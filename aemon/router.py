@@ -32,11 +32,13 @@ __all__ = ["FOLDERS", "DERIVED", "Router", "png_bytes", "png_name", "rows_bytes"
 FOLDERS = ("ok", "anomaly", "rejected", "denoised")
 
 
-def png_bytes(pixels: np.ndarray) -> bytes:
-    """``(H, W[, 1])`` or ``(H, W, 3)`` pixels in [0, 1] as an 8-bit grayscale or RGB PNG file."""
+def png_bytes(pixels: np.ndarray, bits: int = 8) -> bytes:
+    """``(H, W[, 1])`` or ``(H, W, 3)`` pixels in [0, 1] as a grayscale or RGB PNG file of 8 bits a channel
+    (or 16, grayscale only)."""
     from PIL import Image
 
-    values = np.clip(np.rint(np.asarray(pixels) * 255.0), 0, 255).astype(np.uint8)
+    top = (1 << bits) - 1
+    values = np.clip(np.rint(np.asarray(pixels, np.float64) * top), 0, top).astype(np.uint16 if bits > 8 else np.uint8)
     if values.ndim == 3 and values.shape[2] == 1:
         values = values[..., 0]
     buf = io.BytesIO()
