@@ -266,10 +266,9 @@ def read_array(path: Path, limits: Limits = Limits(), key: str | None = None) ->
                 members = {n.removesuffix(".npy"): n for n in archive.namelist()}
                 chosen = _pick_npz_key(sorted(members), path.name, key)
                 info = archive.getinfo(members[chosen])
-                if info.file_size > limits.max_bytes:
-                    raise TooLarge(
-                        f"{path.name}[{chosen}] unpacks to {info.file_size} bytes; the limit is {limits.max_bytes}"
-                    )
+                unpacked = sum(member.file_size for member in archive.infolist())  # the others travel along
+                if unpacked > limits.max_bytes:
+                    raise TooLarge(f"{path.name} unpacks to {unpacked} bytes; the limit is {limits.max_bytes}")
                 with archive.open(info) as fp:
                     shape, dtype = _npy_header(fp, f"{path.name}[{chosen}]")
                     _check_header(shape, dtype, f"{path.name}[{chosen}]", limits)

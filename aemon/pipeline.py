@@ -165,8 +165,7 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         return outputs, False
     raw = unit.raw
     if unit.recon is not None:
-        denoised = rows_bytes(input_to_array(unit.recon, raw), unit.rel, unit.key)
-        outputs.append(Output("denoised", unit.dest_rel, denoised, names_as="denoised"))
+        outputs.append(Output("denoised", unit.dest_rel, denoised_rows(unit), names_as="denoised"))
     names = np.array(unit.verdicts)
     for verdict in ("ok", "anomaly"):
         idx = np.flatnonzero(names == verdict)
@@ -180,10 +179,16 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         )
         if unit.key:
             record["array_key"] = unit.key
-        outputs.append(Output(verdict, unit.dest_rel, rows_bytes(raw[idx], unit.rel, unit.key), record=record))
+        part = rows_bytes(raw[idx], unit.rel, unit.key, source=unit.path, index=idx)
+        outputs.append(Output(verdict, unit.dest_rel, part, record=record))
         outputs += [Output(verdict, unit.dest_rel, unit.maps[int(j)], map_suffix=f".map-{int(j)}.png", map_row=int(j))
                     for j in idx if int(j) in unit.maps]
     return outputs, True
+
+
+def denoised_rows(unit: Unit) -> bytes:
+    """An array's reconstructions in the array's own shape and dtype (an ``.npz`` keeps its other arrays)."""
+    return rows_bytes(input_to_array(unit.recon, unit.raw), unit.rel, unit.key, source=unit.path)
 
 
 def denoised_png(unit: Unit) -> bytes:
@@ -324,7 +329,7 @@ def denoise_paths(bundle, paths: Iterable[Path], limits: Limits, out: Path) -> I
             if unit.raw is None:
                 dest = router.write_new(denoised_png(unit), "", png_name(name))
             else:
-                dest = router.write_new(rows_bytes(input_to_array(unit.recon, unit.raw), name, unit.key), "", name)
+                dest = router.write_new(denoised_rows(unit), "", name)
             yield {"item": unit.rel, "denoised": str(dest), "rows": len(unit.scores),
                    "score": float(np.max(unit.scores)), "model": {"name": bundle.name, "version": bundle.version},
                    "received_at": unit.received_at, "decided_at": utc_now()}

@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import threading
+import zipfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,59 @@ def png_bytes(pixels: np.ndarray, bits: int = 8) -> bytes:
     return buf.getvalue()
 
 
-def rows_bytes(rows: np.ndarray, name: str, key: str | None = None) -> bytes:
-    """Array rows (exact dtype) as a ``.npy`` file, or an ``.npz`` holding them under ``key``."""
+def rows_bytes(rows: np.ndarray, name: str, key: str | None = None, source: str | os.PathLike | None = None,
+               index: np.ndarray | None = None) -> bytes:
+    """Array rows (exact dtype) as a ``.npy`` file, or an ``.npz`` holding them under ``key``.
+
+    For an ``.npz``, every other member of ``source`` (the item's own archive) comes along, so that
+    nothing of the file is lost: an array with one entry per row of the scored array (labels) keeps
+    the entries ``index`` (all of them when ``index`` is None), anything else is copied unchanged.
+    """
+    if not name.lower().endswith(".npz"):
+        return _npy_bytes(rows)
+    key = key or "x"
     buf = io.BytesIO()
-    if name.lower().endswith(".npz"):
-        np.savez(buf, **{key or "x": rows})
-    else:
-        np.save(buf, rows, allow_pickle=False)
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+        out.writestr(f"{key}.npy", _npy_bytes(rows))
+        if source is not None:
+            with zipfile.ZipFile(source) as archive:
+                total = None
+                for info in archive.infolist():
+                    if info.filename.removesuffix(".npy") == key:
+                        total = _rows_in(archive.read(info))
+                for info in archive.infolist():
+                    if info.filename.removesuffix(".npy") != key:
+                        out.writestr(info.filename, _companion(archive.read(info), total, index))
     return buf.getvalue()
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _rows_in(member: bytes) -> int | None:
+    """The number of rows of an ``.npy`` member, from its header alone (None if it is not one)."""
+    try:
+        fp = io.BytesIO(member)
+        version = np.lib.format.read_magic(fp)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(fp)
+    except (ValueError, OSError):
+        return None
+    return shape[0] if shape else None
+
+
+def _companion(member: bytes, total: int | None, index: np.ndarray | None) -> bytes:
+    """Another member of an item's ``.npz``: its entries ``index`` if it has one per row, else unchanged."""
+    if index is None or total is None or _rows_in(member) != total:
+        return member
+    try:
+        array = np.load(io.BytesIO(member), allow_pickle=False)
+    except ValueError:  # an object array: kept whole, never unpickled
+        return member
+    return _npy_bytes(array[index])
 
 
 def png_name(rel: str) -> str:

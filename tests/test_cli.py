@@ -532,3 +532,18 @@ def test_denoise_keeps_a_16_bit_image_16_bit(capsys: pytest.CaptureFixture, tiny
         assert img.mode.startswith("I;16") and img.size == (56, 56), img.mode
         values = np.asarray(img)
     assert values.max() > 255 * 100  # scaled to 16 bits, not 8-bit values in a 16-bit file
+
+
+def test_denoise_of_an_npz_keeps_its_other_arrays(capsys: pytest.CaptureFixture, tiny_denoise_bundle: Path,
+                                                   tmp_path: Path, mnist_digits: np.ndarray) -> None:
+    """The denoised .npz holds the reconstructions under the images' name and every other array as it was
+    (labels and all); only 'x' came back."""
+    src = tmp_path / "set.npz"
+    np.savez(src, x=mnist_digits[:4], y=np.arange(4), note=np.array("camera 3"))
+    code, _, err = run(capsys, "denoise", str(tiny_denoise_bundle), str(src), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    with np.load(tmp_path / "out" / "set.npz") as out:
+        assert sorted(out.files) == ["note", "x", "y"]
+        assert out["x"].shape == (4, 28, 28) and out["x"].dtype == np.uint8
+        np.testing.assert_array_equal(out["y"], np.arange(4))
+        assert str(out["note"]) == "camera 3"

@@ -577,3 +577,29 @@ def test_a_long_batch_keeps_the_daemon_alive_for_systemd_and_healthz(tmp_path):
     gaps = np.diff([start, *pings])
     assert gaps.max() < interval, f"no WATCHDOG=1 for {gaps.max():.1f} s while the batch ran ({took:.1f} s)"
     assert set(health) == {200}, health
+
+
+def test_an_npz_keeps_every_array_it_holds(shared, tmp_path, digits):
+    """An .npz with labels and other arrays beside its images: the parts hold the image rows of their
+    verdict, the labels of those same rows, and every other array unchanged; nothing of the file is lost."""
+    root = shared.root
+    noise = np.random.default_rng(3).integers(0, 256, (3, 28, 28)).astype(np.uint8)
+    images = np.concatenate([digits[:6], noise])
+    labels = np.arange(len(images), dtype=np.int64) * 10
+    extra = {"note": np.array([7, 8]), "scale": np.float32(0.5)}
+    staged = tmp_path / "labelled.npz"
+    np.savez(staged, x=images, y=labels, **extra)
+    os.rename(staged, root / "inbox" / "labelled.npz")
+    wait_records(root, len(records(root)) + 2, shared)
+    seen = []
+    for folder in ("ok", "anomaly"):
+        record = load(root / folder / "labelled.npz.json")
+        index = [row["index"] for row in record["rows"]]
+        seen += index
+        with np.load(root / folder / "labelled.npz") as part:
+            assert sorted(part.files) == ["note", "scale", "x", "y"], part.files
+            np.testing.assert_array_equal(part["x"], images[index])
+            np.testing.assert_array_equal(part["y"], labels[index])
+            np.testing.assert_array_equal(part["note"], extra["note"])
+            assert part["scale"] == extra["scale"] and part["scale"].dtype == np.float32
+    assert sorted(seen) == list(range(len(images)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -92,6 +93,23 @@ def test_byte_limit(tmp_path: Path) -> None:
     np.save(path, np.zeros((10, 28, 28), np.uint8))
     with pytest.raises(TooLarge):
         read_array(path, Limits(max_bytes=100))
+
+
+def test_npz_limit_counts_every_array_it_holds(tmp_path: Path) -> None:
+    """The other arrays of an .npz travel with its parts, so a small image array beside a member that
+    unpacks past the limit (a zip bomb) is refused before anything is unpacked."""
+    import zipfile
+
+    path = tmp_path / "bomb.npz"
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((2, 28, 28), np.uint8))
+        archive.writestr("x.npy", buf.getvalue())
+        archive.writestr("junk.npy", bytes(5_000_000))
+    assert path.stat().st_size < 100_000
+    assert read_array(path, Limits(max_bytes=10_000_000))[1] == "x"
+    with pytest.raises(TooLarge, match=r"bomb\.npz unpacks to 5001"):
+        read_array(path, Limits(max_bytes=1_000_000))
 
 
 def test_unsupported_suffix(tmp_path: Path) -> None:
