@@ -17,13 +17,12 @@ Policy (also in the README):
 
 from __future__ import annotations
 
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aemon.errors import BadShape, EmptyItem, TooLarge, Unreadable, UnsafeItem, UnsupportedType
 
@@ -47,6 +46,14 @@ __all__ = [
 
 #: File name endings read as images (Pillow decodes them).
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif"})
+#: Pillow decoders an image may reach, whatever its name: the contract's formats only (no other plugin,
+#: such as EPS with its Ghostscript, ever sees an item's bytes; camera JPEGs that Pillow calls MPO open as JPEG).
+FORMATS = ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF")
+#: EXIF orientations that turn the picture a quarter (its displayed width and height are swapped).
+_QUARTER_TURNS = frozenset({5, 6, 7, 8})
+# Pillow's own bomb limit is replaced by Limits.max_pixels, checked on the header before any decoding
+# (Pillow's could neither be raised by the setting nor be named in the refusal).
+Image.MAX_IMAGE_PIXELS = None
 #: File name endings read as arrays of images (numpy, never with pickles).
 ARRAY_SUFFIXES = frozenset({".npy", ".npz"})
 
@@ -148,20 +155,12 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
     """
     _check_file(path, limits)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                width, height = img.size
-                if width * height > limits.max_pixels:
-                    raise TooLarge(
-                        f"{path.name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels"
-                    )
-                img.seek(0)
-                converted = _convert(img, prep.color_mode, path.name)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooLarge(f"{path.name} looks like a decompression bomb: {exc}") from exc
-    except UnidentifiedImageError as exc:
-        raise Unreadable(f"{path.name} is not a readable image") from exc
+        with open_image(path) as img:
+            width, height = img.size
+            if width * height > limits.max_pixels:
+                raise TooLarge(f"{path.name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
+            img.seek(0)
+            converted = _convert(upright(img), prep.color_mode, path.name)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise Unreadable(f"{path.name} could not be decoded: {exc}") from exc
     if converted.size != (prep.size[1], prep.size[0]):
@@ -175,6 +174,36 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
     if prep.channels == 3 and pixels.shape[2] == 1:
         pixels = np.repeat(pixels, 3, axis=2)
     return pixels
+
+
+def open_image(path: Path) -> Image.Image:
+    """``path`` opened lazily (its header read, no pixel decoded) by the decoders of :data:`FORMATS` only.
+
+    Raises:
+        Unreadable: the file is none of those formats.
+    """
+    try:
+        return Image.open(path, formats=FORMATS)
+    except UnidentifiedImageError as exc:
+        raise Unreadable(f"{path.name} is not a PNG, JPEG, BMP, TIFF, WebP or GIF image") from exc
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(0x0112, 1))
+    except (ValueError, TypeError, SyntaxError, OSError):  # a broken EXIF block: keep the pixels as stored
+        return 1
+
+
+def upright(img: Image.Image) -> Image.Image:
+    """The image as a viewer shows it: turned or mirrored as its EXIF orientation tag says (camera photos)."""
+    return ImageOps.exif_transpose(img) if _orientation(img) != 1 else img
+
+
+def displayed_size(img: Image.Image) -> tuple[int, int]:
+    """``(width, height)`` as a viewer shows the image (from the header and EXIF, no pixel decoded)."""
+    width, height = img.size
+    return (height, width) if _orientation(img) in _QUARTER_TURNS else (width, height)
 
 
 def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:

@@ -21,7 +21,7 @@ import numpy as np
 from aemon.calibration import decide as verdicts_of
 from aemon.errors import EmptyItem, ItemRejected, Unreadable
 from aemon.fsio import utc_now
-from aemon.images import PNG_LEVEL, Limits, Preprocessing, input_to_array
+from aemon.images import PNG_LEVEL, Limits, Preprocessing, displayed_size, input_to_array, open_image
 from aemon.images import decode as decode_file
 from aemon.maps import render, strengths
 from aemon.records import rejected_record, scored_record
@@ -197,9 +197,9 @@ def denoised_png(unit: Unit) -> bytes:
     from PIL import Image
 
     try:
-        with Image.open(unit.path) as img:
-            size, mode = img.size, img.mode
-    except OSError:  # decoded a moment ago: only a vanished file ends here; keep the model's size
+        with open_image(unit.path) as img:
+            size, mode = displayed_size(img), img.mode
+    except (OSError, Unreadable):  # decoded a moment ago: only a vanished file ends here; keep the model's size
         return png_bytes(unit.recon[0])
     deep = mode in ("I", "F") or mode.startswith("I;16")
     colour = not deep and mode not in ("1", "L", "LA")

@@ -20,14 +20,16 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from aemon.errors import ItemRejected, SourceError
+from aemon.errors import ItemRejected, SourceError, Unreadable
 from aemon.images import (
     Limits,
     Preprocessing,
     array_to_input,
     decode_image,
+    displayed_size,
     is_array_name,
     is_image_name,
+    open_image,
     read_array,
 )
 
@@ -397,20 +399,19 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
     files = list_images(path) if path.is_dir() else [path]
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
-    from PIL import Image
-
     sizes, colourful = [], False
     # Spread over the whole list, not its first files: a folder sorted by camera or date would
     # otherwise be judged by one end of it.
     picked = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), _INSPECT)).astype(int))]
     for file in picked:
         try:
-            with Image.open(file) as img:
-                sizes.append((img.height, img.width))
+            with open_image(file) as img:
+                width, height = displayed_size(img)
+                sizes.append((height, width))
                 if not colourful and img.mode not in ("1", "L", "LA", "I", "F") and not img.mode.startswith("I;16"):
                     rgb = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.int16)
                     colourful = bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() > 8
                                      or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 8)
-        except OSError as exc:
+        except (OSError, Unreadable) as exc:
             raise SourceError(f"{src}: {file.name} is not a readable image: {exc}") from exc
     return sizes, colourful, "images inspected"

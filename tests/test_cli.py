@@ -547,3 +547,24 @@ def test_denoise_of_an_npz_keeps_its_other_arrays(capsys: pytest.CaptureFixture,
         assert out["x"].shape == (4, 28, 28) and out["x"].dtype == np.uint8
         np.testing.assert_array_equal(out["y"], np.arange(4))
         assert str(out["note"]) == "camera 3"
+
+
+def test_a_camera_photo_is_scored_and_denoised_as_displayed(capsys: pytest.CaptureFixture, tiny_bundle: Path,
+                                                            tiny_denoise_bundle: Path, tmp_path: Path,
+                                                            mnist_digits: np.ndarray) -> None:
+    """A digit stored turned with EXIF orientation 6 (as phones save photos) scores like the same digit saved
+    upright, and its denoised output has the displayed size; it scored as an anomaly, turned."""
+    upright = np.kron(mnist_digits[0], np.ones((2, 1), np.uint8))  # 56 high, 28 wide
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # turn 90° clockwise to view
+    Image.fromarray(np.ascontiguousarray(np.rot90(upright))).save(tmp_path / "phone.png", exif=exif)
+    code, out, err = run(capsys, "score", str(tiny_bundle), str(tmp_path / "upright.png"), str(tmp_path / "phone.png"))
+    assert code == 0, err
+    first, second = (json.loads(line) for line in out.splitlines())
+    assert first["score"] == pytest.approx(second["score"], rel=1e-6), (first, second)
+    code, _, err = run(capsys, "denoise", str(tiny_denoise_bundle), str(tmp_path / "phone.png"),
+                       "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    with Image.open(tmp_path / "out" / "phone.png") as img:
+        assert img.size == (28, 56)

@@ -79,6 +79,54 @@ def test_huge_png_header_is_refused_without_decoding(tmp_path: Path) -> None:
         decode_image(path)
 
 
+def test_the_pixel_limit_is_aemons_own_above_and_below_pillows(tmp_path: Path) -> None:
+    """The refusal names the configured limit, and a limit raised past Pillow's own bomb limit (89 Mpx) works:
+    a 20000x20000 header was refused quoting Pillow's 178956970, and AEMON_MAX_IMAGE_PIXELS above it did nothing."""
+    path = tmp_path / "wide.png"
+    _png_header(path, 20_000, 20_000)
+    with pytest.raises(TooLarge, match="20000x20000 pixels; the limit is 40000000 pixels"):
+        decode_image(path)
+    big = tmp_path / "big.png"
+    Image.new("L", (9_500, 9_500), 0).save(big)  # 90 Mpx: past Pillow's warning limit
+    assert decode_image(big, limits=Limits(max_pixels=100_000_000)).shape == (28, 28, 1)
+
+
+def test_only_the_contracts_formats_are_decoded(tmp_path: Path) -> None:
+    """PNG, JPEG, BMP, TIFF, WebP and GIF only, whatever the name: an icon or a PostScript file named .png must
+    never reach another Pillow plugin (EPS would run Ghostscript on untrusted input)."""
+    Image.new("L", (28, 28), 0).save(tmp_path / "icon.ico")
+    (tmp_path / "icon.ico").rename(tmp_path / "icon.png")
+    (tmp_path / "page.png").write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 28 28\nshowpage\n")
+    for name in ("icon.png", "page.png"):
+        with pytest.raises(Unreadable, match="not a PNG, JPEG, BMP, TIFF, WebP or GIF image"):
+            decode_image(tmp_path / name)
+    for fmt in ("PNG", "JPEG", "BMP", "TIFF", "WEBP", "GIF"):
+        Image.new("L", (28, 28), 0).save(tmp_path / "x.img", format=fmt)
+        assert decode_image(tmp_path / "x.img").shape == (28, 28, 1), fmt
+
+
+def _tagged(path: Path, upright: np.ndarray, orientation: int) -> Path:
+    """``upright`` stored as a camera would with an EXIF orientation tag (6: turn 90° clockwise to view,
+    8: 90° anticlockwise, 3: 180°)."""
+    stored = np.rot90(upright, {6: 1, 8: -1, 3: 2}[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(np.ascontiguousarray(stored)).save(path, exif=exif)
+    return path
+
+
+@pytest.mark.parametrize("orientation", [6, 8, 3])
+def test_an_exif_orientation_is_applied_as_a_viewer_would(tmp_path: Path, orientation: int) -> None:
+    """A phone photo stores its pixels turned and says so in EXIF: it is scored (and mapped, and denoised)
+    as displayed, like the same picture saved upright; it was scored as stored."""
+    upright = np.zeros((40, 30), np.uint8)
+    upright[5:12, 3:25] = 255  # a bar near the top: wrong anywhere else
+    Image.fromarray(upright).save(tmp_path / "upright.png")
+    tagged = _tagged(tmp_path / "tagged.png", upright, orientation)
+    prep = Preprocessing(size=(40, 30))
+    np.testing.assert_array_equal(decode_image(tagged, prep), decode_image(tmp_path / "upright.png", prep))
+
+
 def test_pixel_limit_is_configurable(tmp_path: Path) -> None:
     """An ordinary image above a configured pixel limit is refused as too large."""
     path = tmp_path / "a.png"
