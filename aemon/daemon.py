@@ -26,7 +26,7 @@ from aemon.errors import AemonError, ItemRejected, StartupError
 from aemon.http import HttpServer, is_loopback
 from aemon.inbox import Inbox
 from aemon.logs import get_logger
-from aemon.metrics import build
+from aemon.metrics import build, reserve_value_files
 from aemon.pipeline import decide, decode
 from aemon.recorder import Recorder
 from aemon.router import FOLDERS, Router
@@ -67,6 +67,11 @@ class Daemon:
             # Worker processes: values go to files that the main process's collector sums.
             from prometheus_client import multiprocess
 
+            folder = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+            try:
+                reserve_value_files(folder)
+            except OSError as exc:
+                raise StartupError(f"no room for the metrics files in {folder}: {exc}") from exc
             self.metrics = build(CollectorRegistry(), info_registry=self.registry)
             if worker is None:
                 multiprocess.MultiProcessCollector(self.registry)

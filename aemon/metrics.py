@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 
 from aemon import errors
 
-__all__ = ["Metrics", "build", "observe_many", "REASONS"]
+__all__ = ["Metrics", "build", "observe_many", "reserve_value_files", "REASONS"]
 
 #: Every ``reason`` an item can be rejected for (the ``aemon_errors_total`` labels).
 REASONS = tuple(sorted({cls.reason for cls in vars(errors).values()
@@ -21,6 +23,28 @@ _SCORE_BUCKETS = (-2, -1, 0, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.0
                   2, 5, 10, 20, 50, 100, 200, 500, 1000, float("inf"))
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
 _SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
+
+
+#: prometheus_client's value files of one process in multiprocess mode, by the kinds :func:`build` makes
+#: (counters, histograms, and gauges by their multiprocess mode).
+VALUE_FILES = ("counter", "histogram", "gauge_livemostrecent", "gauge_livesum", "gauge_max")
+#: Bytes reserved for each (prometheus_client starts its files at 64 KiB; ours hold a few kilobytes).
+VALUE_FILE_BYTES = 1 << 16
+
+
+def reserve_value_files(folder: Path) -> None:
+    """Create this process's value files in ``folder`` with their blocks allocated.
+
+    prometheus_client makes them sparse and writes through a memory map: on a full filesystem the first
+    write finds no block and the kernel kills the process with SIGBUS, nothing logged. Reserved here, a
+    full disk is an ordinary ``OSError`` (ENOSPC) raised before any metric exists.
+    """
+    for kind in VALUE_FILES:
+        fd = os.open(folder / f"{kind}_{os.getpid()}.db", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, VALUE_FILE_BYTES)
+        finally:
+            os.close(fd)
 
 
 @dataclass

@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
@@ -23,3 +29,18 @@ def test_observe_many_exposes_what_observing_one_by_one_does() -> None:
         observe_many(h_many, case)
         lines = [line for line in generate_latest(one).decode().splitlines() if "_created" not in line]
         assert lines == [line for line in generate_latest(many).decode().splitlines() if "_created" not in line]
+
+
+def test_reserved_value_files_cover_every_file_the_metrics_write(tmp_path: Path) -> None:
+    """In multiprocess mode every value file that building the metrics opens is one that
+    reserve_value_files allocated first (a new kind of metric must be reserved too, or a full disk kills
+    the process with SIGBUS)."""
+    code = ("import json, os; from prometheus_client import CollectorRegistry; from aemon.metrics import build; "
+            "build(CollectorRegistry()); folder = os.environ['PROMETHEUS_MULTIPROC_DIR']; "
+            "print(json.dumps([n.rsplit('_', 1)[0] for n in os.listdir(folder)]))")
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                         capture_output=True, text=True, check=True).stdout
+    from aemon.metrics import VALUE_FILES
+
+    written = set(json.loads(out))
+    assert written and written <= set(VALUE_FILES), (written, VALUE_FILES)

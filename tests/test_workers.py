@@ -172,3 +172,40 @@ def test_a_cpu_quota_caps_the_default_workers(tmp_path):
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def _full_tmpfs(path: Path) -> bool:
+    """Mount a 4 MiB tmpfs at ``path`` and fill it; False where mounting is not allowed."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        return False
+    new_root(path)
+    with open(path / "filler", "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return True
+
+
+def test_a_full_disk_stops_a_two_process_daemon_with_a_message_not_a_bus_error(tmp_path):
+    """prometheus_client maps its sparse value files and writes through the map: on a full filesystem the first
+    write killed the process with SIGBUS (exit 135, not a line logged). The files are reserved first, so a full
+    root is an ordinary start-up error that names the cause; once there is room, the daemon starts."""
+    mount = tmp_path / "small"
+    if not _full_tmpfs(mount):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        root = mount / "root"
+        daemon = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": "2"})
+        code = daemon.proc.wait(timeout=120)
+        assert code > 0, f"exit {code}:\n{daemon.text()}"
+        assert "No space left on device" in daemon.text(), daemon.text()
+        (mount / "filler").unlink()
+        again = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": "2"}).wait_ready()
+        assert again.stop() == 0, again.text()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
