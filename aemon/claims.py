@@ -151,15 +151,16 @@ class ClaimStore:
                 os.close(fd)
         return sorted(adopted, key=lambda p: p.name)
 
-    def recover(self, router: Router, inbox: Path,
-                progress: Callable[[], None] = lambda: None) -> Iterator[list[Claim]]:
+    def recover(self, router: Router, inbox: Path, progress: Callable[[], None] = lambda: None,
+                decided: Callable[[dict], None] = lambda record: None) -> Iterator[list[Claim]]:
         """Adopt the batch folders of stopped daemons; finish what they decided; yield what is left to route.
 
         A batch with a journal was decided before the crash: exactly that decision is finished
-        (items placed, missing records written). Its folder entries' empty shells are removed;
-        anything else, and the entries of a batch without a journal, are yielded (one list per
-        batch folder) to be routed again. Outputs of undecided batches are dropped. ``progress`` is
-        called as a large journal runs and after each batch folder.
+        (items placed, missing records written) and each of its records is passed to ``decided``
+        (the stopped daemon reports a batch's decisions only once the batch is done). Its folder
+        entries' empty shells are removed; anything else, and the entries of a batch without a
+        journal, are yielded (one list per batch folder) to be routed again. Outputs of undecided
+        batches are dropped. ``progress`` is called as a large journal runs and after each batch folder.
         """
         for batch_dir in self.adopt_orphans():
             progress()
@@ -167,6 +168,9 @@ class ClaimStore:
             if journal is not None:
                 done = journal.run(router, batch_dir, progress)
                 log.info("claim.finished", batch=batch_dir.name, steps=len(done))
+                for step in done:
+                    if step.record is not None:
+                        decided(step.record)
                 for name in journal.entries:
                     entry = batch_dir / name
                     if entry.is_dir() and not entry.is_symlink():

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry
@@ -320,9 +321,17 @@ class Daemon:
     def _adopt_orphans(self) -> None:
         """Finish or route again the batch folders of daemons that stopped (this one's, earlier)."""
         self._last_adopt = time.monotonic()
-        for claims in self.claims.recover(self.router, self.inbox.dir, self.beat):
+        for claims in self.claims.recover(self.router, self.inbox.dir, self.beat, self._finished):
             self._count_in_flight(len(claims))
             self.process(claims)
+
+    def _finished(self, record: dict) -> None:
+        """A decision of a stopped daemon, finished from its journal: logged and counted as any other."""
+        try:
+            arrived = datetime.fromisoformat(record["received_at"]).timestamp()
+        except (KeyError, TypeError, ValueError):
+            arrived = time.time()
+        self.recorder.decided(arrived, record)
 
     def _gather(self) -> list[Claim]:
         return self.inbox.gather(self.claims, self.settings.batch_size, self.settings.batch_wait_ms / 1000.0,

@@ -603,3 +603,37 @@ def test_an_npz_keeps_every_array_it_holds(shared, tmp_path, digits):
             np.testing.assert_array_equal(part["note"], extra["note"])
             assert part["scale"] == extra["scale"] and part["scale"].dtype == np.float32
     assert sorted(seen) == list(range(len(images)))
+
+
+def test_decisions_finished_after_a_crash_are_logged_and_counted(tmp_path, digits):
+    """A daemon SIGKILLed while it carries out a decided batch (its journal written): the restarted daemon
+    finishes the batch and must log and count those decisions too; alerts on anomalies missed them."""
+    root = new_root(tmp_path)
+    log = tmp_path / "daemon.log"
+    stage = tmp_path / "stage" / "lot"
+    for i in range(1500):
+        write_png(stage / f"d{i:04d}.png", digits[i % len(digits)])
+    daemon = Daemon(root, log, settle=SETTLE).wait_ready()
+    try:
+        os.rename(stage, root / "inbox" / "lot")
+        deadline = time.monotonic() + 60
+        while not any(name == ".journal.json" for _, _, names in os.walk(root / ".aemon" / "claims") for name in names):
+            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+            time.sleep(0.0005)
+        daemon.proc.kill()
+        daemon.proc.wait()
+    finally:
+        daemon.stop()
+    first = len(daemon.events("item.decided"))
+    again = Daemon(root, log, settle=SETTLE).wait_ready()
+    try:
+        wait_records(root, 1500, again)
+        finished = again.events("claim.finished")
+        _, text = again.get("/metrics")
+    finally:
+        assert again.stop() == 0, again.text()
+    assert finished and finished[0]["steps"] > 0, "the kill came after the batch was done: no journal to finish"
+    decided = first + len(again.events("item.decided"))
+    counted = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("aemon_items_total{"))
+    assert decided == 1500, (first, decided)
+    assert counted == 1500 - first
