@@ -206,6 +206,15 @@ def displayed_size(img: Image.Image) -> tuple[int, int]:
     return (height, width) if _orientation(img) in _QUARTER_TURNS else (width, height)
 
 
+def _over_black(img: Image.Image) -> Image.Image:
+    """An image with transparency composited onto black (RGB); others unchanged. A fully transparent
+    pixel is black whatever colour it stores, so two files that look the same decode the same."""
+    if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
+        return img
+    rgba = img.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (0, 0, 0, 255)), rgba).convert("RGB")
+
+
 def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
     """``L`` or ``RGB`` (8-bit), or for 16-bit and float images a float image (``F``) already
     scaled to [0, 1] (grey; repeated to 3 channels for rgb).
@@ -221,6 +230,7 @@ def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
         return Image.fromarray((values / 65535.0).astype(np.float32))
     if img.mode == "F":
         return Image.fromarray(unit_pixels(np.asarray(img, dtype=np.float32), name))
+    img = _over_black(img)
     if color_mode == "rgb":
         return img.convert("RGB")
     try:
@@ -345,7 +355,8 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
 
 def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
     """Pixel values as float32 in [0, 1], by the one rule for arrays and float images: integers
-    (0–255) and floats above 1 (up to 255) are divided by 255, floats in [0, 1] kept.
+    (0–255) and floats above 1 (up to 255) are divided by 255, floats in [0, 1] kept (and floats at most
+    :data:`UNIT_SLACK` above 1, a rounding error, clipped to 1).
 
     Raises:
         Unreadable: NaN or infinite values, or values outside 0–255.
@@ -356,9 +367,20 @@ def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
     if low < 0 or high > 255:
         raise Unreadable(f"{name} has values in [{low:g}, {high:g}]; expected 0–255 or [0, 1]")
     pixels = raw.astype(np.float32)
-    if raw.dtype.kind in "ui" or high > 1.0:
+    if _in_0_255(raw.dtype, high):
         pixels /= 255.0
+    elif high > 1.0:  # a rounding error above 1
+        np.minimum(pixels, 1.0, out=pixels)
     return pixels
+
+
+#: Floats up to 1 + this are [0, 1] pixels with a rounding error (half a step of 8 bits), not 0–255 values.
+UNIT_SLACK = 1 / 510
+
+
+def _in_0_255(dtype: np.dtype, high: float) -> bool:
+    """Whether pixels of ``dtype`` whose largest value is ``high`` hold 0–255 values (else [0, 1])."""
+    return dtype.kind in "ui" or high > 1.0 + UNIT_SLACK
 
 
 def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
@@ -368,7 +390,7 @@ def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
     (rounded for integers), floats in [0, 1] keep that range.
     """
     out = np.clip(pixels.astype(np.float64), 0.0, 1.0)
-    if like.dtype.kind in "ui" or (like.size and float(like.max()) > 1.0):
+    if _in_0_255(like.dtype, float(like.max()) if like.size else 0.0):
         out = out * 255.0
     if like.dtype.kind in "ui":
         out = np.rint(out)

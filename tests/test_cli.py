@@ -568,3 +568,21 @@ def test_a_camera_photo_is_scored_and_denoised_as_displayed(capsys: pytest.Captu
     assert code == 0, err
     with Image.open(tmp_path / "out" / "phone.png") as img:
         assert img.size == (28, 56)
+
+
+def test_floats_a_rounding_error_above_one_are_not_taken_as_0_to_255(capsys: pytest.CaptureFixture,
+                                                                      tiny_bundle: Path, tmp_path: Path,
+                                                                      mnist_digits: np.ndarray) -> None:
+    """One value of 1.0000001 (float rounding) in a [0, 1] float array made the whole file count as 0–255:
+    every row was divided by 255 and scored as an anomaly. It scores as the same array without it."""
+    clean = mnist_digits[:3].astype(np.float64) / 255.0
+    noisy = clean.copy()
+    y, x = np.argwhere(clean[1] == 1.0)[0]
+    noisy[1, y, x] = 1.0000001  # a full-ink pixel, a rounding error above it
+    np.save(tmp_path / "clean.npy", clean)
+    np.save(tmp_path / "noisy.npy", noisy)
+    code, out, err = run(capsys, "score", str(tiny_bundle), str(tmp_path / "clean.npy"), str(tmp_path / "noisy.npy"))
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]  # one line per row
+    assert len(rows) == 6 and all(row["verdict"] == "ok" for row in rows), rows
+    assert [r["score"] for r in rows[:3]] == pytest.approx([r["score"] for r in rows[3:]], abs=1e-4)

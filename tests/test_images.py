@@ -39,12 +39,12 @@ def test_decode_image_formats(tmp_path: Path, suffix: str) -> None:
 
 
 def test_decode_image_converts_colour_and_resizes(tmp_path: Path) -> None:
-    """An RGBA image of another size becomes grayscale at the bundle's size."""
+    """An RGBA image of another size becomes grayscale at the bundle's size, composited onto black."""
     path = tmp_path / "big.png"
     Image.new("RGBA", (56, 40), (255, 255, 255, 128)).save(path)
     x = decode_image(path)
     assert x.shape == (28, 28, 1)
-    assert np.allclose(x, 1.0)
+    assert np.allclose(x, 128 / 255, atol=1 / 255)
 
 
 def test_decode_file_image_has_batch_axis(tmp_path: Path) -> None:
@@ -125,6 +125,29 @@ def test_an_exif_orientation_is_applied_as_a_viewer_would(tmp_path: Path, orient
     tagged = _tagged(tmp_path / "tagged.png", upright, orientation)
     prep = Preprocessing(size=(40, 30))
     np.testing.assert_array_equal(decode_image(tagged, prep), decode_image(tmp_path / "upright.png", prep))
+
+
+@pytest.mark.parametrize("color_mode", ["grayscale", "rgb"])
+def test_what_hides_under_transparent_pixels_does_not_count(tmp_path: Path, color_mode: str) -> None:
+    """Fully transparent pixels show the viewer's background whatever colour they store: two files that look
+    the same decode the same (transparent parts as black), in LA, RGBA and palette images; the hidden colour
+    decided the verdict."""
+    visible = np.zeros((28, 28), np.uint8)
+    visible[8:20, 12:16] = 200
+    alpha = np.where(visible > 0, 255, 0).astype(np.uint8)
+    prep = Preprocessing(color_mode=color_mode)
+    decoded = []
+    for hidden in (0, 255):
+        grey = np.where(alpha > 0, visible, hidden).astype(np.uint8)
+        Image.fromarray(np.stack([grey, alpha], -1), "LA").save(tmp_path / f"la{hidden}.png")
+        Image.fromarray(np.stack([grey, grey, grey, alpha], -1), "RGBA").save(tmp_path / f"rgba{hidden}.png")
+        palette = Image.fromarray(np.stack([grey] * 3, -1), "RGB").quantize(4)
+        index = np.asarray(palette)
+        transparent = int(index[0, 0])
+        palette.save(tmp_path / f"p{hidden}.png", transparency=transparent)
+        decoded += [decode_image(tmp_path / f"{kind}{hidden}.png", prep) for kind in ("la", "rgba", "p")]
+    for x in decoded[1:]:
+        np.testing.assert_allclose(x, decoded[0], atol=1 / 255)
 
 
 def test_pixel_limit_is_configurable(tmp_path: Path) -> None:
