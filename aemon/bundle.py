@@ -140,7 +140,7 @@ def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = Fal
     import keras
 
     out = Path(out)
-    with staged_dir(out, overwrite=overwrite) as tmp:
+    with fsio.naming(out), staged_dir(out, overwrite=overwrite) as tmp:
         model_path = tmp / MODEL_FILE
         model.save(model_path)
         _fsync_file(model_path)
@@ -199,7 +199,8 @@ def read_meta(path: Path) -> BundleMeta:
 
 def write_meta(path: Path, meta: BundleMeta) -> None:
     """Replace a bundle's ``bundle.json`` atomically (used by recalibration)."""
-    write_json_atomic(Path(path) / META_FILE, meta.model_dump(mode="json"))
+    with fsio.naming(Path(path) / META_FILE):
+        write_json_atomic(Path(path) / META_FILE, meta.model_dump(mode="json"))
 
 
 @dataclass

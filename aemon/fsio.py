@@ -30,6 +30,7 @@ __all__ = [
     "write_with",
     "rename_noreplace",
     "staged_dir",
+    "naming",
 ]
 
 _RENAME_NOREPLACE = 1
@@ -188,6 +189,17 @@ def rename_noreplace(src: str | os.PathLike, dest: str | os.PathLike) -> None:
         os.rename(src, dest)
         return
     os.unlink(src)
+
+
+@contextmanager
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an ``OSError`` that names no file (a full disk while a library writes) as naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror, os.fspath(path)) from exc
+        raise
 
 
 @contextmanager

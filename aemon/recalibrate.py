@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from aemon.bundle import Bundle, BundleMeta, staged_dir, write_meta
+from aemon.fsio import naming
 from aemon.sources import Dataset
 from aemon.train import calibration_payload
 
@@ -38,7 +39,7 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
     if out is None:
         write_meta(bundle.path, meta)
         return meta
-    with staged_dir(Path(out)) as tmp:
+    with naming(out), staged_dir(Path(out)) as tmp:
         shutil.copytree(bundle.path, tmp, dirs_exist_ok=True)
         write_meta(tmp, meta.model_copy(update={"name": Path(out).name}))
     return meta

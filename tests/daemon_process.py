@@ -214,3 +214,21 @@ def new_root(tmp_path: Path, name: str = "root") -> Path:
     root = tmp_path / name
     (root / "inbox").mkdir(parents=True)
     return root
+
+
+def full_tmpfs(path: Path, prepare: Callable[[Path], object] = lambda path: None) -> bool:
+    """Mount a 4 MiB tmpfs at ``path``, let ``prepare`` make what a test needs on it, then fill it to the
+    last byte (a real ENOSPC). False where mounting is not allowed (needs root); unmount with ``umount -l``."""
+    path.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        return False
+    prepare(path)
+    with open(path / "filler", "wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * 65536)
+                out.flush()
+        except OSError:
+            pass
+    return True

@@ -586,3 +586,22 @@ def test_floats_a_rounding_error_above_one_are_not_taken_as_0_to_255(capsys: pyt
     rows = [json.loads(line) for line in out.splitlines()]  # one line per row
     assert len(rows) == 6 and all(row["verdict"] == "ok" for row in rows), rows
     assert [r["score"] for r in rows[:3]] == pytest.approx([r["score"] for r in rows[3:]], abs=1e-4)
+
+
+def test_a_full_disk_names_the_output_it_could_not_write(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """train and calibrate on a full filesystem: one line that says what and where (it said only
+    'No space left on device'), exit 1, and no half-written bundle."""
+    import subprocess
+
+    from daemon_process import full_tmpfs
+
+    mount = tmp_path / "small"
+    if not full_tmpfs(mount):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--arch", "pca", "--latent-dim", "8",
+                           "--out", str(mount / "bundle"))
+        assert code == 1 and "No space left on device" in err and str(mount / "bundle") in err, err
+        assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

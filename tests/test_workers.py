@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_process import Daemon, by_item, new_root, records, wait_records, write_png
+from daemon_process import Daemon, by_item, full_tmpfs, new_root, records, wait_records, write_png
 
 
 def _wait_event(daemon: Daemon, name: str, n: int = 1, timeout: float = 120) -> list[dict]:
@@ -174,29 +174,12 @@ def test_a_cpu_quota_caps_the_default_workers(tmp_path):
                 time.sleep(0.1)
 
 
-def _full_tmpfs(path: Path) -> bool:
-    """Mount a 4 MiB tmpfs at ``path`` and fill it; False where mounting is not allowed."""
-    path.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(path)],
-                                           capture_output=True).returncode != 0:
-        return False
-    new_root(path)
-    with open(path / "filler", "wb") as out:
-        try:
-            while True:
-                out.write(b"\0" * 65536)
-                out.flush()
-        except OSError:
-            pass
-    return True
-
-
 def test_a_full_disk_stops_a_two_process_daemon_with_a_message_not_a_bus_error(tmp_path):
     """prometheus_client maps its sparse value files and writes through the map: on a full filesystem the first
     write killed the process with SIGBUS (exit 135, not a line logged). The files are reserved first, so a full
     root is an ordinary start-up error that names the cause; once there is room, the daemon starts."""
     mount = tmp_path / "small"
-    if not _full_tmpfs(mount):
+    if not full_tmpfs(mount, new_root):
         pytest.skip("needs root to mount a small tmpfs")
     try:
         root = mount / "root"
