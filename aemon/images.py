@@ -270,12 +270,11 @@ def _pick_npz_key(keys: list[str], name: str, key: str | None) -> str:
         raise EmptyItem(f"{name} holds no arrays")
     if len(keys) == 1:
         return keys[0]
-    for preferred in ("x", "images", "x_test", "x_train"):
+    for preferred in ("x", "images"):
         if preferred in keys:
             return preferred
-    raise BadShape(
-        f"{name} holds several arrays ({', '.join(keys)}); keep one, or name one 'x' or 'images'"
-    )
+    raise BadShape(f"{name} holds several arrays ({', '.join(keys)}); keep one, or name the images 'x' or "
+                   "'images' (a SRC may also pick one: FILE.npz?key=NAME)")
 
 
 def read_array(path: Path, limits: Limits = Limits(), key: str | None = None) -> tuple[np.ndarray, str | None]:

@@ -71,7 +71,24 @@ def _split_query(src: str) -> tuple[str, dict[str, str]]:
         raise SourceError(
             f"{src}: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTIONS))}"
         )
+    foreign = set(options) - _options_of(base)
+    if foreign:  # e.g. digits= on sample:elpv would filter its cells by defect probability
+        raise SourceError(f"{src}: {', '.join(sorted(foreign))} does not apply to this source; it takes "
+                          f"{', '.join(sorted(_options_of(base)))}")
     return base, options
+
+
+def _options_of(base: str) -> set[str]:
+    """The query options a source takes."""
+    if base == "sample:elpv":
+        return {"type", "defect", "split", "limit"}
+    if base.startswith("sample:"):
+        return {"digits", "limit"}
+    if base.startswith("keras:"):
+        return {"split", "digits", "limit"}
+    if base.lower().endswith(".npz"):
+        return {"key", "digits", "limit"}
+    return {"limit"}  # a .npy (no labels), a folder or an image file
 
 
 def local_path(src: str) -> Path | None:
@@ -316,6 +333,8 @@ def choose_input(src: str, size: str = "auto", color: str = "auto") -> tuple[Pre
     """
     sizes, colourful, how = _inspect(src)
     why: dict[str, str] = {}
+    if size == "auto" and not sizes:
+        raise SourceError(f"{src}: flat rows (N, H*W) have no image size; give --size HxW")
     if size == "auto" and how == ARRAY_ROWS:  # rows are never resized: the bundle takes them as they are
         hw = sizes[0]
         why["size"] = f"auto: {hw[0]}x{hw[1]}, the {how} (arrays are taken at their own size)"
@@ -352,7 +371,7 @@ def unlike_input(src: str, prep: Preprocessing) -> str | None:
     threshold calibrated on them fits them, not what the bundle was made for: callers warn.
     """
     sizes, colourful, _ = _inspect(src)
-    h, w = _median_size(sizes)
+    h, w = _median_size(sizes) if sizes else prep.size  # flat rows: the bundle's own size
     (bh, bw), notes = prep.size, []
     if colourful and prep.color_mode == "grayscale":
         notes.append("their colour is dropped")
@@ -389,13 +408,21 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
             raw, _ = read_array(path, Limits(), options.get("key"))
         except ItemRejected as exc:
             raise SourceError(f"{src}: {exc}") from exc
-        if raw.ndim < 3:
-            raise SourceError(f"{src}: an array of shape {raw.shape} has no image size; give --size HxW")
+        if raw.ndim == 2:  # flat rows (N, H*W): only a given size says their shape
+            return [], False, ARRAY_ROWS
+        if raw.ndim < 2:
+            raise SourceError(f"{src}: an array of shape {raw.shape} holds no images; give (N, H, W), "
+                              "(N, H*W), (N, H, W, 1) or (N, H, W, 3)")
         if raw.ndim == 4 and raw.shape[-1] not in (1, 3):
             hint = "; it looks channels-first: transpose it to (N, H, W, C)" if raw.shape[1] in (1, 3) else ""
             raise SourceError(f"{src}: rows of shape {raw.shape[1:]} are not (H, W, 1) or (H, W, 3) images{hint}")
         colourful = raw.ndim == 4 and raw.shape[-1] == 3
         return [(int(raw.shape[1]), int(raw.shape[2]))], colourful, ARRAY_ROWS
+    if base.startswith(("sample:", "keras:")):
+        raise SourceError(f"{src}: the samples are sample:mnist and sample:elpv; Keras' are keras:mnist and "
+                          "keras:fashion_mnist")
+    if not path.exists():
+        raise SourceError(f"{src}: no such file or directory")
     files = list_images(path) if path.is_dir() else [path]
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")

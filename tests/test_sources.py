@@ -214,3 +214,52 @@ def test_a_channels_first_array_is_named_as_such(tmp_path):
     np.save(tmp_path / "nchw.npy", np.zeros((5, 1, 28, 28), np.uint8))
     with pytest.raises(SourceError, match="channels-first"):
         choose_input(str(tmp_path / "nchw.npy"))
+
+
+def test_an_npz_of_several_image_arrays_needs_a_key(tmp_path: Path) -> None:
+    """Without ?key= an .npz holding x_train and x_test trained on x_test without a word; now it is refused,
+    naming the arrays and ?key=."""
+    path = tmp_path / "mnist.npz"
+    x = np.stack([_digit(v) for v in (10, 20, 30, 40)])
+    np.savez(path, x_train=x, y_train=np.arange(4), x_test=x[:2], y_test=np.arange(2))
+    with pytest.raises(SourceError, match=r"several arrays \(x_test, x_train, y_test, y_train\).*\?key=NAME"):
+        load_source(str(path))
+
+
+@pytest.mark.parametrize(("src", "match"), [
+    ("sample:elpv?digits=1", "digits does not apply to this source; it takes defect, limit, split, type"),
+    ("sample:mnist?split=test", "split does not apply"),
+    ("sample:mnist?type=mono&defect=1", "defect, type does not apply"),
+])
+def test_options_of_another_source_are_refused(src: str, match: str) -> None:
+    """sample:elpv?digits=1 filtered its cells by defect probability and trained a 'normal' model on the
+    defective ones; options a source does not take are refused, naming those it does."""
+    with pytest.raises(SourceError, match=match):
+        load_source(src)
+
+
+def test_a_key_on_a_npy_and_a_misspelt_sample_are_named(tmp_path: Path) -> None:
+    from aemon.sources import choose_input
+
+    np.save(tmp_path / "a.npy", np.zeros((3, 28, 28), np.uint8))
+    with pytest.raises(SourceError, match="key does not apply"):
+        load_source(f"{tmp_path / 'a.npy'}?key=x")
+    with pytest.raises(SourceError, match="the samples are sample:mnist and sample:elpv"):
+        choose_input("sample:mnsit")
+    with pytest.raises(SourceError, match="no such file or directory"):
+        choose_input(str(tmp_path / "nowhere"))
+
+
+def test_flat_rows_take_the_size_given(tmp_path: Path) -> None:
+    """(N, H*W) arrays are documented input: with --size they train and calibrate (the size check refused
+    them whatever was given, and calibrate has no --size); without, the error says to give it."""
+    from aemon.images import Preprocessing
+    from aemon.sources import choose_input, unlike_input
+
+    path = tmp_path / "flat.npy"
+    np.save(path, np.stack([_digit(v).reshape(-1) for v in (10, 20, 30)]))
+    with pytest.raises(SourceError, match="give --size HxW"):
+        choose_input(str(path))
+    prep, _ = choose_input(str(path), "28x28")
+    assert prep.size == (28, 28) and load_source(str(path), prep).x.shape == (3, 28, 28, 1)
+    assert unlike_input(str(path), Preprocessing()) is None
