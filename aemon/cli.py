@@ -80,8 +80,8 @@ def _train_parser(sub) -> None:
     p.add_argument("--denoise", action="store_true", help="train on noisy inputs against clean targets")
     p.add_argument("--noise-factor", type=float, default=0.5, help="Gaussian noise scale for --denoise (0.5)")
     p.add_argument("--epochs", type=int, default=20, help="most epochs; early stopping may end sooner (20)")
-    p.add_argument("--latent-dim", type=int, default=32,
-                   help="code size of dense/deep/convsmall, components of pca (32)")
+    p.add_argument("--latent-dim", type=int, default=None,
+                   help="code size of dense/deep/convsmall, components of pca (32; auto chooses its own)")
     p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the threshold (0.01)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, default=256,
                    help="training batch size (256)")
@@ -259,16 +259,20 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.train import TrainConfig, train_bundle
 
     cfg = TrainConfig(
-        arch=args.arch, epochs=args.epochs, batch_size=args.train_batch_size, latent_dim=args.latent_dim,
+        arch=args.arch, epochs=args.epochs, batch_size=args.train_batch_size,
+        latent_dim=32 if args.latent_dim is None else args.latent_dim,
         denoise=args.denoise, noise_factor=args.noise_factor, target_fpr=args.target_fpr,
         calibration_split=args.calibration_split, validation_split=args.validation_split,
         patience=args.patience, optimizer=args.optimizer, learning_rate=args.learning_rate,
         loss=args.loss, score_fn=args.score_fn, seed=args.seed, name=args.name,
     )
     cfg.check()
+    if args.latent_dim is not None and cfg.arch == "auto":
+        raise UsageError("--latent-dim needs a fixed --arch: --arch auto chooses its PCA size itself "
+                         "(it was ignored)")
     _check_out(args.out, args.force, args.data)
     prep, choices = choose_input(args.data, args.size, args.color)
-    check_fits(cfg.arch, prep.input_shape)
+    check_fits(cfg.arch, prep.input_shape, cfg.latent_dim)
     for what, why in choices.items():
         print(f"{what}: {why}", file=sys.stderr)
     data = load_source(args.data, prep)
@@ -501,6 +505,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         # The reader went away (`aemon score ... | head -1`): stop quietly, as a pipe's writer does.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except MemoryError:  # numpy's (e.g. a --size far beyond the images) is a MemoryError
+        if debug:
+            traceback.print_exc()
+        print("Error: out of memory; use a smaller --size, fewer images (?limit=N) or a smaller model",
+              file=sys.stderr)
+        return 1
     except OSError as exc:  # an output the filesystem refuses: read-only, below a file, full
         if debug:
             traceback.print_exc()

@@ -53,15 +53,22 @@ def _dense_stack(
 
 #: Architectures with two 2×2 poolings (or strides): height and width must be divisible by 4.
 POOLED = ("conv", "convsmall")
+#: Architectures whose code size is ``--latent-dim``.
+CODED = ("dense", "deep", "convsmall", "pca")
 
 
-def check_fits(arch: str, input_shape: tuple[int, int, int]) -> None:
-    """Refuse an input size that ``arch`` cannot take, before any data is loaded.
+def check_fits(arch: str, input_shape: tuple[int, int, int], latent_dim: int | None = None) -> None:
+    """Refuse an input size (or a code size) that ``arch`` cannot take, before any data is loaded.
 
     Raises:
-        UsageError: naming the nearest size that fits.
+        UsageError: naming the nearest size that fits, or the largest code.
     """
     height, width = input_shape[0], input_shape[1]
+    values = math.prod(input_shape)
+    if latent_dim is not None and arch in CODED and latent_dim > values:
+        raise UsageError(f"--latent-dim {latent_dim} is more than the {values} values of a "
+                         f"{height}x{width}x{input_shape[2]} input: a code that wide learns to copy; "
+                         f"lower --latent-dim to at most {values}")
     if arch in POOLED and (height % 4 or width % 4):
         fit = "x".join(str(max(4, round(v / 4) * 4)) for v in (height, width))
         raise UsageError(f"--arch {arch} needs height and width divisible by 4 (two 2x2 poolings), not "

@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from aemon.bundle import Bundle, BundleMeta, staged_dir, write_meta
+from aemon.errors import BundleError
 from aemon.fsio import naming
 from aemon.sources import Dataset
 from aemon.train import calibration_payload
@@ -39,6 +40,9 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
     if out is None:
         write_meta(bundle.path, meta)
         return meta
+    if Path(out).exists():  # staged_dir's refusal speaks of train's --force, which calibrate has not
+        raise BundleError(f"{out} already exists; choose another --out, or leave --out out to update "
+                          f"{bundle.path} in place")
     with naming(out), staged_dir(Path(out)) as tmp:
         shutil.copytree(bundle.path, tmp, dirs_exist_ok=True)
         write_meta(tmp, meta.model_copy(update={"name": Path(out).name}))

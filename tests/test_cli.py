@@ -182,6 +182,8 @@ def test_calibrate_out_writes_new_bundle(capsys: pytest.CaptureFixture, tiny_bun
     assert meta.calibration.n == 100
     code, out_text, _ = run(capsys, "info", "--json", str(out))
     assert code == 0 and json.loads(out_text)["name"] == "site2"
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", "sample:mnist?limit=100", "--out", str(out))
+    assert code == 1 and "already exists" in err and "--force" not in err, err  # calibrate has no --force
 
 
 def test_calibrate_a_shipped_bundle_by_name_only_into_a_copy(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
@@ -605,3 +607,16 @@ def test_a_full_disk_names_the_output_it_could_not_write(capsys: pytest.CaptureF
         assert sorted(p.name for p in mount.iterdir()) == ["filler"]
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_code_size_that_cannot_work_is_refused_before_training(capsys: pytest.CaptureFixture,
+                                                                  tmp_path: Path) -> None:
+    """--latent-dim 1000000000 ended in a TensorFlow OOM traceback; with --arch auto any --latent-dim was
+    silently ignored. Both are refused in one line, exit 2, before data is loaded."""
+    code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--arch", "dense", "--latent-dim",
+                       "1000000000", "--out", str(tmp_path / "b"))
+    assert code == 2 and "lower --latent-dim to at most 784" in err and "Traceback" not in err, err
+    code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--latent-dim", "5",
+                       "--out", str(tmp_path / "b"))
+    assert code == 2 and "--latent-dim needs a fixed --arch" in err, err
+    assert not (tmp_path / "b").exists()
