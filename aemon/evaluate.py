@@ -192,13 +192,16 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     log.info("evaluate.loaded", bundles=len(bundles), normal=len(normal), anomalous=len(anomalous))
     results = evaluate_bundles(bundles, normal, anomalous)
     rows = [r.quality for r in results]
+    # The numbers first: a report that cannot be written (a full disk) must not take them along.
+    if args.json:
+        print(json.dumps([asdict(q) for q in rows], indent=2), flush=True)
+    else:
+        print(_table(rows), flush=True)
     if report_dir is not None:
+        from aemon.fsio import naming
         from aemon.report import write_report
 
-        index = write_report(report_dir, results, normal, anomalous)
+        with naming(report_dir):
+            index = write_report(report_dir, results, normal, anomalous)
         log.info("evaluate.report", path=str(index))
-    if args.json:
-        print(json.dumps([asdict(q) for q in rows], indent=2))
-    else:
-        print(_table(rows))
     return 0

@@ -192,3 +192,24 @@ def test_bad_inputs_give_one_error_line(capsys, tmp_path: Path, tiny_bundle: Pat
         assert code != 0, argv
         _assert_one_error_line(err)
         assert words in err.lower(), err
+
+
+def test_a_report_that_cannot_be_written_keeps_the_numbers(capsys, tmp_path: Path, tiny_bundle: Path,
+                                                           data_files) -> None:
+    """--report onto a full filesystem: the table is printed before the report fails, and the error names the
+    report folder (the numbers were lost and the error said only 'No space left on device')."""
+    import subprocess
+
+    from daemon_process import full_tmpfs
+
+    mount = tmp_path / "small"
+    if not full_tmpfs(mount):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        normal_npy, anomalous_npy = data_files
+        code, out, err = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy,
+                             "--report", mount / "report")
+        assert code == 1 and "AUROC" in out, (out, err)
+        assert "No space left on device" in err and str(mount / "report") in err, err
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
