@@ -82,10 +82,10 @@ def _parse(src: str) -> tuple[str, dict[str, str]]:
     return base, options
 
 
-def _digits(options: dict[str, str]) -> set[str] | None:
+def _digits(options: dict[str, str]) -> set[int | str] | None:
     if "digits" not in options:
         return None
-    return {d.strip() for d in options["digits"].split(",") if d.strip()}
+    return {int(d) if d.strip().isdigit() else d.strip() for d in options["digits"].split(",") if d.strip()}
 
 
 def overlaps(a: str, b: str) -> bool:

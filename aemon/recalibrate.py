@@ -8,7 +8,7 @@ from pathlib import Path
 from aemon.bundle import Bundle, BundleMeta, staged_dir, write_meta
 from aemon.errors import BundleError
 from aemon.fsio import naming
-from aemon.sources import Dataset
+from aemon.sources import Dataset, provenance
 from aemon.train import calibration_payload
 
 __all__ = ["recalibrate"]
@@ -27,7 +27,7 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
         CalibrationError: too few samples for the target FPR (with the number needed).
     """
     fpr = bundle.meta.target_fpr if target_fpr is None else target_fpr
-    threshold, calibration = calibration_payload(bundle.score(data.x), fpr, data.source)
+    threshold, calibration = calibration_payload(bundle.score(data.x), fpr, provenance(data.source))
     # Validate the merged dict: model_copy(update=...) would keep ``calibration`` a plain dict
     # and model_dump would then warn (and serialise it unchecked).
     meta = BundleMeta.model_validate({

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,8 +34,8 @@ from aemon.images import (
     read_array,
 )
 
-__all__ = ["Dataset", "load_source", "local_path", "list_images", "choose_input", "unlike_input", "sample_mnist",
-           "MAX_AUTO_SIDE"]
+__all__ = ["Dataset", "load_source", "local_path", "provenance", "list_images", "choose_input", "unlike_input",
+           "sample_mnist", "MAX_AUTO_SIDE"]
 
 #: ``--size auto`` keeps the longer side at most this (the aspect kept, sides multiples of 4).
 MAX_AUTO_SIDE = 128
@@ -89,6 +90,15 @@ def _options_of(base: str) -> set[str]:
     if base.lower().endswith(".npz"):
         return {"key", "digits", "limit"}
     return {"limit"}  # a .npy (no labels), a folder or an image file
+
+
+def provenance(src: str) -> str:
+    """``src`` as a bundle stores it: a local path made absolute (it names the same data from any folder,
+    so that ``evaluate`` can tell an overlap), the query kept."""
+    base, sep, query = src.partition("?")
+    if base.startswith(("sample:", "keras:")):
+        return src
+    return os.path.abspath(base) + sep + query
 
 
 def local_path(src: str) -> Path | None:

@@ -18,7 +18,7 @@ from aemon.images import Preprocessing
 from aemon.logs import get_logger
 from aemon.models import ARCHS, build, fit_pca, set_pca_weights
 from aemon.scoring import SCORE_FUNCTIONS, Scorer, fit_state
-from aemon.sources import Dataset
+from aemon.sources import Dataset, provenance
 from aemon.synthetic import damage
 
 __all__ = ["TrainConfig", "add_noise", "train_bundle", "calibration_payload"]
@@ -278,7 +278,7 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
         log.info("train.auto", choice=choice.summary())
     scorer = Scorer(model, cfg.score_fn, state=state)
     # Calibrate on clean held-out images, for denoisers too: they also score what arrives.
-    threshold, calibration = calibration_payload(scorer.score(x_cal), cfg.target_fpr, data.source)
+    threshold, calibration = calibration_payload(scorer.score(x_cal), cfg.target_fpr, provenance(data.source))
     choices = {**(choices or {}), **_auto_sentences(requested, cfg, choice)}
     meta = _meta(cfg, prep, data, out, choices, threshold, calibration, losses,
                  counts={"n_total": n, "n_fit": n_fitted, "n_validation": n_val, "n_calibration": n_cal,
@@ -322,7 +322,7 @@ def _meta(cfg: TrainConfig, prep: Preprocessing, data: Dataset, out: Path, choic
         "target_fpr": cfg.target_fpr,
         "calibration": calibration,
         "training": {
-            "source": data.source,
+            "source": provenance(data.source),
             **counts,
             "epochs_max": 0 if pca else cfg.epochs,
             "epochs_run": 0 if pca else len(losses.get("loss", [])),

@@ -146,6 +146,8 @@ def test_overlap_with_training_data_is_warned(capsys, tiny_bundle: Path, data_fi
         ("sample:elpv?type=mono&defect=0&split=test", "sample:elpv?type=mono&defect=0&split=train", False),
         ("sample:elpv?type=mono&defect=0", "sample:elpv?type=mono&split=train", True),
         ("sample:elpv?type=poly", "sample:elpv?type=mono", False),
+        ("sample:mnist?digits=01", "sample:mnist?digits=1", True),  # the same digit, written otherwise
+        ("sample:mnist?digits=01", "sample:mnist?digits=2", False),
     ],
 )
 def test_overlap_rules(a: str, b: str, expected: bool) -> None:
@@ -213,3 +215,26 @@ def test_a_report_that_cannot_be_written_keeps_the_numbers(capsys, tmp_path: Pat
         assert "No space left on device" in err and str(mount / "report") in err, err
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_training_folder_named_relatively_is_recognised_from_anywhere(capsys, tmp_path: Path,
+                                                                       mnist_digits: np.ndarray,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A bundle trained on 'digits' from one folder, evaluated on the same images named from another: the
+    overlap warning was missed (the bundle stored the relative path); provenance now stores it absolute."""
+    work = tmp_path / "work"
+    (work / "digits").mkdir(parents=True)
+    for i, img in enumerate(mnist_digits[:300]):
+        Image.fromarray(img).save(work / "digits" / f"{i}.png")
+    np.save(tmp_path / "noise.npy", np.random.default_rng(0).integers(0, 256, (50, 28, 28)).astype(np.uint8))
+    monkeypatch.chdir(work)
+    code, _, err = run(capsys, "train", "--data", "digits", "--arch", "pca", "--latent-dim", "8",
+                       "--target-fpr", "0.1", "--out", "bundle")
+    assert code == 0, err
+    assert load_bundle(work / "bundle").meta.training["source"] == str(work / "digits")
+    monkeypatch.chdir(tmp_path)
+    code, out, _ = run(capsys, "evaluate", "work/bundle", "--normal", str(work / "digits"), "--anomalous",
+                       "noise.npy", "--json")
+    assert code == 0
+    (row,) = json.loads(out)
+    assert row["warnings"] and "training and calibration" in row["warnings"][0], row
