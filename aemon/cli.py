@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import sys
@@ -72,7 +73,7 @@ def _train_parser(sub) -> None:
                         "images), dense, deep, conv, convsmall (conv with a latent-dim bottleneck) or pca "
                         "(the linear baseline, fitted by SVD) (auto)")
     p.add_argument("--out", required=True, type=_path, metavar="BUNDLE_DIR", help="bundle directory to create")
-    p.add_argument("--size", default="auto", metavar="{auto,HxW}",
+    p.add_argument("--size", default="auto", type=_size, metavar="{auto,HxW}",
                    help="model input size; auto: the median image size, longer side at most 128 (auto)")
     p.add_argument("--color", default="auto", choices=["auto", "grayscale", "rgb"],
                    help="colour mode; auto: rgb if the images have colour (auto)")
@@ -82,7 +83,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--epochs", type=int, default=20, help="most epochs; early stopping may end sooner (20)")
     p.add_argument("--latent-dim", type=int, default=None,
                    help="code size of dense/deep/convsmall, components of pca (32; auto chooses its own)")
-    p.add_argument("--target-fpr", type=float, default=0.01, help="false-positive rate of the threshold (0.01)")
+    p.add_argument("--target-fpr", type=_fpr, default=0.01, help="false-positive rate of the threshold (0.01)")
     p.add_argument("--batch-size", dest="train_batch_size", type=int, default=256,
                    help="training batch size (256)")
     p.add_argument("--optimizer", default="adam", help="adam, adadelta, rmsprop or sgd (adam)")
@@ -108,7 +109,7 @@ def _calibrate_parser(sub) -> None:
     """)
     p.add_argument("bundle", type=Path, metavar="BUNDLE")
     p.add_argument("--data", required=True, metavar="SRC", help="normal images to calibrate on")
-    p.add_argument("--target-fpr", type=float, help="new target false-positive rate (default: the bundle's)")
+    p.add_argument("--target-fpr", type=_fpr, help="new target false-positive rate (default: the bundle's)")
     p.add_argument("--out", type=_path, help="write a new bundle here instead of updating BUNDLE in place")
 
 
@@ -193,6 +194,30 @@ def _run_parser(sub) -> None:
     p.add_argument("--polling", action="store_true", default=None, help="poll the inbox (network filesystems)")
     p.add_argument("--workers", type=int, help="processes that decode, score and commit (default: the cores)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by the main process for its workers
+
+
+def _size(text: str) -> str:
+    """``auto`` or ``HxW``, sides 4 to 4096 (a usage error otherwise, exit 2)."""
+    if text == "auto":
+        return text
+    try:
+        sides = [int(v) for v in text.lower().split("x")]
+    except ValueError:
+        sides = []
+    if len(sides) != 2 or min(sides) < 4 or max(sides) > 4096:
+        raise argparse.ArgumentTypeError(f"must be auto or HxW (e.g. 64x64, sides 4 to 4096), not {text!r}")
+    return text
+
+
+def _fpr(text: str) -> float:
+    """A false-positive rate strictly between 0 and 1 (a usage error otherwise, exit 2)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (exclusive), not {text!r}")
+    return value
 
 
 def _path(text: str) -> Path:

@@ -620,3 +620,19 @@ def test_a_code_size_that_cannot_work_is_refused_before_training(capsys: pytest.
                        "--out", str(tmp_path / "b"))
     assert code == 2 and "--latent-dim needs a fixed --arch" in err, err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "sample:mnist", "--out", "B", "--size", "0x0"],
+    ["train", "--data", "sample:mnist", "--out", "B", "--size", "28x28x3"],
+    ["calibrate", "mnist-detect", "--data", "sample:mnist", "--out", "B", "--target-fpr", "5"],
+    ["calibrate", "mnist-detect", "--data", "sample:mnist", "--out", "B", "--target-fpr", "nan"],
+])
+def test_bad_flag_values_are_usage_errors_in_every_verb(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                        argv: list[str]) -> None:
+    """A bad --size was exit 1 and calibrate's --target-fpr 5 exit 1 where train's was 2: both are usage
+    errors (exit 2), refused before any data is read."""
+    argv = [str(tmp_path / "B") if a == "B" else a for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "must be" in err, err
+    assert not (tmp_path / "B").exists()
