@@ -79,7 +79,7 @@ def _train_parser(sub) -> None:
                    help="colour mode; auto: rgb if the images have colour (auto)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--denoise", action="store_true", help="train on noisy inputs against clean targets")
-    p.add_argument("--noise-factor", type=float, default=0.5, help="Gaussian noise scale for --denoise (0.5)")
+    p.add_argument("--noise-factor", type=float, default=None, help="Gaussian noise scale for --denoise (0.5)")
     p.add_argument("--epochs", type=int, default=20, help="most epochs; early stopping may end sooner (20)")
     p.add_argument("--latent-dim", type=int, default=None,
                    help="code size of dense/deep/convsmall, components of pca (32; auto chooses its own)")
@@ -286,12 +286,16 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     cfg = TrainConfig(
         arch=args.arch, epochs=args.epochs, batch_size=args.train_batch_size,
         latent_dim=32 if args.latent_dim is None else args.latent_dim,
-        denoise=args.denoise, noise_factor=args.noise_factor, target_fpr=args.target_fpr,
+        denoise=args.denoise, noise_factor=0.5 if args.noise_factor is None else args.noise_factor,
+        target_fpr=args.target_fpr,
         calibration_split=args.calibration_split, validation_split=args.validation_split,
         patience=args.patience, optimizer=args.optimizer, learning_rate=args.learning_rate,
         loss=args.loss, score_fn=args.score_fn, seed=args.seed, name=args.name,
     )
     cfg.check()
+    if args.noise_factor is not None and not cfg.denoise:
+        raise UsageError("--noise-factor needs --denoise (it is the noise a denoiser learns to remove; "
+                         "it was ignored)")
     if args.latent_dim is not None and cfg.arch == "auto":
         raise UsageError("--latent-dim needs a fixed --arch: --arch auto chooses its PCA size itself "
                          "(it was ignored)")

@@ -612,13 +612,17 @@ def test_a_full_disk_names_the_output_it_could_not_write(capsys: pytest.CaptureF
 def test_a_code_size_that_cannot_work_is_refused_before_training(capsys: pytest.CaptureFixture,
                                                                   tmp_path: Path) -> None:
     """--latent-dim 1000000000 ended in a TensorFlow OOM traceback; with --arch auto any --latent-dim was
-    silently ignored. Both are refused in one line, exit 2, before data is loaded."""
+    silently ignored, and --noise-factor without --denoise too. All are refused in one line, exit 2, before data
+    is loaded."""
     code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--arch", "dense", "--latent-dim",
                        "1000000000", "--out", str(tmp_path / "b"))
     assert code == 2 and "lower --latent-dim to at most 784" in err and "Traceback" not in err, err
     code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--latent-dim", "5",
                        "--out", str(tmp_path / "b"))
     assert code == 2 and "--latent-dim needs a fixed --arch" in err, err
+    code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--arch", "pca", "--noise-factor", "3",
+                       "--out", str(tmp_path / "b"))
+    assert code == 2 and "--noise-factor needs --denoise" in err, err  # it was silently ignored
     assert not (tmp_path / "b").exists()
 
 
