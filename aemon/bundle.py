@@ -33,6 +33,7 @@ __all__ = [
     "save_bundle",
     "staged_dir",
     "write_meta",
+    "verified_model_file",
     "read_meta",
     "load_bundle",
     "default_bundle_path",
@@ -167,6 +168,24 @@ def save_bundle(model, meta: dict[str, Any], out: Path, *, overwrite: bool = Fal
     return out
 
 
+def verified_model_file(path: Path, meta: BundleMeta) -> Path:
+    """The bundle's model file, present and with the sha256 that ``bundle.json`` names (no TensorFlow).
+
+    Raises:
+        BundleError: missing, changed or truncated.
+    """
+    model_path = _own_file(Path(path), meta.model_file, "model file")
+    if not model_path.is_file():
+        raise BundleError(f"{path} is incomplete: {meta.model_file} is missing")
+    actual = sha256_of(model_path)
+    if actual != meta.model_sha256:
+        raise BundleError(
+            f"{model_path} does not match bundle.json (sha256 {actual[:12]}… != {meta.model_sha256[:12]}…); "
+            "the file was changed or truncated: restore it or retrain"
+        )
+    return model_path
+
+
 def read_meta(path: Path) -> BundleMeta:
     """Read and validate ``bundle.json`` (no model loading, no TensorFlow).
 
@@ -256,15 +275,7 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
 
     path = Path(path)
     meta = read_meta(path)
-    model_path = _own_file(path, meta.model_file, "model file")
-    if not model_path.is_file():
-        raise BundleError(f"{path} is incomplete: {meta.model_file} is missing")
-    actual = sha256_of(model_path)
-    if actual != meta.model_sha256:
-        raise BundleError(
-            f"{model_path} does not match bundle.json (sha256 {actual[:12]}… != {meta.model_sha256[:12]}…); "
-            "the file was changed or truncated: restore it or retrain"
-        )
+    model_path = verified_model_file(path, meta)
     if meta.keras_version and meta.keras_version.split(".")[0] != keras.__version__.split(".")[0]:
         get_logger().warning("bundle.version_mismatch", bundle=str(path), saved_with=meta.keras_version,
                              running=keras.__version__)

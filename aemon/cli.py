@@ -448,7 +448,10 @@ def _samples(args: argparse.Namespace, settings: Settings) -> int:
 
 @_verb("info")
 def _info(args: argparse.Namespace, settings: Settings) -> int:
+    from aemon.bundle import verified_model_file
+
     path, meta = _load_bundle_meta(args.bundle, settings)
+    verified_model_file(path, meta)  # what score and the daemon would refuse, info does not show as fine
     if args.json:
         data = meta.model_dump(mode="json")
         data["calibration"].pop("scores", None)

@@ -640,3 +640,15 @@ def test_bad_flag_values_are_usage_errors_in_every_verb(capsys: pytest.CaptureFi
     code, _, err = run(capsys, *argv)
     assert code == 2 and "must be" in err, err
     assert not (tmp_path / "B").exists()
+
+
+def test_info_flags_a_changed_model_file(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
+    """info printed a bundle whose model.keras had been changed as if it were fine (score and the daemon refuse
+    it): it now says so, exit 1."""
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    with (copy / "model.keras").open("ab") as fp:
+        fp.write(b"tampered")
+    code, out, err = run(capsys, "info", str(copy))
+    assert code == 1 and "does not match bundle.json" in err and out == "", (out, err)
+    assert run(capsys, "info", str(tiny_bundle))[0] == 0
