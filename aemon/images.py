@@ -18,6 +18,7 @@ Policy (also in the README):
 from __future__ import annotations
 
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,6 +161,10 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
             if width * height > limits.max_pixels:
                 raise TooLarge(f"{path.name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
             img.seek(0)
+            if img.format == "TIFF" and _orientation(img) in _QUARTER_TURNS:
+                # Pillow turns these itself, inconsistently (header size swapped, pixels not as shown)
+                raise UnsupportedType(f"{path.name} is a TIFF with a quarter-turn EXIF orientation, which "
+                                      "cannot be decoded as displayed; save it upright (or as PNG or JPEG)")
             converted = _convert(upright(img), prep.color_mode, path.name)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise Unreadable(f"{path.name} could not be decoded: {exc}") from exc
@@ -261,6 +266,23 @@ def _check_header(shape: tuple[int, ...], dtype: np.dtype, name: str, limits: Li
         raise TooLarge(f"{name} holds {nbytes} bytes of data; the limit is {limits.max_bytes} bytes")
 
 
+def _check_members(archive: zipfile.ZipFile, name: str) -> None:
+    """Every member of an ``.npz`` can be read (its other arrays travel with the item's parts).
+
+    Raises:
+        Unreadable: a damaged, encrypted or oddly compressed member, or two members of one name.
+    """
+    names = archive.namelist()
+    if len(set(names)) != len(names):
+        raise Unreadable(f"{name} holds two members of the same name")
+    try:
+        damaged = archive.testzip()
+    except (RuntimeError, NotImplementedError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
+        raise Unreadable(f"{name} has a member that cannot be read: {exc}") from exc
+    if damaged is not None:
+        raise Unreadable(f"{name}: its member {damaged} is damaged (bad checksum)")
+
+
 def _pick_npz_key(keys: list[str], name: str, key: str | None) -> str:
     if key is not None:
         if key not in keys:
@@ -307,6 +329,7 @@ def read_array(path: Path, limits: Limits = Limits(), key: str | None = None) ->
                 unpacked = sum(member.file_size for member in archive.infolist())  # the others travel along
                 if unpacked > limits.max_bytes:
                     raise TooLarge(f"{path.name} unpacks to {unpacked} bytes; the limit is {limits.max_bytes}")
+                _check_members(archive, path.name)
                 with archive.open(info) as fp:
                     shape, dtype = _npy_header(fp, f"{path.name}[{chosen}]")
                     _check_header(shape, dtype, f"{path.name}[{chosen}]", limits)

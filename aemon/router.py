@@ -59,7 +59,8 @@ def rows_bytes(rows: np.ndarray, name: str, key: str | None = None, source: str 
         return _npy_bytes(rows)
     key = key or "x"
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as out:
+    compressed = source is not None and _compressed(source)  # parts as compact as the item
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as out:
         out.writestr(f"{key}.npy", _npy_bytes(rows))
         if source is not None:
             with zipfile.ZipFile(source) as archive:
@@ -71,6 +72,11 @@ def rows_bytes(rows: np.ndarray, name: str, key: str | None = None, source: str 
                     if info.filename.removesuffix(".npy") != key:
                         out.writestr(info.filename, _companion(archive.read(info), total, index))
     return buf.getvalue()
+
+
+def _compressed(source: str | os.PathLike) -> bool:
+    with zipfile.ZipFile(source) as archive:
+        return any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

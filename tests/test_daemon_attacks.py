@@ -637,3 +637,30 @@ def test_decisions_finished_after_a_crash_are_logged_and_counted(tmp_path, digit
     counted = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("aemon_items_total{"))
     assert decided == 1500, (first, decided)
     assert counted == 1500 - first
+
+
+def test_an_npz_with_a_damaged_member_is_rejected_and_the_daemon_goes_on(shared, tmp_path, digits):
+    """A flipped byte in the labels of an .npz whose images are fine: the parts could not be written and the
+    daemon stopped on every restart. The item is rejected as unreadable (kept unchanged) and the daemon goes
+    on; a compressed .npz gives compressed parts (a 250 KB file of zeros wrote 524 MB)."""
+    import zipfile
+
+    root = shared.root
+    staged = tmp_path / "damaged.npz"
+    np.savez(staged, x=digits[:4], y=np.arange(4, dtype=np.int64))
+    data = bytearray(staged.read_bytes())
+    with zipfile.ZipFile(staged) as archive:
+        info = archive.getinfo("y.npy")
+    data[info.header_offset + 30 + len(info.filename) + info.file_size - 1] ^= 0xFF  # last byte of y's data
+    staged.write_bytes(bytes(data))
+    before = len(records(root))
+    os.rename(staged, root / "inbox" / "damaged.npz")
+    np.savez_compressed(tmp_path / "zeros.npz", x=digits[:4], pad=np.zeros((4, 1_000_000), np.uint8))
+    os.rename(tmp_path / "zeros.npz", root / "inbox" / "zeros.npz")
+    wait_records(root, before + 2, shared)
+    record = load(root / "rejected" / "damaged.npz.json")
+    assert record["reason"] == "unreadable" and "y.npy" in record["error"], record
+    assert (root / "rejected" / "damaged.npz").read_bytes() == bytes(data)
+    parts = [root / folder / "zeros.npz" for folder in ("ok", "anomaly") if (root / folder / "zeros.npz").exists()]
+    assert parts and all(part.stat().st_size < 100_000 for part in parts), [p.stat().st_size for p in parts]
+    assert shared.proc.poll() is None, shared.text()

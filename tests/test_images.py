@@ -311,3 +311,19 @@ def test_a_lab_tiff_decodes_for_grey_and_colour_bundles(tmp_path):
     with Image.open(path) as img:
         expected = np.asarray(img.convert("RGB").convert("L"), dtype=np.float32)[..., None] / 255.0
     np.testing.assert_allclose(grey, expected)
+
+
+def test_a_tiff_turned_a_quarter_by_exif_is_refused_not_misread(tmp_path: Path) -> None:
+    """Pillow turns quarter-turn TIFFs itself, inconsistently; applied again they were scored turned and denoised
+    at the wrong size. They are refused, saying how to fix them; half turns and mirrors decode as displayed."""
+    upright = np.zeros((28, 56), np.uint8)
+    upright[3:8, 5:40] = 255
+    for orientation, stored in ((6, np.rot90(upright, 1)), (3, np.rot90(upright, 2))):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.fromarray(np.ascontiguousarray(stored)).save(tmp_path / f"o{orientation}.tif", exif=exif)
+    with pytest.raises(UnsupportedType, match="save it upright"):
+        decode_image(tmp_path / "o6.tif")
+    Image.fromarray(upright).save(tmp_path / "upright.tif")
+    prep = Preprocessing(size=(28, 56))
+    np.testing.assert_array_equal(decode_image(tmp_path / "o3.tif", prep), decode_image(tmp_path / "upright.tif", prep))
