@@ -270,11 +270,13 @@ def _check_members(archive: zipfile.ZipFile, name: str) -> None:
     """Every member of an ``.npz`` can be read (its other arrays travel with the item's parts).
 
     Raises:
-        Unreadable: a damaged, encrypted or oddly compressed member, or two members of one name.
+        Unreadable: a damaged, encrypted or oddly compressed member, or two members of one name
+            (``x`` and ``x.npy`` count as one).
     """
-    names = archive.namelist()
-    if len(set(names)) != len(names):
-        raise Unreadable(f"{name} holds two members of the same name")
+    keys = [member.removesuffix(".npy") for member in archive.namelist()]
+    if len(set(keys)) != len(keys):  # 'x' beside 'x.npy' too: one of them would be lost
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        raise Unreadable(f"{name} holds two members named {', '.join(twice)}")
     try:
         damaged = archive.testzip()
     except (RuntimeError, NotImplementedError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:

@@ -327,3 +327,17 @@ def test_a_tiff_turned_a_quarter_by_exif_is_refused_not_misread(tmp_path: Path) 
     Image.fromarray(upright).save(tmp_path / "upright.tif")
     prep = Preprocessing(size=(28, 56))
     np.testing.assert_array_equal(decode_image(tmp_path / "o3.tif", prep), decode_image(tmp_path / "upright.tif", prep))
+
+
+def test_an_npz_with_two_members_of_one_name_is_unreadable(tmp_path: Path) -> None:
+    """'x' beside 'x.npy' (or 'x.npy' twice): one of them was silently dropped from the parts."""
+    import zipfile
+
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((2, 28, 28), np.uint8))
+    path = tmp_path / "twice.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x.npy", buf.getvalue())
+        archive.writestr("x", b"a note named like the images")
+    with pytest.raises(Unreadable, match="two members named x"):
+        read_array(path)
