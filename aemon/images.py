@@ -37,6 +37,7 @@ __all__ = [
     "is_array_name",
     "decode_image",
     "read_array",
+    "npy_header",
     "array_to_input",
     "unit_pixels",
     "input_to_array",
@@ -244,7 +245,12 @@ def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
         return img.convert("RGB").convert("L")
 
 
-def _npy_header(fp, name: str) -> tuple[tuple[int, ...], np.dtype]:
+def npy_header(fp, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from an ``.npy`` stream's header alone (no data read).
+
+    Raises:
+        Unreadable: not an ``.npy`` header.
+    """
     try:
         version = np.lib.format.read_magic(fp)
         if version == (1, 0):
@@ -315,7 +321,7 @@ def read_array(path: Path, limits: Limits = Limits(), key: str | None = None) ->
     try:
         if suffix == ".npy":
             with path.open("rb") as fp:
-                shape, dtype = _npy_header(fp, path.name)
+                shape, dtype = npy_header(fp, path.name)
                 _check_header(shape, dtype, path.name, limits)
                 fp.seek(0)
                 return np.load(fp, allow_pickle=False), None
@@ -333,7 +339,7 @@ def read_array(path: Path, limits: Limits = Limits(), key: str | None = None) ->
                     raise TooLarge(f"{path.name} unpacks to {unpacked} bytes; the limit is {limits.max_bytes}")
                 _check_members(archive, path.name)
                 with archive.open(info) as fp:
-                    shape, dtype = _npy_header(fp, f"{path.name}[{chosen}]")
+                    shape, dtype = npy_header(fp, f"{path.name}[{chosen}]")
                     _check_header(shape, dtype, f"{path.name}[{chosen}]", limits)
                 with archive.open(info) as fp:
                     return np.lib.format.read_array(fp, allow_pickle=False), chosen

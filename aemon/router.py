@@ -24,8 +24,9 @@ from typing import Any
 
 import numpy as np
 
+from aemon.errors import Unreadable
 from aemon.fsio import fsync_dir, rename_noreplace, write_all_durably, write_durably
-from aemon.images import PNG_LEVEL
+from aemon.images import PNG_LEVEL, npy_header
 
 __all__ = ["FOLDERS", "DERIVED", "Router", "png_bytes", "png_name", "rows_bytes"]
 
@@ -59,24 +60,21 @@ def rows_bytes(rows: np.ndarray, name: str, key: str | None = None, source: str 
         return _npy_bytes(rows)
     key = key or "x"
     buf = io.BytesIO()
-    compressed = source is not None and _compressed(source)  # parts as compact as the item
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED) as out:
+    with contextlib.ExitStack() as stack:
+        archive = stack.enter_context(zipfile.ZipFile(source)) if source is not None else None
+        members = archive.infolist() if archive is not None else []
+        compressed = any(info.compress_type != zipfile.ZIP_STORED for info in members)  # parts as compact
+        out = stack.enter_context(zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED))
         out.writestr(f"{key}.npy", _npy_bytes(rows))
-        if source is not None:
-            with zipfile.ZipFile(source) as archive:
-                total = None
-                for info in archive.infolist():
-                    if info.filename.removesuffix(".npy") == key:
-                        total = _rows_in(archive.read(info))
-                for info in archive.infolist():
-                    if info.filename.removesuffix(".npy") != key:
-                        out.writestr(info.filename, _companion(archive.read(info), total, index))
+        scored = [info for info in members if info.filename.removesuffix(".npy") == key]
+        total = None
+        if scored:
+            with archive.open(scored[0]) as fp:
+                total = _rows_in(fp)
+        for info in members:
+            if info not in scored:
+                out.writestr(info.filename, _companion(archive.read(info), total, index))
     return buf.getvalue()
-
-
-def _compressed(source: str | os.PathLike) -> bool:
-    with zipfile.ZipFile(source) as archive:
-        return any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:
@@ -85,21 +83,18 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _rows_in(member: bytes) -> int | None:
-    """The number of rows of an ``.npy`` member, from its header alone (None if it is not one)."""
+def _rows_in(fp) -> int | None:
+    """The number of rows of an ``.npy`` stream, from its header alone (None if it is not one)."""
     try:
-        fp = io.BytesIO(member)
-        version = np.lib.format.read_magic(fp)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(fp)
-    except (ValueError, OSError):
+        shape, _ = npy_header(fp, "member")
+    except Unreadable:
         return None
     return shape[0] if shape else None
 
 
 def _companion(member: bytes, total: int | None, index: np.ndarray | None) -> bytes:
     """Another member of an item's ``.npz``: its entries ``index`` if it has one per row, else unchanged."""
-    if index is None or total is None or _rows_in(member) != total:
+    if index is None or total is None or _rows_in(io.BytesIO(member)) != total:
         return member
     try:
         array = np.load(io.BytesIO(member), allow_pickle=False)
