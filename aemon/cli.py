@@ -328,6 +328,9 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
             raise UsageError(f"{args.bundle} is a bundle shipped with aemon: give --out DIR to write a recalibrated "
                              "copy (it is never changed in place)")
         args.bundle = found
+    if args.out is not None and (args.out.exists() or args.out.is_symlink()):
+        raise UsageError(f"{args.out} already exists; choose another --out, or leave --out out to update "
+                         f"{args.bundle} in place")
     bundle = load_bundle(args.bundle)
     data = load_source(args.data, bundle.preprocessing)
     unlike = unlike_input(args.data, bundle.preprocessing)

@@ -111,8 +111,8 @@ def _digits(options: dict[str, str], src: str) -> list[int] | None:
     if "digits" not in options:
         return None
     try:
-        digits = [int(d) for d in options["digits"].split(",") if d.strip()]
-    except ValueError as exc:
+        digits = [int(d) for d in options["digits"].split(",")] if options["digits"].strip() else []
+    except ValueError as exc:  # also an empty item: digits=1,,2
         raise SourceError(f"{src}: digits must be comma-separated integers, e.g. ?digits=0,1") from exc
     if not digits:
         raise SourceError(f"{src}: digits= is empty")

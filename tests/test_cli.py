@@ -183,7 +183,7 @@ def test_calibrate_out_writes_new_bundle(capsys: pytest.CaptureFixture, tiny_bun
     code, out_text, _ = run(capsys, "info", "--json", str(out))
     assert code == 0 and json.loads(out_text)["name"] == "site2"
     code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", "sample:mnist?limit=100", "--out", str(out))
-    assert code == 1 and "already exists" in err and "--force" not in err, err  # calibrate has no --force
+    assert code == 2 and "already exists" in err and "--force" not in err, err  # a usage error, as in train
 
 
 def test_calibrate_a_shipped_bundle_by_name_only_into_a_copy(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:

@@ -88,6 +88,8 @@ def test_sample_mnist_digits_and_limit() -> None:
     [
         ("sample:mnist?colour=red", "unknown option"),
         ("sample:mnist?digits=a", "comma-separated"),
+        ("sample:mnist?digits=1,,2", "comma-separated"),
+        ("sample:mnist?digits=1,", "comma-separated"),
         ("sample:mnist?limit=x", "limit must be an integer"),
         ("sample:mnist?digits=42", "no images after filtering"),
         ("sample:cifar", "samples are sample:mnist and sample:elpv"),
