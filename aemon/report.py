@@ -35,6 +35,9 @@ FIGURE_PIXELS: dict[str, tuple[int, int]] = {
 }
 #: Name of the HTML page.
 INDEX = "index.html"
+#: Names of the files a report writes (those of an earlier report in the same folder are removed first).
+_REPORT_FILE = re.compile(r"(roc|pr)\.png|[0-9]+-[A-Za-z0-9_.-]*-(hist|reconstructions|errors|latent)\.png|"
+                          + re.escape(INDEX))
 
 _NORMAL_COLOUR = "tab:blue"
 _ANOMALOUS_COLOUR = "tab:red"
@@ -287,12 +290,20 @@ scored above each bundle's own threshold.</p>
 """
 
 
+def _remove_earlier(out: Path) -> None:
+    """Remove the files of an earlier report in ``out`` (a plot of a bundle no longer evaluated would stay,
+    unlinked, beside the new report); anything else in the folder is kept."""
+    for entry in out.iterdir():
+        if _REPORT_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
+            entry.unlink()
+
+
 def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, n_top: int = 8,
                  n_latent: int = 2000) -> Path:
     """Write the PNG plots and ``index.html`` for evaluated bundles into ``out``.
 
     Args:
-        out: Report folder (created if missing; files of an earlier report are replaced).
+        out: Report folder (created if missing; the files of an earlier report are removed, others kept).
         results: :class:`aemon.evaluate.Evaluation` per bundle.
         normal: The normal :class:`aemon.sources.Dataset` the results were scored on.
         anomalous: The anomalous :class:`aemon.sources.Dataset`.
@@ -306,6 +317,7 @@ def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, 
     log = get_logger()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _remove_earlier(out)
     shared = [
         ReportFile("roc.png", "roc", "ROC curves of every bundle on one axis; dots mark each bundle's threshold."),
         ReportFile("pr.png", "pr", "Precision-recall curves of every bundle; dots mark each bundle's threshold."),

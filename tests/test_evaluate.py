@@ -114,6 +114,16 @@ def test_report_has_every_file(capsys, tmp_path: Path, tiny_bundle: Path, tiny_p
     for row in ("tiny", "tiny-pca"):
         assert f"<td>{row}</td>" in page
 
+    # The same folder again with one bundle: the second bundle's plots of the first report are gone (they stayed,
+    # unlinked, beside the new report); a file of the user's own is kept.
+    (report / "notes.txt").write_text("mine")
+    code, _, err = run(capsys, "evaluate", tiny_pca_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy,
+                       "--report", report)
+    assert code == 0, err
+    again = {"roc.png", "pr.png", INDEX, "notes.txt", *(f"1-tiny-pca-{kind}.png" for kind in
+                                                          ("hist", "reconstructions", "errors", "latent"))}
+    assert {p.name for p in report.iterdir()} == again
+
 
 def test_overlap_with_training_data_is_warned(capsys, tiny_bundle: Path, data_files) -> None:
     """Normal data from the bundle's own training source is flagged in the JSON and the table."""
