@@ -24,6 +24,7 @@ from aemon.claims import Claim, ClaimStore
 from aemon.commit import Batch, Committer
 from aemon.confine import confine_libraries
 from aemon.errors import AemonError, ItemRejected, StartupError
+from aemon.fsio import has_room
 from aemon.http import HttpServer, is_loopback
 from aemon.inbox import Inbox
 from aemon.logs import get_logger
@@ -141,8 +142,9 @@ class Daemon:
             self._notify("WATCHDOG=1")
 
     def is_ready(self) -> bool:
-        """True once the model is loaded and the folders are usable."""
-        return self.ready and self.bundle is not None and os.access(self.root / "inbox", os.W_OK)
+        """True once the model is loaded and the folders are usable (writable, with room left)."""
+        return (self.ready and self.bundle is not None and os.access(self.root / "inbox", os.W_OK)
+                and has_room(self.root))
 
     # -- startup ---------------------------------------------------------
     def startup(self) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "has_room",
     "utc_now",
     "iso_time",
     "temp_name",
@@ -44,6 +45,19 @@ def iso_time(epoch: float) -> str:
 def utc_now() -> str:
     """Current time, ISO 8601 UTC with microseconds."""
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def has_room(path: str | os.PathLike) -> bool:
+    """False when the filesystem of ``path`` has no block (or, where it counts them, no inode) left that
+    this process may use; True when it cannot tell."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return True
+    privileged = os.geteuid() == 0  # root may use the blocks reserved for it
+    blocks = st.f_bfree if privileged else st.f_bavail
+    inodes = st.f_ffree if privileged else st.f_favail
+    return blocks > 0 and (st.f_files == 0 or inodes > 0)
 
 
 def temp_name(folder: str | os.PathLike, suffix: str = "") -> str:

@@ -224,11 +224,15 @@ def full_tmpfs(path: Path, prepare: Callable[[Path], object] = lambda path: None
                                            capture_output=True).returncode != 0:
         return False
     prepare(path)
-    with open(path / "filler", "wb") as out:
+    full_tmpfs_fill(path)
+    return True
+
+
+def full_tmpfs_fill(path: Path) -> None:
+    """Fill the filesystem at ``path`` to its last byte with the file ``path/filler``."""
+    with open(path / "filler", "wb", buffering=0) as out:  # unbuffered: nothing is left to fail at close
         try:
             while True:
                 out.write(b"\0" * 65536)
-                out.flush()
         except OSError:
             pass
-    return True

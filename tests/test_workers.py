@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from daemon_process import Daemon, by_item, full_tmpfs, new_root, records, wait_records, write_png
+from daemon_process import Daemon, by_item, full_tmpfs, full_tmpfs_fill, new_root, records, wait_records, write_png
 
 
 def _wait_event(daemon: Daemon, name: str, n: int = 1, timeout: float = 120) -> list[dict]:
@@ -190,5 +190,25 @@ def test_a_full_disk_stops_a_two_process_daemon_with_a_message_not_a_bus_error(t
         (mount / "filler").unlink()
         again = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": "2"}).wait_ready()
         assert again.stop() == 0, again.text()
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_readyz_is_503_while_the_root_is_full(tmp_path):
+    """/readyz said 200 ('the folders are usable') on a root with no byte left, where nothing can be placed or
+    recorded; it is 503 while the filesystem is full and 200 again once there is room."""
+    mount = tmp_path / "small"
+    if not full_tmpfs(mount, new_root):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        (mount / "filler").unlink()
+        daemon = Daemon(mount / "root", tmp_path / "daemon.log", env={"AEMON_WORKERS": "1"}).wait_ready()
+        assert daemon.get("/readyz")[0] == 200
+        full_tmpfs_fill(mount)
+        assert daemon.get("/readyz")[0] == 503, daemon.text()
+        assert daemon.get("/healthz")[0] == 200  # alive: only not ready
+        (mount / "filler").unlink()
+        assert daemon.get("/readyz")[0] == 200
+        assert daemon.stop() == 0, daemon.text()
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
