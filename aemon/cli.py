@@ -366,7 +366,9 @@ def _split_bundle_arg(paths: list[str], task: str = "detect") -> tuple[Path, lis
 
 def _score_target(arg: str):
     """A path, or a named dataset (``sample:mnist``, ``keras:...``) kept as text."""
-    return arg if arg.startswith(("sample:", "keras:")) else Path(arg)
+    from aemon.sources import is_named
+
+    return arg if is_named(arg) else Path(arg)
 
 
 @_verb("score")

@@ -9,7 +9,6 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import numpy as np
 
@@ -18,6 +17,7 @@ from aemon.errors import UsageError
 from aemon.logs import get_logger
 from aemon.ranking import average_precision, roc_auc
 from aemon.settings import Settings
+from aemon.sources import is_named, parse_source
 
 __all__ = ["Quality", "Evaluation", "quality", "overlaps", "overlap_warnings", "evaluate_bundles",
            "evaluate_command"]
@@ -75,11 +75,8 @@ def quality(bundle_name: str, normal_scores: np.ndarray, anomalous_scores: np.nd
 
 def _parse(src: str) -> tuple[str, dict[str, str]]:
     """A source's identity: named dataset or real path, and its query options."""
-    base, _, query = src.partition("?")
-    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
-    if not base.startswith(("sample:", "keras:")):
-        base = os.path.realpath(base)
-    return base, options
+    base, options = parse_source(src)
+    return (base if is_named(base) else os.path.realpath(base)), options
 
 
 def _digits(options: dict[str, str]) -> set[int | str] | None:
@@ -97,7 +94,7 @@ def overlaps(a: str, b: str) -> bool:
     disjoint ``digits``.
     """
     (base_a, opt_a), (base_b, opt_b) = _parse(a), _parse(b)
-    if base_a.startswith(("sample:", "keras:")) or base_b.startswith(("sample:", "keras:")):
+    if is_named(base_a) or is_named(base_b):
         if base_a != base_b:
             return False
         if base_a.startswith("keras:"):

@@ -34,8 +34,8 @@ from aemon.images import (
     read_array,
 )
 
-__all__ = ["Dataset", "load_source", "local_path", "provenance", "list_images", "choose_input", "unlike_input",
-           "sample_mnist", "MAX_AUTO_SIDE"]
+__all__ = ["Dataset", "load_source", "local_path", "provenance", "is_named", "parse_source", "list_images",
+           "choose_input", "unlike_input", "sample_mnist", "MAX_AUTO_SIDE"]
 
 #: ``--size auto`` keeps the longer side at most this (the aspect kept, sides multiples of 4).
 MAX_AUTO_SIDE = 128
@@ -64,9 +64,24 @@ class Dataset:
         return len(self.x)
 
 
-def _split_query(src: str) -> tuple[str, dict[str, str]]:
+#: Prefixes of the named data sets; any other source is a local file or folder.
+NAMED_PREFIXES = ("sample:", "keras:")
+
+
+def is_named(base: str) -> bool:
+    """True for a named data set (``sample:...``, ``keras:...``), False for a local path."""
+    return base.startswith(NAMED_PREFIXES)
+
+
+def parse_source(src: str) -> tuple[str, dict[str, str]]:
+    """``src`` split into its base (a name or a path) and its query options (the last of a repeated one),
+    unchecked."""
     base, _, query = src.partition("?")
-    options = {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    return base, {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+
+
+def _split_query(src: str) -> tuple[str, dict[str, str]]:
+    base, options = parse_source(src)
     unknown = set(options) - _OPTIONS
     if unknown:
         raise SourceError(
@@ -96,7 +111,7 @@ def provenance(src: str) -> str:
     """``src`` as a bundle stores it: a local path made absolute (it names the same data from any folder,
     so that ``evaluate`` can tell an overlap), the query kept."""
     base, sep, query = src.partition("?")
-    if base.startswith(("sample:", "keras:")):
+    if is_named(base):
         return src
     return os.path.abspath(base) + sep + query
 
@@ -104,7 +119,7 @@ def provenance(src: str) -> str:
 def local_path(src: str) -> Path | None:
     """The file or folder that ``src`` reads (its query removed), or None for the built-in samples."""
     base, _ = _split_query(src)
-    return None if base.startswith(("sample:", "keras:")) else Path(base)
+    return None if is_named(base) else Path(base)
 
 
 def _digits(options: dict[str, str], src: str) -> list[int] | None:
@@ -428,7 +443,7 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
             raise SourceError(f"{src}: rows of shape {raw.shape[1:]} are not (H, W, 1) or (H, W, 3) images{hint}")
         colourful = raw.ndim == 4 and raw.shape[-1] == 3
         return [(int(raw.shape[1]), int(raw.shape[2]))], colourful, ARRAY_ROWS
-    if base.startswith(("sample:", "keras:")):
+    if is_named(base):
         raise SourceError(f"{src}: the samples are sample:mnist and sample:elpv; Keras' are keras:mnist and "
                           "keras:fashion_mnist")
     if not path.exists():
