@@ -106,14 +106,16 @@ class ClaimStore:
         path.mkdir()
         return path
 
-    def claim(self, src: Path, batch_dir: Path, arrived: float) -> Claim | None:
-        """Rename ``src`` into ``batch_dir`` (never over a name there); None if it is gone (another daemon took it)."""
-        target = batch_dir / src.name
+    def claim(self, name: str, inbox_fd: int, batch_dir: Path, arrived: float) -> Claim | None:
+        """Rename entry ``name`` of the open inbox folder ``inbox_fd`` into ``batch_dir`` (never over a name
+        there); None if it is gone (another daemon took it). The folder is the one opened at start-up,
+        even if a link has been put at its path since: nothing is taken from outside the root."""
+        target = batch_dir / name
         try:
-            rename_noreplace(src, target)
+            rename_noreplace(name, target, src_dir_fd=inbox_fd)
         except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
             return None
-        return Claim(src.name, target, batch_dir, arrived)
+        return Claim(name, target, batch_dir, arrived)
 
     @staticmethod
     def entries(batch_dir: Path) -> list[Claim]:

@@ -142,9 +142,10 @@ class Daemon:
             self._notify("WATCHDOG=1")
 
     def is_ready(self) -> bool:
-        """True once the model is loaded and the folders are usable (writable, with room left)."""
+        """True once the model is loaded and the folders are usable (the inbox writable and still the folder
+        opened at start-up, the filesystem with room left)."""
         return (self.ready and self.bundle is not None and os.access(self.root / "inbox", os.W_OK)
-                and has_room(self.root))
+                and self.inbox.intact() and has_room(self.root))
 
     # -- startup ---------------------------------------------------------
     def startup(self) -> None:

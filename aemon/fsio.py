@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+import stat
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -172,37 +173,39 @@ def write_with(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
         raise
 
 
-def rename_noreplace(src: str | os.PathLike, dest: str | os.PathLike) -> None:
+def rename_noreplace(src: str | os.PathLike, dest: str | os.PathLike, src_dir_fd: int | None = None) -> None:
     """Rename ``src`` to ``dest`` unless ``dest`` exists (files and folders alike).
 
     Uses ``renameat2(RENAME_NOREPLACE)`` where the kernel and filesystem have it; otherwise a
     hard link and unlink for files, and check-then-rename for folders (a narrow race).
+    With ``src_dir_fd``, ``src`` is a name in that open folder (whatever its path has become since).
 
     Raises:
         FileExistsError: ``dest`` exists.
     """
     src, dest = os.fspath(src), os.fspath(dest)
     if _renameat2 is not None:
-        if _renameat2(-100, os.fsencode(src), -100, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
+        at = -100 if src_dir_fd is None else src_dir_fd  # AT_FDCWD
+        if _renameat2(at, os.fsencode(src), -100, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), src, None, dest)
-    if os.path.isdir(src) and not os.path.islink(src):
+    if stat.S_ISDIR(os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False).st_mode):
         if os.path.lexists(dest):
             raise FileExistsError(errno.EEXIST, "destination exists", dest)
-        os.rename(src, dest)
+        os.rename(src, dest, src_dir_fd=src_dir_fd)
         return
     try:
-        os.link(src, dest, follow_symlinks=False)
+        os.link(src, dest, src_dir_fd=src_dir_fd, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             raise
         if os.path.lexists(dest):
             raise FileExistsError(errno.EEXIST, "destination exists", dest) from exc
-        os.rename(src, dest)
+        os.rename(src, dest, src_dir_fd=src_dir_fd)
         return
-    os.unlink(src)
+    os.unlink(src, dir_fd=src_dir_fd)
 
 
 @contextmanager

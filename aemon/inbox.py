@@ -121,6 +121,8 @@ class Inbox:
         self._last_scan = float("-inf")
         self._observer = None
         self._wakeup = threading.Event()
+        self._fd = -1
+        self._replaced = False
 
     # -- watchdog thread -------------------------------------------------
     def notify(self, path: str, kind: str = _CHANGED) -> None:
@@ -169,7 +171,13 @@ class Inbox:
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
-        """Start watching: inotify (:mod:`aemon.watch`), or watchdog's polling observer."""
+        """Open the inbox folder (entries are listed and claimed through it, never through its path again)
+        and start watching: inotify (:mod:`aemon.watch`), or watchdog's polling observer.
+
+        Raises:
+            OSError: the inbox is a link or not a folder.
+        """
+        self._open()
         if not self.polling:
             watch = TreeWatch(self.dir, self._on_inotify, self._on_overflow)
             watch.start()
@@ -184,11 +192,26 @@ class Inbox:
         self._observer = observer
 
     def stop(self) -> None:
-        """Stop watching and join the watcher's thread."""
+        """Stop watching, join the watcher's thread and close the inbox folder."""
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _open(self) -> None:
+        if self._fd < 0:
+            self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def intact(self) -> bool:
+        """True while the inbox path is still the folder opened at start-up (not replaced, e.g. by a link)."""
+        try:
+            now, opened = os.lstat(self.dir), os.fstat(self._fd)
+        except OSError:
+            return False
+        return stat.S_ISDIR(now.st_mode) and (now.st_dev, now.st_ino) == (opened.st_dev, opened.st_ino)
 
     # -- loop thread -----------------------------------------------------
     def gather(self, store: ClaimStore, size: int, wait: float, stop: Callable[[], bool],
@@ -226,7 +249,7 @@ class Inbox:
             if name in names:  # the same name dropped again: never rename over the first
                 self.put_back(name, arrived)
                 continue
-            claim = store.claim(self.dir / name, batch_dir, arrived)
+            claim = store.claim(name, self._fd, batch_dir, arrived)
             if claim is not None:
                 names.add(name)
                 claims.append(claim)
@@ -249,7 +272,7 @@ class Inbox:
         """Queue every takeable entry of the inbox (start-up and the periodic safety net)."""
         self._last_scan = time.monotonic()
         try:
-            names = os.listdir(self.dir)
+            names = os.listdir(self._fd)
         except OSError:
             return
         for name in names:
@@ -261,6 +284,16 @@ class Inbox:
 
         They are no longer tracked: the caller claims them (or finds them gone).
         """
+        self._open()
+        if not self.intact():
+            if not self._replaced:
+                log.error("inbox.replaced", inbox=str(self.dir),
+                          hint="the inbox path is no longer the folder aemon opened (a link or another folder was "
+                               "put there): nothing is taken until the folder is back; aemon never follows links "
+                               "out of its root")
+            self._replaced = True
+            return []
+        self._replaced = False
         now = time.monotonic()
         if now - self._last_scan >= self.rescan_seconds:
             self.scan()

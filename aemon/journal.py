@@ -16,6 +16,7 @@ are routed again and its half-written outputs dropped.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -195,6 +196,9 @@ def _remove(path: str) -> None:
 
 
 def _give_back(path: str, inbox: Path) -> str:
+    if os.path.islink(inbox) or not os.path.isdir(inbox):  # a link put at its path would lead out of the root
+        raise NotADirectoryError(errno.ENOTDIR, "is a link or a file, not a folder; aemon never follows links",
+                                 os.fspath(inbox))
     name = os.path.basename(path)
     stem, suffix = os.path.splitext(name)
     candidate, n = name, 0

@@ -432,7 +432,11 @@ def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
     a.open()
     batch = a.new_batch(time.time())
     _png(tmp_path / "inbox" / "x.png", digits[0])
-    claim = a.claim(tmp_path / "inbox" / "x.png", batch, time.time())
+    inbox_fd = os.open(tmp_path / "inbox", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        claim = a.claim("x.png", inbox_fd, batch, time.time())
+    finally:
+        os.close(inbox_fd)
     assert claim is not None and claim.path.exists()
     b.open()
     try:

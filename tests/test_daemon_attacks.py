@@ -95,6 +95,32 @@ def test_links_never_lead_outside_the_root(shared, tmp_path, digits):
     assert shared.get("/healthz")[0] == 200
 
 
+def test_an_inbox_swapped_for_a_link_is_never_followed(tmp_path, digits):
+    """The inbox renamed away and a link to a folder outside the root put at its path while the daemon runs:
+    the files dropped through the link stay outside (the daemon moved them out of that folder into ok/
+    within seconds); the daemon says so, /readyz is 503 and nothing is taken until the inbox is back, then
+    what waited in it is taken."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env={"AEMON_WORKERS": "2"}).wait_ready()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.rename(root / "inbox", root / "inbox.real")
+    os.symlink(outside, root / "inbox")
+    for i in range(3):
+        write_png(outside / f"out{i}.png", digits[i])
+    write_png(root / "inbox.real" / "kept.png", digits[5])
+    time.sleep(7)  # more than a rescan of the inbox (5 s) and the settle time
+    assert sorted(os.listdir(outside)) == ["out0.png", "out1.png", "out2.png"], daemon.text()
+    assert records(root) == [] and daemon.get("/readyz")[0] == 503
+    assert "inbox.replaced" in daemon.text()
+    os.unlink(root / "inbox")
+    os.rename(root / "inbox.real", root / "inbox")
+    wait_records(root, 1, daemon)
+    assert [load(path)["item"] for path in records(root)] == ["kept.png"]
+    assert daemon.get("/readyz")[0] == 200
+    assert daemon.stop() == 0, daemon.text()
+
+
 # -- 2. one name, reused ---------------------------------------------------
 def test_a_reused_name_loses_nothing(shared, tmp_path, digits):
     """A producer that drops frame.png, waits until it leaves the inbox and drops the next frame.png:
