@@ -1,9 +1,12 @@
 """``/metrics``, ``/healthz`` and ``/readyz``, served by waitress on a thread.
 
 waitress multiplexes connections on one select loop and answers requests from a small thread
-pool, so idle clients cost no thread; it closes connections idle for ``idle_timeout`` seconds
-and stops accepting beyond ``max_connections`` (the rest wait in the listen backlog). No client
-can starve the daemon of threads or file handles.
+pool, so idle clients cost no thread. Two rules are added to its server (:class:`_GuardedServer`)
+so that no client can keep a probe out: a connection that is not being answered is closed
+:data:`MAX_LIFETIME` seconds after it was opened, however slowly it keeps sending (a slow-header
+client), and at :data:`MAX_CONNECTIONS` a new connection closes the oldest one that is not being
+answered instead of waiting behind it (idle clients that reconnect at once). No client can starve
+the daemon of threads or file handles.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import threading
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from waitress.server import create_server
+from waitress.server import TcpWSGIServer
 
 from aemon.logs import get_logger
 
@@ -22,12 +25,37 @@ __all__ = ["HttpServer", "is_loopback"]
 
 log = get_logger()
 
-#: Open connections served at once; more wait in the backlog.
+#: Open connections at once; a new one beyond closes the oldest that is not being answered.
 MAX_CONNECTIONS = 32
 #: Connections idle this long are closed (seconds).
 IDLE_TIMEOUT = 10
-#: Connections the kernel queues beyond those being served.
-BACKLOG = 64
+#: A connection is closed this long after it was opened unless a request of it is being answered (seconds).
+MAX_LIFETIME = 10
+#: Connections the kernel queues until they are accepted: enough that clients reconnecting in a loop do not
+#: fill it (a full queue drops a probe's connection request, which is then retried a second or more later).
+BACKLOG = 1024
+
+
+class _GuardedServer(TcpWSGIServer):
+    """waitress's TCP server with a lifetime per connection and eviction of the oldest at the limit."""
+
+    def readable(self) -> bool:
+        super().readable()  # its periodic maintenance; it would stop accepting at the limit
+        return self.accepting
+
+    def handle_accept(self) -> None:
+        if len(self.active_channels) >= self.adj.connection_limit:
+            waiting = [ch for ch in self.active_channels.values() if not ch.requests]
+            if waiting:
+                min(waiting, key=lambda ch: ch.creation_time).handle_close()
+        super().handle_accept()
+
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)
+        cutoff = now - MAX_LIFETIME
+        for channel in list(self.active_channels.values()):
+            if not channel.requests and channel.creation_time < cutoff:
+                channel.will_close = True
 
 
 def is_loopback(host: str) -> bool:
@@ -96,7 +124,7 @@ class HttpServer:
         waitress_log.handlers[:] = [_ToStructlog()]
         waitress_log.propagate = False
         waitress_log.setLevel(logging.WARNING)
-        self._server = create_server(
+        self._server = _GuardedServer(
             self.app, host=self.host, port=self._port, threads=2, connection_limit=MAX_CONNECTIONS,
             channel_timeout=IDLE_TIMEOUT, cleanup_interval=1, backlog=BACKLOG, ident="aemon",
             log_socket_errors=False, clear_untrusted_proxy_headers=True,

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -380,6 +381,59 @@ def test_idle_http_connections_cannot_starve_the_daemon(tmp_path, digits):
         code = daemon.stop()
     assert code == 0, daemon.text()
     assert "Traceback" not in daemon.log.read_text(errors="replace")
+
+
+def _slow_header_client(port: int, stop: threading.Event) -> None:
+    """Open a connection, send a request's first line, then one header line a second, forever; reconnect."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+                while not stop.wait(1):
+                    sock.sendall(b"X-Slow: 1\r\n")
+        except OSError:
+            stop.wait(0.1)
+
+
+def _idle_client(port: int, stop: threading.Event) -> None:
+    """Hold a connection open without a byte sent; reconnect at once when the server closes it."""
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+                sock.recv(1)
+        except OSError:
+            stop.wait(0.1)
+
+
+@pytest.mark.parametrize("client", [_slow_header_client, _idle_client])
+def test_slow_or_idle_clients_never_keep_out_a_probe(tmp_path, digits, client):
+    """40 clients sending one header line a second, or 100 idle ones reconnecting as soon as they are closed:
+    /healthz answered none of 10 probes (a 5 s timeout) for a minute, so a liveness probe would have
+    restarted the daemon again and again. Each probe is answered now, and items are still decided."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    stop = threading.Event()
+    threads = [threading.Thread(target=client, args=(daemon.port, stop), daemon=True)
+               for _ in range(40 if client is _slow_header_client else 100)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(2)
+        for i in range(5):
+            write_png(root / "inbox" / f"under-attack-{i}.png", digits[i])
+        answered = 0
+        for _ in range(8):
+            with contextlib.suppress(OSError):
+                answered += daemon.get("/healthz", timeout=5)[0] == 200
+            time.sleep(1)
+        assert answered == 8, f"/healthz answered {answered} of 8 probes\n{daemon.text()}"
+        wait_records(root, 5, daemon, timeout=60)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=35)
+        code = daemon.stop()
+    assert code == 0, daemon.text()
 
 
 # -- 8. no library writes outside the root -----------------------------------
