@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from aemon import __version__, fsio
-from aemon.calibration import p_values
-from aemon.errors import BundleError
+from aemon.calibration import conformal_threshold, p_values
+from aemon.errors import BundleError, CalibrationError
 from aemon.fsio import utc_now, write_json_atomic
 from aemon.images import Preprocessing
 
@@ -51,15 +51,25 @@ META_FILE = "bundle.json"
 STATE_FILE = "score_state.npz"
 
 
+#: A number as JSON writes it: an int or a float, never a string or a boolean coerced into one.
+_Number = Annotated[float, Field(strict=True, allow_inf_nan=False)]
+
+
 class Calibration(BaseModel):
     """Where the threshold came from."""
 
     model_config = ConfigDict(extra="allow")
     source: str
-    n: int = Field(ge=1)
+    n: int = Field(ge=1, strict=True)
     #: Sorted calibration scores (for p-values).
-    scores: list[Annotated[float, Field(allow_inf_nan=False)]] = Field(min_length=1)
+    scores: list[_Number] = Field(min_length=1)
     created_at: str
+
+    @model_validator(mode="after")
+    def _n_is_the_count(self) -> Calibration:
+        if self.n != len(self.scores):
+            raise ValueError(f"n is {self.n} but {len(self.scores)} scores are stored")
+        return self
 
 
 class BundleMeta(BaseModel):
@@ -74,9 +84,9 @@ class BundleMeta(BaseModel):
     input_shape: list[int]
     latent_dim: int | None = None
     preprocessing: dict[str, Any]
-    score_fn: str = "mse"
-    threshold: float = Field(allow_inf_nan=False)
-    target_fpr: float = Field(gt=0, lt=1)
+    score_fn: str
+    threshold: _Number
+    target_fpr: float = Field(gt=0, lt=1, strict=True)
     calibration: Calibration
     training: dict[str, Any]
     created_at: str
@@ -88,7 +98,22 @@ class BundleMeta(BaseModel):
     score_state_file: str | None = None
     score_state_sha256: str | None = None
     #: Bumped by every recalibration of the same model file.
-    revision: int = 1
+    revision: int = Field(1, ge=1, strict=True)
+
+    @model_validator(mode="after")
+    def _threshold_is_calibrated(self) -> BundleMeta:
+        """The threshold is always the conformal quantile of the stored calibration scores at the target FPR
+        (train and calibrate write nothing else): any other value was set by hand, and its verdicts would not
+        be those the FPR and p-values promise."""
+        try:
+            expected = conformal_threshold(np.asarray(self.calibration.scores), self.target_fpr)
+        except CalibrationError as exc:
+            raise ValueError(f"the calibration does not give a threshold: {exc}") from exc
+        if self.threshold != expected:
+            raise ValueError(f"threshold {self.threshold!r} is not the one its {self.calibration.n} calibration "
+                             f"scores give at target FPR {self.target_fpr} ({expected!r}); bundle.json was edited: "
+                             "restore it, or set a threshold with aemon calibrate")
+        return self
 
     @property
     def version(self) -> str:
@@ -205,15 +230,18 @@ def read_meta(path: Path) -> BundleMeta:
     if not isinstance(raw, dict):
         raise BundleError(f"{meta_path} is not a JSON object")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if type(version) is not int or version != FORMAT_VERSION:  # True or "1" is no version
         raise BundleError(
-            f"{path} has bundle format_version {version!r}; this aemon {__version__} reads version {FORMAT_VERSION}"
+            f"{path} has bundle format_version {version!r}; this aemon {__version__} reads version {FORMAT_VERSION} "
+            "(the number)"
         )
     try:
         return BundleMeta.model_validate(raw)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise BundleError(f"{meta_path} is invalid: {'.'.join(map(str, first['loc']))}: {first['msg']}") from exc
+        where = ".".join(map(str, first["loc"]))
+        msg = first["msg"].removeprefix("Value error, ")
+        raise BundleError(f"{meta_path} is invalid: {where + ': ' if where else ''}{msg}") from exc
 
 
 def write_meta(path: Path, meta: BundleMeta) -> None:
@@ -271,7 +299,7 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
     quiet_tensorflow()
     import keras
 
-    from aemon.scoring import Scorer
+    from aemon.scoring import Scorer, lookup
 
     path = Path(path)
     meta = read_meta(path)
@@ -286,6 +314,8 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
     _check_input(path, meta, tuple(model.input_shape[1:]))
     state = _read_state(path, meta)
     try:
+        if state and lookup(meta.score_fn).fit is None:
+            raise ValueError(f"bundle.json names a score state, which {meta.score_fn!r} has none of")
         scorer = Scorer(model, meta.score_fn, chunk=chunk, state=state)
         probe = scorer.score(np.zeros((1, *scorer.input_shape), np.float32))
     except Exception as exc:  # a state that does not fit its score function: KeyError, ValueError, TF errors

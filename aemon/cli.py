@@ -453,10 +453,12 @@ def _samples(args: argparse.Namespace, settings: Settings) -> int:
 
 @_verb("info")
 def _info(args: argparse.Namespace, settings: Settings) -> int:
-    from aemon.bundle import verified_model_file
+    from aemon.bundle import find_bundle, load_bundle
 
-    path, meta = _load_bundle_meta(args.bundle, settings)
-    verified_model_file(path, meta)  # what score and the daemon would refuse, info does not show as fine
+    if args.bundle is not None and not args.bundle.exists():
+        args.bundle = find_bundle(args.bundle) or args.bundle  # a shipped bundle, by name
+    path, _ = _load_bundle_meta(args.bundle, settings)
+    meta = load_bundle(path).meta  # every check score and the daemon make: info never shows a broken bundle as fine
     if args.json:
         data = meta.model_dump(mode="json")
         data["calibration"].pop("scores", None)

@@ -176,6 +176,17 @@ def test_invalid_meta_is_refused_before_rename(tmp_path: Path, tiny_bundle: Path
     (lambda m: m["calibration"].update(scores=[], n=0), "calibration"),
     (lambda m: m["calibration"].update(scores=[0.1, float("nan")]), "calibration"),
     (lambda m: m.update(task="segment"), "task"),
+    # Edits that loaded and gave other verdicts without a word (an attack review): a missing score function
+    # was read as mse against another score's threshold; thresholds not from the calibration; coerced types.
+    (lambda m: m.pop("score_fn"), "score_fn"),
+    (lambda m: m.update(threshold=-5.0), "threshold"),
+    (lambda m: m.update(threshold=m["threshold"] * 1.5), "not the one its"),
+    (lambda m: m.update(threshold=True), "threshold"),
+    (lambda m: m.update(threshold=str(m["threshold"])), "threshold"),
+    (lambda m: m["calibration"].update(n=5), "5 but"),
+    (lambda m: m["calibration"].update(scores=[str(v) for v in m["calibration"]["scores"]]), "calibration"),
+    (lambda m: m.update(revision=-3), "revision"),
+    (lambda m: m.update(format_version="1"), "format_version"),
 ])
 def test_a_bundle_json_that_disagrees_with_its_model_is_refused(tiny_bundle: Path, tmp_path: Path, edit,
                                                                 message: str) -> None:

@@ -652,3 +652,19 @@ def test_info_flags_a_changed_model_file(capsys: pytest.CaptureFixture, tiny_bun
     code, out, err = run(capsys, "info", str(copy))
     assert code == 1 and "does not match bundle.json" in err and out == "", (out, err)
     assert run(capsys, "info", str(tiny_bundle))[0] == 0
+
+
+def test_info_checks_what_loading_checks(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
+    """info exited 0 on bundles every other verb refuses (an input_shape unlike the model's, a score state
+    deleted); it makes the same checks now. It also takes a shipped bundle by name, as score does."""
+    for name, edit in (("shape", lambda m: m.update(input_shape=[28, 28, 3])),
+                       ("state", lambda m: m.update(score_state_file="gone.npz", score_state_sha256="0" * 64))):
+        copy = tmp_path / name
+        shutil.copytree(tiny_bundle, copy)
+        meta = json.loads((copy / "bundle.json").read_text())
+        edit(meta)
+        (copy / "bundle.json").write_text(json.dumps(meta))
+        code, out, err = run(capsys, "info", str(copy))
+        assert code == 1 and out == "" and err.count("\n") == 1, (name, out, err)
+    code, out, err = run(capsys, "info", "mnist-detect")
+    assert code == 0 and "mnist-detect" in out, err
