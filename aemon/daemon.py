@@ -23,7 +23,7 @@ from aemon.bundle import Bundle, default_bundle_path, load_bundle
 from aemon.claims import Claim, ClaimStore
 from aemon.commit import Batch, Committer
 from aemon.confine import confine_libraries
-from aemon.errors import AemonError, ItemRejected, StartupError
+from aemon.errors import AemonError, BundleError, ItemRejected, StartupError
 from aemon.fsio import has_room
 from aemon.http import HttpServer, is_loopback
 from aemon.inbox import Inbox
@@ -159,9 +159,7 @@ class Daemon:
         self._unconfine = confine_libraries(self.root / ".aemon", self.claims.temp)
         if self.bundle is None:
             self.bundle = self._load(self.bundle_path or default_bundle_path(self.settings.mode), startup=True)
-        if self.settings.mode == "denoise" and self.bundle.meta.task != "denoise":
-            raise StartupError(f"AEMON_MODE=denoise needs a bundle trained with --denoise; {self.bundle.name} is a "
-                               f"{self.bundle.meta.task} bundle (the shipped one is mnist-denoise)")
+        self._check_task(self.bundle, StartupError)
         self._set_model_metrics()
         if self.worker is not None:
             self.inbox.start()
@@ -217,6 +215,12 @@ class Daemon:
             raise StartupError(f"root folder {self.root} is not usable: {exc}; "
                                "check its permissions or set AEMON_ROOT") from exc
 
+    def _check_task(self, bundle: Bundle, error: type[AemonError]) -> None:
+        """Denoise mode needs a denoising bundle, at start-up and at every reload alike."""
+        if self.settings.mode == "denoise" and bundle.meta.task != "denoise":
+            raise error(f"AEMON_MODE=denoise needs a bundle trained with --denoise; {bundle.name} is a "
+                        f"{bundle.meta.task} bundle (the shipped one is mnist-denoise)")
+
     def _load(self, path: Path, startup: bool = False) -> Bundle:
         try:
             bundle = load_bundle(path)
@@ -224,6 +228,8 @@ class Daemon:
             if startup:
                 raise StartupError(f"cannot load the model: {exc}") from exc
             raise
+        if not startup:
+            self._check_task(bundle, BundleError)
         log.info("bundle.loaded", path=str(path), name=bundle.name, version=bundle.version,
                  threshold=bundle.threshold)
         return bundle

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from aemon.calibration import Verdict
 from aemon.calibration import decide as verdicts_of
 from aemon.errors import EmptyItem, ItemRejected, Unreadable
 from aemon.fsio import utc_now
@@ -75,7 +76,8 @@ def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "of
     recon = None if not reconstruct else recons[0] if len(recons) == 1 else np.concatenate(recons)
     seconds = time.perf_counter() - started
     pvals = bundle.p_values(scores)
-    verdicts = verdicts_of(scores, bundle.threshold)
+    # Denoise mode decides nothing: every original goes to ok/ (the contract); its record keeps the score.
+    verdicts = [Verdict.OK.value] * len(scores) if reconstruct else verdicts_of(scores, bundle.threshold)
     i = 0
     for unit in units:
         part = slice(i, i + len(unit.x))

@@ -744,3 +744,57 @@ def test_an_npz_with_a_damaged_member_is_rejected_and_the_daemon_goes_on(shared,
     parts = [root / folder / "zeros.npz" for folder in ("ok", "anomaly") if (root / folder / "zeros.npz").exists()]
     assert parts and all(part.stat().st_size < 100_000 for part in parts), [p.stat().st_size for p in parts]
     assert shared.proc.poll() is None, shared.text()
+
+
+# -- denoise mode and reloads ----------------------------------------------------
+def test_denoise_mode_puts_every_original_in_ok(tmp_path, digits):
+    """The contract: in denoise mode the original goes to ok/ with its record. An image far from the training
+    data went to anomaly/ (with a map), routed as in detect mode; a reload to a detection bundle, which
+    start-up refuses, was accepted and its reconstructions written as denoised images."""
+    from aemon.bundle import default_bundle_path
+
+    root = new_root(tmp_path)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path("denoise"), bundle)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE,
+                    env={"AEMON_MODE": "denoise", "AEMON_MODEL": str(bundle)}).wait_ready()
+    noise = np.random.default_rng(3).integers(0, 256, (28, 28), np.uint8)
+    write_png(root / "inbox" / "digit.png", digits[7])
+    write_png(root / "inbox" / "noise.png", noise)
+    np.save(root / "inbox" / "rows.npy", np.stack([digits[1], noise]))
+    wait_records(root, 3, daemon)
+    assert sorted(p.name for p in (root / "ok").iterdir()) == [
+        "digit.png", "digit.png.json", "noise.png", "noise.png.json", "rows.npy", "rows.npy.json"], daemon.text()
+    assert not (root / "anomaly").exists() or list((root / "anomaly").iterdir()) == []
+    rows = load(root / "ok" / "rows.npy.json")
+    assert rows["verdict"] == "ok" and len(rows["rows"]) == 2 and rows["denoised"] == "denoised/rows.npy"
+    shutil.rmtree(bundle)
+    shutil.copytree(default_bundle_path("detect"), bundle)
+    daemon.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "bundle.reload_failed" not in daemon.text():
+        assert time.monotonic() < deadline, daemon.text()
+        time.sleep(0.2)
+    assert "needs a bundle trained with --denoise" in daemon.text()
+    assert daemon.stop() == 0, daemon.text()
+
+
+def test_a_sighup_during_start_up_kills_no_process(tmp_path, digits):
+    """`systemctl reload` right after a start: a SIGHUP while the main process, or then its worker, was still
+    starting TensorFlow killed it (the default action of the signal; a worker came back 5 s later). The
+    signal now waits until the process can reload."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env={"AEMON_WORKERS": "2"})
+    time.sleep(0.5)
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_ready()
+    daemon.proc.send_signal(signal.SIGHUP)  # passed on to the worker, which is starting now
+    deadline = time.monotonic() + 90
+    while not daemon.events("worker.ready"):
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.2)
+    time.sleep(2)
+    assert daemon.events("worker.exited") == [], daemon.text()
+    write_png(root / "inbox" / "after.png", digits[2])
+    wait_records(root, 1, daemon)
+    assert daemon.stop() == 0, daemon.text()
