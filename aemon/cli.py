@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import textwrap
 import traceback
@@ -479,6 +480,11 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 @_verb("run")
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.confine import skip_unused_imports
+
+    # A SIGHUP before the daemon can reload (TensorFlow takes seconds to start) would end the process: it
+    # is held until the daemon's handler is in place. Worker processes inherit the mask, so they hold one
+    # from their first instruction.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
 
     quiet_tensorflow()
     skip_unused_imports()

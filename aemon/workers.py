@@ -110,9 +110,15 @@ class WorkerPool:
             self._spawn(index)
 
     def _spawn(self, index: int) -> None:
-        proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker",
-                                 f"{index}:{self.count + 1}:{os.getpid()}"],
-                                env=_worker_env(self.settings))
+        # The worker starts with SIGHUP held (the mask is inherited): a reload passed on while it is still
+        # starting waits for its handler instead of ending it.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker",
+                                     f"{index}:{self.count + 1}:{os.getpid()}"],
+                                    env=_worker_env(self.settings))
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         self._procs[index] = proc
         self._started[index] = time.monotonic()
         log.info("worker.started", worker=index, pid=proc.pid)
