@@ -192,7 +192,8 @@ def _run_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, help="most items per model call (default: 64)")
     p.add_argument("--batch-wait-ms", type=float, help="longest wait for a batch to fill (default: 5)")
     p.add_argument("--settle-seconds", type=float, help="a file written in place is taken once unchanged this long (1)")
-    p.add_argument("--polling", action="store_true", default=None, help="poll the inbox (network filesystems)")
+    p.add_argument("--polling", action=argparse.BooleanOptionalAction, default=None,
+                   help="poll the inbox (network filesystems); --no-polling overrides AEMON_POLLING")
     p.add_argument("--workers", type=int, help="processes that decode, score and commit (default: the cores)")
     p.add_argument("--worker", help=argparse.SUPPRESS)  # set by the main process for its workers
 
@@ -320,6 +321,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 @_verb("calibrate")
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import find_bundle, is_bundle, load_bundle
+    from aemon.evaluate import overlaps
     from aemon.recalibrate import recalibrate
     from aemon.sources import load_source, unlike_input
 
@@ -337,6 +339,11 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     unlike = unlike_input(args.data, bundle.preprocessing)
     if unlike:
         get_logger().warning("calibrate.data_unlike", message=f"{unlike}; calibrate on images like those it will score")
+    training = (bundle.meta.training or {}).get("source")
+    if training and overlaps(args.data, training):
+        get_logger().warning("calibrate.data_overlaps_training", data=args.data, training=training,
+                             message="the model was fitted on these images: their scores are low and the threshold "
+                                     "will be too low (more false alarms); calibrate on normal images it never saw")
     meta = recalibrate(bundle, data, args.target_fpr, args.out)
     where = args.out or args.bundle
     print(f"{where}: threshold {meta.threshold:.6g} at target FPR {meta.target_fpr} "
@@ -529,7 +536,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = "--debug" in argv
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra and getattr(args, "paths", None) is not None and not any(a.startswith("-") for a in extra):
+            args.paths += extra  # paths after an option: score B --maps DIR x.png
+        elif extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         if args.verb is None:
             parser.print_help()
             return 2

@@ -74,8 +74,12 @@ def quality(bundle_name: str, normal_scores: np.ndarray, anomalous_scores: np.nd
 
 
 def _parse(src: str) -> tuple[str, dict[str, str]]:
-    """A source's identity: named dataset or real path, and its query options."""
+    """A source's identity: named dataset or real path, and its query options. ``sample:mnist`` (digits of
+    MNIST's training split) and a file ``mnist.npz`` read at ``x_train`` (Keras' own cache) are named
+    ``keras:mnist`` with ``split=train``: the shipped bundles were trained on that split."""
     base, options = parse_source(src)
+    if base == "sample:mnist" or (os.path.basename(base) == "mnist.npz" and options.get("key") == "x_train"):
+        return "keras:mnist", {**{k: v for k, v in options.items() if k == "digits"}, "split": "train"}
     return (base if is_named(base) else os.path.realpath(base)), options
 
 

@@ -205,12 +205,21 @@ def test_calibrate_a_shipped_bundle_by_name_only_into_a_copy(capsys: pytest.Capt
     assert (shipped / "bundle.json").read_bytes() == original
 
 
-def test_calibrate_too_few_samples(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path) -> None:
+def _unseen(tmp_path: Path, digits: np.ndarray, n: int) -> str:
+    """``n`` digits the tiny bundles never saw (they were fitted on the first 1,500), as an .npy source."""
+    path = tmp_path / f"unseen-{n}.npy"
+    np.save(path, digits[-n:])
+    return str(path)
+
+
+def test_calibrate_too_few_samples(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path,
+                                   mnist_digits: np.ndarray) -> None:
     """Calibrating on too few samples exits non-zero and names how many are needed."""
     bundle = tmp_path / "b"
     shutil.copytree(tiny_bundle, bundle)
     before = (bundle / "bundle.json").read_bytes()
-    code, _, err = run(capsys, "calibrate", str(bundle), "--data", "sample:mnist?limit=10", "--target-fpr", "0.01")
+    code, _, err = run(capsys, "calibrate", str(bundle), "--data", _unseen(tmp_path, mnist_digits, 10),
+                       "--target-fpr", "0.01")
     assert code != 0
     _assert_one_error_line(err)
     assert "99" in err
@@ -218,7 +227,8 @@ def test_calibrate_too_few_samples(capsys: pytest.CaptureFixture, tiny_bundle: P
 
 
 def test_calibrate_warns_when_the_data_do_not_look_like_the_bundles_input(capsys: pytest.CaptureFixture,
-                                                                          tiny_bundle: Path, tmp_path: Path) -> None:
+                                                                          tiny_bundle: Path, tmp_path: Path,
+                                                                          mnist_digits: np.ndarray) -> None:
     """Calibrating a grey 28x28 bundle on colour images of another shape still works (they are converted
     as the daemon would), but says so: a threshold from data unlike what arrives is a silent mistake.
     Data like the bundle's input get no such line."""
@@ -234,7 +244,7 @@ def test_calibrate_warns_when_the_data_do_not_look_like_the_bundles_input(capsys
     assert len(warning) == 1, err
     assert "colour" in warning[0] and "grayscale" in warning[0], warning
     assert "20x60" in warning[0] and "28x28" in warning[0], warning
-    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", "sample:mnist?limit=100",
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", _unseen(tmp_path, mnist_digits, 100),
                        "--target-fpr", "0.1", "--out", str(tmp_path / "fine"))
     assert code == 0, err
     assert "warning" not in err.lower(), err
@@ -349,7 +359,7 @@ def test_evaluate_finds_a_shipped_bundle_by_name(capsys: pytest.CaptureFixture, 
     assert out.splitlines()[2].startswith("mnist-detect")
 
 
-def test_calibrate_prints_only_its_summary(tiny_bundle: Path, tmp_path: Path) -> None:
+def test_calibrate_prints_only_its_summary(tiny_bundle: Path, tmp_path: Path, mnist_digits: np.ndarray) -> None:
     """`aemon calibrate` as a process: one summary line on stderr, no TensorFlow start-up banners."""
     import os
     import subprocess
@@ -357,7 +367,8 @@ def test_calibrate_prints_only_its_summary(tiny_bundle: Path, tmp_path: Path) ->
 
     env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "KERAS_BACKEND")}
     done = subprocess.run([sys.executable, "-m", "aemon", "calibrate", str(tiny_bundle), "--data",
-                           "sample:mnist?limit=400", "--out", str(tmp_path / "re")], env=env, capture_output=True,
+                           _unseen(tmp_path, mnist_digits, 400), "--out", str(tmp_path / "re")], env=env,
+                          capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -377,6 +388,40 @@ def test_score_maps_writes_a_map_per_anomalous_image(capsys: pytest.CaptureFixtu
     assert noise["verdict"] == "anomaly" and Path(noise["map"]) == tmp_path / "maps" / "n.png.map.png"
     assert Path(noise["map"]).is_file() and "map" not in digit
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["n.png.map.png"]
+
+
+def test_paths_may_follow_an_option(capsys: pytest.CaptureFixture, tmp_path: Path, mnist_digits: np.ndarray) -> None:
+    """`aemon score B --maps DIR x.png` was a usage error (the paths ended at the option); an unknown option
+    still is."""
+    Image.fromarray(mnist_digits[5]).save(tmp_path / "d.png")
+    code, out, err = run(capsys, "score", "mnist-detect", "--maps", str(tmp_path / "maps"), str(tmp_path / "d.png"))
+    assert code == 0 and json.loads(out)["item"].endswith("d.png"), err
+    code, _, err = run(capsys, "score", "mnist-detect", "--colour", "red", str(tmp_path / "d.png"))
+    assert code == 2 and "unrecognized arguments: --colour red" in err, err
+
+
+def test_no_polling_overrides_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """AEMON_POLLING=1 could not be turned off from the command line (--polling only turned it on)."""
+    from aemon.cli import _settings_flags, build_parser
+    from aemon.settings import load_settings
+
+    monkeypatch.setenv("AEMON_POLLING", "1")
+    args = build_parser().parse_args(["run", "--no-polling"])
+    assert load_settings(None, **_settings_flags(args)).polling is False
+    args = build_parser().parse_args(["run"])
+    assert load_settings(None, **_settings_flags(args)).polling is True
+
+
+def test_calibrate_warns_on_the_training_data(capsys: pytest.CaptureFixture, tiny_bundle: Path,
+                                              tmp_path: Path, mnist_digits: np.ndarray) -> None:
+    """Calibrating on the images the model was fitted on lowers the threshold without a word; it is warned."""
+    source = read_meta(tiny_bundle).training["source"]
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", source, "--out", str(tmp_path / "again"))
+    assert code == 0 and "calibrate.data_overlaps_training" in err, err
+    np.save(tmp_path / "other.npy", mnist_digits[:200])
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", str(tmp_path / "other.npy"),
+                       "--out", str(tmp_path / "other"))
+    assert code == 0 and "data_overlaps_training" not in err, err
 
 
 def _colour_folder(folder: Path, n: int, size: tuple[int, int], seed: int = 0) -> Path:

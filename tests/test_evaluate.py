@@ -158,6 +158,11 @@ def test_overlap_with_training_data_is_warned(capsys, tiny_bundle: Path, data_fi
         ("sample:elpv?type=poly", "sample:elpv?type=mono", False),
         ("sample:mnist?digits=01", "sample:mnist?digits=1", True),  # the same digit, written otherwise
         ("sample:mnist?digits=01", "sample:mnist?digits=2", False),
+        # sample:mnist is drawn from MNIST's training split, on which the shipped bundles were trained.
+        ("sample:mnist", "keras:mnist", True),
+        ("sample:mnist", "keras:mnist?split=test", False),
+        ("sample:mnist", "mnist.npz?key=x_train", True),
+        ("sample:mnist?digits=3", "mnist.npz?key=x_test", False),
     ],
 )
 def test_overlap_rules(a: str, b: str, expected: bool) -> None:
