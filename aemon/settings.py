@@ -173,6 +173,31 @@ def _describe(error: ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
+def _kind(annotation: Any) -> type:
+    """What a TOML value of a setting must be: bool, int, float (an int will do) or str."""
+    return annotation if annotation in (bool, int, float) else str
+
+
+def _mistyped(table: dict[str, Any]) -> list[str]:
+    """One phrase per TOML value of the wrong type: TOML has types, and ``batch_size = true`` or
+    ``workers = "3"`` were coerced (to 1 and 3) where a typo deserves an error. Unknown keys are left to
+    validation, which names them."""
+    wrong = []
+    for key, value in table.items():
+        field = Settings.model_fields.get(key)
+        if field is None:
+            continue
+        kind = _kind(field.annotation)
+        fits = (isinstance(value, bool) if kind is bool else
+                isinstance(value, int) and not isinstance(value, bool) if kind is int else
+                isinstance(value, int | float) and not isinstance(value, bool) if kind is float else
+                isinstance(value, str))
+        if not fits:
+            want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
+            wrong.append(f"{key} = {value!r} is a {type(value).__name__}; give {want}")
+    return wrong
+
+
 def load_settings(config: Path | None = None, **flags: Any) -> Settings:
     """Build the settings from defaults, the TOML file, the environment and flags.
 
@@ -190,9 +215,12 @@ def load_settings(config: Path | None = None, **flags: Any) -> Settings:
         if not path.is_file():
             raise UsageError(f"config file {path} does not exist")
         try:
-            tomllib.loads(path.read_text())
+            table = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+        wrong = _mistyped(table)
+        if wrong:
+            raise UsageError(f"config file {path}: {'; '.join(wrong)}")
     given = {k: v for k, v in flags.items() if v is not None}
     Settings._toml_file = path
     try:

@@ -133,3 +133,17 @@ def test_cgroup_cpu_quota_reads_v1_and_v2_and_takes_the_tightest(tmp_path: Path)
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
     assert cgroup_cpu_quota(str(mounts), str(own)) is None
     assert cgroup_cpu_quota(str(mounts), str(tmp_path / "missing")) is None
+
+
+@pytest.mark.parametrize("text", ["batch_size = true\n", 'workers = "3"\n', "settle_seconds = true\n",
+                                  'polling = "no"\n', "batch_wait_ms = '5'\n", "metrics_host = 127\n"])
+def test_toml_values_of_the_wrong_type_are_refused(tmp_path: Path, text: str) -> None:
+    """TOML has types: `batch_size = true` became 1 and `polling = "no"` False without a word (a review)."""
+    with pytest.raises(UsageError, match=text.split(" =")[0]):
+        load_settings(_toml(tmp_path, text))
+
+
+def test_toml_numbers_as_toml_writes_them(tmp_path: Path) -> None:
+    """An integer is a fine float (settle_seconds = 2), and the right types pass."""
+    s = load_settings(_toml(tmp_path, 'settle_seconds = 2\nbatch_wait_ms = 5.5\npolling = true\nroot = "r"\n'))
+    assert s.settle_seconds == 2.0 and s.batch_wait_ms == 5.5 and s.polling is True and s.root == Path("r")
