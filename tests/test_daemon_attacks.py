@@ -708,13 +708,20 @@ def test_decisions_finished_after_a_crash_are_logged_and_counted(tmp_path, digit
     again = Daemon(root, log, settle=SETTLE).wait_ready()
     try:
         wait_records(root, 1500, again)
+        # The decisions are logged and counted once the whole journal is done, a moment after its last record.
+        deadline = time.monotonic() + 30
+        while True:
+            _, text = again.get("/metrics")
+            counted = sum(float(line.split()[-1]) for line in text.splitlines()
+                          if line.startswith("aemon_items_total{"))
+            if counted >= 1500 - first or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         finished = again.events("claim.finished")
-        _, text = again.get("/metrics")
     finally:
         assert again.stop() == 0, again.text()
     assert finished and finished[0]["steps"] > 0, "the kill came after the batch was done: no journal to finish"
     decided = first + len(again.events("item.decided"))
-    counted = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("aemon_items_total{"))
     assert decided == 1500, (first, decided)
     assert counted == 1500 - first
 
