@@ -273,7 +273,8 @@ def score_paths(bundle, paths: Iterable[Path | str], limits: Limits, maps: Path 
     """``aemon score``: one record per image (per row for arrays and named datasets), in order.
 
     With ``maps``, the anomaly map of each anomalous image is written there (``NAME.map.png``,
-    ``NAME.map-ROW.png`` for rows; a taken name gets ``-N``) and named in its record's ``map``.
+    ``NAME.map-ROW.png`` for rows, a folder's images under their paths in it; a taken name gets ``-N``)
+    and named in its record's ``map``.
     """
     router = Router(maps) if maps is not None else None
     for arg in paths:
@@ -287,18 +288,20 @@ def score_paths(bundle, paths: Iterable[Path | str], limits: Limits, maps: Path 
             if units[0].error is not None:
                 yield _rejected(units[0], bundle)
                 continue
-            yield from _score_records(bundle, units, router)
+            yield from _score_records(bundle, units, router, roots=[root for _, root in batch])
 
 
-def _score_records(bundle, units: list[Unit], router: Router | None, rows: bool = False) -> Iterator[dict]:
+def _score_records(bundle, units: list[Unit], router: Router | None, rows: bool = False,
+                   roots: list[Path | None] | None = None) -> Iterator[dict]:
     decide(units, bundle, maps="anomaly" if router is not None else "off")
     decided_at = utc_now()
-    for unit in units:
+    for unit, root in zip(units, roots or [None] * len(units), strict=True):
         is_rows = rows or unit.raw is not None
         for i in range(len(unit.scores)):
             extra: dict[str, Any] = {"index": i} if is_rows else {}
             if i in unit.maps:
-                name = Path(unit.rel).name + (f".map-{i}.png" if is_rows else ".map.png")
+                # A folder's images keep their paths under DIR, as the daemon's maps keep theirs.
+                name = _output_name(unit, root) + (f".map-{i}.png" if is_rows else ".map.png")
                 extra["map"] = str(router.write_new(unit.maps[i], "", name))
             yield scored_record(item=unit.rel, verdict=unit.verdicts[i], score=unit.scores[i],
                                 threshold=bundle.threshold, p_value=unit.p_values[i], model_name=bundle.name,
@@ -306,7 +309,7 @@ def _score_records(bundle, units: list[Unit], router: Router | None, rows: bool 
                                 **extra)
 
 
-def _denoise_name(unit: Unit, root: Path | None) -> str:
+def _output_name(unit: Unit, root: Path | None) -> str:
     """The output name: relative to the folder argument it came from, else the file's own name."""
     if root is not None:
         return (Path(root.name) / unit.path.relative_to(root)).as_posix()
@@ -327,7 +330,7 @@ def denoise_paths(bundle, paths: Iterable[Path], limits: Limits, out: Path) -> I
             continue
         decide([u for u, _ in batch], bundle, reconstruct=True)
         for unit, root in batch:
-            name = _denoise_name(unit, root)
+            name = _output_name(unit, root)
             if unit.raw is None:
                 dest = router.write_new(denoised_png(unit), "", png_name(name))
             else:

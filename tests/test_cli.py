@@ -390,6 +390,20 @@ def test_score_maps_writes_a_map_per_anomalous_image(capsys: pytest.CaptureFixtu
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["n.png.map.png"]
 
 
+def test_score_maps_of_a_folder_keep_its_paths(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Maps of a folder's images went flat into DIR (two n.png became n.png.map.png and n.png.map-1.png, a
+    name that reads as a row's map); they keep the folder's paths, as the daemon's do."""
+    rng = np.random.default_rng(0)
+    for sub in ("a", "b"):
+        (tmp_path / "lot" / sub).mkdir(parents=True)
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "lot" / sub / "n.png")
+    code, out, err = run(capsys, "score", "mnist-detect", str(tmp_path / "lot"), "--maps", str(tmp_path / "maps"))
+    assert code == 0, err
+    maps = sorted(json.loads(line)["map"] for line in out.splitlines())
+    assert maps == [str(tmp_path / "maps" / "lot" / sub / "n.png.map.png") for sub in ("a", "b")]
+    assert all(Path(m).is_file() for m in maps)
+
+
 def test_paths_may_follow_an_option(capsys: pytest.CaptureFixture, tmp_path: Path, mnist_digits: np.ndarray) -> None:
     """`aemon score B --maps DIR x.png` was a usage error (the paths ended at the option); an unknown option
     still is."""
