@@ -34,7 +34,7 @@ from aemon.recorder import Recorder
 from aemon.router import FOLDERS, Router
 from aemon.settings import Settings
 from aemon.units import Unit, expand
-from aemon.workers import WorkerPool
+from aemon.workers import ModelAgreement, WorkerPool, announce
 
 __all__ = ["Daemon"]
 
@@ -80,6 +80,7 @@ class Daemon:
         else:
             self.metrics = build(self.registry)
         self.pool = WorkerPool(settings, workers) if workers > 0 and worker is None else None
+        self.agreement = ModelAgreement(self.root, worker) if worker is not None else None
         self.bundle = bundle
         self.bundle_path = Path(settings.model) if settings.model else None
         self.router = Router(self.root)
@@ -160,6 +161,10 @@ class Daemon:
         if self.bundle is None:
             self.bundle = self._load(self.bundle_path or default_bundle_path(self.settings.mode), startup=True)
         self._check_task(self.bundle, StartupError)
+        if self.agreement is not None:
+            self.bundle = self.agreement.choose(self.bundle)
+        elif self.pool is not None:
+            announce(self.root, self.bundle.version)
         self._set_model_metrics()
         if self.worker is not None:
             self.inbox.start()
@@ -302,10 +307,9 @@ class Daemon:
             self.reload()
 
     def reload(self) -> None:
-        """Load the bundle again (SIGHUP, passed on to the workers); on failure keep the old one."""
+        """Load the bundle again (SIGHUP); on failure keep the old one. The main process passes a reload
+        it made on to the workers, which then load the same version (:class:`ModelAgreement`)."""
         self.reload_requested = False
-        if self.pool is not None:
-            self.pool.signal(signal.SIGHUP)
         path = self.bundle_path or default_bundle_path(self.settings.mode)
         try:
             bundle = self._load(path)
@@ -313,11 +317,14 @@ class Daemon:
             log.error("bundle.reload_failed", path=str(path), error=str(exc), kept=self.bundle.version)
             ok = False
         else:
-            self.bundle = bundle
+            self.bundle = bundle if self.agreement is None else self.agreement.choose(bundle, self.bundle)
             self._set_model_metrics()
             ok = True
         if self.worker is None:  # one SIGHUP counts once, not once per process
             self.recorder.reload(ok=ok)
+        if ok and self.pool is not None:
+            announce(self.root, self.bundle.version)
+            self.pool.signal(signal.SIGHUP)
 
     def drain(self) -> None:
         """Log the stop: the loop commits each batch before it looks at the stop flag, so none is in hand."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -25,15 +26,20 @@ import uuid
 from pathlib import Path
 
 from aemon.errors import StartupError
+from aemon.fsio import write_json_atomic
 from aemon.logs import get_logger
 from aemon.settings import Settings
 
-__all__ = ["metrics_dir", "die_with_parent", "WorkerPool"]
+__all__ = ["metrics_dir", "die_with_parent", "WorkerPool", "announce", "announced", "ModelAgreement"]
 
 log = get_logger()
 
 #: A worker that exits is started again at most this often (seconds).
 RESTART_BACKOFF = 5.0
+#: The model version the main process serves (under ``.aemon/``), for its workers to match.
+SERVED_MODEL = "served-model.json"
+#: A worker asks the main process to reload at most this often (seconds).
+NUDGE_INTERVAL = 5.0
 _PR_SET_PDEATHSIG = 1
 
 
@@ -155,6 +161,50 @@ class WorkerPool:
                 proc.wait()
             _mark_dead(proc.pid)
         self._procs.clear()
+
+
+def announce(root: Path, version: str) -> None:
+    """Main process: store the model version it serves (after each load), before its workers load theirs."""
+    write_json_atomic(root / ".aemon" / SERVED_MODEL, {"version": version})
+
+
+def announced(root: Path) -> str | None:
+    """The model version the main process serves, or None where it has not said."""
+    try:
+        return str(json.loads((root / ".aemon" / SERVED_MODEL).read_text())["version"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class ModelAgreement:
+    """A worker's side of "one model across the daemon".
+
+    Each process loads the bundle from its path; if the bundle folder changes between the main process's
+    load and a worker's (a bundle swapped during a reload, or a worker restarted after a swap without
+    SIGHUP), they would score with different models. A worker that loaded another version than the main
+    process serves keeps the main one where it still has it, and asks the main process to reload (SIGHUP
+    to its parent, at most every :data:`NUDGE_INTERVAL` seconds); the main process then reloads and passes
+    the reload on, so every process ends on the bundle the folder now holds.
+    """
+
+    def __init__(self, root: Path, worker: int) -> None:
+        self.root, self.worker = root, worker
+        self._nudged = float("-inf")
+
+    def choose(self, loaded, current=None):
+        """The bundle this worker serves after loading ``loaded`` while serving ``current`` (None at start)."""
+        main = announced(self.root)
+        if main is None or loaded.version == main:
+            return loaded
+        keep = current is not None and current.version == main
+        log.warning("bundle.diverged", worker=self.worker, loaded=loaded.version, main=main,
+                    serving=(current if keep else loaded).version,
+                    hint="the bundle folder changed between the processes' loads: the main process reloads")
+        now = time.monotonic()
+        if now - self._nudged >= NUDGE_INTERVAL:
+            self._nudged = now
+            os.kill(os.getppid(), signal.SIGHUP)
+        return current if keep else loaded
 
 
 def _mark_dead(pid: int) -> None:

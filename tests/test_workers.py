@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from daemon_process import Daemon, by_item, full_tmpfs, full_tmpfs_fill, new_root, records, wait_records, write_png
 
@@ -212,3 +215,43 @@ def test_readyz_is_503_while_the_root_is_full(tmp_path):
         assert daemon.stop() == 0, daemon.text()
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_every_process_serves_one_model_after_the_bundle_changes(tmp_path, digits):
+    """A bundle folder changed without a reload, then a worker restarted (or a swap during a reload): the
+    worker loaded the new version while the main process kept the old, and records of one daemon named two
+    models (39 and 21 of 60 in a review) while the metrics showed one. The worker now asks the main process
+    to reload, and every process ends on the bundle the folder holds."""
+    from aemon.bundle import default_bundle_path, read_meta
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path("detect"), bundle)
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": "2", "AEMON_MODEL": str(bundle)})
+    daemon.wait_ready()
+    deadline = time.monotonic() + 90
+    while not daemon.events("worker.ready"):
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.2)
+    old = read_meta(bundle).version
+    np.save(tmp_path / "cal.npy", digits[-200:])
+    done = subprocess.run([sys.executable, "-m", "aemon", "calibrate", str(bundle), "--data", str(tmp_path / "cal.npy"),
+                           "--target-fpr", "0.05"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    new = read_meta(bundle).version
+    assert new != old
+    (worker,) = [e["pid"] for e in daemon.events("worker.started")]
+    os.kill(worker, signal.SIGKILL)  # restarted within 5 s: it loads the changed bundle
+    deadline = time.monotonic() + 60
+    while not any(e.get("version") == new for e in daemon.events("bundle.loaded") if "worker" not in e):
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.2)
+    time.sleep(3)  # the main process's reload is passed on to the worker
+    for i in range(40):
+        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
+    wait_records(root, 40, daemon)
+    versions = {json.loads(p.read_text())["model"]["version"] for p in records(root)}
+    _, text = daemon.get("/metrics")
+    assert daemon.stop() == 0, daemon.text()
+    assert versions == {new}, (versions, old, new)
+    assert f'version="{new}"' in text
