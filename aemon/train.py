@@ -201,7 +201,9 @@ def _fit(cfg: TrainConfig, prep: Preprocessing, x_fit: np.ndarray, n_cal: int, r
     log = get_logger()
     if cfg.arch == "pca" and cfg.latent_dim > min(len(x_fit), math.prod(prep.input_shape)):
         raise UsageError(f"--arch pca keeps at most min(images fitted, pixels) = "
-                         f"{min(len(x_fit), math.prod(prep.input_shape))} components; lower --latent-dim")
+                         f"{min(len(x_fit), math.prod(prep.input_shape))} components; give --latent-dim at most "
+                         f"that (it is {cfg.latent_dim}, 32 unless given), more images, or --arch auto, which "
+                         "sizes PCA itself")
     model = build(cfg.arch, prep.input_shape, cfg.latent_dim)
     if cfg.arch == "pca":
         # A closed-form fit: every non-calibration image is fitted, nothing is needed for early stopping.

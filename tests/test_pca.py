@@ -87,3 +87,13 @@ def test_pca_refuses_impossible_settings(capsys, tmp_path: Path) -> None:
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and "lower --latent-dim" in errors[0] and "Traceback" not in err
     assert not (tmp_path / "b").exists()
+
+
+def test_too_few_images_for_the_default_size_says_what_to_do(capsys, tmp_path: Path) -> None:
+    """--arch pca on 30 images: the default 32 components do not fit; the refusal said only 'lower
+    --latent-dim', which the user never gave. It names the value, its default and the ways out."""
+    code = main(["train", "--data", "sample:mnist?limit=30", "--arch", "pca", "--target-fpr", "0.2",
+                 "--out", str(tmp_path / "b")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "32 unless given" in err and "--arch auto" in err, err
+    assert not (tmp_path / "b").exists()
