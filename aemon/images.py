@@ -230,6 +230,9 @@ def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
     """
     if img.mode.startswith("I;16") or img.mode == "I":
         values = np.asarray(img, dtype=np.float64)
+        key = img.info.get("transparency")
+        if isinstance(key, int):  # a transparent value (tRNS): those pixels are black, as in _over_black
+            values[values == key] = 0.0
         if values.size and (values.min() < 0 or values.max() > 65535):  # 32-bit: nothing but 16-bit values
             raise Unreadable(f"{name} has values in [{values.min():g}, {values.max():g}]; expected 0–65535 "
                              f"for a {img.mode} image")

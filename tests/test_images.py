@@ -130,8 +130,8 @@ def test_an_exif_orientation_is_applied_as_a_viewer_would(tmp_path: Path, orient
 @pytest.mark.parametrize("color_mode", ["grayscale", "rgb"])
 def test_what_hides_under_transparent_pixels_does_not_count(tmp_path: Path, color_mode: str) -> None:
     """Fully transparent pixels show the viewer's background whatever colour they store: two files that look
-    the same decode the same (transparent parts as black), in LA, RGBA and palette images; the hidden colour
-    decided the verdict."""
+    the same decode the same (transparent parts as black), in LA, RGBA, palette and 16-bit grey images with a
+    transparent value; the hidden colour decided the verdict."""
     visible = np.zeros((28, 28), np.uint8)
     visible[8:20, 12:16] = 200
     alpha = np.where(visible > 0, 255, 0).astype(np.uint8)
@@ -145,7 +145,10 @@ def test_what_hides_under_transparent_pixels_does_not_count(tmp_path: Path, colo
         index = np.asarray(palette)
         transparent = int(index[0, 0])
         palette.save(tmp_path / f"p{hidden}.png", transparency=transparent)
-        decoded += [decode_image(tmp_path / f"{kind}{hidden}.png", prep) for kind in ("la", "rgba", "p")]
+        # 16-bit grey with a transparent value (tRNS): the stored value is the key itself.
+        Image.fromarray(np.where(alpha > 0, visible.astype(np.uint16) * 257, hidden * 257).astype(np.uint16)).save(
+            tmp_path / f"g16{hidden}.png", transparency=hidden * 257)
+        decoded += [decode_image(tmp_path / f"{kind}{hidden}.png", prep) for kind in ("la", "rgba", "p", "g16")]
     for x in decoded[1:]:
         np.testing.assert_allclose(x, decoded[0], atol=1 / 255)
 
