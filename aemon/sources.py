@@ -43,7 +43,15 @@ MAX_AUTO_SIDE = 128
 _INSPECT = 500
 
 _KERAS = ("mnist", "fashion_mnist")
-_OPTIONS = {"digits", "split", "key", "limit", "type", "defect"}
+#: The query options of each kind of source (see :func:`_options_of`).
+_SOURCE_OPTIONS = {
+    "sample:elpv": {"type", "defect", "split", "limit"},
+    "sample": {"digits", "limit"},
+    "keras": {"split", "digits", "limit"},
+    "npz": {"key", "digits", "limit"},
+    "other": {"limit"},  # a .npy (no labels), a folder or an image file
+}
+_OPTIONS = set().union(*_SOURCE_OPTIONS.values())
 #: Share of sample:elpv in its ``split=train`` part (a fixed, seeded split of the whole set).
 ELPV_TRAIN_SHARE = 0.7
 _ELPV_DEFECTS = {"0": 0.0, "1/3": 1 / 3, "2/3": 2 / 3, "1": 1.0}
@@ -96,15 +104,9 @@ def _split_query(src: str) -> tuple[str, dict[str, str]]:
 
 def _options_of(base: str) -> set[str]:
     """The query options a source takes."""
-    if base == "sample:elpv":
-        return {"type", "defect", "split", "limit"}
-    if base.startswith("sample:"):
-        return {"digits", "limit"}
-    if base.startswith("keras:"):
-        return {"split", "digits", "limit"}
-    if base.lower().endswith(".npz"):
-        return {"key", "digits", "limit"}
-    return {"limit"}  # a .npy (no labels), a folder or an image file
+    kind = ("sample:elpv" if base == "sample:elpv" else "sample" if base.startswith("sample:") else
+            "keras" if base.startswith("keras:") else "npz" if base.lower().endswith(".npz") else "other")
+    return _SOURCE_OPTIONS[kind]
 
 
 def provenance(src: str) -> str:
