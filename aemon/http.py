@@ -1,12 +1,13 @@
 """``/metrics``, ``/healthz`` and ``/readyz``, served by waitress on a thread.
 
 waitress multiplexes connections on one select loop and answers requests from a small thread
-pool, so idle clients cost no thread. Two rules are added to its server (:class:`_GuardedServer`)
-so that no client can keep a probe out: a connection that is not being answered is closed
-:data:`MAX_LIFETIME` seconds after it was opened, however slowly it keeps sending (a slow-header
-client), and at :data:`MAX_CONNECTIONS` a new connection closes the oldest one that is not being
-answered instead of waiting behind it (idle clients that reconnect at once). No client can starve
-the daemon of threads or file handles.
+pool, so idle clients cost no thread. Its server gets three rules (:class:`_GuardedServer`) so that
+no client can keep a probe out or hold file handles: never more than :data:`MAX_CONNECTIONS`
+connections (a new one closes the oldest not being answered, else the oldest: idle clients that
+reconnect at once, pipelined requests whose answers are never read); a connection with no traffic
+for :data:`IDLE_TIMEOUT` seconds is closed; so is one still receiving a request
+:data:`REQUEST_TIMEOUT` seconds after its first byte (a client sending its headers a line a
+second). A connection in steady use (a scraper on keep-alive) is never cut.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 
 from aemon.logs import get_logger
@@ -29,33 +32,53 @@ log = get_logger()
 MAX_CONNECTIONS = 32
 #: Connections idle this long are closed (seconds).
 IDLE_TIMEOUT = 10
-#: A connection is closed this long after it was opened unless a request of it is being answered (seconds).
-MAX_LIFETIME = 10
+#: A request must arrive whole within this long of its first byte (seconds).
+REQUEST_TIMEOUT = 10
 #: Connections the kernel queues until they are accepted: enough that clients reconnecting in a loop do not
 #: fill it (a full queue drops a probe's connection request, which is then retried a second or more later).
 BACKLOG = 1024
 
 
+class _GuardedChannel(HTTPChannel):
+    """waitress's connection, noting when the request it is receiving began."""
+
+    #: When the first byte of the request still being received arrived (epoch seconds).
+    request_started = 0.0
+
+    def received(self, data: bytes) -> bool:
+        fresh = self.request is None
+        try:
+            return super().received(data)
+        finally:
+            if self.request is not None and fresh:
+                self.request_started = time.time()
+
+
 class _GuardedServer(TcpWSGIServer):
-    """waitress's TCP server with a lifetime per connection and eviction of the oldest at the limit."""
+    """waitress's TCP server with a hard bound on connections, eviction at the bound, and two timeouts that
+    hold whatever a connection is doing."""
+
+    channel_class = _GuardedChannel
 
     def readable(self) -> bool:
         super().readable()  # its periodic maintenance; it would stop accepting at the limit
         return self.accepting
 
     def handle_accept(self) -> None:
-        if len(self.active_channels) >= self.adj.connection_limit:
-            waiting = [ch for ch in self.active_channels.values() if not ch.requests]
-            if waiting:
-                min(waiting, key=lambda ch: ch.creation_time).handle_close()
+        channels = list(self.active_channels.values())
+        if len(channels) >= self.adj.connection_limit:
+            # The oldest connection with no request in hand, else the oldest of all: never more than the limit.
+            min(channels, key=lambda ch: (bool(ch.requests), ch.creation_time)).handle_close()
         super().handle_accept()
 
     def maintenance(self, now: float) -> None:
-        super().maintenance(now)
-        cutoff = now - MAX_LIFETIME
+        """Close, at once, connections with no traffic for :data:`IDLE_TIMEOUT` (also those whose responses
+        the client never reads) and those still receiving a request :data:`REQUEST_TIMEOUT` after it began
+        (a client sending its headers a line a second). A connection in use is never cut."""
         for channel in list(self.active_channels.values()):
-            if not channel.requests and channel.creation_time < cutoff:
-                channel.will_close = True
+            slow = channel.request is not None and channel.request_started < now - REQUEST_TIMEOUT
+            if slow or channel.last_activity < now - IDLE_TIMEOUT:
+                channel.handle_close()
 
 
 def is_loopback(host: str) -> bool:
@@ -124,6 +147,8 @@ class HttpServer:
         waitress_log.handlers[:] = [_ToStructlog()]
         waitress_log.propagate = False
         waitress_log.setLevel(logging.WARNING)
+        # One line per queued request under a flood ("Task queue depth is N"): not worth a log line each.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self._server = _GuardedServer(
             self.app, host=self.host, port=self._port, threads=2, connection_limit=MAX_CONNECTIONS,
             channel_timeout=IDLE_TIMEOUT, cleanup_interval=1, backlog=BACKLOG, ident="aemon",

@@ -405,28 +405,52 @@ def _idle_client(port: int, stop: threading.Event) -> None:
             stop.wait(0.1)
 
 
-@pytest.mark.parametrize("client", [_slow_header_client, _idle_client])
-def test_slow_or_idle_clients_never_keep_out_a_probe(tmp_path, digits, client):
+def _pipelining_client(port: int, stop: threading.Event) -> None:
+    """Send 40 pipelined requests on each of many connections and never read an answer."""
+    held = []
+    try:
+        while not stop.is_set() and len(held) < 300:
+            with contextlib.suppress(OSError):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 40)
+                held.append(sock)
+        stop.wait()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def _open_files(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.parametrize(("client", "count"), [(_slow_header_client, 40), (_idle_client, 100),
+                                               (_pipelining_client, 4)])
+def test_slow_or_idle_clients_never_keep_out_a_probe(tmp_path, digits, client, count):
     """40 clients sending one header line a second, or 100 idle ones reconnecting as soon as they are closed:
     /healthz answered none of 10 probes (a 5 s timeout) for a minute, so a liveness probe would have
-    restarted the daemon again and again. Each probe is answered now, and items are still decided."""
+    restarted the daemon again and again. 1,200 connections of 40 pipelined requests never read went past
+    the connection limit (679 open files at 1,300; the HTTP thread died at 1,024). Each probe is answered
+    now, the open files stay bounded, and items are still decided."""
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    base = _open_files(daemon.proc.pid)
     stop = threading.Event()
-    threads = [threading.Thread(target=client, args=(daemon.port, stop), daemon=True)
-               for _ in range(40 if client is _slow_header_client else 100)]
+    threads = [threading.Thread(target=client, args=(daemon.port, stop), daemon=True) for _ in range(count)]
     try:
         for thread in threads:
             thread.start()
         time.sleep(2)
         for i in range(5):
             write_png(root / "inbox" / f"under-attack-{i}.png", digits[i])
-        answered = 0
+        answered, most = 0, 0
         for _ in range(8):
             with contextlib.suppress(OSError):
                 answered += daemon.get("/healthz", timeout=5)[0] == 200
+            most = max(most, _open_files(daemon.proc.pid))
             time.sleep(1)
         assert answered == 8, f"/healthz answered {answered} of 8 probes\n{daemon.text()}"
+        assert most <= base + 40, (base, most)  # 32 connections and a few files of the items
         wait_records(root, 5, daemon, timeout=60)
     finally:
         stop.set()
@@ -434,6 +458,28 @@ def test_slow_or_idle_clients_never_keep_out_a_probe(tmp_path, digits, client):
             thread.join(timeout=35)
         code = daemon.stop()
     assert code == 0, daemon.text()
+
+
+def test_a_keep_alive_scraper_is_never_cut(tmp_path):
+    """A scraper on one keep-alive connection, once a second for 25 s: every scrape answered (a rule that
+    closed any connection 10 s after it opened cut one in ten)."""
+    import http.client
+
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", daemon.port, timeout=5)
+        codes = []
+        for _ in range(25):
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            response.read()
+            codes.append(response.status)
+            time.sleep(1)
+        conn.close()
+    finally:
+        code = daemon.stop()
+    assert codes == [200] * 25 and code == 0
 
 
 # -- 8. no library writes outside the root -----------------------------------
