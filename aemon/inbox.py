@@ -178,6 +178,9 @@ class Inbox:
             OSError: the inbox is a link or not a folder.
         """
         self._open()
+        self._watch()
+
+    def _watch(self) -> None:
         if not self.polling:
             watch = TreeWatch(self.dir, self._on_inotify, self._on_overflow)
             watch.start()
@@ -191,12 +194,15 @@ class Inbox:
         observer.start()
         self._observer = observer
 
-    def stop(self) -> None:
-        """Stop watching, join the watcher's thread and close the inbox folder."""
+    def _unwatch(self) -> None:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
             self._observer = None
+
+    def stop(self) -> None:
+        """Stop watching, join the watcher's thread and close the inbox folder."""
+        self._unwatch()
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -204,6 +210,24 @@ class Inbox:
     def _open(self) -> None:
         if self._fd < 0:
             self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
+    def _reopen(self) -> bool:
+        """Take from a new real folder at the inbox path (the inbox deleted and made again, or moved away
+        and another made); False while the path is a link, a file or nothing."""
+        try:
+            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        os.close(self._fd)
+        self._fd = fd
+        watching = self._observer is not None
+        self._unwatch()
+        if watching:
+            self._watch()
+        self._last_scan = float("-inf")  # what is already in the new folder is found by a scan
+        log.warning("inbox.reopened", inbox=str(self.dir), hint="the inbox folder was replaced by a new folder; "
+                    "entries are taken from the new one")
+        return True
 
     def intact(self) -> bool:
         """True while the inbox path is still the folder opened at start-up (not replaced, e.g. by a link)."""
@@ -285,11 +309,11 @@ class Inbox:
         They are no longer tracked: the caller claims them (or finds them gone).
         """
         self._open()
-        if not self.intact():
+        if not self.intact() and not self._reopen():
             if not self._replaced:
                 log.error("inbox.replaced", inbox=str(self.dir),
-                          hint="the inbox path is no longer the folder aemon opened (a link or another folder was "
-                               "put there): nothing is taken until the folder is back; aemon never follows links "
+                          hint="the inbox path is no longer a folder (a link or a file was put there, or it was "
+                               "removed): nothing is taken until a real folder is back; aemon never follows links "
                                "out of its root")
             self._replaced = True
             return []

@@ -100,7 +100,7 @@ def test_an_inbox_swapped_for_a_link_is_never_followed(tmp_path, digits):
     """The inbox renamed away and a link to a folder outside the root put at its path while the daemon runs:
     the files dropped through the link stay outside (the daemon moved them out of that folder into ok/
     within seconds); the daemon says so, /readyz is 503 and nothing is taken until the inbox is back, then
-    what waited in it is taken."""
+    what waited in it is taken. A new real folder made at the inbox path is taken from."""
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env={"AEMON_WORKERS": "2"}).wait_ready()
     outside = tmp_path / "outside"
@@ -119,6 +119,13 @@ def test_an_inbox_swapped_for_a_link_is_never_followed(tmp_path, digits):
     wait_records(root, 1, daemon)
     assert [load(path)["item"] for path in records(root)] == ["kept.png"]
     assert daemon.get("/readyz")[0] == 200
+    # An inbox deleted and made again is a real folder: it is taken from (the first version of this guard
+    # waited for the old folder forever).
+    shutil.rmtree(root / "inbox")
+    (root / "inbox").mkdir()
+    write_png(root / "inbox" / "new-inbox.png", digits[6])
+    wait_records(root, 2, daemon)
+    assert daemon.get("/readyz")[0] == 200 and "inbox.reopened" in daemon.text()
     assert daemon.stop() == 0, daemon.text()
 
 
