@@ -530,6 +530,14 @@ def _settings_flags(args: argparse.Namespace) -> dict:
     return {name: getattr(args, name, None) for name in names}
 
 
+def _trailing_paths(extra: list[str]) -> tuple[list[str], list[str]]:
+    """Arguments argparse left over after an option: ``(paths, unknown)``. Before a ``--`` anything that
+    starts with ``-`` is an unknown option; after it, everything is a path."""
+    before, after = (extra[: extra.index("--")], extra[extra.index("--") + 1:]) if "--" in extra else (extra, [])
+    unknown = [arg for arg in before if arg.startswith("-")]
+    return ([], unknown) if unknown else ([*before, *after], [])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -537,10 +545,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        if extra and getattr(args, "paths", None) is not None and not any(a.startswith("-") for a in extra):
-            args.paths += extra  # paths after an option: score B --maps DIR x.png
-        elif extra:
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        if extra:  # paths after an option: score B --maps DIR x.png (and after '--', paths starting with '-')
+            paths, unknown = _trailing_paths(extra) if getattr(args, "paths", None) is not None else ([], extra)
+            if unknown:
+                parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+            args.paths += paths
         if args.verb is None:
             parser.print_help()
             return 2

@@ -194,7 +194,9 @@ def _mistyped(table: dict[str, Any]) -> list[str]:
                 isinstance(value, str))
         if not fits:
             want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-            wrong.append(f"{key} = {value!r} is a {type(value).__name__}; give {want}")
+            what = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(type(value),
+                                                                                              type(value).__name__)
+            wrong.append(f"{key} = {value!r} is {what}; give {want}")
     return wrong
 
 

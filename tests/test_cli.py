@@ -404,14 +404,20 @@ def test_score_maps_of_a_folder_keep_its_paths(capsys: pytest.CaptureFixture, tm
     assert all(Path(m).is_file() for m in maps)
 
 
-def test_paths_may_follow_an_option(capsys: pytest.CaptureFixture, tmp_path: Path, mnist_digits: np.ndarray) -> None:
+def test_paths_may_follow_an_option(capsys: pytest.CaptureFixture, tmp_path: Path, mnist_digits: np.ndarray,
+                                    monkeypatch: pytest.MonkeyPatch) -> None:
     """`aemon score B --maps DIR x.png` was a usage error (the paths ended at the option); an unknown option
     still is."""
     Image.fromarray(mnist_digits[5]).save(tmp_path / "d.png")
     code, out, err = run(capsys, "score", "mnist-detect", "--maps", str(tmp_path / "maps"), str(tmp_path / "d.png"))
     assert code == 0 and json.loads(out)["item"].endswith("d.png"), err
     code, _, err = run(capsys, "score", "mnist-detect", "--colour", "red", str(tmp_path / "d.png"))
-    assert code == 2 and "unrecognized arguments: --colour red" in err, err
+    assert code == 2 and "unrecognized arguments: --colour" in err, err
+    # After '--' a path may start with '-' (it was refused after an option).
+    monkeypatch.chdir(tmp_path)
+    Image.fromarray(mnist_digits[6]).save(tmp_path / "-n.png")
+    code, out, err = run(capsys, "score", "mnist-detect", "--maps", "m2", "d.png", "--", "-n.png")
+    assert code == 0 and [json.loads(line)["item"] for line in out.splitlines()] == ["d.png", "-n.png"], err
 
 
 def test_no_polling_overrides_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
