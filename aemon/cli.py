@@ -322,7 +322,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import find_bundle, is_bundle, load_bundle
     from aemon.evaluate import overlaps
-    from aemon.recalibrate import recalibrate
+    from aemon.recalibrate import recalibrate, refuse_taken_out
     from aemon.sources import load_source, unlike_input
 
     found = find_bundle(args.bundle)
@@ -331,9 +331,8 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
             raise UsageError(f"{args.bundle} is a bundle shipped with aemon: give --out DIR to write a recalibrated "
                              "copy (it is never changed in place)")
         args.bundle = found
-    if args.out is not None and (args.out.exists() or args.out.is_symlink()):
-        raise UsageError(f"{args.out} already exists; choose another --out, or leave --out out to update "
-                         f"{args.bundle} in place")
+    if args.out is not None:
+        refuse_taken_out(args.out, args.bundle)  # before the bundle and the data are loaded
     bundle = load_bundle(args.bundle)
     data = load_source(args.data, bundle.preprocessing)
     unlike = unlike_input(args.data, bundle.preprocessing)

@@ -6,12 +6,24 @@ import shutil
 from pathlib import Path
 
 from aemon.bundle import Bundle, BundleMeta, staged_dir, write_meta
-from aemon.errors import BundleError
+from aemon.errors import UsageError
 from aemon.fsio import naming
 from aemon.sources import Dataset, provenance
 from aemon.train import calibration_payload
 
-__all__ = ["recalibrate"]
+__all__ = ["recalibrate", "refuse_taken_out"]
+
+
+def refuse_taken_out(out: Path, bundle_path: Path) -> None:
+    """Refuse an ``--out`` that exists (staged_dir's own refusal speaks of train's --force, which calibrate
+    has not).
+
+    Raises:
+        UsageError: ``out`` exists (a link too).
+    """
+    if out.exists() or out.is_symlink():
+        raise UsageError(f"{out} already exists; choose another --out, or leave --out out to update "
+                         f"{bundle_path} in place")
 
 
 def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, out: Path | None = None) -> BundleMeta:
@@ -25,7 +37,10 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
 
     Raises:
         CalibrationError: too few samples for the target FPR (with the number needed).
+        UsageError: ``out`` exists (found before anything is scored).
     """
+    if out is not None:
+        refuse_taken_out(Path(out), bundle.path)
     fpr = bundle.meta.target_fpr if target_fpr is None else target_fpr
     threshold, calibration = calibration_payload(bundle.score(data.x), fpr, provenance(data.source))
     # Validate the merged dict: model_copy(update=...) would keep ``calibration`` a plain dict
@@ -40,9 +55,6 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
     if out is None:
         write_meta(bundle.path, meta)
         return meta
-    if Path(out).exists():  # staged_dir's refusal speaks of train's --force, which calibrate has not
-        raise BundleError(f"{out} already exists; choose another --out, or leave --out out to update "
-                          f"{bundle.path} in place")
     with naming(out), staged_dir(Path(out)) as tmp:
         shutil.copytree(bundle.path, tmp, dirs_exist_ok=True)
         write_meta(tmp, meta.model_copy(update={"name": Path(out).name}))
