@@ -249,13 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load_bundle_meta(path: Path | None, settings: Settings, task: str = "detect"):
-    from aemon.bundle import default_bundle_path, read_meta
-
-    path = path or settings.model or default_bundle_path(task)
-    return path, read_meta(path)
-
-
 def _check_out(out: Path, force: bool, src: str) -> None:
     """``--out`` may replace only a bundle (with ``--force``), and never be or hold the training data.
 
@@ -460,11 +453,11 @@ def _samples(args: argparse.Namespace, settings: Settings) -> int:
 
 @_verb("info")
 def _info(args: argparse.Namespace, settings: Settings) -> int:
-    from aemon.bundle import find_bundle, load_bundle
+    from aemon.bundle import default_bundle_path, find_bundle, load_bundle
 
     if args.bundle is not None and not args.bundle.exists():
         args.bundle = find_bundle(args.bundle) or args.bundle  # a shipped bundle, by name
-    path, _ = _load_bundle_meta(args.bundle, settings)
+    path = args.bundle or settings.model or default_bundle_path("detect")
     meta = load_bundle(path).meta  # every check score and the daemon make: info never shows a broken bundle as fine
     if args.json:
         data = meta.model_dump(mode="json")
