@@ -207,15 +207,19 @@ class Inbox:
             os.close(self._fd)
             self._fd = -1
 
+    def _open_folder(self) -> int:
+        """A descriptor of the folder at the inbox path; OSError if it is a link, a file or nothing."""
+        return os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+
     def _open(self) -> None:
         if self._fd < 0:
-            self._fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            self._fd = self._open_folder()
 
     def _reopen(self) -> bool:
         """Take from a new real folder at the inbox path (the inbox deleted and made again, or moved away
         and another made); False while the path is a link, a file or nothing."""
         try:
-            fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = self._open_folder()
         except OSError:
             return False
         os.close(self._fd)
