@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -173,30 +174,29 @@ def _describe(error: ValidationError) -> str:
     return "invalid settings: " + "; ".join(parts)
 
 
-def _kind(annotation: Any) -> type:
-    """What a TOML value of a setting must be: bool, int, float (an int will do) or str."""
-    return annotation if annotation in (bool, int, float) else str
+#: Per kind of setting: whether a TOML value fits it, and how to ask for one (an int will do for a float;
+#: a boolean is never a number).
+_TOML_KINDS: dict[type, tuple[Callable[[Any], bool], str]] = {
+    bool: (lambda v: isinstance(v, bool), "true or false"),
+    int: (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    float: (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    str: (lambda v: isinstance(v, str), "a string"),
+}
+_TOML_NAMES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}
 
 
 def _mistyped(table: dict[str, Any]) -> list[str]:
     """One phrase per TOML value of the wrong type: TOML has types, and ``batch_size = true`` or
     ``workers = "3"`` were coerced (to 1 and 3) where a typo deserves an error. Unknown keys are left to
-    validation, which names them."""
+    validation, which names them; settings that are not bool, int or float (paths, choices) take strings."""
     wrong = []
     for key, value in table.items():
         field = Settings.model_fields.get(key)
         if field is None:
             continue
-        kind = _kind(field.annotation)
-        fits = (isinstance(value, bool) if kind is bool else
-                isinstance(value, int) and not isinstance(value, bool) if kind is int else
-                isinstance(value, int | float) and not isinstance(value, bool) if kind is float else
-                isinstance(value, str))
-        if not fits:
-            want = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[kind]
-            what = {bool: "a boolean", int: "an integer", float: "a float", str: "a string"}.get(type(value),
-                                                                                              type(value).__name__)
-            wrong.append(f"{key} = {value!r} is {what}; give {want}")
+        fits, want = _TOML_KINDS[field.annotation if field.annotation in _TOML_KINDS else str]
+        if not fits(value):
+            wrong.append(f"{key} = {value!r} is {_TOML_NAMES.get(type(value), type(value).__name__)}; give {want}")
     return wrong
 
 
