@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import multiprocessing
 import os
 import resource
 import shutil
@@ -427,6 +428,15 @@ def _pipelining_client(port: int, stop: threading.Event) -> None:
             sock.close()
 
 
+def _attack(client, count: int, port: int, stop) -> None:
+    """Run ``count`` threads of ``client`` until ``stop`` is set (in the attacker's process)."""
+    threads = [threading.Thread(target=client, args=(port, stop), daemon=True) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=35)
+
+
 def _open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -442,11 +452,13 @@ def test_slow_or_idle_clients_never_keep_out_a_probe(tmp_path, digits, client, c
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
     base = _open_files(daemon.proc.pid)
-    stop = threading.Event()
-    threads = [threading.Thread(target=client, args=(daemon.port, stop), daemon=True) for _ in range(count)]
+    # The clients run in a process of their own, as an attacker would: threads of this process would hold up
+    # the probe itself (a probe waiting for the interpreter lock between connect and send was evicted).
+    stop = multiprocessing.get_context("fork").Event()
+    attacker = multiprocessing.get_context("fork").Process(target=_attack, args=(client, count, daemon.port, stop),
+                                                           daemon=True)
     try:
-        for thread in threads:
-            thread.start()
+        attacker.start()
         time.sleep(2)
         for i in range(5):
             write_png(root / "inbox" / f"under-attack-{i}.png", digits[i])
@@ -461,8 +473,9 @@ def test_slow_or_idle_clients_never_keep_out_a_probe(tmp_path, digits, client, c
         wait_records(root, 5, daemon, timeout=60)
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(timeout=35)
+        attacker.join(timeout=40)
+        if attacker.is_alive():
+            attacker.kill()
         code = daemon.stop()
     assert code == 0, daemon.text()
 
