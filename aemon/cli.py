@@ -405,10 +405,12 @@ def _denoise(args: argparse.Namespace, settings: Settings) -> int:
 
 def _print_records(records: Iterator[dict], done: str) -> int:
     """One JSON line per record on stdout; exit status 1 (and one error line) if any was rejected."""
+    from aemon.records import encode
+
     rejected = 0
     for record in records:
         rejected += record.get("verdict") == "rejected"
-        sys.stdout.write(json.dumps(record) + "\n")
+        sys.stdout.write(encode(record).decode())
     sys.stdout.flush()
     if rejected:
         print(f"Error: {rejected} item(s) could not be {done} (see their 'reason' and 'error')", file=sys.stderr)

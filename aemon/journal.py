@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from aemon.fsio import fsync_dir, rename_noreplace, write_durably
+from aemon.records import encode
 from aemon.router import Router
 
 __all__ = ["JOURNAL_NAME", "Step", "Journal", "read_journal", "output_path", "drop_undecided", "remove_batch",
@@ -59,7 +60,7 @@ class Journal:
         """Store the plan durably in ``batch_dir``: the decision point of the batch."""
         data = {"entries": self.entries, "remove": self.remove,
                 "steps": [{"src": st.src, "dest": st.dest, "record": st.record} for st in self.steps]}
-        write_durably(batch_dir / JOURNAL_NAME, json.dumps(data).encode())
+        write_durably(batch_dir / JOURNAL_NAME, encode(data))
         fsync_dir(batch_dir)
 
     def run(self, router: Router, batch_dir: Path, progress: Callable[[], None] = lambda: None) -> list[Step]:

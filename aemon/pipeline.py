@@ -173,7 +173,8 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         idx = np.flatnonzero(names == verdict)
         if idx.size == 0:
             continue
-        rows = [{"index": int(j), "score": float(unit.scores[j]), "p_value": float(unit.p_values[j])} for j in idx]
+        rows = [{"index": j, "score": score, "p_value": p}
+                for j, score, p in zip(idx.tolist(), unit.scores[idx].tolist(), unit.p_values[idx].tolist(), strict=True)]
         record = scored_record(
             item=unit.rel, verdict=verdict, score=float(np.max(unit.scores[idx])), threshold=threshold,
             p_value=float(np.min(unit.p_values[idx])), rows=rows, n_rows=int(idx.size), total_rows=len(raw),

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
-import json
 import os
 import stat
 import threading
@@ -27,6 +26,7 @@ import numpy as np
 from aemon.errors import Unreadable
 from aemon.fsio import fsync_dir, rename_noreplace, write_all_durably, write_durably
 from aemon.images import PNG_LEVEL, npy_header
+from aemon.records import encode
 
 __all__ = ["FOLDERS", "DERIVED", "Router", "png_bytes", "png_name", "rows_bytes"]
 
@@ -228,7 +228,7 @@ class Router:
         Returns:
             The destinations whose record name was taken meanwhile (nothing written for them).
         """
-        taken = write_all_durably([(f"{dest}.json", (json.dumps(record) + "\n").encode()) for dest, record in pairs],
+        taken = write_all_durably([(f"{dest}.json", encode(record)) for dest, record in pairs],
                                   tmp_dir, replace=False)
         return [path[: -len(".json")] for path in taken]
 
