@@ -17,8 +17,10 @@ Policy (also in the README):
 
 from __future__ import annotations
 
+import math
 import zipfile
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,8 +262,10 @@ def npy_header(fp, name: str) -> tuple[tuple[int, ...], np.dtype]:
             shape, _, dtype = np.lib.format.read_array_header_1_0(fp)
         else:
             shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
-    except (ValueError, OSError, SyntaxError) as exc:
+    except (ValueError, OSError, SyntaxError, TypeError, OverflowError) as exc:
         raise Unreadable(f"{name} is not a valid .npy array: {exc}") from exc
+    if not all(type(n) is int and 0 <= n < 1 << 63 for n in shape):  # numpy checks less: (True, 784), 2**64
+        raise Unreadable(f"{name} is not a valid .npy array: its header gives the shape {shape}")
     return shape, dtype
 
 
@@ -270,7 +274,7 @@ def _check_header(shape: tuple[int, ...], dtype: np.dtype, name: str, limits: Li
         raise UnsafeItem(f"{name} holds Python objects (pickles); aemon never unpickles, save numeric arrays")
     if len(shape) >= 1 and shape[0] > limits.max_rows:
         raise TooLarge(f"{name} has {shape[0]} rows; the limit is {limits.max_rows}")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    nbytes = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
     if nbytes > limits.max_bytes:
         raise TooLarge(f"{name} holds {nbytes} bytes of data; the limit is {limits.max_bytes} bytes")
 
@@ -282,10 +286,10 @@ def _check_members(archive: zipfile.ZipFile, name: str) -> None:
         Unreadable: a damaged, encrypted or oddly compressed member, or two members of one name
             (``x`` and ``x.npy`` count as one).
     """
-    keys = [member.removesuffix(".npy") for member in archive.namelist()]
-    if len(set(keys)) != len(keys):  # 'x' beside 'x.npy' too: one of them would be lost
-        twice = sorted({k for k in keys if keys.count(k) > 1})
-        raise Unreadable(f"{name} holds two members named {', '.join(twice)}")
+    counts = Counter(member.removesuffix(".npy") for member in archive.namelist())
+    twice = sorted(k for k, n in counts.items() if n > 1)  # 'x' beside 'x.npy' too: one of them would be lost
+    if twice:
+        raise Unreadable(f"{name} holds two members named {_listed(twice)}")
     try:
         damaged = archive.testzip()
     except (RuntimeError, NotImplementedError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as exc:
@@ -294,10 +298,16 @@ def _check_members(archive: zipfile.ZipFile, name: str) -> None:
         raise Unreadable(f"{name}: its member {damaged} is damaged (bad checksum)")
 
 
+def _listed(names: list[str], most: int = 10) -> str:
+    """``names`` joined for a message, at most ``most`` of them (an archive may hold 100,000)."""
+    shown = ", ".join(names[:most])
+    return shown if len(names) <= most else f"{shown}, … ({len(names)} in all)"
+
+
 def _pick_npz_key(keys: list[str], name: str, key: str | None) -> str:
     if key is not None:
         if key not in keys:
-            raise BadShape(f"{name} has no array named {key!r}; it holds {', '.join(keys) or 'nothing'}")
+            raise BadShape(f"{name} has no array named {key!r}; it holds {_listed(keys) or 'nothing'}")
         return key
     if not keys:
         raise EmptyItem(f"{name} holds no arrays")
@@ -306,7 +316,7 @@ def _pick_npz_key(keys: list[str], name: str, key: str | None) -> str:
     for preferred in ("x", "images"):
         if preferred in keys:
             return preferred
-    raise BadShape(f"{name} holds several arrays ({', '.join(keys)}); keep one, or name the images 'x' or "
+    raise BadShape(f"{name} holds several arrays ({_listed(keys)}); keep one, or name the images 'x' or "
                    "'images' (a SRC may also pick one: FILE.npz?key=NAME)")
 
 

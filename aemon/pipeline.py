@@ -24,6 +24,7 @@ from aemon.errors import EmptyItem, ItemRejected, Unreadable
 from aemon.fsio import utc_now
 from aemon.images import PNG_LEVEL, Limits, Preprocessing, displayed_size, input_to_array, open_image
 from aemon.images import decode as decode_file
+from aemon.logs import get_logger
 from aemon.maps import render, strengths
 from aemon.records import rejected_record, scored_record
 from aemon.router import Router, png_bytes, png_name, rows_bytes
@@ -43,7 +44,13 @@ def decode(unit: Unit, prep: Preprocessing, limits: Limits) -> None:
         ItemRejected: why the unit cannot be scored.
     """
     check_file(unit)
-    decoded = decode_file(unit.path, prep, limits, unit.rel)
+    try:
+        decoded = decode_file(unit.path, prep, limits, unit.rel)
+    except ItemRejected:
+        raise
+    except Exception as exc:  # a decoder's own bug or limit: one bad file never stops the daemon
+        get_logger().warning("item.decode_error", item=unit.rel, exc_info=True)
+        raise Unreadable(f"{unit.rel} could not be decoded ({type(exc).__name__}: {exc})") from exc
     unit.x, unit.raw, unit.key = decoded.x, decoded.raw, decoded.key
 
 
@@ -173,8 +180,8 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         idx = np.flatnonzero(names == verdict)
         if idx.size == 0:
             continue
-        rows = [{"index": j, "score": score, "p_value": p}
-                for j, score, p in zip(idx.tolist(), unit.scores[idx].tolist(), unit.p_values[idx].tolist(), strict=True)]
+        columns = (idx.tolist(), unit.scores[idx].tolist(), unit.p_values[idx].tolist())
+        rows = [{"index": j, "score": score, "p_value": p} for j, score, p in zip(*columns, strict=True)]
         record = scored_record(
             item=unit.rel, verdict=verdict, score=float(np.max(unit.scores[idx])), threshold=threshold,
             p_value=float(np.min(unit.p_values[idx])), rows=rows, n_rows=int(idx.size), total_rows=len(raw),
