@@ -135,7 +135,7 @@ class ClaimStore:
         """
         adopted: list[Path] = []
         try:
-            others = [p for p in self.base.iterdir() if p.is_dir() and p != self.owner]
+            others = [p for p in self.base.iterdir() if _real_dir(p) and p != self.owner]
         except FileNotFoundError:
             return adopted
         for other in others:
@@ -146,7 +146,7 @@ class ClaimStore:
             if fd is None:
                 continue
             try:
-                for batch in sorted(p for p in other.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                for batch in sorted(p for p in other.iterdir() if _real_dir(p) and not p.name.startswith(".")):
                     adopted += self._adopt(batch)
                 shutil.rmtree(other, ignore_errors=True)
             finally:
@@ -193,6 +193,11 @@ class ClaimStore:
         except FileNotFoundError:  # another daemon adopted it first
             return []
         return [target]
+
+
+def _real_dir(path: Path) -> bool:
+    """A folder itself, not a link to one (a link planted in ``claims/`` would lead adoption out of the root)."""
+    return path.is_dir() and not path.is_symlink()
 
 
 def _lock_if_dead(owner: Path) -> int | None:

@@ -22,12 +22,13 @@ import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from aemon.fsio import fsync_dir, rename_noreplace, write_durably
+from aemon.logs import get_logger
 from aemon.records import encode
-from aemon.router import Router
+from aemon.router import FOLDERS, Router
 
 __all__ = ["JOURNAL_NAME", "Step", "Journal", "read_journal", "output_path", "drop_undecided", "remove_batch",
            "prune_empty"]
@@ -135,13 +136,43 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def read_journal(batch_dir: Path) -> Journal | None:
-    """The journal of ``batch_dir``, or None if the batch was never decided."""
+    """The journal of ``batch_dir``, or None if the batch was never decided.
+
+    A journal naming a path outside the batch folder or the result folders (none that aemon writes
+    does) is logged as ``claim.bad_journal`` and ignored: its batch is routed again like an undecided one.
+    """
     try:
         data = json.loads((batch_dir / JOURNAL_NAME).read_text())
-        return Journal(entries=list(data["entries"]), steps=[Step(**s) for s in data["steps"]],
-                       remove=list(data.get("remove", [])))
+        journal = Journal(entries=list(data["entries"]), steps=[Step(**s) for s in data["steps"]],
+                          remove=list(data.get("remove", [])))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    stray = _stray_path(journal)
+    if stray is not None:
+        get_logger().error("claim.bad_journal", batch=batch_dir.name, path=stray,
+                           hint="a journal names only files of its batch folder and result folders; ignored")
+        return None
+    return journal
+
+
+def _stray_path(journal: Journal) -> str | None:
+    """The first path of ``journal`` that would lead out of its batch folder or the result folders, if any."""
+    def inside(path: object, folders: tuple[str, ...] | None) -> bool:
+        if not isinstance(path, str) or not path or "\0" in path:
+            return False
+        parts = PurePosixPath(path).parts
+        return (bool(parts) and not PurePosixPath(path).is_absolute() and ".." not in parts
+                and (folders is None or (len(parts) > 1 and parts[0] in folders)))
+
+    for entry in journal.entries:
+        if not inside(entry, None) or "/" in entry:
+            return str(entry)
+    for step in journal.steps:
+        if not inside(step.src, None):
+            return str(step.src)
+        if not inside(step.dest, FOLDERS):
+            return str(step.dest)
+    return next((str(rel) for rel in journal.remove if not inside(rel, None)), None)
 
 
 def output_path(batch_dir: Path, suffix: str) -> Path:
