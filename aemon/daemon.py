@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -43,6 +44,8 @@ TICK = 0.1
 #: ``/healthz`` fails once the loop has made no progress for this long (systemd's ``WATCHDOG_USEC`` when
 #: set): a tick, or a step of a large batch.
 HEARTBEAT_STALE = 30.0
+#: Recursion limit while running: enough to walk any path PATH_MAX allows (about 2,000 folder levels).
+WALK_RECURSION = 10_000
 
 log = get_logger()
 
@@ -155,6 +158,9 @@ class Daemon:
         Claims left by stopped daemons are adopted by the first loop tick, after readiness.
         """
         self._install_signals()
+        # os.walk (ours, and watchdog's on its inotify thread) recurses once per folder level in Python
+        # 3.11: a folder nested 1,100 deep killed both. Paths end at PATH_MAX, about 2,000 levels.
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), WALK_RECURSION))
         self._check_folders()
         self.claims.open()
         self._unconfine = confine_libraries(self.root / ".aemon", self.claims.temp)
