@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from aemon.fsio import iso_time, rename_noreplace
+from aemon.fsio import iso_time, own_folder_writable, rename_noreplace
 from aemon.journal import drop_undecided, prune_empty, read_journal, remove_batch
 from aemon.logs import get_logger
 from aemon.router import Router
@@ -109,10 +109,19 @@ class ClaimStore:
     def claim(self, name: str, inbox_fd: int, batch_dir: Path, arrived: float) -> Claim | None:
         """Rename entry ``name`` of the open inbox folder ``inbox_fd`` into ``batch_dir`` (never over a name
         there); None if it is gone (another daemon took it). The folder is the one opened at start-up,
-        even if a link has been put at its path since: nothing is taken from outside the root."""
+        even if a link has been put at its path since: nothing is taken from outside the root.
+
+        Raises:
+            PermissionError: a read-only folder of another owner (it cannot be moved; it stays in the inbox).
+        """
         target = batch_dir / name
         try:
-            rename_noreplace(name, target, src_dir_fd=inbox_fd)
+            try:
+                rename_noreplace(name, target, src_dir_fd=inbox_fd)
+            except PermissionError:  # a read-only folder cannot change parents: open it up if it is ours
+                if not own_folder_writable(name, dir_fd=inbox_fd):
+                    raise
+                rename_noreplace(name, target, src_dir_fd=inbox_fd)
         except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
             return None
         return Claim(name, target, batch_dir, arrived)

@@ -26,6 +26,7 @@ __all__ = [
     "iso_time",
     "temp_name",
     "fsync_dir",
+    "own_folder_writable",
     "write_durably",
     "write_all_durably",
     "write_json_atomic",
@@ -64,6 +65,31 @@ def has_room(path: str | os.PathLike) -> bool:
 def temp_name(folder: str | os.PathLike, suffix: str = "") -> str:
     """A fresh hidden name in ``folder``, short whatever the final name's length."""
     return os.path.join(os.fspath(folder), f".t-{os.urandom(6).hex()}{suffix}")
+
+
+def own_folder_writable(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
+    """Make the folder ``path`` writable by its owner if this process owns it; whether it is writable now.
+
+    Moving a folder to another parent, or a file out of a folder, needs write permission on that
+    folder. A read-only folder the daemon owns (``cp -r`` of a read-only tree) is opened up before it
+    is moved: it is about to be taken apart. Links are never followed.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return False
+    try:
+        info = os.fstat(fd)
+        if info.st_mode & stat.S_IWUSR and info.st_uid == os.geteuid():
+            return True
+        if info.st_uid != os.geteuid():
+            return os.access(f"/proc/self/fd/{fd}", os.W_OK)
+        os.fchmod(fd, stat.S_IMODE(info.st_mode) | stat.S_IWUSR)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

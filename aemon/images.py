@@ -17,12 +17,16 @@ Policy (also in the README):
 
 from __future__ import annotations
 
+import errno
 import math
+import os
+import stat
 import zipfile
 import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -37,7 +41,9 @@ __all__ = [
     "Limits",
     "is_image_name",
     "is_array_name",
+    "open_file",
     "decode_image",
+    "Look",
     "read_array",
     "npy_header",
     "array_to_input",
@@ -134,16 +140,35 @@ def is_array_name(name: str) -> bool:
     return Path(name).suffix.lower() in ARRAY_SUFFIXES
 
 
-def _check_file(path: Path, limits: Limits) -> int:
+def open_file(path: Path, limits: Limits) -> BinaryIO:
+    """``path`` opened for reading, never through a link and never blocking on a FIFO, and checked to be a
+    regular file within the size limit. Everything aemon reads of an item is read through this one file:
+    a name swapped for a link after the check cannot lead the reader out of the folder.
+
+    Raises:
+        UnsafeItem: a symbolic link.
+        UnsupportedType: not a regular file.
+        EmptyItem, TooLarge, Unreadable: empty, over ``limits.max_bytes``, or not readable.
+    """
     try:
-        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeItem(f"{path.name} is a symbolic link; drop the file itself") from exc
         raise Unreadable(f"cannot read {path.name}: {exc.strerror}") from exc
-    if size == 0:
-        raise EmptyItem(f"{path.name} is empty (0 bytes)")
-    if size > limits.max_bytes:
-        raise TooLarge(f"{path.name} is {size} bytes; the limit is {limits.max_bytes} bytes")
-    return size
+    fp = os.fdopen(fd, "rb")
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnsupportedType(f"{path.name} is not a regular file; drop regular files only")
+        if info.st_size == 0:
+            raise EmptyItem(f"{path.name} is empty (0 bytes)")
+        if info.st_size > limits.max_bytes:
+            raise TooLarge(f"{path.name} is {info.st_size} bytes; the limit is {limits.max_bytes} bytes")
+    except BaseException:
+        fp.close()
+        raise
+    return fp
 
 
 def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:
@@ -157,20 +182,26 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
     Raises:
         ItemRejected: a subclass naming why the file cannot be used.
     """
-    _check_file(path, limits)
+    with open_file(path, limits) as fp:
+        return _image_pixels(fp, path.name, prep, limits)[0]
+
+
+def _image_pixels(fp: BinaryIO, name: str, prep: Preprocessing, limits: Limits) -> tuple[np.ndarray, Look]:
+    """The pixels of the image in ``fp`` (see :func:`decode_image`) and how the file looks."""
     try:
-        with open_image(path) as img:
+        with open_image(fp, name) as img:
             width, height = img.size
             if width * height > limits.max_pixels:
-                raise TooLarge(f"{path.name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
+                raise TooLarge(f"{name} is {width}x{height} pixels; the limit is {limits.max_pixels} pixels")
             img.seek(0)
             if img.format == "TIFF" and _orientation(img) in _QUARTER_TURNS:
                 # Pillow turns these itself, inconsistently (header size swapped, pixels not as shown)
-                raise UnsupportedType(f"{path.name} is a TIFF with a quarter-turn EXIF orientation, which "
+                raise UnsupportedType(f"{name} is a TIFF with a quarter-turn EXIF orientation, which "
                                       "cannot be decoded as displayed; save it upright (or as PNG or JPEG)")
-            converted = _convert(upright(img), prep.color_mode, path.name)
+            look = Look(displayed_size(img), img.mode)
+            converted = _convert(upright(img), prep.color_mode, name)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise Unreadable(f"{path.name} could not be decoded: {exc}") from exc
+        raise Unreadable(f"{name} could not be decoded: {exc}") from exc
     if converted.size != (prep.size[1], prep.size[0]):
         converted = converted.resize((prep.size[1], prep.size[0]), Image.Resampling.BILINEAR)
     pixels = np.asarray(converted, dtype=np.float32)
@@ -181,19 +212,29 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
         pixels = pixels[:, :, None]
     if prep.channels == 3 and pixels.shape[2] == 1:
         pixels = np.repeat(pixels, 3, axis=2)
-    return pixels
+    return pixels, look
 
 
-def open_image(path: Path) -> Image.Image:
-    """``path`` opened lazily (its header read, no pixel decoded) by the decoders of :data:`FORMATS` only.
+@dataclass(frozen=True)
+class Look:
+    """How an image file looks: its displayed ``(width, height)`` and Pillow mode (for outputs in kind)."""
+
+    size: tuple[int, int]
+    mode: str
+
+
+def open_image(source: Path | BinaryIO, name: str | None = None) -> Image.Image:
+    """``source`` (a path or an open file) opened lazily (its header read, no pixel decoded) by the
+    decoders of :data:`FORMATS` only.
 
     Raises:
         Unreadable: the file is none of those formats.
     """
     try:
-        return Image.open(path, formats=FORMATS)
+        return Image.open(source, formats=FORMATS)
     except UnidentifiedImageError as exc:
-        raise Unreadable(f"{path.name} is not a PNG, JPEG, BMP, TIFF, WebP or GIF image") from exc
+        label = name or getattr(source, "name", "the file")
+        raise Unreadable(f"{label} is not a PNG, JPEG, BMP, TIFF, WebP or GIF image") from exc
 
 
 def _orientation(img: Image.Image) -> int:
@@ -329,42 +370,46 @@ def read_array(path: Path, limits: Limits = Limits(), key: str | None = None) ->
     Returns:
         The array and, for ``.npz``, the name of the array used.
     """
-    _check_file(path, limits)
-    suffix = path.suffix.lower()
+    with open_file(path, limits) as fp:
+        return _array_of(fp, path.name, limits, key)
+
+
+def _array_of(fp: BinaryIO, name: str, limits: Limits, key: str | None = None) -> tuple[np.ndarray, str | None]:
+    """The array in the open ``.npy`` or ``.npz`` file ``fp`` (its kind from ``name``; see :func:`read_array`)."""
+    suffix = Path(name).suffix.lower()
     try:
         if suffix == ".npy":
-            with path.open("rb") as fp:
-                shape, dtype = npy_header(fp, path.name)
-                _check_header(shape, dtype, path.name, limits)
-                fp.seek(0)
-                return np.load(fp, allow_pickle=False), None
+            shape, dtype = npy_header(fp, name)
+            _check_header(shape, dtype, name, limits)
+            fp.seek(0)
+            return np.load(fp, allow_pickle=False), None
         if suffix == ".npz":
             try:
-                archive = zipfile.ZipFile(path)
+                archive = zipfile.ZipFile(fp)
             except zipfile.BadZipFile as exc:
-                raise Unreadable(f"{path.name} is not a valid .npz archive") from exc
+                raise Unreadable(f"{name} is not a valid .npz archive") from exc
             with archive:
                 members = {n.removesuffix(".npy"): n for n in archive.namelist()}
-                chosen = _pick_npz_key(sorted(members), path.name, key)
+                chosen = _pick_npz_key(sorted(members), name, key)
                 info = archive.getinfo(members[chosen])
                 unpacked = sum(member.file_size for member in archive.infolist())  # the others travel along
                 if unpacked > limits.max_bytes:
-                    raise TooLarge(f"{path.name} unpacks to {unpacked} bytes; the limit is {limits.max_bytes}")
-                _check_members(archive, path.name)
-                with archive.open(info) as fp:
-                    shape, dtype = npy_header(fp, f"{path.name}[{chosen}]")
-                    _check_header(shape, dtype, f"{path.name}[{chosen}]", limits)
-                with archive.open(info) as fp:
-                    return np.lib.format.read_array(fp, allow_pickle=False), chosen
+                    raise TooLarge(f"{name} unpacks to {unpacked} bytes; the limit is {limits.max_bytes}")
+                _check_members(archive, name)
+                with archive.open(info) as member:
+                    shape, dtype = npy_header(member, f"{name}[{chosen}]")
+                    _check_header(shape, dtype, f"{name}[{chosen}]", limits)
+                with archive.open(info) as member:
+                    return np.lib.format.read_array(member, allow_pickle=False), chosen
     except (UnsafeItem, TooLarge, BadShape, EmptyItem, Unreadable):
         raise
     except ValueError as exc:
         if "pickle" in str(exc).lower():
-            raise UnsafeItem(f"{path.name} needs pickles to load; aemon never unpickles") from exc
-        raise Unreadable(f"{path.name} could not be read as an array: {exc}") from exc
+            raise UnsafeItem(f"{name} needs pickles to load; aemon never unpickles") from exc
+        raise Unreadable(f"{name} could not be read as an array: {exc}") from exc
     except (OSError, EOFError, zipfile.BadZipFile) as exc:
-        raise Unreadable(f"{path.name} could not be read as an array: {exc}") from exc
-    raise UnsupportedType(f"{path.name} is not a .npy or .npz file")
+        raise Unreadable(f"{name} could not be read as an array: {exc}") from exc
+    raise UnsupportedType(f"{name} is not a .npy or .npz file")
 
 
 def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name: str = "array") -> np.ndarray:
@@ -452,11 +497,18 @@ class Decoded:
     raw: np.ndarray | None = None
     #: The ``.npz`` member used (``.npz`` only).
     key: str | None = None
+    #: An ``.npz`` file, still open: its other members are copied into the parts from this very file.
+    source: BinaryIO | None = None
+    #: How an image file looks (images only).
+    look: Look | None = None
 
 
 def decode(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits(),
            label: str | None = None) -> Decoded:
     """Decode an image or array file, choosing the decoder by suffix (the only place that does).
+
+    The file is opened once (:func:`open_file`); an ``.npz`` stays open in ``Decoded.source``
+    (the caller closes it).
 
     Args:
         path: The file.
@@ -468,18 +520,28 @@ def decode(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = L
         ItemRejected: a subclass naming why the file cannot be used (``UnsupportedType`` for
             other suffixes).
     """
-    if is_image_name(path.name):
-        return Decoded(decode_image(path, prep, limits)[None])
-    if is_array_name(path.name):
-        raw, key = read_array(path, limits)
-        name = label or path.name
-        return Decoded(array_to_input(raw, prep, f"{name}[{key}]" if key else name), raw, key)
-    raise UnsupportedType(
-        f"{label or path.name}: unsupported file type; expected an image "
-        f"({', '.join(sorted(IMAGE_SUFFIXES))}) or an array (.npy, .npz)"
-    )
+    name = label or path.name
+    if not (is_image_name(path.name) or is_array_name(path.name)):
+        raise UnsupportedType(f"{name}: unsupported file type; expected an image "
+                              f"({', '.join(sorted(IMAGE_SUFFIXES))}) or an array (.npy, .npz)")
+    fp: BinaryIO | None = open_file(path, limits)
+    try:
+        if is_image_name(path.name):
+            pixels, look = _image_pixels(fp, path.name, prep, limits)
+            return Decoded(pixels[None], look=look)
+        raw, key = _array_of(fp, path.name, limits)
+        decoded = Decoded(array_to_input(raw, prep, f"{name}[{key}]" if key else name), raw, key)
+        if key is not None:
+            decoded.source, fp = fp, None  # kept open: the parts copy its other members
+        return decoded
+    finally:
+        if fp is not None:
+            fp.close()
 
 
 def decode_file(path: Path, prep: Preprocessing = Preprocessing(), limits: Limits = Limits()) -> np.ndarray:
     """Model input ``(N, H, W, C)`` of an image or array file (see :func:`decode`)."""
-    return decode(path, prep, limits).x
+    decoded = decode(path, prep, limits)
+    if decoded.source is not None:
+        decoded.source.close()
+    return decoded.x

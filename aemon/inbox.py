@@ -123,6 +123,8 @@ class Inbox:
         self._wakeup = threading.Event()
         self._fd = -1
         self._replaced = False
+        #: Entries that could not be moved (read-only folders of another user), logged once each.
+        self._unmovable: set[str] = set()
 
     # -- watchdog thread -------------------------------------------------
     def notify(self, path: str, kind: str = _CHANGED) -> None:
@@ -277,7 +279,16 @@ class Inbox:
             if name in names:  # the same name dropped again: never rename over the first
                 self.put_back(name, arrived)
                 continue
-            claim = store.claim(name, self._fd, batch_dir, arrived)
+            try:
+                claim = store.claim(name, self._fd, batch_dir, arrived)
+            except PermissionError as exc:  # stays in the inbox; tried again at each rescan, logged once
+                if name not in self._unmovable:
+                    self._unmovable.add(name)
+                    log.error("inbox.unmovable", item=name, error=str(exc),
+                              hint="a read-only folder of another user cannot be moved; make it writable "
+                                   "(chmod u+w) or drop a copy")
+                continue
+            self._unmovable.discard(name)
             if claim is not None:
                 names.add(name)
                 claims.append(claim)

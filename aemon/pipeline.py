@@ -22,7 +22,7 @@ from aemon.calibration import Verdict
 from aemon.calibration import decide as verdicts_of
 from aemon.errors import EmptyItem, ItemRejected, Unreadable
 from aemon.fsio import utc_now
-from aemon.images import PNG_LEVEL, Limits, Preprocessing, displayed_size, input_to_array, open_image
+from aemon.images import PNG_LEVEL, Limits, Preprocessing, input_to_array
 from aemon.images import decode as decode_file
 from aemon.logs import get_logger
 from aemon.maps import render, strengths
@@ -52,6 +52,7 @@ def decode(unit: Unit, prep: Preprocessing, limits: Limits) -> None:
         get_logger().warning("item.decode_error", item=unit.rel, exc_info=True)
         raise Unreadable(f"{unit.rel} could not be decoded ({type(exc).__name__}: {exc})") from exc
     unit.x, unit.raw, unit.key = decoded.x, decoded.raw, decoded.key
+    unit.source, unit.look = decoded.source, decoded.look
 
 
 def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "off",
@@ -189,16 +190,17 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         )
         if unit.key:
             record["array_key"] = unit.key
-        part = rows_bytes(raw[idx], unit.rel, unit.key, source=unit.path, index=idx)
+        part = rows_bytes(raw[idx], unit.rel, unit.key, source=unit.source, index=idx)
         outputs.append(Output(verdict, unit.dest_rel, part, record=record))
         outputs += [Output(verdict, unit.dest_rel, unit.maps[int(j)], map_suffix=f".map-{int(j)}.png", map_row=int(j))
                     for j in idx if int(j) in unit.maps]
+    unit.close_source()
     return outputs, True
 
 
 def denoised_rows(unit: Unit) -> bytes:
     """An array's reconstructions in the array's own shape and dtype (an ``.npz`` keeps its other arrays)."""
-    return rows_bytes(input_to_array(unit.recon, unit.raw), unit.rel, unit.key, source=unit.path)
+    return rows_bytes(input_to_array(unit.recon, unit.raw), unit.rel, unit.key, source=unit.source)
 
 
 def denoised_png(unit: Unit) -> bytes:
@@ -206,11 +208,9 @@ def denoised_png(unit: Unit) -> bytes:
     or 16 for 16-bit, 32-bit integer and float grey images)."""
     from PIL import Image
 
-    try:
-        with open_image(unit.path) as img:
-            size, mode = displayed_size(img), img.mode
-    except (OSError, Unreadable):  # decoded a moment ago: only a vanished file ends here; keep the model's size
+    if unit.look is None:
         return png_bytes(unit.recon[0])
+    size, mode = unit.look.size, unit.look.mode
     deep = mode in ("I", "F") or mode.startswith("I;16")
     colour = not deep and mode not in ("1", "L", "LA")
     if deep:
@@ -245,7 +245,18 @@ def _units(paths: Iterable[Path]) -> Iterator[tuple[Unit, Path | None]]:
 
 def _decoded_batches(paths: Iterable[Path], prep: Preprocessing,
                      limits: Limits) -> Iterator[list[tuple[Unit, Path | None]]]:
-    """Units in batches of up to :data:`FLUSH_IMAGES` images, in order; a rejected unit is a batch of its own."""
+    """Units in batches of up to :data:`FLUSH_IMAGES` images, in order; a rejected unit is a batch of its own.
+
+    Files kept open by decoding (``.npz``) are closed once the caller has asked for the next batch."""
+    for batch in _batches(paths, prep, limits):
+        try:
+            yield batch
+        finally:
+            for unit, _ in batch:
+                unit.close_source()
+
+
+def _batches(paths: Iterable[Path], prep: Preprocessing, limits: Limits) -> Iterator[list[tuple[Unit, Path | None]]]:
     batch: list[tuple[Unit, Path | None]] = []
     pending = 0
     for unit, root in _units(paths):

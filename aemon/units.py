@@ -15,12 +15,14 @@ import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
 from aemon.claims import Claim
 from aemon.errors import EmptyItem, IgnoredName, ItemRejected, NameTooLong, Unreadable, UnsafeItem, UnsupportedType
-from aemon.fsio import iso_time
+from aemon.fsio import iso_time, own_folder_writable
+from aemon.images import Look
 from aemon.inbox import is_ignored
 
 __all__ = ["MAX_NAME_BYTES", "Unit", "expand", "check_file"]
@@ -49,6 +51,10 @@ class Unit:
     x: np.ndarray | None = None
     raw: np.ndarray | None = None
     key: str | None = None
+    #: The ``.npz`` file as opened when decoded (its other members are copied from it), until planned.
+    source: BinaryIO | None = None
+    #: How an image file looks (size and mode), for its denoised output.
+    look: Look | None = None
     error: ItemRejected | None = None
     scores: np.ndarray | None = None
     p_values: np.ndarray | None = None
@@ -56,6 +62,12 @@ class Unit:
     recon: np.ndarray | None = None
     #: Anomaly maps (PNG bytes) by row: row 0 for an image.
     maps: dict[int, bytes] = field(default_factory=dict)
+
+    def close_source(self) -> None:
+        """Close the file kept open since decoding, if any."""
+        if self.source is not None:
+            self.source.close()
+            self.source = None
 
     @property
     def received_at(self) -> str:
@@ -108,21 +120,26 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
     errors: list[OSError] = []
     units: list[Unit] = []
     for dirpath, dirs, files in os.walk(claim.path, onerror=errors.append):
+        if not os.access(dirpath, os.W_OK) and not own_folder_writable(dirpath):
+            rel = os.path.relpath(dirpath, base)
+            return [], Unreadable(f"folder {rel} is read-only and not the daemon's to change, so its files cannot be "
+                                  "moved out; the folder is kept whole")
         names = list(files)
         for d in list(dirs):
             if os.path.islink(os.path.join(dirpath, d)):  # a link to a folder: a unit, never followed
                 dirs.remove(d)
                 names.append(d)
-        if not dirs and not names and dirpath != os.fspath(claim.path):
+        if not dirs and not names and dirpath != os.fspath(claim.path):  # an empty subfolder: a unit too
             rel = os.path.relpath(dirpath, base)
+            if _too_long(dirpath, rel, longest):
+                return [], _name_too_long(rel)
             units.append(Unit(Path(dirpath), rel, claim.arrived, batch=claim.name,
                               error=EmptyItem(f"folder {rel} holds no files")))
         for fname in sorted(names):
             path = os.path.join(dirpath, fname)
             rel = os.path.relpath(path, base)
-            if _nbytes(fname) > MAX_NAME_BYTES or _nbytes(path) >= _PATH_MAX - 1 or _nbytes(rel) > longest:
-                return [], NameTooLong(f"{rel[:80]}… is too long to route (a name over {MAX_NAME_BYTES} bytes "
-                                       f"or a path near PATH_MAX); the folder is kept whole")
+            if _too_long(path, rel, longest):
+                return [], _name_too_long(rel)
             error = IgnoredName(f"{fname} is a hidden, partial or backup name; such files are never scored") \
                 if is_ignored(fname) else None
             units.append(Unit(Path(path), rel, claim.arrived, batch=claim.name, error=error))
@@ -134,6 +151,17 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
         return [], Unreadable(f"cannot read inside {claim.name}: {exc.strerror}; the folder is kept whole")
     units.sort(key=lambda u: u.rel)
     return units, None
+
+
+def _too_long(path: str, rel: str, longest: int) -> bool:
+    """Whether a unit at ``path`` (``rel`` inside the batch) could not be routed: its own name leaves no
+    room for ``-N`` and a record's ``.json``, or its path is near PATH_MAX."""
+    return _nbytes(os.path.basename(path)) > MAX_NAME_BYTES or _nbytes(path) >= _PATH_MAX - 1 or _nbytes(rel) > longest
+
+
+def _name_too_long(rel: str) -> NameTooLong:
+    return NameTooLong(f"{rel[:80]}… is too long to route (a name over {MAX_NAME_BYTES} bytes or a path near "
+                       "PATH_MAX); the folder is kept whole")
 
 
 def check_file(unit: Unit) -> None:
