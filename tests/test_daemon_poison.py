@@ -1,0 +1,477 @@
+"""Poison items and planted state against a real `aemon run` process: a link swapped over an .npz after
+it was decoded, a journal planted under .aemon/claims/ whose paths lead out of the root, .npy headers
+whose shapes are not integers a platform can hold, read-only folders for a daemon without root's
+permission override, empty subfolders whose names are too long once a record is named after them,
+.npz archives with tens of thousands of members, and a folder nested 1,200 levels deep. Each of these
+stopped the daemon (and, left claimed, every restart), stalled it, or read or wrote outside the root.
+Nothing outside the root is ever read or written, every item ends with a record, the daemon goes on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import struct
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from daemon_process import Daemon, by_item, load, new_root, png_bytes, wait_records, write_png
+
+SETTLE = 0.3
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One daemon for the attacks that did not stop the daemon."""
+    base = tmp_path_factory.mktemp("poison")
+    root = new_root(base)
+    daemon = Daemon(root, base / "daemon.log", settle=SETTLE).wait_ready()
+    yield daemon
+    assert daemon.stop() == 0, daemon.text()
+
+
+def _publish(staged: Path, inbox: Path) -> None:
+    os.rename(staged, inbox / staged.name)
+
+
+def _wait_item(daemon: Daemon, item: str, timeout: float = 30) -> dict:
+    """Wait for the one record of ``item``; return it."""
+    deadline = time.monotonic() + timeout
+    while not (found := by_item(daemon.root).get(item)):
+        assert daemon.proc.poll() is None, daemon.text()
+        assert time.monotonic() < deadline, f"no record of {item} after {timeout:.0f} s:\n{daemon.text()}"
+        time.sleep(0.1)
+    (record,) = found
+    return record
+
+
+def _drop_after(daemon: Daemon, tmp_path: Path, pixels: np.ndarray, name: str = "after.png") -> dict:
+    """Drop a normal image once the attack is over; return its record (the daemon went on)."""
+    staged = write_png(tmp_path / "after-stage" / name, pixels)
+    _publish(staged, daemon.root / "inbox")
+    record = _wait_item(daemon, name)
+    assert record["verdict"] in ("ok", "anomaly"), record
+    return record
+
+
+def _record_of(root: Path, seen: dict[str, list[dict]], rel: str) -> dict | None:
+    """The record that accounts for the item ``rel`` (inside a dropped folder): its own, or that of a folder
+    above it rejected whole with a reason (the item still inside it); None if there is none yet."""
+    for rec in seen.get(rel, []):
+        if rec["verdict"] in ("ok", "anomaly", "rejected"):
+            return rec
+    parts = rel.split("/")
+    for n in range(1, len(parts)):
+        for rec in seen.get("/".join(parts[:n]), []):
+            if rec["verdict"] == "rejected" and rec.get("reason") and \
+                    os.path.lexists(os.path.join(root, rec["path"], *parts[n:])):
+                return rec
+    return None
+
+
+def _wait_accounted(daemon: Daemon, rels: list[str], timeout: float = 30) -> dict[str, dict]:
+    """Wait until each item of ``rels`` is accounted for by a record (:func:`_record_of`); return them."""
+    deadline = time.monotonic() + timeout
+    while True:
+        seen = by_item(daemon.root)
+        found = {rel: _record_of(daemon.root, seen, rel) for rel in rels}
+        if all(found.values()):
+            return found
+        assert daemon.proc.poll() is None, daemon.text()
+        missing = [rel[:80] for rel, rec in found.items() if rec is None]
+        assert time.monotonic() < deadline, f"no record for {missing[:5]}: {sorted(seen)[:20]}\n{daemon.text()}"
+        time.sleep(0.1)
+
+
+# -- 1. a link swapped over an .npz between its decode and its commit -----------
+_IN_OPEN = 0x20
+
+
+class _Inotify:
+    """A minimal inotify watch on one folder (it follows the folder's inode across renames)."""
+
+    def __init__(self, folder: Path, mask: int) -> None:
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.fd = self.libc.inotify_init1(os.O_CLOEXEC | os.O_NONBLOCK)
+        if self.fd < 0 or self.libc.inotify_add_watch(self.fd, os.fsencode(folder), mask) < 0:
+            raise OSError(ctypes.get_errno(), "inotify")
+
+    def wait_for(self, name: bytes, mask: int, timeout: float) -> bool:
+        """Block until an event ``mask`` on ``name`` in the folder; False after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            if not select.select([self.fd], [], [], left)[0]:
+                continue
+            data, at = os.read(self.fd, 65536), 0
+            while at < len(data):
+                _, got, _, size = struct.unpack_from("iIII", data, at)
+                found = data[at + 16 : at + 16 + size].rstrip(b"\0")
+                at += 16 + size
+                if found == name and got & mask:
+                    return True
+        return False
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _files_holding(top: Path, needle: bytes) -> list[Path]:
+    """Regular files under ``top`` (links never followed) whose bytes contain ``needle``."""
+    found = []
+    for dirpath, _, names in os.walk(top):
+        for name in names:
+            path = Path(dirpath, name)
+            if path.is_file() and not path.is_symlink() and needle in path.read_bytes():
+                found.append(path)
+    return found
+
+
+def test_a_link_swapped_over_a_claimed_npz_reads_nothing_outside_the_root(shared, tmp_path, digits):
+    """A writer keeps a handle on the folder it drops (its working directory, here an open folder fd, which
+    follows the folder into .aemon/claims/). As soon as the daemon opens a.npz to decode it (inotify), the
+    writer renames a link to an .npz outside the root over a.npz; 200 images keep the daemon busy before the
+    commit. The commit opened a.npz again by its path and copied the outside archive's members into
+    anomaly/batchN/a.npz: every attempt on the old code (2 of 2, in each of 4 runs). Nothing outside the root
+    may ever be read: no file under the root holds the outside bytes, and the part of a.npz holds its own
+    members only."""
+    root = shared.root
+    secret = b"TOP-SECRET-OUTSIDE-ROOT"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    np.savez(outside / "secret.npz", x=np.zeros((1, 28, 28), np.uint8), secret=np.frombuffer(secret, np.uint8))
+    secret_bytes = (outside / "secret.npz").read_bytes()
+    swapped, foreign = 0, []
+    for attempt in range(2):
+        batch = tmp_path / f"stage{attempt}" / f"batch{attempt}"
+        batch.mkdir(parents=True)
+        np.savez(batch / "a.npz", x=np.zeros((1, 28, 28), np.uint8), labels=np.array([7]))
+        for i in range(200):
+            (batch / f"p{i:04d}.png").write_bytes(png_bytes(digits[i]))
+        link = tmp_path / f"stage{attempt}" / "evil-link"
+        os.symlink(outside / "secret.npz", link)
+        watch = _Inotify(batch, _IN_OPEN)
+        held = os.open(batch, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            _publish(batch, root / "inbox")
+            watch.wait_for(b"a.npz", _IN_OPEN, 10)  # the decode reads it now; the commit is to come
+            try:
+                os.rename(link, "a.npz", dst_dir_fd=held)
+                swapped += 1
+            except FileNotFoundError:
+                pass  # the batch was already committed: this attempt tests nothing
+        finally:
+            os.close(held)
+            watch.close()
+        names = ["a.npz", *(f"p{i:04d}.png" for i in range(200))]
+        _wait_accounted(shared, [f"batch{attempt}/{name}" for name in names])
+        for folder in ("ok", "anomaly"):
+            part = root / folder / f"batch{attempt}" / "a.npz"
+            if part.is_file() and not part.is_symlink():
+                with np.load(part) as arrays:
+                    if not set(arrays.files) <= {"x", "labels"} or \
+                            ("labels" in arrays.files and arrays["labels"].tolist() != [7]):
+                        foreign.append((attempt, arrays.files))
+    assert swapped, "the link was never swapped in before the commit (was a.npz opened under its name?)"
+    leaked = _files_holding(root, secret)
+    assert leaked == [], f"the daemon read a file outside the root through a link ({swapped} swaps): {leaked}"
+    assert foreign == [], foreign
+    assert (outside / "secret.npz").read_bytes() == secret_bytes
+    assert shared.proc.poll() is None, shared.text()
+
+
+# -- 2. a journal planted under .aemon/claims/ -------------------------------------
+def test_a_planted_journal_moves_writes_and_deletes_nothing_outside_the_root(shared, tmp_path, digits):
+    """A folder .aemon/claims/evil/ (no .lock: adopted as a batch folder of a stopped daemon) holding a
+    .journal.json whose steps name files outside the root ('../' up past the root, or absolute paths) as
+    sources, destinations and files to remove. The old daemon moved the outside victim into ok/, wrote a
+    file and its record outside, and deleted the outside file. A journal is the daemon's own plan, but anyone
+    who can write under the root can plant one: nothing outside the root is moved, written or deleted,
+    and the daemon goes on."""
+    root = shared.root
+    outside = root.parent / "outside6"  # '../' from the root reaches it
+    outside.mkdir()
+    (outside / "victim.txt").write_text("a file outside the root\n")
+    (outside / "victim-abs.txt").write_text("another file outside the root\n")
+    (outside / "deleteme.txt").write_text("to be deleted\n")
+    (outside / "deleteme-abs.txt").write_text("to be deleted too\n")
+    expected = {p.name: p.read_bytes() for p in outside.iterdir()}
+    up = "../" * 5  # root/.aemon/claims/OWNER/evil, where the adopted journal runs
+    evil = root / ".aemon" / "claims" / "evil"
+    evil.mkdir()
+    (evil / "payload.txt").write_text("written outside the root by aemon\n")
+    (evil / "payload2.txt").write_text("written outside the root by aemon, too\n")
+    steps = [(f"{up}outside6/victim.txt", "ok/stolen.txt"), (str(outside / "victim-abs.txt"), "ok/stolen-abs.txt"),
+             ("payload.txt", "../outside6/planted.txt"), ("payload2.txt", str(outside / "planted-abs.txt"))]
+    journal = {"entries": [], "remove": [f"{up}outside6/deleteme.txt", str(outside / "deleteme-abs.txt")],
+               "steps": [{"src": src, "dest": dest, "record": {"item": f"planted{n}", "verdict": "ok"}}
+                         for n, (src, dest) in enumerate(steps)]}
+    (evil / ".journal.json").write_text(json.dumps(journal))
+    deadline = time.monotonic() + 10  # adopted at the next rescan (1 s); a daemon may also leave it alone
+    while evil.exists() and time.monotonic() < deadline:
+        assert shared.proc.poll() is None, shared.text()
+        time.sleep(0.1)
+    _drop_after(shared, tmp_path, digits[3], "after-journal.png")  # the adoption ran before this was taken
+    assert sorted(os.listdir(outside)) == sorted(expected)
+    assert {p.name: p.read_bytes() for p in outside.iterdir()} == expected
+    assert not (root / "ok" / "stolen.txt").exists() and not (root / "ok" / "stolen-abs.txt").exists()
+    assert shared.get("/healthz")[0] == 200
+
+
+# -- 3. .npy shapes that are not platform integers ------------------------------------
+def _npy(shape: str, data: bytes) -> bytes:
+    """A version 1.0 .npy file of uint8 whose header declares ``shape`` as written."""
+    header = ("{'descr': '|u1', 'fortran_order': False, 'shape': " + shape + ", }").encode()
+    header += b" " * (64 - (10 + len(header) + 1) % 64) + b"\n"
+    return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header)) + header + data
+
+
+def test_npy_shapes_beyond_int64_or_of_bools_are_rejected(tmp_path, digits):
+    """~900-byte .npy files whose headers declare the shapes (1, 18446744073709551616, 1) (OverflowError)
+    and (True, 784) (TypeError): the daemon exited 1, and again on every restart with the item still
+    claimed. Each goes to rejected/ with a reason and the daemon goes on."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        (stage / "huge.npy").write_bytes(_npy("(1, 18446744073709551616, 1)", b"\x01" * 784))
+        (stage / "bool.npy").write_bytes(_npy("(True, 784)", b"\x01" * 784))
+        for name in ("huge.npy", "bool.npy"):
+            _publish(stage / name, root / "inbox")
+        wait_records(root, 2, daemon, timeout=30)
+        seen = by_item(root)
+        for name in ("huge.npy", "bool.npy"):
+            (rec,) = seen[name]
+            assert rec["verdict"] == "rejected" and rec["reason"] in ("unreadable", "bad_shape", "too_large"), rec
+            assert (root / rec["path"]).is_file()
+        _drop_after(daemon, tmp_path, digits[0])
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.text()
+
+
+# -- 4. read-only folders, for a daemon without root's permission override ------------
+def _capabilities(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1], 16)
+    return 0
+
+
+_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH, _CAP_SETPCAP = 1, 2, 8
+_PR_CAPBSET_DROP = 24
+
+
+def _can_drop_dac() -> bool:
+    return os.geteuid() == 0 and bool(_capabilities("CapEff") >> _CAP_SETPCAP & 1) and \
+        bool(_capabilities("CapBnd") >> _CAP_DAC_OVERRIDE & 1)
+
+
+def _drop_dac() -> None:
+    """In the daemon's process before exec: take the permission override out of the bounding set, as
+    `setpriv --bounding-set=-dac_override,-dac_read_search` does (root then obeys file modes)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (_CAP_DAC_OVERRIDE, _CAP_DAC_READ_SEARCH):
+        if libc.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.skipif(not _can_drop_dac(), reason="needs root with CAP_SETPCAP to run the daemon without "
+                    "CAP_DAC_OVERRIDE (a non-root daemon, as the shipped container runs)")
+def test_read_only_folders_never_stop_a_daemon_without_permission_override(tmp_path, digits):
+    """A daemon that obeys file modes (no CAP_DAC_OVERRIDE, as a non-root user): (a) a 0555 folder of
+    images renamed into the inbox (claiming it moves it, which needs write permission on it: Permission
+    denied, exit 1) and (b) a folder holding a 0555 subfolder with an image (its image could not be
+    moved out at the commit: exit 1, and again on every restart). The daemon goes on, every image ends
+    with a record (or its folder is rejected whole, with a reason), and the next file is scored."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_drop_dac).wait_ready()
+    stage = tmp_path / "stage"
+    try:
+        write_png(stage / "rodir" / "a.png", digits[0])
+        write_png(stage / "rodir" / "b.png", digits[1])
+        os.chmod(stage / "rodir", 0o555)
+        write_png(stage / "mixed" / "ro" / "c.png", digits[2])
+        write_png(stage / "mixed" / "d.png", digits[3])
+        os.chmod(stage / "mixed" / "ro", 0o555)
+        dropped = {"rodir": ["rodir/a.png", "rodir/b.png"], "mixed": ["mixed/ro/c.png", "mixed/d.png"]}
+        for folder, images in dropped.items():
+            _publish(stage / folder, root / "inbox")
+            _wait_accounted(daemon, images)
+        _drop_after(daemon, tmp_path, digits[4])
+    finally:
+        code = daemon.stop()
+        subprocess.run(["chmod", "-R", "u+rwx", str(tmp_path)], check=False)
+    assert code == 0, daemon.text()
+
+
+@pytest.mark.skipif(not _can_drop_dac(), reason="needs root with CAP_SETPCAP to run the daemon without "
+                    "CAP_DAC_OVERRIDE (a non-root daemon, as the shipped container runs)")
+def test_read_only_folders_of_another_user_wait_or_are_rejected_whole(tmp_path, digits):
+    """Read-only folders the daemon may not change (another user's, mode 0555): (a) one dropped in cannot be
+    moved at all, so it stays in the inbox, untouched, with one inbox.unmovable error however many rescans
+    pass; (b) one inside a dropped folder would keep its image from being moved out, so that folder is
+    rejected whole, nothing in it lost. The daemon goes on."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_drop_dac).wait_ready()
+    stage = tmp_path / "stage"
+    nobody = 65534
+    try:
+        write_png(stage / "theirs" / "a.png", digits[0])
+        write_png(stage / "mine" / "ro" / "c.png", digits[2])
+        write_png(stage / "mine" / "d.png", digits[3])
+        for folder in (stage / "theirs", stage / "mine" / "ro"):
+            for path in (folder, *folder.iterdir()):
+                os.chown(path, nobody, nobody)
+            os.chmod(folder, 0o555)
+        _publish(stage / "theirs", root / "inbox")
+        _publish(stage / "mine", root / "inbox")
+        mine = _wait_accounted(daemon, ["mine/ro/c.png", "mine/d.png"])
+        assert {rec["item"] for rec in mine.values()} == {"mine"}, mine  # rejected whole
+        assert mine["mine/d.png"]["verdict"] == "rejected" and mine["mine/d.png"]["reason"] == "unreadable"
+        assert (root / "rejected" / "mine" / "ro" / "c.png").read_bytes() == png_bytes(digits[2])
+        deadline = time.monotonic() + 10
+        while not daemon.events("inbox.unmovable"):
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.1)
+        time.sleep(3)  # three rescans (AEMON_RESCAN_SECONDS=1) try it again
+        assert [e["item"] for e in daemon.events("inbox.unmovable")] == ["theirs"], daemon.text()
+        assert (root / "inbox" / "theirs" / "a.png").read_bytes() == png_bytes(digits[0])
+        _drop_after(daemon, tmp_path, digits[4])
+    finally:
+        code = daemon.stop()
+        subprocess.run(["chmod", "-R", "u+rwx", str(tmp_path)], check=False)
+    assert code == 0, daemon.text()
+
+
+# -- 5. an empty subfolder whose record name is too long ------------------------------
+def test_an_empty_subfolder_with_a_name_near_the_limit_is_rejected(tmp_path, digits):
+    """A folder holding good.png and an empty subfolder with a 252-byte name: the subfolder's record
+    (NAME.json, 257 bytes) could not be written: [Errno 36] File name too long, exit 1 on every restart,
+    good.png left without its record. Then a 250-byte name (its record fits) whose name is taken in
+    rejected/, so that its free name NAME-1 has no room for .json. The daemon goes on: each subfolder is
+    rejected (name_too_long or empty) with a record whose name fits, and good.png is scored, or else the
+    folder is rejected whole as name_too_long (the documented rule for names too long to route)."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        stage = tmp_path / "stage"
+        cases = {"batch": "E" * 252, "batch2": "F" * 250}
+        write_png(stage / "batch" / "good.png", digits[0])
+        write_png(stage / "batch2" / "good.png", digits[1])
+        for folder, name in cases.items():
+            (stage / folder / name).mkdir()
+        (root / "rejected" / "batch2").mkdir(parents=True)
+        (root / "rejected" / "batch2" / cases["batch2"]).write_bytes(b"someone else's file")
+        for folder, name in cases.items():
+            _publish(stage / folder, root / "inbox")
+            inside = [f"{folder}/good.png", f"{folder}/{name}"]
+            good, rec = _wait_accounted(daemon, inside).values()
+            assert rec["verdict"] == "rejected" and rec["reason"] in ("name_too_long", "empty"), rec
+            assert len(os.path.basename(rec["path"]).encode()) + len(".json") <= 255, rec["path"]
+            assert (root / (rec["path"] + ".json")).is_file() and (root / rec["path"]).is_dir()
+            if good is rec:  # the folder rejected whole
+                assert rec["item"] == folder and rec["reason"] == "name_too_long", rec
+                assert (root / rec["path"] / "good.png").read_bytes() == png_bytes(digits[list(cases).index(folder)])
+            else:
+                assert good["verdict"] in ("ok", "anomaly") and good["item"] == f"{folder}/good.png", good
+        assert (root / "rejected" / "batch2" / cases["batch2"]).read_bytes() == b"someone else's file"
+        _drop_after(daemon, tmp_path, digits[2])
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.text()
+
+
+# -- 6. .npz archives with tens of thousands of members ---------------------------------
+def test_an_npz_with_thirty_thousand_members_is_decided_promptly(shared, tmp_path, digits):
+    """A 2.6 MB .npz of 30,000 empty members, an x.npy and one name twice: the check for names twice
+    counted each name in the whole list (quadratic: 12 s here for 30,000, minutes for 100,000, while
+    nothing else was taken; /healthz 503 after 30 s). It is decided within a few seconds, /healthz stays
+    200 and an image dropped right after is scored."""
+    root = shared.root
+    staged = tmp_path / "many.npz"
+    with zipfile.ZipFile(staged, "w") as archive:
+        for i in range(30_000):
+            archive.writestr(f"m{i}", b"")
+        archive.writestr("x.npy", b"")
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            archive.writestr("m0", b"")
+    started = time.monotonic()
+    _publish(staged, root / "inbox")
+    write_png(tmp_path / "stage" / "after-many.png", digits[5])
+    _publish(tmp_path / "stage" / "after-many.png", root / "inbox")
+    health = []
+    while len(by_item(root).get("many.npz", [])) == 0:
+        health.append(shared.get("/healthz", timeout=5)[0])
+        assert shared.proc.poll() is None, shared.text()
+        assert time.monotonic() - started < 6, f"many.npz undecided after {time.monotonic() - started:.1f} s"
+        time.sleep(0.2)
+    after = _wait_item(shared, "after-many.png", timeout=20 - (time.monotonic() - started))
+    assert after["verdict"] in ("ok", "anomaly"), after
+    assert set(health) <= {200}, health
+
+
+def test_a_bad_shape_error_of_an_npz_with_thousands_of_members_stays_short(shared, tmp_path):
+    """An .npz of 3,000 small arrays, none named x or images: the bad_shape error listed every member
+    (20 KB here, 1.29 MB for 100,000 members) in the record and the log line. The error stays short."""
+    root = shared.root
+    staged = tmp_path / "arrays.npz"
+    np.savez(staged, **{f"member{i}": np.zeros(1, np.uint8) for i in range(3000)})
+    _publish(staged, root / "inbox")
+    rec = _wait_item(shared, "arrays.npz", timeout=60)
+    assert rec["verdict"] == "rejected" and rec["reason"], rec
+    assert len(rec["error"]) < 2000, f"{len(rec['error'])} characters"
+    assert load(root / (rec["path"] + ".json"))["error"] == rec["error"]
+
+
+# -- 7. a folder nested 1,200 levels deep ------------------------------------------------
+def _nested(parent: Path, depth: int, data: bytes) -> Path:
+    """``parent/deep/a/a/.../x.png``, ``depth`` levels of ``a`` (made relative to folder fds: short calls)."""
+    fd = os.open(parent, os.O_RDONLY)
+    os.mkdir("deep", dir_fd=fd)
+    cur = os.open("deep", os.O_RDONLY, dir_fd=fd)
+    os.close(fd)
+    for _ in range(depth):
+        os.mkdir("a", dir_fd=cur)
+        nxt = os.open("a", os.O_RDONLY, dir_fd=cur)
+        os.close(cur)
+        cur = nxt
+    out = os.open("x.png", os.O_WRONLY | os.O_CREAT, dir_fd=cur)
+    os.write(out, data)
+    os.close(out)
+    os.close(cur)
+    return parent / "deep"
+
+
+def test_a_folder_nested_1200_levels_deep_never_stops_the_daemon(tmp_path, digits):
+    """A folder nested 1,200 levels deep (paths of 2.5 KB, well under PATH_MAX) with one image at the bottom:
+    walking it recursively raised RecursionError in the inotify thread and in the inbox's signature, exit 1
+    on every restart. The daemon goes on: the image ends with a record (or the folder is rejected whole,
+    with a reason), the next file is scored, and no RecursionError is logged."""
+    depth = 1200
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(limit, 4 * depth))  # os.walk in this process (records()) is recursive too
+    try:
+        stage = tmp_path / "stage"
+        stage.mkdir()
+        _publish(_nested(stage, depth, png_bytes(digits[0])), root / "inbox")
+        rel = "deep/" + "a/" * depth + "x.png"
+        _wait_accounted(daemon, [rel])
+        _drop_after(daemon, tmp_path, digits[1])
+    finally:
+        sys.setrecursionlimit(limit)
+        code = daemon.stop()
+        subprocess.run(["rm", "-rf", str(root)], check=False)  # shutil.rmtree recurses once per level
+    assert code == 0, daemon.text()
+    assert "RecursionError" not in daemon.log.read_text(errors="replace")
+
