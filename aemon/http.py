@@ -3,8 +3,9 @@
 waitress multiplexes connections on one select loop and answers requests from a small thread
 pool, so idle clients cost no thread. Its server gets three rules (:class:`_GuardedServer`) so that
 no client can keep a probe out or hold file handles: never more than :data:`MAX_CONNECTIONS`
-connections (a new one closes the oldest not being answered, else the oldest: idle clients that
-reconnect at once, pipelined requests whose answers are never read); a connection with no traffic
+connections (a new one closes, first, one that does not read its answers, then the oldest with no
+request in hand, then the oldest: idle clients that reconnect at once); a connection that sends more
+than :data:`MAX_PIPELINED` requests ahead of their answers is closed; a connection with no traffic
 for :data:`IDLE_TIMEOUT` seconds is closed; so is one still receiving a request
 :data:`REQUEST_TIMEOUT` seconds after its first byte (a client sending its headers a line a
 second). A connection in steady use (a scraper on keep-alive) is never cut.
@@ -30,6 +31,9 @@ log = get_logger()
 
 #: Open connections at once; a new one beyond closes the oldest that is not being answered.
 MAX_CONNECTIONS = 32
+#: Requests sent ahead of their answers on one connection; one more closes it. Scrapers and probes send one
+#: at a time; a client that sends 40 and never reads kept the request threads rendering /metrics for it.
+MAX_PIPELINED = 4
 #: Connections idle this long are closed (seconds).
 IDLE_TIMEOUT = 10
 #: A request must arrive whole within this long of its first byte (seconds).
@@ -52,6 +56,8 @@ class _GuardedChannel(HTTPChannel):
         finally:
             if self.request is not None and fresh:
                 self.request_started = time.time()
+            if len(self.requests) > MAX_PIPELINED:
+                self.handle_close()  # answers it would never read, each costing a /metrics rendering
 
 
 class _GuardedServer(TcpWSGIServer):
@@ -67,8 +73,7 @@ class _GuardedServer(TcpWSGIServer):
     def handle_accept(self) -> None:
         channels = list(self.active_channels.values())
         if len(channels) >= self.adj.connection_limit:
-            # The oldest connection with no request in hand, else the oldest of all: never more than the limit.
-            min(channels, key=lambda ch: (bool(ch.requests), ch.creation_time)).handle_close()
+            min(channels, key=_eviction_order).handle_close()  # never more than the limit
         super().handle_accept()
 
     def maintenance(self, now: float) -> None:
@@ -79,6 +84,16 @@ class _GuardedServer(TcpWSGIServer):
             slow = channel.request is not None and channel.request_started < now - REQUEST_TIMEOUT
             if slow or channel.last_activity < now - IDLE_TIMEOUT:
                 channel.handle_close()
+
+
+def _eviction_order(channel: HTTPChannel) -> tuple[int, float]:
+    """Which connection a new one closes at the limit, smallest first: one that does not read its answers
+    (output waiting, or requests pipelined behind the one being answered), then one with no request in hand
+    (idle, or still sending its headers), oldest first; a connection being answered goes last. A probe that
+    has just connected is never the first to go while a client that does not read is connected."""
+    if len(channel.requests) > 1 or channel.total_outbufs_len:
+        return 0, channel.creation_time
+    return (1 if not channel.requests else 2), channel.creation_time
 
 
 def is_loopback(host: str) -> bool:
