@@ -88,8 +88,11 @@ class Committer:
             raise
         finally:
             self.router.release(reserved)
-        for name in remove_batch(batch.batch_dir, self.inbox):
-            log.warning("claim.returned", item=name, batch=batch.batch_dir.name)
+        if journal.stuck:  # kept in the claims folder: given back, it would be taken again at once
+            log.error("claim.kept", batch=batch.batch_dir.name, stuck=len(journal.stuck))
+        else:
+            for name in remove_batch(batch.batch_dir, self.inbox):
+                log.warning("claim.returned", item=name, batch=batch.batch_dir.name)
         for unit, record in batch.decided:
             self.on_decided(unit, record)
         self.on_committed(batch)

@@ -219,6 +219,13 @@ class Daemon:
                                        "make it a real folder")
                 path.mkdir(exist_ok=True)
             (self.root / ".aemon" / "claims").mkdir(exist_ok=True)
+            # Claims reach their folders by rename, which cannot cross filesystems.
+            device = os.stat(self.root / ".aemon").st_dev
+            other = [name for name in ("inbox", *FOLDERS) if os.stat(self.root / name).st_dev != device]
+            if other:
+                raise StartupError(f"{', '.join(other)} under {self.root} lie on another filesystem than .aemon/: "
+                                   "items move by rename, which cannot cross filesystems; mount the whole root "
+                                   "as one volume")
             probe = self.root / ".aemon" / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()

@@ -56,6 +56,8 @@ class Journal:
     steps: list[Step] = field(default_factory=list)
     #: Files (relative to the batch folder) to remove once every step is done.
     remove: list[str] = field(default_factory=list)
+    #: Steps whose file could not be moved by the last :meth:`run` (their batch folder is kept).
+    stuck: list[Step] = field(default_factory=list)
 
     def write(self, batch_dir: Path) -> None:
         """Store the plan durably in ``batch_dir``: the decision point of the batch."""
@@ -90,6 +92,18 @@ class Journal:
                     router.place(src, dest)
                 except FileExistsError:
                     continue
+                except NotADirectoryError:  # a folder on the way was replaced by a file: a free name
+                    dest = self._rename(step, router, batch_dir)
+                    continue
+                except PermissionError as exc:
+                    if not os.access(os.path.dirname(dest), os.W_OK):
+                        raise  # the result folder refuses writes: the daemon's problem, not the item's
+                    # The item itself cannot be moved (immutable, or in a sticky folder of another user):
+                    # it stays in the batch folder, which is kept, and the daemon goes on.
+                    get_logger().error("commit.unmovable", item=step.src, error=str(exc),
+                                       hint="the file cannot be moved (immutable or a sticky folder of another "
+                                            "user); it stays in .aemon/claims until it can be")
+                    self.stuck.append(step)
                 break
             if not os.path.lexists(dest):
                 continue  # removed by someone since an earlier run placed it

@@ -9,7 +9,9 @@ filesystem once routed are rejected whole, as ``name_too_long``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import hashlib
 import os
 import stat
@@ -124,6 +126,11 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
             rel = os.path.relpath(dirpath, base)
             return [], Unreadable(f"folder {rel} is read-only and not the daemon's to change, so its files cannot be "
                                   "moved out; the folder is kept whole")
+        blocked = _held_by_sticky(dirpath, [*files, *dirs])
+        if blocked is not None:
+            rel = os.path.relpath(os.path.join(dirpath, blocked), base)
+            return [], Unreadable(f"{rel} is another user's, in a folder with the sticky bit: only its owner may "
+                                  "move it, so the folder is kept whole")
         names = list(files)
         for d in list(dirs):
             if os.path.islink(os.path.join(dirpath, d)):  # a link to a folder: a unit, never followed
@@ -151,6 +158,32 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
         return [], Unreadable(f"cannot read inside {claim.name}: {exc.strerror}; the folder is kept whole")
     units.sort(key=lambda u: u.rel)
     return units, None
+
+
+def _held_by_sticky(folder: str, names: list[str]) -> str | None:
+    """The first of ``names`` that the sticky bit of ``folder`` keeps this process from moving, if any."""
+    info = os.lstat(folder)
+    if not info.st_mode & stat.S_ISVTX or info.st_uid == os.geteuid() or _may_move_any():
+        return None
+    for name in names:
+        with contextlib.suppress(FileNotFoundError):
+            if os.lstat(os.path.join(folder, name)).st_uid != os.geteuid():
+                return name
+    return None
+
+
+@functools.cache
+def _may_move_any() -> bool:
+    """Whether this process has CAP_FOWNER (root, unless dropped): the sticky bit does not hold it back."""
+    try:
+        with open("/proc/self/status") as fp:
+            caps = next(line for line in fp if line.startswith("CapEff:"))
+        return bool(int(caps.split()[1], 16) >> _CAP_FOWNER & 1)
+    except (OSError, StopIteration, ValueError):
+        return os.geteuid() == 0
+
+
+_CAP_FOWNER = 3
 
 
 def _too_long(path: str, rel: str, longest: int) -> bool:

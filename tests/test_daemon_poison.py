@@ -475,3 +475,127 @@ def test_a_folder_nested_1200_levels_deep_never_stops_the_daemon(tmp_path, digit
     assert code == 0, daemon.text()
     assert "RecursionError" not in daemon.log.read_text(errors="replace")
 
+
+
+# -- 6. files and folders the daemon may not move, folders swapped for files ----------
+_CAP_FOWNER = 3
+
+
+def _drop_owner_override() -> None:
+    """Before exec: no permission override and no owner override (CAP_FOWNER), as a non-root user."""
+    _drop_dac()
+    if ctypes.CDLL(None, use_errno=True).prctl(_PR_CAPBSET_DROP, _CAP_FOWNER, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+@pytest.mark.skipif(not _can_drop_dac(), reason="needs root with CAP_SETPCAP to run the daemon without "
+                    "CAP_FOWNER (a non-root daemon, as the shipped container runs)")
+def test_files_of_another_user_in_a_sticky_folder_reject_their_folder_whole(tmp_path, digits):
+    """A folder with the sticky bit (mode 1777, as /tmp) owned by another user lets only a file's owner move
+    the file out. Dropped in as a folder (a) or inside one (b), its image could not be moved at the commit,
+    after the journal: exit 1, and again on every restart. The folder is rejected whole now, nothing in it
+    lost, and the daemon goes on."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_drop_owner_override).wait_ready()
+    stage = tmp_path / "stage"
+    nobody = 65534
+    try:
+        write_png(stage / "sticky" / "a.png", digits[0])
+        write_png(stage / "holder" / "tmp" / "b.png", digits[1])
+        write_png(stage / "holder" / "c.png", digits[2])
+        for folder in (stage / "sticky", stage / "holder" / "tmp"):
+            for path in (folder, *folder.iterdir()):
+                os.chown(path, nobody, nobody)
+            os.chmod(folder, 0o1777)
+        _publish(stage / "sticky", root / "inbox")
+        _publish(stage / "holder", root / "inbox")
+        seen = _wait_accounted(daemon, ["sticky/a.png", "holder/tmp/b.png", "holder/c.png"])
+        assert {rec["item"] for rec in seen.values()} == {"sticky", "holder"}, seen
+        assert all(rec["reason"] == "unreadable" for rec in seen.values()), seen
+        assert (root / "rejected" / "sticky" / "a.png").read_bytes() == png_bytes(digits[0])
+        assert (root / "rejected" / "holder" / "tmp" / "b.png").read_bytes() == png_bytes(digits[1])
+        _drop_after(daemon, tmp_path, digits[4])
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.text()
+
+
+def _chattr(flag: str, path: Path) -> bool:
+    return subprocess.run(["chattr", flag, str(path)], capture_output=True, check=False).returncode == 0
+
+
+def test_an_immutable_file_in_a_folder_waits_in_its_claim(tmp_path, digits):
+    """An immutable file (chattr +i) cannot be renamed, even by root. Inside a dropped folder it was claimed
+    with its folder, and moving it out at the commit failed after the journal: exit 1, and again on every
+    restart. Now the other images of the folder are decided, the immutable one stays where it is (in the
+    claims folder, kept) with one commit.unmovable error, and the daemon goes on."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if not _chattr("+i", probe):
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
+    _chattr("-i", probe)
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    stage = tmp_path / "stage"
+    frozen = stage / "lot" / "frozen.png"
+    try:
+        write_png(frozen, digits[0])
+        write_png(stage / "lot" / "free.png", digits[1])
+        assert _chattr("+i", frozen)
+        _publish(stage / "lot", root / "inbox")
+        assert _wait_item(daemon, "lot/free.png")["verdict"] in ("ok", "anomaly")
+        deadline = time.monotonic() + 10
+        while not daemon.events("commit.unmovable"):
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.1)
+        _drop_after(daemon, tmp_path, digits[4])
+        kept = [p for p in (root / ".aemon" / "claims").rglob("frozen.png")]
+        assert len(kept) == 1 and kept[0].read_bytes() == png_bytes(digits[0]), kept
+        assert len(daemon.events("commit.unmovable")) == 1, daemon.text()
+    finally:
+        code = daemon.stop()
+        for path in root.rglob("frozen.png"):
+            _chattr("-i", path)
+    assert code == 0, daemon.text()
+
+
+def test_a_destination_folder_that_became_a_file_gets_a_free_name(shared, tmp_path, digits):
+    """A journal whose destination runs through a folder that is now a file (ok/lot replaced by a file
+    between the plan and the move): placing the item failed with NotADirectoryError, exit 1, and again on
+    every restart. The item goes to a free name beside it (ok/lot-1/), with its record, and the daemon goes
+    on."""
+    root = shared.root
+    (root / "ok" / "lot").write_text("a file where a folder was planned\n")
+    batch = root / ".aemon" / "claims" / "swapped"
+    batch.mkdir()
+    (batch / "a.png").write_bytes(png_bytes(digits[0]))
+    journal = {"entries": [], "remove": [],
+               "steps": [{"src": "a.png", "dest": "ok/lot/a.png",
+                          "record": {"item": "lot/a.png", "verdict": "ok", "path": "ok/lot/a.png"}}]}
+    (batch / ".journal.json").write_text(json.dumps(journal))
+    deadline = time.monotonic() + 10  # adopted at the next rescan (1 s)
+    while batch.exists():
+        assert shared.proc.poll() is None, shared.text()
+        assert time.monotonic() < deadline, shared.text()
+        time.sleep(0.1)
+    assert (root / "ok" / "lot-1" / "a.png").read_bytes() == png_bytes(digits[0])
+    assert load(root / "ok" / "lot-1" / "a.png.json")["path"] == "ok/lot-1/a.png"
+    assert (root / "ok" / "lot").read_text() == "a file where a folder was planned\n"
+    _drop_after(shared, tmp_path, digits[5], "after-swap.png")
+
+
+def test_result_folders_on_another_filesystem_stop_the_start(tmp_path):
+    """ok/ mounted from another filesystem (a tmpfs volume): items move by rename, which cannot cross
+    filesystems, so the first commit failed after its journal (EXDEV), exit 1, at every restart. The start
+    is refused now (exit 3) with a message naming the folder."""
+    root = new_root(tmp_path)
+    (root / "ok").mkdir(exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "aemon-test", str(root / "ok")],
+                      capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE)
+        assert daemon.proc.wait(timeout=120) == 3, daemon.text()
+        assert "ok under" in daemon.text() and "another filesystem" in daemon.text(), daemon.text()
+    finally:
+        subprocess.run(["umount", str(root / "ok")], check=False)
