@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aemon.claims import Claim
 from aemon.fsio import write_all_durably
-from aemon.journal import Journal, Step, output_path, remove_batch
+from aemon.journal import STEPS_PER_PROGRESS, Journal, Step, output_path, remove_batch
 from aemon.logs import get_logger
 from aemon.pipeline import plan
 from aemon.router import Router
@@ -75,14 +75,15 @@ class Committer:
         reserved: list[Path] = []
         writes: list[tuple[str, bytes]] = []
         try:
-            for unit in batch.units:
-                self._plan(batch, unit, journal, reserved, writes)
-            self.progress()
-            for start in range(0, len(writes), WRITES_PER_SYNC):  # on disk before the journal names them
-                write_all_durably(writes[start : start + WRITES_PER_SYNC])
+            with self.router.opened():  # one batch: every folder opened once, never through a link
+                for unit in batch.units:
+                    self._plan(batch, unit, journal, reserved, writes)
                 self.progress()
-            journal.write(batch.batch_dir)
-            journal.run(self.router, batch.batch_dir, self.progress)
+                for start in range(0, len(writes), WRITES_PER_SYNC):  # on disk before the journal names them
+                    write_all_durably(writes[start : start + WRITES_PER_SYNC])
+                    self.progress()
+                journal.write(batch.batch_dir)
+                journal.run(self.router, batch.batch_dir, self.progress)
         except OSError as exc:
             log.error("commit.failed", batch=batch.batch_dir.name, error=str(exc))
             raise
@@ -106,7 +107,9 @@ class Committer:
         named: dict[str, str] = {}
         last: tuple[Path, dict | None] | None = None  # the previous output placed, and its record
         rows: dict[int, dict] = {}  # the rows of the previous record, by index
-        for out in outputs:
+        for n, out in enumerate(outputs, 1):
+            if n % STEPS_PER_PROGRESS == 0:
+                self.progress()  # an array with maps of every row: tens of thousands of outputs
             if out.map_suffix is not None and last is not None:
                 dest = self._map_destination(last[0], out.map_suffix, reserved)
                 if last[1] is not None:

@@ -32,6 +32,7 @@ __all__ = [
     "write_json_atomic",
     "write_with",
     "rename_noreplace",
+    "Folders",
     "staged_dir",
     "naming",
 ]
@@ -101,8 +102,11 @@ def fsync_dir(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
-def _write_file(path: str, data: bytes, fsync: bool) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+def _write_file(path: str, data: bytes, fsync: bool, folders: Folders | None = None) -> None:
+    dir_fd = None
+    if folders is not None:
+        dir_fd, path = folders.at(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dir_fd)
     try:
         view = memoryview(data)
         while view:
@@ -113,36 +117,48 @@ def _write_file(path: str, data: bytes, fsync: bool) -> None:
         os.close(fd)
 
 
-def _publish(tmp: str, path: str, replace: bool) -> None:
+def _publish(tmp: str, path: str, replace: bool, folders: Folders | None = None,
+             tmp_folders: Folders | None = None) -> None:
+    dir_fd = tmp_fd = None
+    if folders is not None:
+        dir_fd, path = folders.at(path)
+    if tmp_folders is not None:
+        tmp_fd, tmp = tmp_folders.at(tmp)
     if replace:
-        os.replace(tmp, path)
+        os.replace(tmp, path, src_dir_fd=tmp_fd, dst_dir_fd=dir_fd)
     else:
-        rename_noreplace(tmp, path)
+        rename_noreplace(tmp, path, src_dir_fd=tmp_fd, dest_dir_fd=dir_fd)
 
 
 def write_durably(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLike | None = None,
-                  replace: bool = True) -> None:
+                  replace: bool = True, folders: Folders | None = None) -> None:
     """Write ``data`` to ``path`` via a temp file, fsync and rename (the folder is not fsync'd).
 
     The temp file lies beside ``path``, or in ``tmp_dir`` (same filesystem) so that a crash leaves
-    nothing half-written where results are read.
+    nothing half-written where results are read. With ``folders``, ``path`` (and a temp file beside
+    it) lies under their root and is reached through them, never through a link.
 
     Raises:
         FileExistsError: ``path`` exists and ``replace`` is false.
     """
     path = os.fspath(path)
     tmp = temp_name(tmp_dir if tmp_dir is not None else os.path.dirname(path))
+    tmp_folders = folders if tmp_dir is None else None
     try:
-        _write_file(tmp, data, fsync=True)
-        _publish(tmp, path, replace)
+        _write_file(tmp, data, fsync=True, folders=tmp_folders)
+        _publish(tmp, path, replace, folders, tmp_folders)
     except BaseException:
-        with contextlib.suppress(OSError):  # never made, or the folder refuses writes (read-only)
-            os.unlink(tmp)
+        with contextlib.suppress(OSError, ValueError):  # never made, or the folder refuses writes (read-only)
+            if tmp_folders is not None:
+                tmp_fd, name = tmp_folders.at(tmp)
+                os.unlink(name, dir_fd=tmp_fd)
+            else:
+                os.unlink(tmp)
         raise
 
 
 def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: str | os.PathLike | None = None,
-                      replace: bool = True) -> list[str]:
+                      replace: bool = True, folders: Folders | None = None) -> list[str]:
     """Like :func:`write_durably` for many files, with one ``syncfs`` instead of one fsync each.
 
     Every file is written to its temp name, then the filesystem is synced once, then each temp
@@ -156,7 +172,7 @@ def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: str | os.PathLike
     if len(files) < 2 or _syncfs is None:
         for path, data in files:
             try:
-                write_durably(path, data, tmp_dir, replace)
+                write_durably(path, data, tmp_dir, replace, folders)
             except FileExistsError:
                 taken.append(path)
         return taken
@@ -168,7 +184,7 @@ def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: str | os.PathLike
         _sync_filesystem(os.path.dirname(temps[0]) or ".")
         for tmp, (path, _) in zip(temps, files, strict=True):
             try:
-                _publish(tmp, path, replace)
+                _publish(tmp, path, replace, folders)
             except FileExistsError:
                 taken.append(path)
                 os.unlink(tmp)
@@ -199,39 +215,136 @@ def write_with(path: str | os.PathLike, writer: Callable[[str], None]) -> None:
         raise
 
 
-def rename_noreplace(src: str | os.PathLike, dest: str | os.PathLike, src_dir_fd: int | None = None) -> None:
+def rename_noreplace(src: str | os.PathLike, dest: str | os.PathLike, src_dir_fd: int | None = None,
+                     dest_dir_fd: int | None = None) -> None:
     """Rename ``src`` to ``dest`` unless ``dest`` exists (files and folders alike).
 
     Uses ``renameat2(RENAME_NOREPLACE)`` where the kernel and filesystem have it; otherwise a
     hard link and unlink for files, and check-then-rename for folders (a narrow race).
-    With ``src_dir_fd``, ``src`` is a name in that open folder (whatever its path has become since).
+    With ``src_dir_fd`` (``dest_dir_fd``), ``src`` (``dest``) is a name in that open folder, whatever
+    its path has become since.
 
     Raises:
         FileExistsError: ``dest`` exists.
     """
     src, dest = os.fspath(src), os.fspath(dest)
     if _renameat2 is not None:
-        at = -100 if src_dir_fd is None else src_dir_fd  # AT_FDCWD
-        if _renameat2(at, os.fsencode(src), -100, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
+        at_src = _AT_FDCWD if src_dir_fd is None else src_dir_fd
+        at_dest = _AT_FDCWD if dest_dir_fd is None else dest_dir_fd
+        if _renameat2(at_src, os.fsencode(src), at_dest, os.fsencode(dest), _RENAME_NOREPLACE) == 0:
             return
         err = ctypes.get_errno()
         if err not in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
             raise OSError(err, os.strerror(err), src, None, dest)
     if stat.S_ISDIR(os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False).st_mode):
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, "destination exists", dest)
-        os.rename(src, dest, src_dir_fd=src_dir_fd)
+        _refuse_taken(dest, dest_dir_fd)
+        os.rename(src, dest, src_dir_fd=src_dir_fd, dst_dir_fd=dest_dir_fd)
         return
     try:
-        os.link(src, dest, src_dir_fd=src_dir_fd, follow_symlinks=False)
+        os.link(src, dest, src_dir_fd=src_dir_fd, dst_dir_fd=dest_dir_fd, follow_symlinks=False)
     except OSError as exc:
         if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
             raise
-        if os.path.lexists(dest):
-            raise FileExistsError(errno.EEXIST, "destination exists", dest) from exc
-        os.rename(src, dest, src_dir_fd=src_dir_fd)
+        _refuse_taken(dest, dest_dir_fd)
+        os.rename(src, dest, src_dir_fd=src_dir_fd, dst_dir_fd=dest_dir_fd)
         return
     os.unlink(src, dir_fd=src_dir_fd)
+
+
+def _refuse_taken(dest: str, dir_fd: int | None) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.stat(dest, dir_fd=dir_fd, follow_symlinks=False)
+        raise FileExistsError(errno.EEXIST, "destination exists", dest)
+
+
+_AT_FDCWD = -100
+#: How a folder under a root is opened: never through a link, needing no read permission.
+_FOLDER_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
+
+
+class Folders:
+    """The folders under one root, each opened one name at a time without following a link, and kept
+    open until :meth:`close` (for one batch). Renames and writes made through them land beneath the
+    root whatever a folder's path is swapped for meanwhile (a link to somewhere else): a folder on the
+    way that is a link or a file raises ``NotADirectoryError``.
+
+    Args:
+        root: The folder everything is beneath (itself opened by its path, links allowed: the operator's).
+    """
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.prefix = os.path.join(os.fspath(root), "")
+        self._fds: dict[str, int] = {}
+
+    def fd(self, rel: str) -> int:
+        """The open folder ``root/rel`` (``""`` is the root)."""
+        fd = self._fds.get(rel)
+        if fd is not None:
+            return fd
+        if not rel:
+            fd = os.open(self.prefix, _FOLDER_FLAGS & ~os.O_NOFOLLOW)
+        else:
+            parent, _, name = rel.rpartition("/")
+            if name in ("", ".", ".."):
+                raise ValueError(f"not a folder below {self.prefix}: {rel!r}")
+            try:
+                fd = os.open(name, _FOLDER_FLAGS, dir_fd=self.fd(parent))
+            except OSError as exc:
+                if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                    raise
+                raise NotADirectoryError(errno.ENOTDIR, "is a link or a file, not a folder; aemon never follows "
+                                         "links", self.prefix + rel) from None
+        self._fds[rel] = fd
+        return fd
+
+    def relative(self, path: str | os.PathLike) -> str:
+        """``path`` (under the root) relative to it."""
+        text = os.fspath(path)
+        if not text.startswith(self.prefix):
+            raise ValueError(f"{text} is not below {self.prefix}")
+        return text[len(self.prefix):]
+
+    def at(self, path: str | os.PathLike) -> tuple[int, str]:
+        """``path`` (under the root) as its open folder and its name there."""
+        parent, _, name = self.relative(path).rpartition("/")
+        return self.fd(parent), name
+
+    def mkdir(self, rel: str) -> None:
+        """Make the folder ``root/rel`` in its open parent (``FileExistsError`` if the name is taken)."""
+        parent, _, name = rel.rpartition("/")
+        os.mkdir(name, dir_fd=self.fd(parent))
+
+    def lexists(self, path: str | os.PathLike) -> bool:
+        """Whether ``path`` (under the root) names anything, looked up through the open folders."""
+        try:
+            fd, name = self.at(path)
+            os.stat(name, dir_fd=fd, follow_symlinks=False)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
+
+    def sync(self, rel: str) -> None:
+        """fsync the folder ``root/rel`` (its renames and new files become durable)."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.fd(rel))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def forget(self, rel: str) -> None:
+        """Close ``root/rel`` and the folders below it (removed, or made again, meanwhile)."""
+        for key in [k for k in self._fds if k == rel or k.startswith(rel + "/") or not rel]:
+            os.close(self._fds.pop(key))
+
+    def close(self) -> None:
+        """Close every open folder."""
+        self.forget("")
+
+    def __enter__(self) -> Folders:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 @contextmanager

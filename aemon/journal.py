@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from aemon.fsio import fsync_dir, rename_noreplace, write_durably
+from aemon.fsio import Folders, fsync_dir, rename_noreplace, write_durably
 from aemon.logs import get_logger
 from aemon.records import encode
 from aemon.router import FOLDERS, Router
@@ -77,58 +77,71 @@ class Journal:
         done: list[Step] = []
         touched: set[str] = set()
         records: list[tuple[str, dict[str, Any]]] = []
-        for n, step in enumerate(self.steps, 1):
-            if n % STEPS_PER_PROGRESS == 0:
-                progress()
-            src, dest = os.path.join(base, step.src), os.path.join(root, step.dest)
-            while os.path.lexists(src):
-                if os.path.lexists(dest) and _same_file(src, dest):  # stopped between link and unlink
-                    os.unlink(src)
-                    break
-                if os.path.lexists(dest) or os.path.lexists(dest + ".json"):
-                    dest = self._rename(step, router, batch_dir)
-                    continue
-                try:
-                    router.place(src, dest)
-                except FileExistsError:
-                    continue
-                except NotADirectoryError:  # a folder on the way was replaced by a file: a free name
-                    dest = self._rename(step, router, batch_dir)
-                    continue
-                except PermissionError as exc:
-                    if not os.access(os.path.dirname(dest), os.W_OK):
-                        raise  # the result folder refuses writes: the daemon's problem, not the item's
-                    # The item itself cannot be moved (immutable, or in a sticky folder of another user):
-                    # it stays in the batch folder, which is kept, and the daemon goes on.
-                    get_logger().error("commit.unmovable", item=step.src, error=str(exc),
-                                       hint="the file cannot be moved (immutable or a sticky folder of another "
-                                            "user); it stays in .aemon/claims until it can be")
-                    self.stuck.append(step)
-                break
-            if not os.path.lexists(dest):
-                continue  # removed by someone since an earlier run placed it
-            if step.record is not None and not os.path.lexists(dest + ".json"):
-                records.append((step, step.record))
-            touched.add(os.path.dirname(dest))
-            done.append(step)
-        while records:
-            taken = set()
-            for start in range(0, len(records), STEPS_PER_PROGRESS):
-                some = records[start : start + STEPS_PER_PROGRESS]
-                taken |= set(router.write_records([(os.path.join(root, st.dest), rec) for st, rec in some], batch_dir))
-                progress()
-            # A record name taken meanwhile by someone else: move the item to a free name and try again.
-            records = [(st, rec) for st, rec in records if os.path.join(root, st.dest) in taken]
-            for st, _ in records:
-                old = os.path.join(root, st.dest)
-                new = self._rename(st, router, batch_dir)
-                router.place(old, new)
-                touched.add(os.path.dirname(new))
-        for rel in self.remove:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(os.path.join(base, rel))
-        router.sync_dirs(touched)
+        with router.opened() as dests, Folders(batch_dir) as here:
+            for n, step in enumerate(self.steps, 1):
+                if n % STEPS_PER_PROGRESS == 0:
+                    progress()
+                dest = self._place(step, router, dests, here, batch_dir)
+                if not dests.lexists(dest):
+                    continue  # removed by someone since an earlier run placed it
+                if step.record is not None and not dests.lexists(dest + ".json"):
+                    records.append((step, step.record))
+                touched.add(os.path.dirname(dest))
+                done.append(step)
+            while records:
+                taken = set()
+                for start in range(0, len(records), STEPS_PER_PROGRESS):
+                    some = records[start : start + STEPS_PER_PROGRESS]
+                    pairs = [(os.path.join(root, st.dest), rec) for st, rec in some]
+                    taken |= set(router.write_records(pairs, batch_dir))
+                    progress()
+                # A record name taken meanwhile by someone else: move the item to a free name and try again.
+                records = [(st, rec) for st, rec in records if os.path.join(root, st.dest) in taken]
+                for st, _ in records:
+                    old_fd, old_name = dests.at(os.path.join(root, st.dest))
+                    new = self._rename(st, router, batch_dir)
+                    router.place(old_name, new, src_dir_fd=old_fd)
+                    touched.add(os.path.dirname(new))
+            for rel in self.remove:
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    fd, name = here.at(os.path.join(base, rel))
+                    os.unlink(name, dir_fd=fd)
+            router.sync_dirs(touched)
         return done
+
+    def _place(self, step: Step, router: Router, dests: Folders, here: Folders, batch_dir: Path) -> str:
+        """Move the file of ``step`` from the batch folder (``here``) to its destination (``dests``), both
+        reached through open folders, never through a link; return the destination (renamed if taken)."""
+        dest = os.path.join(os.fspath(router.root), step.dest)
+        while True:
+            try:
+                src_fd, src = here.at(os.path.join(os.fspath(batch_dir), step.src))
+                src_info = os.stat(src, dir_fd=src_fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                return dest  # placed already (or its folder was swapped for a link: never followed)
+            if dests.lexists(dest) and _same_file(src_info, dests, dest):  # stopped between link and unlink
+                os.unlink(src, dir_fd=src_fd)
+                return dest
+            if dests.lexists(dest) or dests.lexists(dest + ".json"):
+                dest = self._rename(step, router, batch_dir)
+                continue
+            try:
+                router.place(src, dest, src_dir_fd=src_fd)
+            except FileExistsError:
+                continue
+            except NotADirectoryError:  # a folder on the way is now a file or a link: a free name
+                dest = self._rename(step, router, batch_dir)
+                continue
+            except PermissionError as exc:
+                if not os.access(os.path.dirname(dest), os.W_OK):
+                    raise  # the result folder refuses writes: the daemon's problem, not the item's
+                # The item itself cannot be moved (immutable, or in a sticky folder of another user):
+                # it stays in the batch folder, which is kept, and the daemon goes on.
+                get_logger().error("commit.unmovable", item=step.src, error=str(exc),
+                                   hint="the file cannot be moved (immutable or a sticky folder of another "
+                                        "user); it stays in .aemon/claims until it can be")
+                self.stuck.append(step)
+            return dest
 
     def _rename(self, step: Step, router: Router, batch_dir: Path) -> str:
         """Give ``step`` a new free destination, journalled first so that recovery follows it; return it."""
@@ -142,11 +155,13 @@ class Journal:
         return os.fspath(new)
 
 
-def _same_file(a: str, b: str) -> bool:
+def _same_file(info: os.stat_result, dests: Folders, path: str) -> bool:
     try:
-        return os.path.samefile(a, b)
+        fd, name = dests.at(path)
+        other = os.stat(name, dir_fd=fd, follow_symlinks=False)
     except OSError:
         return False
+    return (info.st_dev, info.st_ino) == (other.st_dev, other.st_ino)
 
 
 def read_journal(batch_dir: Path) -> Journal | None:

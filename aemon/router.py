@@ -14,17 +14,16 @@ import contextlib
 import errno
 import io
 import os
-import stat
 import threading
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from aemon.errors import Unreadable
-from aemon.fsio import fsync_dir, rename_noreplace, write_all_durably, write_durably
+from aemon.fsio import Folders, rename_noreplace, write_all_durably, write_durably
 from aemon.images import PNG_LEVEL, npy_header
 from aemon.records import encode
 
@@ -115,8 +114,10 @@ DERIVED = (".json", ".map.png")
 class Router:
     """Chooses free destinations under ``root`` and places files there.
 
-    No link is ever followed: every folder on a destination's path is checked to be a real
-    folder, and one that is a file or a link gets a free name instead (``batch`` → ``batch-1``).
+    No link is ever followed: every folder on a destination's path is opened one name at a time
+    beneath the root (:class:`~aemon.fsio.Folders`), and one that is a file or a link gets a free
+    name instead (``batch`` → ``batch-1``). Within :meth:`opened` (one batch's commit) the folders
+    stay open, so a folder swapped for a link meanwhile leads nowhere.
 
     Args:
         root: The daemon's root folder (or ``aemon denoise``'s output folder).
@@ -127,6 +128,21 @@ class Router:
         self._prefix = os.path.join(os.fspath(self.root), "")
         self._reserved: set[str] = set()
         self._lock = threading.Lock()
+        self._local = threading.local()  # the folders each thread holds open
+
+    @contextlib.contextmanager
+    def opened(self) -> Iterator[Folders]:
+        """Keep the folders under the root open for one batch (nested calls in one thread share them)."""
+        held = getattr(self._local, "folders", None)
+        if held is not None:
+            yield held
+            return
+        with Folders(self.root) as folders:
+            self._local.folders = folders
+            try:
+                yield folders
+            finally:
+                self._local.folders = None
 
     def destination(self, folder: str, rel: str) -> Path:
         """A free path ``root/folder/rel``, with ``-N`` before the suffix if the name is taken.
@@ -137,58 +153,58 @@ class Router:
         batch never get the same name.
         """
         *dirs, name = rel.split("/")
-        with self._lock:
-            parent = self._real_dir(os.path.join(self._prefix, folder))
+        with self._lock, self.opened() as folders:
+            parent = self._real_dir(folders, folder)
             for part in dirs:
-                parent = self._subdir(parent, part)
+                parent = self._subdir(folders, parent, part)
             stem, suffix = os.path.splitext(name)
-            candidate, n = os.path.join(parent, name), 0
-            while self._taken(candidate):
+            candidate, n = os.path.join(self._prefix + parent, name) if parent else self._prefix + name, 0
+            while self._taken(folders, candidate):
                 n += 1
-                candidate = os.path.join(parent, f"{stem}-{n}{suffix}")
+                candidate = os.path.join(os.path.dirname(candidate), f"{stem}-{n}{suffix}")
             self._reserved.update([candidate, *(candidate + d for d in DERIVED)])
         return Path(candidate)
 
-    def _taken(self, path: str) -> bool:
+    def _taken(self, folders: Folders, path: str) -> bool:
         family = [path, *(path + d for d in DERIVED)]
         family += [path[: -len(d)] for d in DERIVED if path.endswith(d)]
-        return any(p in self._reserved or os.path.lexists(p) for p in family)
+        return any(p in self._reserved or folders.lexists(p) for p in family)
 
-    def _real_dir(self, path: str) -> str:
-        """``path`` itself, made if missing; an error if it is anything but a real folder."""
+    def _real_dir(self, folders: Folders, rel: str) -> str:
+        """The result folder ``rel`` itself, made if missing; an error if it is anything but a real folder."""
         try:
-            st = os.lstat(path)
+            folders.fd(rel)  # NotADirectoryError for a link or a file
         except FileNotFoundError:
             with contextlib.suppress(FileExistsError):
-                os.mkdir(path)
-            st = os.lstat(path)
-        if not stat.S_ISDIR(st.st_mode):
-            raise NotADirectoryError(errno.ENOTDIR, "is a link or a file, not a folder; aemon never follows links",
-                                     path)
-        return path
+                folders.mkdir(rel)
+            folders.fd(rel)
+        return rel
 
-    def _subdir(self, parent: str, name: str) -> str:
+    def _subdir(self, folders: Folders, parent: str, name: str) -> str:
         """A real folder ``parent/name`` (made if missing), or ``name-N`` if that name is a file or a link."""
-        candidate, n = os.path.join(parent, name), 0
+        rel, n = f"{parent}/{name}" if parent else name, 0
         while True:
-            if candidate not in self._reserved:
-                try:
-                    os.mkdir(candidate)
-                    return candidate
-                except FileExistsError:
-                    if stat.S_ISDIR(os.lstat(candidate).st_mode):
-                        return candidate
+            if self._prefix + rel not in self._reserved:
+                with contextlib.suppress(NotADirectoryError):
+                    try:
+                        folders.fd(rel)
+                    except FileNotFoundError:
+                        with contextlib.suppress(FileExistsError):
+                            folders.mkdir(rel)
+                        folders.fd(rel)
+                    return rel
             n += 1
-            candidate = os.path.join(parent, f"{name}-{n}")
+            rel = f"{parent}/{name}-{n}" if parent else f"{name}-{n}"
 
     def ensure_parent(self, dest: str) -> None:
         """Make ``dest``'s folders again (removed since :meth:`destination`), following no link."""
         folder, *dirs = os.path.dirname(self.relative(Path(dest))).split("/")
-        with self._lock:
-            parent = self._real_dir(os.path.join(self._prefix, folder))
+        with self._lock, self.opened() as folders:
+            folders.forget(folder)
+            parent = self._real_dir(folders, folder)
             for part in dirs:
-                made = self._subdir(parent, part)
-                if made != os.path.join(parent, part):
+                made = self._subdir(folders, parent, part)
+                if made != f"{parent}/{part}":
                     raise NotADirectoryError(errno.ENOTDIR, "a folder on the destination became a file or a link",
                                              dest)
                 parent = made
@@ -206,19 +222,26 @@ class Router:
             return text[len(self._prefix):]
         return Path(path).relative_to(self.root).as_posix()
 
-    def place(self, src: Path | str, dest: Path | str) -> None:
-        """Move ``src`` (a file, a link or a folder) to ``dest`` without ever replacing an existing ``dest``.
+    def place(self, src: str, dest: Path | str, src_dir_fd: int | None = None) -> None:
+        """Move ``src`` (a file, a link or a folder; a name in ``src_dir_fd`` if given) to ``dest`` without
+        ever replacing an existing ``dest``.
 
         Raises:
             FileExistsError: ``dest`` exists (another process took the name).
+            NotADirectoryError: a folder on the way to ``dest`` is a link or a file.
         """
-        try:
-            rename_noreplace(src, dest)
-        except FileNotFoundError:
-            if not os.path.lexists(src):
+        with self.opened() as folders:
+            try:
+                dir_fd, name = folders.at(dest)
+                rename_noreplace(src, name, src_dir_fd=src_dir_fd, dest_dir_fd=dir_fd)
+            except FileNotFoundError:
+                with contextlib.suppress(FileNotFoundError):
+                    os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)
+                    self.ensure_parent(os.fspath(dest))  # the folder was removed under us
+                    dir_fd, name = folders.at(dest)
+                    rename_noreplace(src, name, src_dir_fd=src_dir_fd, dest_dir_fd=dir_fd)
+                    return
                 raise
-            self.ensure_parent(os.fspath(dest))  # the folder was removed under us
-            rename_noreplace(src, dest)
 
     def write_records(self, pairs: list[tuple[str, dict[str, Any]]], tmp_dir: Path | None = None) -> list[str]:
         """Write the records of a batch durably (``dest.json`` each, never replacing a file), one sync.
@@ -228,24 +251,25 @@ class Router:
         Returns:
             The destinations whose record name was taken meanwhile (nothing written for them).
         """
-        taken = write_all_durably([(f"{dest}.json", encode(record)) for dest, record in pairs],
-                                  tmp_dir, replace=False)
+        with self.opened() as folders:
+            taken = write_all_durably([(f"{dest}.json", encode(record)) for dest, record in pairs],
+                                      tmp_dir, replace=False, folders=folders)
         return [path[: -len(".json")] for path in taken]
 
     def sync_dirs(self, paths: Iterable[Path | str]) -> None:
         """fsync each distinct directory once (renames and new files there become durable)."""
-        for folder in sorted(set(paths)):
-            try:
-                fsync_dir(folder)
-            except FileNotFoundError:
-                continue
+        with self.opened() as folders:
+            for folder in sorted(set(map(os.fspath, paths))):
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    folders.sync(folders.relative(os.path.join(folder, "")).rstrip("/"))
 
     def write_new(self, data: bytes, folder: str, rel: str) -> Path:
         """Write ``data`` to a free name under ``folder`` durably (one-shot verbs)."""
-        dest = self.destination(folder, rel)
-        try:
-            write_durably(dest, data, replace=False)
-            fsync_dir(dest.parent)
-        finally:
-            self.release([dest])
+        with self.opened() as folders:
+            dest = self.destination(folder, rel)
+            try:
+                write_durably(dest, data, replace=False, folders=folders)
+                folders.sync(os.path.dirname(folders.relative(dest)))
+            finally:
+                self.release([dest])
         return dest

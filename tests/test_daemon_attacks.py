@@ -706,7 +706,7 @@ def test_a_long_batch_keeps_the_daemon_alive_for_systemd_and_healthz(tmp_path):
             "NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": str(int(interval * 1e6)), "AEMON_MAPS": "all"})
         try:
             daemon.wait_ready()
-            noise = np.random.default_rng(0).integers(0, 256, (4000, 28, 28), dtype=np.uint8)
+            noise = np.random.default_rng(0).integers(0, 256, (12000, 28, 28), dtype=np.uint8)
             np.save(tmp_path / "noise.npy", noise)
             pings, health = [], []
             os.rename(tmp_path / "noise.npy", root / "inbox" / "noise.npy")

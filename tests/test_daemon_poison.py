@@ -599,3 +599,32 @@ def test_result_folders_on_another_filesystem_stop_the_start(tmp_path):
         assert "ok under" in daemon.text() and "another filesystem" in daemon.text(), daemon.text()
     finally:
         subprocess.run(["umount", str(root / "ok")], check=False)
+
+
+def test_a_destination_folder_swapped_for_a_link_leads_nothing_outside(shared, tmp_path, digits):
+    """ok/lot swapped for a link to an outside folder between the plan and the move (someone with write
+    access to ok/; here the plan is a journal whose batch is adopted): the item and its record were moved
+    and written through the link, outside the root. Every folder on a destination is now opened one name at
+    a time without following a link: the item goes to a free name (ok/lot-1/), nothing is written outside,
+    and the link is left alone."""
+    root = shared.root
+    outside = root.parent / "outside-swap"
+    outside.mkdir()
+    (root / "ok" / "lot2").symlink_to(outside)
+    batch = root / ".aemon" / "claims" / "swapped-link"
+    batch.mkdir()
+    (batch / "a.png").write_bytes(png_bytes(digits[0]))
+    journal = {"entries": [], "remove": [],
+               "steps": [{"src": "a.png", "dest": "ok/lot2/a.png",
+                          "record": {"item": "lot2/a.png", "verdict": "ok", "path": "ok/lot2/a.png"}}]}
+    (batch / ".journal.json").write_text(json.dumps(journal))
+    deadline = time.monotonic() + 10  # adopted at the next rescan (1 s)
+    while batch.exists():
+        assert shared.proc.poll() is None, shared.text()
+        assert time.monotonic() < deadline, shared.text()
+        time.sleep(0.1)
+    assert os.listdir(outside) == []
+    assert (root / "ok" / "lot2-1" / "a.png").read_bytes() == png_bytes(digits[0])
+    assert load(root / "ok" / "lot2-1" / "a.png.json")["path"] == "ok/lot2-1/a.png"
+    assert os.readlink(root / "ok" / "lot2") == str(outside)
+    _drop_after(shared, tmp_path, digits[6], "after-link.png")
