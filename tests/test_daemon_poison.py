@@ -10,6 +10,7 @@ Nothing outside the root is ever read or written, every item ends with a record,
 from __future__ import annotations
 
 import ctypes
+import io
 import json
 import os
 import select
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -628,3 +630,45 @@ def test_a_destination_folder_swapped_for_a_link_leads_nothing_outside(shared, t
     assert load(root / "ok" / "lot2-1" / "a.png.json")["path"] == "ok/lot2-1/a.png"
     assert os.readlink(root / "ok" / "lot2") == str(outside)
     _drop_after(shared, tmp_path, digits[6], "after-link.png")
+
+
+# -- 7. files that cost far more to decode than their pixels --------------------------
+def _jpeg_bytes(pixels: np.ndarray, **options) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, "JPEG", **options)
+    return buf.getvalue()
+
+
+def _metadata_bombs(digits: np.ndarray) -> dict[str, tuple[bytes, str]]:
+    """name: (bytes, a phrase of the expected error). Each is a valid image that decodes as its pixels."""
+    png = png_bytes(digits[0])
+    chunk = struct.pack(">I", 0) + b"prVt" + struct.pack(">I", zlib.crc32(b"prVt"))
+    at = png.index(b"IDAT") - 4
+    jpeg = _jpeg_bytes(digits[1])
+    flat = _jpeg_bytes(np.full((1024, 1024), 128, np.uint8), progressive=True)
+    last, end = flat.rindex(b"\xff\xda"), flat.rindex(b"\xff\xd9")
+    return {"chunks.png": (png[:at] + chunk * 200_000 + png[at:], "PNG chunks"),
+            "segments.jpg": (jpeg[:2] + b"\xff\xe5\x00\x02" * 200_000 + jpeg[2:], "JPEG segments"),
+            "scans.jpg": (flat[:end] + flat[last:end] * 1_100 + flat[end:], "progressive JPEG of 1106 scans")}
+
+
+def test_images_whose_structure_costs_far_more_than_their_pixels_are_rejected(shared, tmp_path, digits):
+    """A 28x28 PNG with 200,000 empty private chunks, a JPEG with 200,000 empty APP5 segments, a 1024x1024
+    progressive JPEG of 1,106 scans: each is a valid image, and Pillow parses each chunk and segment in
+    Python and passes over the whole image once per scan. Scaled up within the size limit (22 million
+    chunks, 24 million segments, 30,000 scans) they held the daemon for minutes with gigabytes of memory
+    and starved /healthz; these were decided as images before. They are rejected as unreadable now, saying
+    what is excessive, before Pillow parses them."""
+    bombs = _metadata_bombs(digits)
+    for name, (data, _) in bombs.items():
+        (tmp_path / name).write_bytes(data)
+        _publish(tmp_path / name, shared.root / "inbox")
+    for name, (_, phrase) in bombs.items():
+        rec = _wait_item(shared, name)
+        assert rec["verdict"] == "rejected" and rec["reason"] == "unreadable", rec
+        assert phrase in rec["error"], rec
+        assert (shared.root / rec["path"]).read_bytes() == bombs[name][0]
+    assert shared.get("/healthz")[0] == 200
+    _drop_after(shared, tmp_path, digits[7], "after-bombs.png")

@@ -344,3 +344,41 @@ def test_an_npz_with_two_members_of_one_name_is_unreadable(tmp_path: Path) -> No
         archive.writestr("x", b"a note named like the images")
     with pytest.raises(Unreadable, match="two members named x"):
         read_array(path)
+
+
+def test_a_cameras_progressive_jpeg_and_metadata_pass_the_structure_check(tmp_path):
+    """The structure check refuses only the excessive: a 2048x2048 colour progressive JPEG (Pillow's 10 scans)
+    with EXIF and a comment, and a PNG with text chunks, decode; the same JPEG's scan repeated to pass the
+    budget for its size, and a PNG with 1,001 text chunks, are refused naming why."""
+    rng = np.random.default_rng(5)
+    img = Image.fromarray(rng.integers(0, 256, (2048, 2048, 3), dtype=np.uint8))
+    exif = Image.Exif()
+    exif[0x010E] = "a camera's description"
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", progressive=True, exif=exif, comment=b"line 4")
+    good = tmp_path / "progressive.jpg"
+    good.write_bytes(buf.getvalue())
+    assert decode_image(good, Preprocessing(size=(64, 64), color_mode="rgb")).shape == (64, 64, 3)
+    data = buf.getvalue()
+    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    most = 1_000_000_000 // (2048 * 2048)
+    bad = tmp_path / "rescanned.jpg"
+    bad.write_bytes(data[:end] + data[last:end] * (most - 9) + data[end:])
+    with pytest.raises(Unreadable, match=f"progressive JPEG of {most + 1} scans at 2048x2048"):
+        decode_image(bad, Preprocessing(size=(64, 64), color_mode="rgb"))
+
+    from PIL import PngImagePlugin
+
+    def png_with_texts(n: int) -> bytes:
+        info = PngImagePlugin.PngInfo()
+        for i in range(n):
+            info.add_text(f"k{i}", "v")
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(out, "PNG", pnginfo=info)
+        return out.getvalue()
+
+    (tmp_path / "texts.png").write_bytes(png_with_texts(50))
+    assert decode_image(tmp_path / "texts.png").shape == (28, 28, 1)
+    (tmp_path / "many.png").write_bytes(png_with_texts(1_001))
+    with pytest.raises(Unreadable, match="more than 1000 PNG chunks besides its image data"):
+        decode_image(tmp_path / "many.png")
