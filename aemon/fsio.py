@@ -262,6 +262,10 @@ _AT_FDCWD = -100
 _FOLDER_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
 
 
+#: Folders one :class:`Folders` keeps open at once.
+MOST_OPEN = 64
+
+
 class Folders:
     """The folders under one root, each opened one name at a time without following a link, and kept
     open until :meth:`close` (for one batch). Renames and writes made through them land beneath the
@@ -277,9 +281,11 @@ class Folders:
         self._fds: dict[str, int] = {}
 
     def fd(self, rel: str) -> int:
-        """The open folder ``root/rel`` (``""`` is the root)."""
-        fd = self._fds.get(rel)
+        """The open folder ``root/rel`` (``""`` is the root); valid until :data:`MOST_OPEN` other folders
+        are opened after it (the least recently used are closed)."""
+        fd = self._fds.pop(rel, None)
         if fd is not None:
+            self._fds[rel] = fd  # now the most recently used
             return fd
         if not rel:
             fd = os.open(self.prefix, _FOLDER_FLAGS & ~os.O_NOFOLLOW)
@@ -295,6 +301,8 @@ class Folders:
                 raise NotADirectoryError(errno.ENOTDIR, "is a link or a file, not a folder; aemon never follows "
                                          "links", self.prefix + rel) from None
         self._fds[rel] = fd
+        while len(self._fds) > MOST_OPEN:  # a batch of thousands of folders: file handles stay few
+            os.close(self._fds.pop(next(iter(self._fds))))
         return fd
 
     def relative(self, path: str | os.PathLike) -> str:

@@ -98,8 +98,9 @@ class Journal:
                 # A record name taken meanwhile by someone else: move the item to a free name and try again.
                 records = [(st, rec) for st, rec in records if os.path.join(root, st.dest) in taken]
                 for st, _ in records:
-                    old_fd, old_name = dests.at(os.path.join(root, st.dest))
+                    old = os.path.join(root, st.dest)
                     new = self._rename(st, router, batch_dir)
+                    old_fd, old_name = dests.at(old)
                     router.place(old_name, new, src_dir_fd=old_fd)
                     touched.add(os.path.dirname(new))
             for rel in self.remove:
