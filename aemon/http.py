@@ -34,6 +34,8 @@ MAX_CONNECTIONS = 32
 #: Requests sent ahead of their answers on one connection; one more closes it. Scrapers and probes send one
 #: at a time; a client that sends 40 and never reads kept the request threads rendering /metrics for it.
 MAX_PIPELINED = 4
+#: Output not sent for this long (seconds) marks a connection whose client does not read its answers.
+STUCK_OUTPUT = 1.0
 #: Connections idle this long are closed (seconds).
 IDLE_TIMEOUT = 10
 #: A request must arrive whole within this long of its first byte (seconds).
@@ -88,12 +90,13 @@ class _GuardedServer(TcpWSGIServer):
 
 def _eviction_order(channel: HTTPChannel) -> tuple[int, float]:
     """Which connection a new one closes at the limit, smallest first: one that does not read its answers
-    (output waiting, or requests pipelined behind the one being answered), then one with no request in hand
-    (idle, or still sending its headers), oldest first; a connection being answered goes last. A probe that
-    has just connected is never the first to go while a client that does not read is connected."""
-    if len(channel.requests) > 1 or channel.total_outbufs_len:
+    (requests pipelined behind the one being answered, or output that has not moved for a second), then
+    one with no request in hand (idle, or still sending its headers), oldest first; a connection being
+    answered, its answer still leaving, goes last (closing it then cut a probe's answer in half)."""
+    waiting = bool(channel.total_outbufs_len)
+    if len(channel.requests) > 1 or (waiting and channel.last_activity < time.time() - STUCK_OUTPUT):
         return 0, channel.creation_time
-    return (1 if not channel.requests else 2), channel.creation_time
+    return (2 if channel.requests or waiting else 1), channel.creation_time
 
 
 def is_loopback(host: str) -> bool:
