@@ -279,6 +279,7 @@ class Folders:
     def __init__(self, root: str | os.PathLike) -> None:
         self.prefix = os.path.join(os.fspath(root), "")
         self._fds: dict[str, int] = {}
+        self._retired: list[int] = []
 
     def fd(self, rel: str) -> int:
         """The open folder ``root/rel`` (``""`` is the root); valid until :data:`MOST_OPEN` other folders
@@ -340,13 +341,16 @@ class Folders:
             os.close(fd)
 
     def forget(self, rel: str) -> None:
-        """Close ``root/rel`` and the folders below it (removed, or made again, meanwhile)."""
+        """Open ``root/rel`` and the folders below it afresh from now on (removed, or made again, meanwhile).
+        The old handles stay valid until :meth:`close`: a caller may still hold one."""
         for key in [k for k in self._fds if k == rel or k.startswith(rel + "/") or not rel]:
-            os.close(self._fds.pop(key))
+            self._retired.append(self._fds.pop(key))
 
     def close(self) -> None:
         """Close every open folder."""
         self.forget("")
+        while self._retired:
+            os.close(self._retired.pop())
 
     def __enter__(self) -> Folders:
         return self

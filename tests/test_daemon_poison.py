@@ -561,6 +561,15 @@ def test_an_immutable_file_in_a_folder_waits_in_its_claim(tmp_path, digits):
     assert code == 0, daemon.text()
 
 
+def _wait_file(daemon: Daemon, path: Path, timeout: float = 15) -> None:
+    """Wait until ``path`` exists (an adopted batch is first moved into the daemon's claims folder, then run)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert daemon.proc.poll() is None, daemon.text()
+        assert time.monotonic() < deadline, f"no {path} after {timeout:.0f} s:\n{daemon.text()}"
+        time.sleep(0.1)
+
+
 def test_a_destination_folder_that_became_a_file_gets_a_free_name(shared, tmp_path, digits):
     """A journal whose destination runs through a folder that is now a file (ok/lot replaced by a file
     between the plan and the move): placing the item failed with NotADirectoryError, exit 1, and again on
@@ -575,11 +584,8 @@ def test_a_destination_folder_that_became_a_file_gets_a_free_name(shared, tmp_pa
                "steps": [{"src": "a.png", "dest": "ok/lot/a.png",
                           "record": {"item": "lot/a.png", "verdict": "ok", "path": "ok/lot/a.png"}}]}
     (batch / ".journal.json").write_text(json.dumps(journal))
-    deadline = time.monotonic() + 10  # adopted at the next rescan (1 s)
-    while batch.exists():
-        assert shared.proc.poll() is None, shared.text()
-        assert time.monotonic() < deadline, shared.text()
-        time.sleep(0.1)
+    _wait_file(shared, root / "ok" / "lot-1" / "a.png.json")  # adopted at the next rescan (1 s), then run
+    assert not batch.exists()
     assert (root / "ok" / "lot-1" / "a.png").read_bytes() == png_bytes(digits[0])
     assert load(root / "ok" / "lot-1" / "a.png.json")["path"] == "ok/lot-1/a.png"
     assert (root / "ok" / "lot").read_text() == "a file where a folder was planned\n"
@@ -620,11 +626,7 @@ def test_a_destination_folder_swapped_for_a_link_leads_nothing_outside(shared, t
                "steps": [{"src": "a.png", "dest": "ok/lot2/a.png",
                           "record": {"item": "lot2/a.png", "verdict": "ok", "path": "ok/lot2/a.png"}}]}
     (batch / ".journal.json").write_text(json.dumps(journal))
-    deadline = time.monotonic() + 10  # adopted at the next rescan (1 s)
-    while batch.exists():
-        assert shared.proc.poll() is None, shared.text()
-        assert time.monotonic() < deadline, shared.text()
-        time.sleep(0.1)
+    _wait_file(shared, root / "ok" / "lot2-1" / "a.png.json")  # adopted at the next rescan (1 s), then run
     assert os.listdir(outside) == []
     assert (root / "ok" / "lot2-1" / "a.png").read_bytes() == png_bytes(digits[0])
     assert load(root / "ok" / "lot2-1" / "a.png.json")["path"] == "ok/lot2-1/a.png"
