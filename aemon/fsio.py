@@ -318,10 +318,15 @@ class Folders:
         parent, _, name = self.relative(path).rpartition("/")
         return self.fd(parent), name
 
-    def mkdir(self, rel: str) -> None:
-        """Make the folder ``root/rel`` in its open parent (``FileExistsError`` if the name is taken)."""
-        parent, _, name = rel.rpartition("/")
-        os.mkdir(name, dir_fd=self.fd(parent))
+    def ensure(self, rel: str) -> int:
+        """The open folder ``root/rel``, made in its open parent first if missing."""
+        try:
+            return self.fd(rel)
+        except FileNotFoundError:
+            parent, _, name = rel.rpartition("/")
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, dir_fd=self.fd(parent))
+            return self.fd(rel)
 
     def lexists(self, path: str | os.PathLike) -> bool:
         """Whether ``path`` (under the root) names anything, looked up through the open folders."""

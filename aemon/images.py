@@ -224,6 +224,8 @@ MAX_METADATA_PARTS = 1_000
 #: progressive JPEG has about 10 scans; this allows 25 at the 40-megapixel limit, 1,000 at one megapixel.
 MAX_SCAN_PIXELS = 1_000_000_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: The part of a JPEG read in one piece for its structure (the whole file, for any camera's).
+_JPEG_HEAD = 1 << 24
 
 
 def check_structure(fp: BinaryIO, name: str) -> None:
@@ -275,9 +277,6 @@ def _check_jpeg(fp: BinaryIO, name: str) -> None:
         raise Unreadable(f"{name} is a progressive JPEG of {scans} scans at {width}x{height} pixels; each scan "
                          f"passes over the whole image, and at this size at most {most} are decoded (a camera's "
                          "has about 10); re-save it")
-
-
-_JPEG_HEAD = 1 << 24
 
 
 def _check_png(fp: BinaryIO, name: str) -> None:

@@ -120,10 +120,11 @@ class Journal:
                 src_info = os.stat(src, dir_fd=src_fd, follow_symlinks=False)
             except (FileNotFoundError, NotADirectoryError):
                 return dest  # placed already (or its folder was swapped for a link: never followed)
-            if dests.lexists(dest) and _same_file(src_info, dests, dest):  # stopped between link and unlink
+            there = dests.lexists(dest)
+            if there and _same_file(src_info, dests, dest):  # stopped between link and unlink
                 os.unlink(src, dir_fd=src_fd)
                 return dest
-            if dests.lexists(dest) or dests.lexists(dest + ".json"):
+            if there or dests.lexists(dest + ".json"):
                 dest = self._rename(step, router, batch_dir)
                 continue
             try:

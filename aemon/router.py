@@ -172,12 +172,7 @@ class Router:
 
     def _real_dir(self, folders: Folders, rel: str) -> str:
         """The result folder ``rel`` itself, made if missing; an error if it is anything but a real folder."""
-        try:
-            folders.fd(rel)  # NotADirectoryError for a link or a file
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                folders.mkdir(rel)
-            folders.fd(rel)
+        folders.ensure(rel)  # NotADirectoryError for a link or a file
         return rel
 
     def _subdir(self, folders: Folders, parent: str, name: str) -> str:
@@ -186,12 +181,7 @@ class Router:
         while True:
             if self._prefix + rel not in self._reserved:
                 with contextlib.suppress(NotADirectoryError):
-                    try:
-                        folders.fd(rel)
-                    except FileNotFoundError:
-                        with contextlib.suppress(FileExistsError):
-                            folders.mkdir(rel)
-                        folders.fd(rel)
+                    folders.ensure(rel)
                     return rel
             n += 1
             rel = f"{parent}/{name}-{n}" if parent else f"{name}-{n}"
@@ -234,14 +224,12 @@ class Router:
             try:
                 dir_fd, name = folders.at(dest)
                 rename_noreplace(src, name, src_dir_fd=src_dir_fd, dest_dir_fd=dir_fd)
+                return
             except FileNotFoundError:
-                with contextlib.suppress(FileNotFoundError):
-                    os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)
-                    self.ensure_parent(os.fspath(dest))  # the folder was removed under us
-                    dir_fd, name = folders.at(dest)
-                    rename_noreplace(src, name, src_dir_fd=src_dir_fd, dest_dir_fd=dir_fd)
-                    return
-                raise
+                os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)  # gone itself: FileNotFoundError
+            self.ensure_parent(os.fspath(dest))  # the folder was removed under us
+            dir_fd, name = folders.at(dest)
+            rename_noreplace(src, name, src_dir_fd=src_dir_fd, dest_dir_fd=dir_fd)
 
     def write_records(self, pairs: list[tuple[str, dict[str, Any]]], tmp_dir: Path | None = None) -> list[str]:
         """Write the records of a batch durably (``dest.json`` each, never replacing a file), one sync.

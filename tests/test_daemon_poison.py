@@ -315,6 +315,14 @@ def test_read_only_folders_never_stop_a_daemon_without_permission_override(tmp_p
     assert code == 0, daemon.text()
 
 
+def _give_to_another_user(folders: list[Path], mode: int) -> None:
+    """Make ``folders`` and what they hold belong to nobody (65534), each folder with ``mode``."""
+    for folder in folders:
+        for path in (folder, *folder.iterdir()):
+            os.chown(path, 65534, 65534)
+        os.chmod(folder, mode)
+
+
 @pytest.mark.skipif(not _can_drop_dac(), reason="needs root with CAP_SETPCAP to run the daemon without "
                     "CAP_DAC_OVERRIDE (a non-root daemon, as the shipped container runs)")
 def test_read_only_folders_of_another_user_wait_or_are_rejected_whole(tmp_path, digits):
@@ -325,15 +333,11 @@ def test_read_only_folders_of_another_user_wait_or_are_rejected_whole(tmp_path, 
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_drop_dac).wait_ready()
     stage = tmp_path / "stage"
-    nobody = 65534
     try:
         write_png(stage / "theirs" / "a.png", digits[0])
         write_png(stage / "mine" / "ro" / "c.png", digits[2])
         write_png(stage / "mine" / "d.png", digits[3])
-        for folder in (stage / "theirs", stage / "mine" / "ro"):
-            for path in (folder, *folder.iterdir()):
-                os.chown(path, nobody, nobody)
-            os.chmod(folder, 0o555)
+        _give_to_another_user([stage / "theirs", stage / "mine" / "ro"], 0o555)
         _publish(stage / "theirs", root / "inbox")
         _publish(stage / "mine", root / "inbox")
         mine = _wait_accounted(daemon, ["mine/ro/c.png", "mine/d.png"])
@@ -500,15 +504,11 @@ def test_files_of_another_user_in_a_sticky_folder_reject_their_folder_whole(tmp_
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_drop_owner_override).wait_ready()
     stage = tmp_path / "stage"
-    nobody = 65534
     try:
         write_png(stage / "sticky" / "a.png", digits[0])
         write_png(stage / "holder" / "tmp" / "b.png", digits[1])
         write_png(stage / "holder" / "c.png", digits[2])
-        for folder in (stage / "sticky", stage / "holder" / "tmp"):
-            for path in (folder, *folder.iterdir()):
-                os.chown(path, nobody, nobody)
-            os.chmod(folder, 0o1777)
+        _give_to_another_user([stage / "sticky", stage / "holder" / "tmp"], 0o1777)
         _publish(stage / "sticky", root / "inbox")
         _publish(stage / "holder", root / "inbox")
         seen = _wait_accounted(daemon, ["sticky/a.png", "holder/tmp/b.png", "holder/c.png"])
