@@ -226,6 +226,20 @@ def _fmt(value: float) -> str:
     return f"{value:.4f}"
 
 
+#: The page's style sheet.
+_STYLE = """<style>
+body { font-family: sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+.row { display: flex; flex-wrap: wrap; gap: 1em; }
+figure { margin: 0; }
+figcaption { font-size: 0.85em; max-width: 640px; }
+img { max-width: 100%; border: 1px solid #eee; }
+.warn { color: #a40; }
+</style>"""
+
+
 def _html(results, files: dict[int, list[ReportFile]], shared: list[ReportFile], normal, anomalous) -> str:
     esc = html.escape
     rows = []
@@ -262,17 +276,7 @@ def _html(results, files: dict[int, list[ReportFile]], shared: list[ReportFile],
 <head>
 <meta charset="utf-8">
 <title>aemon evaluation</title>
-<style>
-body {{ font-family: sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; }}
-th, td {{ border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }}
-th:first-child, td:first-child {{ text-align: left; }}
-.row {{ display: flex; flex-wrap: wrap; gap: 1em; }}
-figure {{ margin: 0; }}
-figcaption {{ font-size: 0.85em; max-width: 640px; }}
-img {{ max-width: 100%; border: 1px solid #eee; }}
-.warn {{ color: #a40; }}
-</style>
+{_STYLE}
 </head>
 <body>
 <h1>aemon evaluation</h1>
@@ -298,6 +302,29 @@ def _remove_earlier(out: Path) -> None:
             entry.unlink()
 
 
+def _planned_files(results) -> tuple[list[ReportFile], dict[int, list[ReportFile]]]:
+    """The report's figures: those shared by every bundle, and each bundle's (by its position, from 1)."""
+    shared = [
+        ReportFile("roc.png", "roc", "ROC curves of every bundle on one axis; dots mark each bundle's threshold."),
+        ReportFile("pr.png", "pr", "Precision-recall curves of every bundle; dots mark each bundle's threshold."),
+    ]
+    files: dict[int, list[ReportFile]] = {}
+    for i, r in enumerate(results, 1):
+        stem = f"{i}-{_slug(r.quality.bundle)}"
+        files[i] = [
+            ReportFile(f"{stem}-hist.png", "hist", "Score histograms of normal and anomalous images; the dashed line "
+                       "is the threshold."),
+            ReportFile(f"{stem}-reconstructions.png", "reconstructions", "Random normal and anomalous samples: "
+                       "originals above, reconstructions below."),
+            ReportFile(f"{stem}-errors.png", "errors", "The highest-scoring images: original, reconstruction and "
+                       "anomaly map, red where the image is unusual, on the bundle's fixed scale (label and score "
+                       "above each)."),
+        ]
+        if r.bundle.scorer.has_encoder:
+            files[i].append(ReportFile(f"{stem}-latent.png", "latent", "Latent space."))
+    return shared, files
+
+
 def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, n_top: int = 8,
                  n_latent: int = 2000) -> Path:
     """Write the PNG plots and ``index.html`` for evaluated bundles into ``out``.
@@ -318,24 +345,7 @@ def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _remove_earlier(out)
-    shared = [
-        ReportFile("roc.png", "roc", "ROC curves of every bundle on one axis; dots mark each bundle's threshold."),
-        ReportFile("pr.png", "pr", "Precision-recall curves of every bundle; dots mark each bundle's threshold."),
-    ]
-    files: dict[int, list[ReportFile]] = {}
-    for i, r in enumerate(results, 1):
-        stem = f"{i}-{_slug(r.quality.bundle)}"
-        files[i] = [
-            ReportFile(f"{stem}-hist.png", "hist", "Score histograms of normal and anomalous images; the dashed line "
-                       "is the threshold."),
-            ReportFile(f"{stem}-reconstructions.png", "reconstructions", "Random normal and anomalous samples: "
-                       "originals above, reconstructions below."),
-            ReportFile(f"{stem}-errors.png", "errors", "The highest-scoring images: original, reconstruction and "
-                       "anomaly map, red where the image is unusual, on the bundle's fixed scale (label and score "
-                       "above each)."),
-        ]
-        if r.bundle.scorer.has_encoder:
-            files[i].append(ReportFile(f"{stem}-latent.png", "latent", "Latent space."))
+    shared, files = _planned_files(results)
     total = len(shared) + sum(len(v) for v in files.values())
     done = 0
 
@@ -348,16 +358,15 @@ def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, 
     progress(shared[0].name)
     _pr(out / shared[1].name, results)
     progress(shared[1].name)
+    draw = {"hist": lambda path, r: _hist(path, r),
+            "reconstructions": lambda path, r: _reconstructions(path, r, normal.x, anomalous.x, n_examples),
+            "errors": lambda path, r: _errors(path, r, normal.x, anomalous.x, n_top),
+            "latent": lambda path, r: _latent(path, r, normal.x, anomalous.x, n_latent)}
     for i, r in enumerate(results, 1):
         for f in files[i]:
-            if f.kind == "hist":
-                _hist(out / f.name, r)
-            elif f.kind == "reconstructions":
-                _reconstructions(out / f.name, r, normal.x, anomalous.x, n_examples)
-            elif f.kind == "errors":
-                _errors(out / f.name, r, normal.x, anomalous.x, n_top)
-            elif f.kind == "latent":
-                f.caption = _latent(out / f.name, r, normal.x, anomalous.x, n_latent)
+            caption = draw[f.kind](out / f.name, r)
+            if f.kind == "latent":
+                f.caption = caption
             progress(f.name)
     index = out / INDEX
     page = _html(results, files, shared, normal, anomalous).encode()
