@@ -157,19 +157,25 @@ def write_durably(path: str | os.PathLike, data: bytes, tmp_dir: str | os.PathLi
         raise
 
 
+#: Fewest files written with one ``syncfs`` rather than an fsync each. ``syncfs`` also waits for every other
+#: writer's data on the filesystem (the files being written into the inbox), so a batch of a few
+#: records fsyncs them.
+SYNCFS_FROM = 8
+
+
 def write_all_durably(files: list[tuple[str, bytes]], tmp_dir: str | os.PathLike | None = None,
                       replace: bool = True, folders: Folders | None = None) -> list[str]:
     """Like :func:`write_durably` for many files, with one ``syncfs`` instead of one fsync each.
 
     Every file is written to its temp name, then the filesystem is synced once, then each temp
-    file is renamed: a rename never points at data that is not on disk. Without ``syncfs``
-    (not Linux) each file is fsync'd.
+    file is renamed: a rename never points at data that is not on disk. Fewer than
+    :data:`SYNCFS_FROM` files, or no ``syncfs`` (not Linux): each file is fsync'd.
 
     Returns:
         The paths not written because they exist (only with ``replace`` false).
     """
     taken: list[str] = []
-    if len(files) < 2 or _syncfs is None:
+    if len(files) < SYNCFS_FROM or _syncfs is None:
         for path, data in files:
             try:
                 write_durably(path, data, tmp_dir, replace, folders)

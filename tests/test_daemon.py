@@ -476,17 +476,23 @@ def test_a_finished_folder_batch_is_not_rejected_as_empty_after_a_crash(root, ma
     assert list((root / ".aemon" / "claims").iterdir()) == []
 
 
-def test_write_all_durably_leaves_only_the_files(tmp_path):
-    """Many files with one filesystem sync: all written whole, no temp names left, even on failure."""
-    from aemon.fsio import write_all_durably
+@pytest.mark.parametrize("n", [3, 10])
+def test_write_all_durably_leaves_only_the_files(tmp_path, n):
+    """Many files, fsync'd each (a few) or with one filesystem sync (many): all written whole, no temp names
+    left, even on failure."""
+    from aemon.fsio import SYNCFS_FROM, write_all_durably
 
-    files = [(str(tmp_path / f"r{i}.json"), f'{{"i": {i}}}'.encode()) for i in range(5)]
+    assert (n < SYNCFS_FROM) == (n == 3)  # one case of each way
+    files = [(str(tmp_path / f"r{i:02d}.json"), f'{{"i": {i}}}'.encode()) for i in range(n)]
     write_all_durably(files)
-    assert sorted(os.listdir(tmp_path)) == [f"r{i}.json" for i in range(5)]
+    assert sorted(os.listdir(tmp_path)) == [f"r{i:02d}.json" for i in range(n)]
     assert all(Path(p).read_bytes() == data for p, data in files)
+    failing = [(str(tmp_path / f"a{i}.json"), b"1") for i in range(n - 1)]
     with pytest.raises(FileNotFoundError):
-        write_all_durably([(str(tmp_path / "a.json"), b"1"), (str(tmp_path / "missing" / "b.json"), b"2")])
-    assert sorted(os.listdir(tmp_path)) == [f"r{i}.json" for i in range(5)]
+        write_all_durably([*failing, (str(tmp_path / "missing" / "b.json"), b"2")])
+    left = sorted(name for name in os.listdir(tmp_path) if not name.startswith("r"))
+    # One at a time, those before the failure are written whole; with one sync, none is.
+    assert left == ([f"a{i}.json" for i in range(n - 1)] if n < SYNCFS_FROM else [])
 
 
 def test_denoise_mode_refuses_a_detection_bundle(root, make_daemon):
