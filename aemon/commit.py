@@ -105,35 +105,41 @@ class Committer:
         recorded in the journal."""
         outputs, remove_source = plan(unit, (batch.model_name, batch.model_version), batch.threshold)
         named: dict[str, str] = {}
-        last: tuple[Path, dict | None] | None = None  # the previous output placed, and its record
+        naming: list[tuple[Step, str]] = []  # outputs named in every later record, and by which field
+        last: tuple[Path, dict | None, int] | None = None  # the previous output placed, its record and step
         rows: dict[int, dict] = {}  # the rows of the previous record, by index
         for n, out in enumerate(outputs, 1):
             if n % STEPS_PER_PROGRESS == 0:
                 self.progress()  # an array with maps of every row: tens of thousands of outputs
+            step = Step("", "")
             if out.map_suffix is not None and last is not None:
                 dest = self._map_destination(last[0], out.map_suffix, reserved)
                 if last[1] is not None:
                     _name_map(last[1], rows, dest.name, out.map_row)
+                    step.named_in.append([last[2], "map", out.map_row])
+                    step.map_suffix = out.map_suffix
             else:
                 dest = self.router.destination(out.folder, out.rel)
                 reserved.append(dest)
-            rel = self.router.relative(dest)
+            step.dest = self.router.relative(dest)
             if out.data is None:
-                src = unit.rel  # the unit's own file, inside the batch folder
+                step.src = unit.rel  # the unit's own file, inside the batch folder
             else:
                 tmp = output_path(batch.batch_dir, Path(out.map_suffix or out.rel).suffix)
                 writes.append((str(tmp), out.data))
-                src = tmp.name
-            record = None
+                step.src = tmp.name
             if out.record is not None:
-                record = {**out.record, "path": rel, **named}
-                batch.decided.append((unit, record))
-            journal.steps.append(Step(src, rel, record))
+                step.record = {**out.record, "path": step.dest, **named}
+                batch.decided.append((unit, step.record))
+                for earlier, name in naming:
+                    earlier.named_in.append([len(journal.steps), name, None])
+            journal.steps.append(step)
             if out.names_as:
-                named[out.names_as] = rel
+                named[out.names_as] = step.dest
+                naming.append((step, out.names_as))
             if out.map_suffix is None:
-                last = (dest, record)
-                rows = {entry["index"]: entry for entry in (record or {}).get("rows", [])}
+                last = (dest, step.record, len(journal.steps) - 1)
+                rows = {entry["index"]: entry for entry in (step.record or {}).get("rows", [])}
         if remove_source:
             journal.remove.append(unit.rel)
 

@@ -30,12 +30,17 @@ from aemon.logs import get_logger
 from aemon.records import encode
 from aemon.router import FOLDERS, Router
 
-__all__ = ["JOURNAL_NAME", "Step", "Journal", "read_journal", "output_path", "drop_undecided", "remove_batch",
-           "prune_empty"]
+__all__ = ["JOURNAL_NAME", "NAMING_FIELDS", "Step", "Journal", "read_journal", "output_path", "drop_undecided",
+           "remove_batch", "prune_empty"]
 
 JOURNAL_NAME = ".journal.json"
 #: Steps (or records) carried out between two progress calls.
 STEPS_PER_PROGRESS = 1024
+
+
+#: Record fields that name another file of the batch: ``map`` (a name beside the record's item, per row
+#: for arrays) and ``denoised`` (a path relative to the root).
+NAMING_FIELDS = ("map", "denoised")
 
 
 @dataclass
@@ -45,6 +50,12 @@ class Step:
     src: str
     dest: str
     record: dict[str, Any] | None = None
+    #: The records that name this file: ``[step index, field, row or None]`` each (a field of
+    #: :data:`NAMING_FIELDS`; a row: the ``map`` of that row of an array part). Kept true when the file
+    #: gets another name.
+    named_in: list[list] = field(default_factory=list)
+    #: An anomaly map's name after its item's (``.map.png``): given again if the item gets another name.
+    map_suffix: str | None = None
 
 
 @dataclass
@@ -62,7 +73,8 @@ class Journal:
     def write(self, batch_dir: Path) -> None:
         """Store the plan durably in ``batch_dir``: the decision point of the batch."""
         data = {"entries": self.entries, "remove": self.remove,
-                "steps": [{"src": st.src, "dest": st.dest, "record": st.record} for st in self.steps]}
+                "steps": [{"src": st.src, "dest": st.dest, "record": st.record, "named_in": st.named_in,
+                           "map_suffix": st.map_suffix} for st in self.steps]}
         write_durably(batch_dir / JOURNAL_NAME, encode(data))
         fsync_dir(batch_dir)
 
@@ -76,30 +88,31 @@ class Journal:
         root, base = os.fspath(router.root), os.fspath(batch_dir)
         done: list[Step] = []
         touched: set[str] = set()
-        records: list[tuple[str, dict[str, Any]]] = []
+        records: list[int] = []  # steps whose record is still to write
         with router.opened() as dests, Folders(batch_dir) as here:
             for n, step in enumerate(self.steps, 1):
                 if n % STEPS_PER_PROGRESS == 0:
                     progress()
-                dest = self._place(step, router, dests, here, batch_dir)
+                dest = self._place(n - 1, router, dests, here, batch_dir)
                 if not dests.lexists(dest):
                     continue  # removed by someone since an earlier run placed it
                 if step.record is not None and not dests.lexists(dest + ".json"):
-                    records.append((step, step.record))
+                    records.append(n - 1)
                 touched.add(os.path.dirname(dest))
                 done.append(step)
             while records:
                 taken = set()
                 for start in range(0, len(records), STEPS_PER_PROGRESS):
-                    some = records[start : start + STEPS_PER_PROGRESS]
-                    pairs = [(os.path.join(root, st.dest), rec) for st, rec in some]
+                    some = [self.steps[i] for i in records[start : start + STEPS_PER_PROGRESS]]
+                    pairs = [(os.path.join(root, st.dest), st.record) for st in some]
                     taken |= set(router.write_records(pairs, batch_dir))
                     progress()
-                # A record name taken meanwhile by someone else: move the item to a free name and try again.
-                records = [(st, rec) for st, rec in records if os.path.join(root, st.dest) in taken]
-                for st, _ in records:
-                    old = os.path.join(root, st.dest)
-                    new = self._rename(st, router, batch_dir)
+                # A record name taken meanwhile by someone else: move the item to a free name and try again
+                # (its maps, placed already beside it, keep their names: the record names them as they are).
+                records = [i for i in records if os.path.join(root, self.steps[i].dest) in taken]
+                for i in records:
+                    old = os.path.join(root, self.steps[i].dest)
+                    new = self._rename(i, router, batch_dir, maps_follow=False)
                     old_fd, old_name = dests.at(old)
                     router.place(old_name, new, src_dir_fd=old_fd)
                     touched.add(os.path.dirname(new))
@@ -110,9 +123,10 @@ class Journal:
             router.sync_dirs(touched)
         return done
 
-    def _place(self, step: Step, router: Router, dests: Folders, here: Folders, batch_dir: Path) -> str:
-        """Move the file of ``step`` from the batch folder (``here``) to its destination (``dests``), both
-        reached through open folders, never through a link; return the destination (renamed if taken)."""
+    def _place(self, index: int, router: Router, dests: Folders, here: Folders, batch_dir: Path) -> str:
+        """Move the file of step ``index`` from the batch folder (``here``) to its destination (``dests``),
+        both reached through open folders, never through a link; return the destination (renamed if taken)."""
+        step = self.steps[index]
         dest = os.path.join(os.fspath(router.root), step.dest)
         while True:
             try:
@@ -125,14 +139,14 @@ class Journal:
                 os.unlink(src, dir_fd=src_fd)
                 return dest
             if there or dests.lexists(dest + ".json"):
-                dest = self._rename(step, router, batch_dir)
+                dest = self._rename(index, router, batch_dir)
                 continue
             try:
                 router.place(src, dest, src_dir_fd=src_fd)
             except FileExistsError:
                 continue
             except NotADirectoryError:  # a folder on the way is now a file or a link: a free name
-                dest = self._rename(step, router, batch_dir)
+                dest = self._rename(index, router, batch_dir)
                 continue
             except PermissionError as exc:
                 if not os.access(os.path.dirname(dest), os.W_OK):
@@ -145,16 +159,40 @@ class Journal:
                 self.stuck.append(step)
             return dest
 
-    def _rename(self, step: Step, router: Router, batch_dir: Path) -> str:
-        """Give ``step`` a new free destination, journalled first so that recovery follows it; return it."""
+    def _rename(self, index: int, router: Router, batch_dir: Path, maps_follow: bool = True) -> str:
+        """Give step ``index`` a new free destination, journalled first so that recovery follows it; return it.
+
+        The records naming it are changed with it; with ``maps_follow`` (its maps not placed yet), its anomaly
+        maps are named after its new name.
+        """
+        step = self.steps[index]
         folder, _, rest = step.dest.partition("/")
         new = router.destination(folder, rest)
         router.release([new])
         step.dest = router.relative(new)
         if step.record is not None:
             step.record["path"] = step.dest
+        self._name(step)
+        if maps_follow:
+            for other in self.steps[index + 1:]:
+                if other.map_suffix is not None and other.named_in and other.named_in[0][0] == index:
+                    other.dest = step.dest + other.map_suffix
+                    self._name(other)
         self.write(batch_dir)
         return os.fspath(new)
+
+    def _name(self, step: Step) -> None:
+        """Write ``step``'s destination into the records that name it."""
+        for index, name, row in step.named_in:
+            record = self.steps[index].record
+            if record is None:
+                continue
+            value = PurePosixPath(step.dest).name if name == "map" else step.dest
+            if row is None:
+                record[name] = value
+            for entry in record.get("rows", []) if row is not None else []:
+                if entry.get("index") == row:
+                    entry[name] = value
 
 
 def _same_file(info: os.stat_result, dests: Folders, path: str) -> bool:
@@ -203,7 +241,20 @@ def _stray_path(journal: Journal) -> str | None:
             return str(step.src)
         if not inside(step.dest, FOLDERS):
             return str(step.dest)
+        if not _names_ok(step, len(journal.steps)):
+            return f"{step.dest} (named_in {step.named_in!r}, map_suffix {step.map_suffix!r})"
     return next((str(rel) for rel in journal.remove if not inside(rel, None)), None)
+
+
+def _names_ok(step: Step, n_steps: int) -> bool:
+    """Whether ``step``'s naming fields are those aemon writes (a planted journal may hold anything)."""
+    if step.map_suffix is not None and (not isinstance(step.map_suffix, str) or "/" in step.map_suffix
+                                        or not step.map_suffix.startswith(".map")):
+        return False
+    return isinstance(step.named_in, list) and all(
+        isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is int and 0 <= entry[0] < n_steps
+        and entry[1] in NAMING_FIELDS and (entry[2] is None or type(entry[2]) is int)
+        for entry in step.named_in)
 
 
 def output_path(batch_dir: Path, suffix: str) -> Path:

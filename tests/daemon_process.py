@@ -5,7 +5,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -128,13 +127,19 @@ def _is_record(dirpath: str, name: str) -> bool:
     return name.endswith(".json") and os.path.lexists(os.path.join(dirpath, name[: -len(".json")]))
 
 
-_MAP = re.compile(r"^(?P<item>.+)\.map(-\d+)?\.png$")
-
-
-def _is_map(dirpath: str, name: str) -> bool:
-    """``NAME.map.png`` (``NAME.map-ROW.png`` for array rows) beside ``NAME`` is an anomaly map."""
-    m = _MAP.match(name)
-    return bool(m) and os.path.lexists(os.path.join(dirpath, m.group("item")))
+def _maps_named(dirpath: str, files: list[str]) -> set[str]:
+    """The anomaly maps that the records in ``dirpath`` name (each record's ``map``, and its rows'): a map
+    file no record names counts as an item, a stray."""
+    named = set()
+    for name in files:
+        if not _is_record(dirpath, name):
+            continue
+        try:
+            record = json.loads(Path(dirpath, name).read_bytes())
+        except (OSError, ValueError):
+            continue
+        named |= {record.get("map")} | {row.get("map") for row in record.get("rows") or []}
+    return named - {None}
 
 
 def records(root: Path) -> list[Path]:
@@ -152,7 +157,8 @@ def items(root: Path) -> list[Path]:
     out = []
     for d in VERDICT_DIRS:
         for dirpath, dirs, files in os.walk(root / d):
-            out += [Path(dirpath, f) for f in files if not _is_record(dirpath, f) and not _is_map(dirpath, f)]
+            maps = _maps_named(dirpath, files)
+            out += [Path(dirpath, f) for f in files if not _is_record(dirpath, f) and f not in maps]
             out += [Path(dirpath, f) for f in dirs if os.path.islink(os.path.join(dirpath, f))]
     return sorted(out)
 
