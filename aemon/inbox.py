@@ -49,6 +49,8 @@ __all__ = ["IGNORED_SUFFIXES", "is_ignored", "Inbox"]
 
 #: Endings of names that are still being written and are never taken.
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+#: ``inbox.unwatched`` is logged at most this often (a tree past the kernel's limit refuses every folder).
+UNWATCHED_LOG_SECONDS = 60.0
 
 log = get_logger()
 
@@ -125,6 +127,10 @@ class Inbox:
         self._replaced = False
         #: Entries that could not be moved (read-only folders of another user), logged once each.
         self._unmovable: set[str] = set()
+        #: Folder entries with a folder inside that has no inotify watch (the kernel's limit): their files
+        #: make no events, so whether one is still being written is asked of /proc before taking them.
+        self._unwatched: set[str] = set()
+        self._unwatched_logged = float("-inf")
 
     # -- watchdog thread -------------------------------------------------
     def notify(self, path: str, kind: str = _CHANGED) -> None:
@@ -144,6 +150,20 @@ class Inbox:
         """Block until an event arrives or ``timeout`` seconds pass (the loop's idle sleep)."""
         self._wakeup.wait(timeout)
         self._wakeup.clear()
+
+    def _on_unwatched(self, path: bytes) -> None:
+        """A folder below the inbox got no watch (on the reader thread, or while the watches are added)."""
+        rel = os.fsdecode(path)[len(self._prefix):] if os.fsdecode(path).startswith(self._prefix) else ""
+        if not rel:
+            return
+        self._unwatched.add(rel.partition("/")[0])
+        now = time.monotonic()
+        if now - self._unwatched_logged >= UNWATCHED_LOG_SECONDS:
+            self._unwatched_logged = now
+            log.warning("inbox.unwatched", folder=rel, entries=len(self._unwatched),
+                        hint="the kernel refused more inotify watches: files in such folders are found by the "
+                             "rescan and taken only once no process writes them; raise "
+                             "fs.inotify.max_user_watches")
 
     def _on_inotify(self, event, path: bytes) -> None:
         """One raw inotify event (on watchdog's reader thread): its kind, as :class:`_Handler` tells them."""
@@ -184,7 +204,7 @@ class Inbox:
 
     def _watch(self) -> None:
         if not self.polling:
-            watch = TreeWatch(self.dir, self._on_inotify, self._on_overflow)
+            watch = TreeWatch(self.dir, self._on_inotify, self._on_overflow, self._on_unwatched)
             watch.start()
             self._observer = watch
             return
@@ -390,14 +410,18 @@ class Inbox:
         quiet = max(time.time() - sig[-1] / 1e9, now - cand.since)
         if quiet < self.settle_seconds:
             return False
-        if not cand.open_files:
+        unwatched = name in self._unwatched
+        if not cand.open_files and not unwatched:
             return True
         if now >= cand.next_check:
             # No close event seen: ask the process table whether anyone still writes these files
-            # (a hard link has no open and close; a close event may have been lost in an overflow).
+            # (a hard link has no open and close; a close event may have been lost in an overflow), or any
+            # file of an entry with unwatched folders (they make no events at all).
             cand.next_check = now + max(self.settle_seconds, 0.5)
-            if open_for_writing([os.path.join(self._prefix, rel) for rel in cand.open_files]) is False:
-                log.info("inbox.taken_without_close", item=name, open=sorted(cand.open_files), checked="proc")
+            paths = [os.path.join(self._prefix, rel) for rel in cand.open_files]
+            if open_for_writing(paths + (_files_under(path) if unwatched else [])) is False:
+                if cand.open_files:
+                    log.info("inbox.taken_without_close", item=name, open=sorted(cand.open_files), checked="proc")
                 return True
         if now - cand.since >= self.stuck_open_seconds:
             log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
@@ -432,6 +456,11 @@ def _is_regular(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
+
+
+def _files_under(path: Path) -> list[str]:
+    """Every file below folder ``path`` (links not followed)."""
+    return [os.path.join(dirpath, name) for dirpath, _, names in os.walk(path) for name in names]
 
 
 def open_for_writing(paths: list[str]) -> bool | None:

@@ -64,6 +64,7 @@ class _Group(InotifyWatchGroup):
     # Not named on_event: that is the method through which watchdog's reader calls the group.
     forward: Callable[[InotifyEvent, bytes], None] = field(default=lambda event, path: None)
     overflowed: Callable[[], None] = field(default=lambda: None)
+    unwatched: Callable[[bytes], None] = field(default=lambda path: None)
 
     def __post_init__(self) -> None:
         self._move_event_grouper = _PassOn(self.forward)  # before the watches exist: no event is missed
@@ -73,6 +74,13 @@ class _Group(InotifyWatchGroup):
         super().on_queue_overflow()
         self.overflowed()
 
+    def _add_callback(self, path: bytes) -> None:
+        # watchdog swallows a failure to watch a folder below the root (it may have gone meanwhile); a
+        # folder still there was refused a watch (fs.inotify.max_user_watches): its files make no events.
+        super()._add_callback(path)
+        if path not in self._active_callbacks_by_path and os.path.isdir(path) and not os.path.islink(path):
+            self.unwatched(path)
+
 
 class TreeWatch:
     """Recursive inotify watches on ``path``; ``on_event(event, path)`` runs on watchdog's reader thread.
@@ -81,13 +89,15 @@ class TreeWatch:
         path: The folder to watch, with everything below it.
         on_event: Called with each raw event and its full path (bytes); it must be quick.
         on_overflow: Called after the kernel dropped events (the caller should look at the folder again).
+        on_unwatched: Called with a folder below ``path`` that got no watch (the kernel's limit of watches).
     """
 
     def __init__(self, path: str | os.PathLike, on_event: Callable[[InotifyEvent, bytes], None],
-                 on_overflow: Callable[[], None]) -> None:
+                 on_overflow: Callable[[], None], on_unwatched: Callable[[bytes], None] = lambda path: None) -> None:
         self.path = os.fsencode(path)
         self.on_event = on_event
         self.on_overflow = on_overflow
+        self.on_unwatched = on_unwatched
         self._reader: InotifyFD | None = None
         self._group: _Group | None = None
 
@@ -97,7 +107,7 @@ class TreeWatch:
         self._reader.name = "aemon-inotify"
         self._reader.start()
         self._group = _Group(self._reader, self.path, event_mask=EVENT_MASK, is_recursive=True,
-                             forward=self.on_event, overflowed=self.on_overflow)
+                             forward=self.on_event, overflowed=self.on_overflow, unwatched=self.on_unwatched)
 
     def stop(self) -> None:
         """Remove every watch and close the inotify instance (its reader thread then ends)."""

@@ -160,6 +160,43 @@ def test_a_reused_name_loses_nothing(shared, tmp_path, digits):
     assert shared.get("/healthz")[0] == 200
 
 
+@pytest.mark.parametrize("mode", ["detect", "denoise"])
+def test_a_name_reused_across_two_processes_keeps_each_output_named_by_its_own_record(tmp_path, digits, mode):
+    """frame.png dropped again as soon as it is taken, with two processes (AEMON_WORKERS=2): both take
+    frames, and one often finds a name taken by the other only when it places its files. Each record's
+    ``map`` (detect: every frame is noise, so anomalous, with a map) or ``denoised`` must name the item's own
+    output, which must exist; none named twice, none named by no record. Before, 69 of 300 records named
+    another frame's map and 99 of 300 another frame's reconstruction (a renamed output kept its old name in
+    the record)."""
+    root = new_root(tmp_path)
+    env = {"AEMON_WORKERS": "2", "AEMON_MODE": mode}
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env=env).wait_ready()
+    deadline = time.monotonic() + 120
+    while not daemon.events("worker.ready"):
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.1)
+    frames, stage = 150, tmp_path / "stage"
+    noise = np.random.default_rng(1).integers(0, 256, (frames, 28, 28), dtype=np.uint8)
+    for i in range(frames):
+        write_png(stage / "frame.png", noise[i] if mode == "detect" else digits[i])
+        os.rename(stage / "frame.png", root / "inbox" / "frame.png")
+        _wait_gone(root / "inbox" / "frame.png", daemon)
+    recs = [load(path) for path in wait_records(root, frames, daemon, timeout=120)]
+    assert daemon.stop() == 0, daemon.text()
+    assert len(recs) == frames
+    if mode == "detect":
+        assert all(rec["verdict"] == "anomaly" for rec in recs)
+        named = [str(Path(rec["path"]).parent / rec["map"]) for rec in recs]
+        assert all(Path(rec["map"]).name.startswith(Path(rec["path"]).name + ".map") for rec in recs)
+        made = [os.path.relpath(p, root) for p in (root / "anomaly").iterdir() if ".map" in p.name]
+    else:
+        named = [rec["denoised"] for rec in recs]
+        made = [os.path.relpath(p, root) for p in (root / "denoised").iterdir() if not p.name.endswith(".json")]
+    assert len(set(named)) == frames, "an output named by two records"
+    assert sorted(named) == sorted(made), "an output named by no record, or a name with no file"
+    assert [p.name for p in items(root) if ".map" in p.name] == []
+
+
 # -- 3. a record never replaces an item ------------------------------------
 def test_a_record_never_replaces_an_item(shared, tmp_path):
     """clash.png (unreadable) and clash.png.json dropped together: both kept byte for byte, each with
@@ -250,6 +287,59 @@ def test_a_writer_pausing_before_its_first_byte(shared, digits):
     assert rec["verdict"] in ("ok", "anomaly"), rec
     assert (root / rec["path"]).read_bytes() == data
     assert seen["linked.png"][0]["verdict"] in ("ok", "anomaly")
+
+
+_PAUSED_IN_UNWATCHED_FOLDER = """
+import json, os, sys, time
+from pathlib import Path
+import numpy as np
+sys.path.insert(0, sys.argv[2])
+from daemon_process import Daemon, by_item, png_bytes, records, write_png
+
+Path("/proc/sys/user/max_inotify_watches").write_text(sys.argv[3])
+base = Path(sys.argv[1])
+root = base / "root"
+(root / "inbox").mkdir(parents=True)
+digits = np.load(base / "digits.npy")
+daemon = Daemon(root, base / "daemon.log").wait_ready()
+os.mkdir(root / "inbox" / "w")
+for i in range(80):
+    write_png(root / "inbox" / "w" / f"s{i:03d}" / "a.png", digits[i])
+data = png_bytes(digits[90])
+with open(root / "inbox" / "w" / "s079" / "slow.png", "wb") as fp:
+    fp.write(data[: len(data) // 2])
+    fp.flush()
+    time.sleep(3)
+    fp.write(data[len(data) // 2:])
+deadline = time.monotonic() + 60
+while len(records(root)) < 81 and time.monotonic() < deadline:
+    time.sleep(0.2)
+(rec,) = by_item(root)["w/s079/slow.png"]
+whole = (root / rec["path"]).read_bytes() == data
+print(json.dumps({"verdict": rec["verdict"], "whole": whole, "unwatched": len(daemon.events("inbox.unwatched")),
+                  "code": daemon.stop()}))
+"""
+
+
+def test_a_writer_pausing_in_a_folder_past_the_watch_limit_is_still_waited_for(tmp_path, digits):
+    """A folder of 80 subfolders filled in place while the kernel allows only 40 inotify watches (a private
+    user namespace, so the machine's limit is untouched), then a file in the last subfolder written with a
+    3 s pause mid-file: watchdog silently gave up on the folders past the limit, so that file made no event
+    and was taken half-written (rejected as truncated). Now the daemon logs ``inbox.unwatched`` and asks
+    /proc whether any file of such an entry is still being written before taking it: taken whole."""
+    probe = subprocess.run(["unshare", "-U", "-r", "-p", "-f", "--mount-proc", "sh", "-c",
+                            "echo 40 > /proc/sys/user/max_inotify_watches"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private user and pid namespace here: {probe.stderr.decode().strip()}")
+    np.save(tmp_path / "digits.npy", digits[:100])
+    # The daemon and the writer in one pid namespace with its own /proc: the daemon may read every open file.
+    run = subprocess.run(["unshare", "-U", "-r", "-p", "-f", "--mount-proc", sys.executable, "-c",
+                          _PAUSED_IN_UNWATCHED_FOLDER, str(tmp_path), str(Path(__file__).parent), "40"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:] + (tmp_path / "daemon.log").read_text()[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["unwatched"] >= 1, result
+    assert result["verdict"] in ("ok", "anomaly") and result["whole"] and result["code"] == 0, result
 
 
 # -- 9. 16-bit images ------------------------------------------------------
