@@ -492,12 +492,12 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.worker:
         from aemon.workers import die_with_parent
 
-        index, count, parent = (int(part) for part in args.worker.split(":"))
+        index, count, parent, beat_fd = (int(part) for part in args.worker.split(":"))
         die_with_parent(parent)
         configure(settings.log_format, settings.log_level, stream=sys.stdout, worker=index)
         from aemon.daemon import Daemon
 
-        return Daemon(settings, worker=index, of=count).run()
+        return Daemon(settings, worker=index, of=count, beat_fd=beat_fd).run()
     shared = None
     if settings.workers > 1 and Path(settings.root).is_dir():
         from aemon.workers import metrics_dir

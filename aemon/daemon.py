@@ -35,7 +35,7 @@ from aemon.recorder import Recorder
 from aemon.router import FOLDERS, Router
 from aemon.settings import Settings
 from aemon.units import Unit, expand
-from aemon.workers import ModelAgreement, WorkerPool, announce
+from aemon.workers import ModelAgreement, WorkerPool, announce, send_beat
 
 __all__ = ["Daemon"]
 
@@ -60,10 +60,12 @@ class Daemon:
         workers: Worker processes to run beside this one (see :mod:`aemon.workers`).
         worker: This process is worker number ``worker``: no HTTP, no systemd notify; it only routes items.
         of: With ``worker``: how many processes share the inbox (the main one included).
+        beat_fd: With ``worker``: the pipe its loop beats down to the main process.
     """
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None,
-                 bundle: Bundle | None = None, workers: int = 0, worker: int | None = None, of: int = 0) -> None:
+                 bundle: Bundle | None = None, workers: int = 0, worker: int | None = None, of: int = 0,
+                 beat_fd: int | None = None) -> None:
         self.settings = settings
         self.root = Path(os.path.abspath(settings.root))
         self.registry = registry or CollectorRegistry()
@@ -82,7 +84,9 @@ class Daemon:
                 multiprocess.MultiProcessCollector(self.registry)
         else:
             self.metrics = build(self.registry)
-        self.pool = WorkerPool(settings, workers) if workers > 0 and worker is None else None
+        self.stale = _watchdog_seconds() or HEARTBEAT_STALE
+        self._beat_fd = beat_fd
+        self.pool = WorkerPool(settings, workers, self.stale) if workers > 0 and worker is None else None
         self.agreement = ModelAgreement(self.root, worker) if worker is not None else None
         self.bundle = bundle
         self.bundle_path = Path(settings.model) if settings.model else None
@@ -104,7 +108,6 @@ class Daemon:
         self.reload_requested = False
         self.heartbeat = 0.0
         self._pinged = float("-inf")
-        self.stale = _watchdog_seconds() or HEARTBEAT_STALE
         self.ready = False
         self._old_handlers: dict[int, object] = {}
         self._notify_sock: socket.socket | None = None
@@ -144,6 +147,8 @@ class Daemon:
         if now - self._pinged >= min(1.0, self.stale / 4):
             self._pinged = now
             self._notify("WATCHDOG=1")
+            if self._beat_fd is not None:
+                send_beat(self._beat_fd)
 
     def is_ready(self) -> bool:
         """True once the model is loaded and the folders are usable (the inbox writable and still the folder

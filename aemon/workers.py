@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -30,12 +31,18 @@ from aemon.fsio import write_json_atomic
 from aemon.logs import get_logger
 from aemon.settings import Settings
 
-__all__ = ["metrics_dir", "die_with_parent", "WorkerPool", "announce", "announced", "ModelAgreement"]
+__all__ = ["metrics_dir", "die_with_parent", "send_beat", "WorkerPool", "announce", "announced", "ModelAgreement"]
 
 log = get_logger()
 
-#: A worker that exits is started again at most this often (seconds).
+#: Seconds before a worker that exited within :data:`STABLE_SECONDS` of its start is started again; doubled
+#: each time it does so again (a worker that cannot start), up to :data:`MAX_BACKOFF`. A worker that ran
+#: longer is started again at once.
 RESTART_BACKOFF = 5.0
+MAX_BACKOFF = 300.0
+STABLE_SECONDS = 60.0
+#: Seconds a starting worker may take before its loop first beats (TensorFlow and the bundle load).
+STARTUP_SECONDS = 180.0
 #: The model version the main process serves (under ``.aemon/``), for its workers to match.
 SERVED_MODEL = "served-model.json"
 #: A worker asks the main process to reload at most this often (seconds).
@@ -84,6 +91,12 @@ def die_with_parent(parent: int) -> None:
         raise SystemExit(0)
 
 
+def send_beat(fd: int) -> None:
+    """In a worker: tell the main process that the loop made progress (one byte down the heartbeat pipe)."""
+    with contextlib.suppress(BlockingIOError, BrokenPipeError):  # pipe full (parent busy) or parent gone
+        os.write(fd, b".")
+
+
 def _worker_env(settings: Settings) -> dict[str, str]:
     """The main process's effective settings as ``AEMON_*`` variables, so each worker runs exactly them."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith("AEMON_")}
@@ -98,16 +111,28 @@ def _worker_env(settings: Settings) -> dict[str, str]:
 class WorkerPool:
     """``count`` worker processes of one main daemon.
 
+    A worker's loop beats down a pipe (:func:`send_beat`); one that stays silent for ``stale`` seconds
+    (stopped, deadlocked, stuck in I/O) holds its claimed entries from every other process, so it is killed
+    and started again, and its entries are adopted.
+
     Args:
         settings: The main process's settings (passed on through the environment).
         count: How many workers to run.
+        stale: Seconds of silence after which a running worker is killed (the main process's own liveness
+            limit).
     """
 
-    def __init__(self, settings: Settings, count: int) -> None:
+    def __init__(self, settings: Settings, count: int, stale: float = 30.0) -> None:
         self.settings = settings
         self.count = count
+        self.stale = stale
+        self._beats: dict[int, int] = {}  # read end of each worker's heartbeat pipe
+        self._last_beat: dict[int, float] = {}
+        self._beaten: set[int] = set()  # workers whose loop has beaten at least once
         self._procs: dict[int, subprocess.Popen] = {}
         self._started: dict[int, float] = {}
+        self._exited: dict[int, float] = {}  # when a worker that is not running again yet was seen gone
+        self._backoff: dict[int, float] = {}
         self._stopping = False
 
     def start(self) -> None:
@@ -119,27 +144,67 @@ class WorkerPool:
         # The worker starts with SIGHUP held (the mask is inherited): a reload passed on while it is still
         # starting waits for its handler instead of ending it.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        beats, beat_end = os.pipe()
+        os.set_blocking(beats, False)
+        os.set_blocking(beat_end, False)
         try:
             proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker",
-                                     f"{index}:{self.count + 1}:{os.getpid()}"],
-                                    env=_worker_env(self.settings))
+                                     f"{index}:{self.count + 1}:{os.getpid()}:{beat_end}"],
+                                    env=_worker_env(self.settings), pass_fds=(beat_end,))
+        except BaseException:
+            os.close(beats)
+            raise
         finally:
+            os.close(beat_end)
             signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        self._close_beats(index)
         self._procs[index] = proc
-        self._started[index] = time.monotonic()
+        self._beats[index] = beats
+        self._started[index] = self._last_beat[index] = time.monotonic()
+        self._beaten.discard(index)
         log.info("worker.started", worker=index, pid=proc.pid)
 
+    def _close_beats(self, index: int) -> None:
+        fd = self._beats.pop(index, None)
+        if fd is not None:
+            os.close(fd)
+
+    def _silent_for(self, index: int, now: float) -> float:
+        """Seconds since worker ``index`` last beat (its pipe read empty), or 0 within its allowance."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._beats[index], 4096):
+                self._last_beat[index] = now
+                self._beaten.add(index)
+        silent = now - self._last_beat[index]
+        return silent if silent > (self.stale if index in self._beaten else STARTUP_SECONDS) else 0.0
+
     def check(self) -> None:
-        """Start again a worker that exited (at most every :data:`RESTART_BACKOFF` seconds each)."""
+        """Kill a worker that stopped beating; start again one that exited, after its backoff (see
+        :data:`RESTART_BACKOFF`)."""
         if self._stopping:
             return
+        now = time.monotonic()
         for index, proc in list(self._procs.items()):
             code = proc.poll()
-            if code is None or time.monotonic() - self._started[index] < RESTART_BACKOFF:
+            if code is None:
+                silent = self._silent_for(index, now)
+                if silent:
+                    log.error("worker.stuck", worker=index, pid=proc.pid, silent_s=round(silent, 1),
+                              hint="its loop made no progress (stopped, deadlocked or stuck in I/O): killed, "
+                                   "started again, and its entries adopted")
+                    proc.kill()
                 continue
-            log.error("worker.exited", worker=index, pid=proc.pid, code=code)
-            _mark_dead(proc.pid)
-            self._spawn(index)
+            if index not in self._exited:
+                self._exited[index] = now
+                lived = now - self._started[index]
+                backoff = min(max(self._backoff.get(index, 0.0) * 2, RESTART_BACKOFF), MAX_BACKOFF)
+                self._backoff[index] = backoff if lived < STABLE_SECONDS else 0.0
+                log.error("worker.exited", worker=index, pid=proc.pid, code=code, lived_s=round(lived, 1),
+                          restart_in_s=self._backoff[index])
+                _mark_dead(proc.pid)
+            if now - self._exited[index] >= self._backoff[index]:
+                del self._exited[index]
+                self._spawn(index)
 
     def signal(self, signum: int) -> None:
         """Send ``signum`` to every live worker (SIGHUP: reload the bundle)."""
@@ -160,6 +225,7 @@ class WorkerPool:
                 proc.kill()
                 proc.wait()
             _mark_dead(proc.pid)
+            self._close_beats(index)
         self._procs.clear()
 
 
@@ -208,8 +274,26 @@ class ModelAgreement:
 
 
 def _mark_dead(pid: int) -> None:
-    """Drop a dead worker's live gauges from the multiprocess metrics."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        from prometheus_client import multiprocess
+    """Drop a dead worker's live gauges from the multiprocess metrics, and all its value files if it counted
+    nothing (a worker that failed to start): each start reserves about 320 KiB of them."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not folder:
+        return
+    # Imported here: prometheus_client must not load before the main process has set the folder.
+    from prometheus_client import multiprocess
+    from prometheus_client.mmap_dict import MmapedDict
 
-        multiprocess.mark_process_dead(pid)
+    from aemon.metrics import VALUE_FILES
+
+    multiprocess.mark_process_dead(pid)
+    files = [Path(folder, f"{kind}_{pid}.db") for kind in VALUE_FILES]
+    try:
+        for path in files:
+            if path.name.startswith(("counter_", "histogram_")) and path.exists() and any(
+                    value for _, value, _, _ in MmapedDict.read_all_values_from_file(os.fspath(path))):
+                return  # it counted something: the totals keep it
+    except (OSError, ValueError, struct.error):
+        return
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

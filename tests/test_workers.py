@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -255,3 +256,68 @@ def test_every_process_serves_one_model_after_the_bundle_changes(tmp_path, digit
     assert daemon.stop() == 0, daemon.text()
     assert versions == {new}, (versions, old, new)
     assert f'version="{new}"' in text
+
+
+def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_and_leaves_no_files(tmp_path, digits):
+    """The bundle folder removed (a careless redeploy), then the worker killed (the OOM killer): every new
+    worker fails to load. It is started again after 5, 10, 20... seconds, not every 5 s forever (which
+    burnt most of a core and left 320 KiB of metric files per try, 1.7 MiB a minute); a failed worker's
+    value files go with it, and the main process goes on deciding."""
+    from aemon.bundle import default_bundle_path
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path("detect"), bundle)
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": "2", "AEMON_MODEL": str(bundle)})
+    daemon.wait_ready()
+    (first,) = _wait_event(daemon, "worker.started")
+    _wait_event(daemon, "worker.ready")
+    metrics = next((root / ".aemon" / "metrics").iterdir())
+    shutil.rmtree(bundle)
+    os.kill(first["pid"], signal.SIGKILL)
+    exits = _wait_event(daemon, "worker.exited", 3, timeout=60)
+    assert [e["restart_in_s"] for e in exits[:3]] == [5.0, 10.0, 20.0], daemon.text()
+    pids = {e["pid"] for e in exits}
+    assert not [f.name for f in metrics.iterdir() if int(f.stem.rpartition("_")[2]) in pids], "files of dead workers"
+    write_png(root / "inbox" / "still.png", digits[0])
+    wait_records(root, 1, daemon)
+    assert len(daemon.events("worker.started")) in (3, 4)  # the first and two tries (a third after 20 s)
+    assert daemon.stop() == 0, daemon.text()
+
+
+def test_a_worker_that_stops_making_progress_is_killed_and_its_entries_adopted(tmp_path, digits):
+    """A worker frozen (SIGSTOP) while it holds claimed entries: alive, so never restarted before, and its
+    claims locked, so no other process could adopt them; nothing was logged and /healthz said 200 while
+    its entries waited for ever. Its loop beats down a pipe to the main process now: silent past the
+    liveness limit (here a 4 s systemd watchdog), it is killed and started again, and its entries are
+    decided, each once."""
+    root = new_root(tmp_path)
+    env = {"AEMON_WORKERS": "2", "WATCHDOG_USEC": "4000000", "AEMON_RESCAN_SECONDS": "1"}
+    daemon = Daemon(root, tmp_path / "daemon.log", env=env).wait_ready()
+    (started,) = _wait_event(daemon, "worker.started")
+    _wait_event(daemon, "worker.ready")
+    stage = tmp_path / "stage"
+    for i in range(600):
+        write_png(stage / f"s-{i:03d}.png", digits[i % len(digits)])
+    for path in sorted(stage.iterdir()):
+        os.rename(path, root / "inbox" / path.name)
+    deadline = time.monotonic() + 60
+    while not any(e.get("worker") == 1 for e in daemon.events("item.decided")):
+        assert time.monotonic() < deadline, daemon.text()
+        time.sleep(0.01)
+    os.kill(started["pid"], signal.SIGSTOP)
+    try:
+        (owner,) = (root / ".aemon" / "claims").glob(f"*-{started['pid']}-*")  # the frozen worker's claims
+        held = sum(len(os.listdir(batch)) for batch in owner.iterdir() if batch.is_dir())
+        (stuck,) = _wait_event(daemon, "worker.stuck", timeout=60)
+        assert stuck["pid"] == started["pid"] and stuck["silent_s"] >= 4
+        wait_records(root, 600, daemon, timeout=120)
+        time.sleep(1.0)
+        seen = by_item(root)
+        assert len(seen) == 600 and all(len(v) == 1 for v in seen.values())
+        assert held > 0
+        _wait_event(daemon, "worker.started", 2, timeout=60)  # started again
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(started["pid"], signal.SIGCONT)
+    assert daemon.stop() == 0, daemon.text()
