@@ -39,6 +39,10 @@ from aemon.workers import ModelAgreement, WorkerPool, announce, send_beat
 
 __all__ = ["Daemon"]
 
+
+class _OutOfGrace(Exception):
+    """A stop was asked for longer than the shutdown grace ago, while a batch was still being decided."""
+
 #: Seconds between loop ticks (flag checks, heartbeat, watchdog ping).
 TICK = 0.1
 #: ``/healthz`` fails once the loop has made no progress for this long (systemd's ``WATCHDOG_USEC`` when
@@ -104,6 +108,7 @@ class Daemon:
         self.limits = settings.limits
         self.http: HttpServer | None = None
         self.should_exit = False
+        self._stop_asked = float("inf")
         self.force_exit = False
         self.reload_requested = False
         self.heartbeat = 0.0
@@ -280,6 +285,8 @@ class Daemon:
         if self.should_exit and signum == signal.SIGINT:
             self.force_exit = True
             raise KeyboardInterrupt
+        if not self.should_exit:
+            self._stop_asked = time.monotonic()
         self.should_exit = True
 
     def _on_hup(self, signum, frame) -> None:
@@ -379,19 +386,35 @@ class Daemon:
         bundle, prep = self.bundle, self.bundle.preprocessing
         units = [unit for claim in claims for unit in expand(claim, os.fspath(self.root))]
         good: list[Unit] = []
-        for unit in units:
-            if unit.error is not None:
-                continue
-            try:
-                decode(unit, prep, self.limits)
-                good.append(unit)
-            except ItemRejected as exc:
-                unit.error = exc
-            self.beat()
-        if good:
-            self.recorder.scored(*decide(good, bundle, reconstruct=self.settings.mode == "denoise",
-                                         maps=self.settings.maps, progress=self.beat))
+        try:
+            for unit in units:
+                if unit.error is not None:
+                    continue
+                try:
+                    decode(unit, prep, self.limits)
+                    good.append(unit)
+                except ItemRejected as exc:
+                    unit.error = exc
+                self._deciding()
+            if good:
+                self.recorder.scored(*decide(good, bundle, reconstruct=self.settings.mode == "denoise",
+                                             maps=self.settings.maps, progress=self._deciding))
+        except _OutOfGrace:
+            log.warning("batch.left_claimed", batch=claims[0].batch_dir.name, entries=len(claims),
+                        grace_seconds=self.settings.shutdown_grace_seconds,
+                        hint="the stop came while a long batch was being decided: it stays claimed, and the "
+                             "next start decides it")
+            for unit in units:
+                unit.close_source()
+            self._count_in_flight(-len(claims))
+            return
         self.committer.commit(Batch(claims[0].batch_dir, claims, units, bundle.name, bundle.version, bundle.threshold))
+
+    def _deciding(self) -> None:
+        """A step of deciding a batch: a heartbeat; past the shutdown grace after a stop, give the batch up."""
+        self.beat()
+        if time.monotonic() - self._stop_asked > self.settings.shutdown_grace_seconds:
+            raise _OutOfGrace
 
     def _committed(self, batch: Batch) -> None:
         self._count_in_flight(-len(batch.claims))
