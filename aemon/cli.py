@@ -492,7 +492,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     if args.worker:
         from aemon.workers import die_with_parent
 
-        index, count, parent, beat_fd = (int(part) for part in args.worker.split(":"))
+        index, count, parent, *beat = (int(part) for part in args.worker.split(":"))
+        beat_fd = beat[0] if beat else None  # a main process of the version before has no heartbeat pipe
         die_with_parent(parent)
         configure(settings.log_format, settings.log_level, stream=sys.stdout, worker=index)
         from aemon.daemon import Daemon

@@ -287,6 +287,8 @@ class Daemon:
             raise KeyboardInterrupt
         if not self.should_exit:
             self._stop_asked = time.monotonic()
+            if self.pool is not None:  # at once: their grace runs beside ours, not after it
+                self.pool.signal(signal.SIGTERM)
         self.should_exit = True
 
     def _on_hup(self, signum, frame) -> None:

@@ -128,7 +128,7 @@ class Inbox:
         #: Entries that could not be moved (read-only folders of another user), logged once each.
         self._unmovable: set[str] = set()
         #: Folder entries with a folder inside that has no inotify watch (the kernel's limit): their files
-        #: make no events, so whether one is still being written is asked of /proc before taking them.
+        #: make no events, so they are taken only after a long quiet time.
         self._unwatched: set[str] = set()
         self._unwatched_logged = float("-inf")
 
@@ -162,7 +162,7 @@ class Inbox:
             self._unwatched_logged = now
             log.warning("inbox.unwatched", folder=rel, entries=len(self._unwatched),
                         hint="the kernel refused more inotify watches: files in such folders are found by the "
-                             "rescan and taken only once no process writes them; raise "
+                             "rescan and their entries taken only after 60 s unchanged; raise "
                              "fs.inotify.max_user_watches")
 
     def _on_inotify(self, event, path: bytes) -> None:
@@ -404,24 +404,29 @@ class Inbox:
         sig = _signature(path)
         if sig is None:
             del self._candidates[name]
+            self._unwatched.discard(name)
             return False
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
         quiet = max(time.time() - sig[-1] / 1e9, now - cand.since)
         if quiet < self.settle_seconds:
             return False
-        unwatched = name in self._unwatched
-        if not cand.open_files and not unwatched:
+        if name in self._unwatched:
+            # Folders without a watch make no events at all, and /proc may not show the writer (another
+            # user under ProtectProc, another container): only a long quiet time tells.
+            if now - cand.since < self.stuck_open_seconds:
+                return False
+            log.info("inbox.taken_unwatched", item=name, unchanged_seconds=round(now - cand.since, 1))
+            self._unwatched.discard(name)
+            return True
+        if not cand.open_files:
             return True
         if now >= cand.next_check:
             # No close event seen: ask the process table whether anyone still writes these files
-            # (a hard link has no open and close; a close event may have been lost in an overflow), or any
-            # file of an entry with unwatched folders (they make no events at all).
+            # (a hard link has no open and close; a close event may have been lost in an overflow).
             cand.next_check = now + max(self.settle_seconds, 0.5)
-            paths = [os.path.join(self._prefix, rel) for rel in cand.open_files]
-            if open_for_writing(paths + (_files_under(path) if unwatched else [])) is False:
-                if cand.open_files:
-                    log.info("inbox.taken_without_close", item=name, open=sorted(cand.open_files), checked="proc")
+            if open_for_writing([os.path.join(self._prefix, rel) for rel in cand.open_files]) is False:
+                log.info("inbox.taken_without_close", item=name, open=sorted(cand.open_files), checked="proc")
                 return True
         if now - cand.since >= self.stuck_open_seconds:
             log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
@@ -456,11 +461,6 @@ def _is_regular(path: Path) -> bool:
         return stat.S_ISREG(os.lstat(path).st_mode)
     except OSError:
         return False
-
-
-def _files_under(path: Path) -> list[str]:
-    """Every file below folder ``path`` (links not followed)."""
-    return [os.path.join(dirpath, name) for dirpath, _, names in os.walk(path) for name in names]
 
 
 def open_for_writing(paths: list[str]) -> bool | None:

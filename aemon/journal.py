@@ -72,9 +72,7 @@ class Journal:
 
     def write(self, batch_dir: Path) -> None:
         """Store the plan durably in ``batch_dir``: the decision point of the batch."""
-        data = {"entries": self.entries, "remove": self.remove,
-                "steps": [{"src": st.src, "dest": st.dest, "record": st.record, "named_in": st.named_in,
-                           "map_suffix": st.map_suffix} for st in self.steps]}
+        data = {"entries": self.entries, "remove": self.remove, "steps": [_step_data(st) for st in self.steps]}
         write_durably(batch_dir / JOURNAL_NAME, encode(data))
         fsync_dir(batch_dir)
 
@@ -175,7 +173,8 @@ class Journal:
         self._name(step)
         if maps_follow:
             for other in self.steps[index + 1:]:
-                if other.map_suffix is not None and other.named_in and other.named_in[0][0] == index:
+                if (other.map_suffix is not None and other.named_in and other.named_in[0][0] == index
+                        and os.path.lexists(os.path.join(batch_dir, other.src))):  # not placed yet
                     other.dest = step.dest + other.map_suffix
                     self._name(other)
         self.write(batch_dir)
@@ -241,20 +240,34 @@ def _stray_path(journal: Journal) -> str | None:
             return str(step.src)
         if not inside(step.dest, FOLDERS):
             return str(step.dest)
-        if not _names_ok(step, len(journal.steps)):
+        if not _names_ok(step, journal.steps):
             return f"{step.dest} (named_in {step.named_in!r}, map_suffix {step.map_suffix!r})"
     return next((str(rel) for rel in journal.remove if not inside(rel, None)), None)
 
 
-def _names_ok(step: Step, n_steps: int) -> bool:
-    """Whether ``step``'s naming fields are those aemon writes (a planted journal may hold anything)."""
+def _names_ok(step: Step, steps: list[Step]) -> bool:
+    """Whether ``step``'s record and naming fields have the shapes aemon writes (a planted journal may hold
+    anything)."""
+    if step.record is not None and not (isinstance(step.record, dict) and isinstance(step.record.get("rows", []), list)
+                                        and all(isinstance(row, dict) for row in step.record.get("rows", []))):
+        return False
     if step.map_suffix is not None and (not isinstance(step.map_suffix, str) or "/" in step.map_suffix
-                                        or not step.map_suffix.startswith(".map")):
+                                        or "\0" in step.map_suffix or not step.map_suffix.startswith(".map")):
         return False
     return isinstance(step.named_in, list) and all(
-        isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is int and 0 <= entry[0] < n_steps
+        isinstance(entry, list) and len(entry) == 3 and type(entry[0]) is int and 0 <= entry[0] < len(steps)
         and entry[1] in NAMING_FIELDS and (entry[2] is None or type(entry[2]) is int)
         for entry in step.named_in)
+
+
+def _step_data(step: Step) -> dict[str, Any]:
+    """A step as stored; the naming fields only where set (a journal without them reads as before)."""
+    data: dict[str, Any] = {"src": step.src, "dest": step.dest, "record": step.record}
+    if step.named_in:
+        data["named_in"] = step.named_in
+    if step.map_suffix is not None:
+        data["map_suffix"] = step.map_suffix
+    return data
 
 
 def output_path(batch_dir: Path, suffix: str) -> Path:

@@ -19,7 +19,6 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -129,6 +128,7 @@ class WorkerPool:
         self._beats: dict[int, int] = {}  # read end of each worker's heartbeat pipe
         self._last_beat: dict[int, float] = {}
         self._beaten: set[int] = set()  # workers whose loop has beaten at least once
+        self._killed: set[int] = set()  # workers killed for silence, not yet gone
         self._procs: dict[int, subprocess.Popen] = {}
         self._started: dict[int, float] = {}
         self._exited: dict[int, float] = {}  # when a worker that is not running again yet was seen gone
@@ -143,10 +143,10 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         # The worker starts with SIGHUP held (the mask is inherited): a reload passed on while it is still
         # starting waits for its handler instead of ending it.
-        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         beats, beat_end = os.pipe()
         os.set_blocking(beats, False)
         os.set_blocking(beat_end, False)
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker",
                                      f"{index}:{self.count + 1}:{os.getpid()}:{beat_end}"],
@@ -162,6 +162,7 @@ class WorkerPool:
         self._beats[index] = beats
         self._started[index] = self._last_beat[index] = time.monotonic()
         self._beaten.discard(index)
+        self._killed.discard(index)
         log.info("worker.started", worker=index, pid=proc.pid)
 
     def _close_beats(self, index: int) -> None:
@@ -188,7 +189,8 @@ class WorkerPool:
             code = proc.poll()
             if code is None:
                 silent = self._silent_for(index, now)
-                if silent:
+                if silent and index not in self._killed:  # killed once: it may take a while to go (I/O)
+                    self._killed.add(index)
                     log.error("worker.stuck", worker=index, pid=proc.pid, silent_s=round(silent, 1),
                               hint="its loop made no progress (stopped, deadlocked or stuck in I/O): killed, "
                                    "started again, and its entries adopted")
@@ -292,7 +294,7 @@ def _mark_dead(pid: int) -> None:
             if path.name.startswith(("counter_", "histogram_")) and path.exists() and any(
                     value for _, value, _, _ in MmapedDict.read_all_values_from_file(os.fspath(path))):
                 return  # it counted something: the totals keep it
-    except (OSError, ValueError, struct.error):
+    except Exception:  # best effort: a file it cannot read is kept, as before
         return
     for path in files:
         with contextlib.suppress(FileNotFoundError):

@@ -495,6 +495,35 @@ def test_write_all_durably_leaves_only_the_files(tmp_path, n):
     assert left == ([f"a{i}.json" for i in range(n - 1)] if n < SYNCFS_FROM else [])
 
 
+def test_journals_keep_their_naming_fields_and_refuse_planted_shapes(tmp_path):
+    """A journal round-trips which records name which outputs; one written before these fields existed reads
+    with none; a planted one whose records or naming fields have shapes aemon never writes is ignored (it
+    would have crashed recovery at every start)."""
+    import json
+
+    from aemon.journal import JOURNAL_NAME, Journal, Step, read_journal
+
+    steps = [Step("a.png", "anomaly/a.png", {"item": "a.png", "rows": []}),
+             Step(".out-1.png", "anomaly/a.png.map.png", None, [[0, "map", None]], ".map.png")]
+    Journal(entries=["a.png"], steps=steps).write(tmp_path)
+    assert read_journal(tmp_path).steps == steps
+    data = json.loads((tmp_path / JOURNAL_NAME).read_text())
+    assert "named_in" not in data["steps"][0] and "map_suffix" not in data["steps"][0]  # only where set
+    for step in data["steps"]:
+        step.pop("named_in", None)
+        step.pop("map_suffix", None)
+    (tmp_path / JOURNAL_NAME).write_text(json.dumps(data))
+    assert [(s.named_in, s.map_suffix) for s in read_journal(tmp_path).steps] == [([], None), ([], None)]
+    planted = [{"record": ["not", "a", "dict"]}, {"record": {"rows": [3]}}, {"named_in": [[7, "map", None]]},
+               {"named_in": [[0, "path", None]]}, {"named_in": [["0", "map", None]]}, {"map_suffix": "/../x"},
+               {"map_suffix": ".map\0.png"}]
+    for change in planted:
+        bad = json.loads(json.dumps(data))
+        bad["steps"][1 if "map_suffix" in change or "named_in" in change else 0].update(change)
+        (tmp_path / JOURNAL_NAME).write_text(json.dumps(bad))
+        assert read_journal(tmp_path) is None, change
+
+
 def test_denoise_mode_refuses_a_detection_bundle(root, make_daemon):
     """AEMON_MODE=denoise with a detection bundle fails at start-up (exit 3) with a clear message."""
     daemon = make_daemon(mode="denoise")

@@ -311,7 +311,7 @@ with open(root / "inbox" / "w" / "s079" / "slow.png", "wb") as fp:
     fp.flush()
     time.sleep(3)
     fp.write(data[len(data) // 2:])
-deadline = time.monotonic() + 60
+deadline = time.monotonic() + 150
 while len(records(root)) < 81 and time.monotonic() < deadline:
     time.sleep(0.2)
 (rec,) = by_item(root)["w/s079/slow.png"]
@@ -325,15 +325,14 @@ def test_a_writer_pausing_in_a_folder_past_the_watch_limit_is_still_waited_for(t
     """A folder of 80 subfolders filled in place while the kernel allows only 40 inotify watches (a private
     user namespace, so the machine's limit is untouched), then a file in the last subfolder written with a
     3 s pause mid-file: watchdog silently gave up on the folders past the limit, so that file made no event
-    and was taken half-written (rejected as truncated). Now the daemon logs ``inbox.unwatched`` and asks
-    /proc whether any file of such an entry is still being written before taking it: taken whole."""
-    probe = subprocess.run(["unshare", "-U", "-r", "-p", "-f", "--mount-proc", "sh", "-c",
-                            "echo 40 > /proc/sys/user/max_inotify_watches"], capture_output=True)
+    and was taken half-written (rejected as truncated). Now the daemon logs ``inbox.unwatched`` and takes
+    such an entry only after 60 s unchanged (/proc cannot be trusted to show every writer): taken whole."""
+    probe = subprocess.run(["unshare", "-U", "-r", "sh", "-c", "echo 40 > /proc/sys/user/max_inotify_watches"],
+                           capture_output=True)
     if probe.returncode != 0:
-        pytest.skip(f"no private user and pid namespace here: {probe.stderr.decode().strip()}")
+        pytest.skip(f"no private user namespace here: {probe.stderr.decode().strip()}")
     np.save(tmp_path / "digits.npy", digits[:100])
-    # The daemon and the writer in one pid namespace with its own /proc: the daemon may read every open file.
-    run = subprocess.run(["unshare", "-U", "-r", "-p", "-f", "--mount-proc", sys.executable, "-c",
+    run = subprocess.run(["unshare", "-U", "-r", sys.executable, "-c",
                           _PAUSED_IN_UNWATCHED_FOLDER, str(tmp_path), str(Path(__file__).parent), "40"],
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:] + (tmp_path / "daemon.log").read_text()[-3000:]
