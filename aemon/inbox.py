@@ -19,6 +19,7 @@ for ``stuck_open_seconds`` is taken anyway, with a warning.
 
 from __future__ import annotations
 
+import functools
 import os
 import queue
 import stat
@@ -463,15 +464,35 @@ def _is_regular(path: Path) -> bool:
         return False
 
 
+#: The inode of the machine's own pid namespace (the kernel's PROC_PID_INIT_INO); a container's differs.
+_INIT_PID_NAMESPACE = 0xEFFFFFFC
+
+
+@functools.cache
+def _proc_shows_everyone() -> bool:
+    """Whether this process's ``/proc`` lists every process of the machine: in the machine's own pid
+    namespace (not a container's), and not mounted with ``hidepid`` (systemd's ``ProtectProc=invisible``
+    hides other users' processes). Where it does not, a writer may be missing from it."""
+    try:
+        in_init = os.stat("/proc/self/ns/pid").st_ino == _INIT_PID_NAMESPACE
+        with open("/proc/self/mountinfo") as mounts:
+            options = [line.split(" - ")[1].split()[2] for line in mounts if line.split()[4] == "/proc"]
+    except (OSError, IndexError):
+        return False
+    hidden = any(o.startswith("hidepid=") and o not in ("hidepid=0", "hidepid=off")
+                 for opts in options for o in opts.split(","))
+    return in_init and not hidden
+
+
 def open_for_writing(paths: list[str]) -> bool | None:
     """Whether any process holds one of ``paths`` open for writing, from ``/proc``.
 
     Returns:
-        True or False; None when it cannot be told (no ``/proc``, or processes whose open files
-        this user may not see).
+        True or False; None when it cannot be told (no ``/proc``, a ``/proc`` that does not list every
+        process, or processes whose open files this user may not see).
     """
     wanted = set(paths)
-    unknown = False
+    unknown = not _proc_shows_everyone()
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:

@@ -59,10 +59,11 @@ class Daemon:
         settle: AEMON_SETTLE_SECONDS.
         env: Extra environment variables (a value None removes one).
         preexec: Run in the child before exec (e.g. to lower a resource limit).
+        wrap: A command the daemon runs under (e.g. ``unshare`` to give it a namespace of its own).
     """
 
     def __init__(self, root: Path, log: Path, settle: float = 0.3, env: dict[str, str | None] | None = None,
-                 preexec: Callable[[], None] | None = None) -> None:
+                 preexec: Callable[[], None] | None = None, wrap: tuple[str, ...] = ()) -> None:
         self.root, self.log = root, log
         # One process unless a test asks for workers: each costs a TensorFlow start-up.
         full = {**os.environ, "AEMON_ROOT": str(root), "AEMON_METRICS_PORT": "0", "AEMON_WORKERS": "1",
@@ -76,7 +77,7 @@ class Daemon:
                 full[name] = value
         self.offset = log.stat().st_size if log.exists() else 0  # this run's lines start here
         with log.open("ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], env=full, stdout=out,
+            self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "aemon", "run"], env=full, stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=preexec)
         self.port = None
 

@@ -289,6 +289,34 @@ def test_a_writer_pausing_before_its_first_byte(shared, digits):
     assert seen["linked.png"][0]["verdict"] in ("ok", "anomaly")
 
 
+def test_a_writer_pausing_mid_file_is_waited_for_where_proc_does_not_show_it(tmp_path, digits):
+    """The daemon in a pid namespace of its own (a container), the writer outside it: /proc lists no
+    process of the writer, and said "no writer" of a file written in place and paused mid-file (open,
+    no close event yet), which was taken half-written (rejected as truncated). The same happened under
+    the shipped unit's ProtectProc=invisible with a writer of another user. Such a /proc cannot tell:
+    the file is taken whole once closed."""
+    probe = subprocess.run(["unshare", "-p", "-f", "--mount-proc", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"no private pid namespace here: {probe.stderr.decode().strip()}")
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE,
+                    wrap=("unshare", "-p", "-f", "--mount-proc")).wait_ready()
+    data = png_bytes(digits[9])
+    with (root / "inbox" / "paused.png").open("wb") as fp:
+        fp.write(data[: len(data) // 2])
+        fp.flush()
+        time.sleep(SETTLE * 10)
+        fp.write(data[len(data) // 2:])
+    (path,) = wait_records(root, 1, daemon)
+    rec = load(path)
+    assert rec["verdict"] in ("ok", "anomaly"), rec
+    assert (root / rec["path"]).read_bytes() == data
+    # unshare passes no signal on: stop the daemon itself, unshare exits with its status.
+    (child,) = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text().split()
+    os.kill(int(child), signal.SIGTERM)
+    assert daemon.proc.wait(timeout=60) == 0, daemon.text()
+
+
 _PAUSED_IN_UNWATCHED_FOLDER = """
 import json, os, sys, time
 from pathlib import Path
@@ -321,6 +349,7 @@ print(json.dumps({"verdict": rec["verdict"], "whole": whole, "unwatched": len(da
 """
 
 
+@pytest.mark.slow  # waits for the 60 s quiet rule
 def test_a_writer_pausing_in_a_folder_past_the_watch_limit_is_still_waited_for(tmp_path, digits):
     """A folder of 80 subfolders filled in place while the kernel allows only 40 inotify watches (a private
     user namespace, so the machine's limit is untouched), then a file in the last subfolder written with a

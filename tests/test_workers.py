@@ -305,10 +305,15 @@ def test_a_worker_that_stops_making_progress_is_killed_and_its_entries_adopted(t
     while not any(e.get("worker") == 1 for e in daemon.events("item.decided")):
         assert time.monotonic() < deadline, daemon.text()
         time.sleep(0.01)
-    os.kill(started["pid"], signal.SIGSTOP)
+    (owner,) = (root / ".aemon" / "claims").glob(f"*-{started['pid']}-*")  # the worker's claims
     try:
-        (owner,) = (root / ".aemon" / "claims").glob(f"*-{started['pid']}-*")  # the frozen worker's claims
-        held = sum(len(os.listdir(batch)) for batch in owner.iterdir() if batch.is_dir())
+        for _ in range(200):  # freeze it while it holds entries (between two batches it holds none)
+            os.kill(started["pid"], signal.SIGSTOP)
+            held = sum(len(os.listdir(batch)) for batch in owner.iterdir() if batch.is_dir())
+            if held:
+                break
+            os.kill(started["pid"], signal.SIGCONT)
+            time.sleep(0.005)
         (stuck,) = _wait_event(daemon, "worker.stuck", timeout=60)
         assert stuck["pid"] == started["pid"] and stuck["silent_s"] >= 4
         wait_records(root, 600, daemon, timeout=120)
