@@ -289,6 +289,9 @@ def bench_real(tmp: Path, n: int) -> None:
 def bench_latency(tmp: Path, rate: float, seconds: float) -> None:
     n = int(rate * seconds)
     staged = _write_pngs(tmp / "stage_lat", _digits(n), prefix="l")
+    # The staged files on disk first: ext4 commits their data with the daemon's first fsyncs otherwise,
+    # a stall of the writer's making in the first seconds of the run.
+    os.sync()
     d = _Daemon(tmp / "root_lat", AEMON_BATCH_WAIT_MS="2")
     dropped: dict[str, float] = {}
     t0 = time.time()
