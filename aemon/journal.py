@@ -56,6 +56,9 @@ class Step:
     named_in: list[list] = field(default_factory=list)
     #: An anomaly map's name after its item's (``.map.png``): given again if the item gets another name.
     map_suffix: str | None = None
+    #: Where the file lay (relative to the root) when a record name taken after its placement sent it to
+    #: ``dest``: a run stopped between journal and move finishes the move.
+    moved_from: str | None = None
 
 
 @dataclass
@@ -110,6 +113,7 @@ class Journal:
                 records = [i for i in records if os.path.join(root, self.steps[i].dest) in taken]
                 for i in records:
                     old = os.path.join(root, self.steps[i].dest)
+                    self.steps[i].moved_from = self.steps[i].dest  # journalled with the new name
                     new = self._rename(i, router, batch_dir, maps_follow=False)
                     old_fd, old_name = dests.at(old)
                     router.place(old_name, new, src_dir_fd=old_fd)
@@ -131,6 +135,8 @@ class Journal:
                 src_fd, src = here.at(os.path.join(os.fspath(batch_dir), step.src))
                 src_info = os.stat(src, dir_fd=src_fd, follow_symlinks=False)
             except (FileNotFoundError, NotADirectoryError):
+                if step.moved_from is not None and not dests.lexists(dest):
+                    self._finish_move(step, router, dests, dest)
                 return dest  # placed already (or its folder was swapped for a link: never followed)
             there = dests.lexists(dest)
             if there and _same_file(src_info, dests, dest):  # stopped between link and unlink
@@ -156,6 +162,13 @@ class Journal:
                                         "user); it stays in .aemon/claims until it can be")
                 self.stuck.append(step)
             return dest
+
+    def _finish_move(self, step: Step, router: Router, dests: Folders, dest: str) -> None:
+        """Move a placed file from ``step.moved_from`` to ``dest``, where a stopped run journalled it."""
+        old = os.path.join(os.fspath(router.root), step.moved_from)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            old_fd, old_name = dests.at(old)
+            router.place(old_name, dest, src_dir_fd=old_fd)
 
     def _rename(self, index: int, router: Router, batch_dir: Path, maps_follow: bool = True) -> str:
         """Give step ``index`` a new free destination, journalled first so that recovery follows it; return it.
@@ -240,6 +253,8 @@ def _stray_path(journal: Journal) -> str | None:
             return str(step.src)
         if not inside(step.dest, FOLDERS):
             return str(step.dest)
+        if step.moved_from is not None and not inside(step.moved_from, FOLDERS):
+            return str(step.moved_from)
         if not _names_ok(step, journal.steps):
             return f"{step.dest} (named_in {step.named_in!r}, map_suffix {step.map_suffix!r})"
     return next((str(rel) for rel in journal.remove if not inside(rel, None)), None)
@@ -267,6 +282,8 @@ def _step_data(step: Step) -> dict[str, Any]:
         data["named_in"] = step.named_in
     if step.map_suffix is not None:
         data["map_suffix"] = step.map_suffix
+    if step.moved_from is not None:
+        data["moved_from"] = step.moved_from
     return data
 
 

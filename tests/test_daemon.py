@@ -495,6 +495,25 @@ def test_write_all_durably_leaves_only_the_files(tmp_path, n):
     assert left == ([f"a{i}.json" for i in range(n - 1)] if n < SYNCFS_FROM else [])
 
 
+def test_a_move_to_a_free_name_stopped_after_its_journal_is_finished(root, make_daemon, digits):
+    """Placed, then its record name taken by another process, so the item goes to a free name: the journal
+    names the new place first, then the item moves. Killed between the two, the restart found the item gone
+    from the batch folder and nothing at the new name, and skipped it: the item lay at its old name with no
+    record of its own. The journal keeps where it lay, and the restart finishes the move."""
+    from aemon.journal import Journal, Step
+
+    batch = root / ".aemon" / "claims" / "0001700000000000-0123456789ab"
+    batch.mkdir(parents=True)
+    record = {"item": "x.png", "verdict": "ok", "path": "ok/x-1.png"}
+    Journal(entries=["x.png"], steps=[Step("x.png", "ok/x-1.png", record, moved_from="ok/x.png")]).write(batch)
+    _png(root / "ok" / "x.png", digits[1])  # placed at its first name; the move to x-1.png never happened
+    (root / "ok" / "x.png.json").write_text('{"another": "process\'s record"}')
+    make_daemon().run(until_idle=True)
+    assert _record(root / "ok" / "x-1.png") == record
+    assert not (root / "ok" / "x.png").exists()
+    assert (root / "ok" / "x.png.json").read_text() == '{"another": "process\'s record"}'
+
+
 def test_journals_keep_their_naming_fields_and_refuse_planted_shapes(tmp_path):
     """A journal round-trips which records name which outputs; one written before these fields existed reads
     with none; a planted one whose records or naming fields have shapes aemon never writes is ignored (it
@@ -516,7 +535,8 @@ def test_journals_keep_their_naming_fields_and_refuse_planted_shapes(tmp_path):
     assert [(s.named_in, s.map_suffix) for s in read_journal(tmp_path).steps] == [([], None), ([], None)]
     planted = [{"record": ["not", "a", "dict"]}, {"record": {"rows": [3]}}, {"named_in": [[7, "map", None]]},
                {"named_in": [[0, "path", None]]}, {"named_in": [["0", "map", None]]}, {"map_suffix": "/../x"},
-               {"map_suffix": ".map\0.png"}]
+               {"map_suffix": ".map\0.png"},
+               {"moved_from": "../../outside.png"}]
     for change in planted:
         bad = json.loads(json.dumps(data))
         bad["steps"][1 if "map_suffix" in change or "named_in" in change else 0].update(change)
