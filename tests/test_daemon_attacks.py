@@ -160,39 +160,46 @@ def test_a_reused_name_loses_nothing(shared, tmp_path, digits):
     assert shared.get("/healthz")[0] == 200
 
 
-@pytest.mark.parametrize("mode", ["detect", "denoise"])
+@pytest.mark.parametrize("mode", ["detect", "denoise", "rows"])
 def test_a_name_reused_across_two_processes_keeps_each_output_named_by_its_own_record(tmp_path, digits, mode):
-    """frame.png dropped again as soon as it is taken, with two processes (AEMON_WORKERS=2): both take
-    frames, and one often finds a name taken by the other only when it places its files. Each record's
-    ``map`` (detect: every frame is noise, so anomalous, with a map) or ``denoised`` must name the item's own
-    output, which must exist; none named twice, none named by no record. Before, 69 of 300 records named
-    another frame's map and 99 of 300 another frame's reconstruction (a renamed output kept its old name in
-    the record)."""
+    """frame.png (rows: frame.npy of three rows) dropped again as soon as it is taken, with two processes
+    (AEMON_WORKERS=2): both take frames, and one often finds a name taken by the other only when it places
+    its files. Each record's ``map`` (detect: every frame is noise, so anomalous, with a map; rows: every
+    row's map) or ``denoised`` must name the item's own output, which must exist; none named twice, none
+    named by no record. Before, 69 of 300 records named another frame's map, 99 of 300 another frame's
+    reconstruction and 36 of 240 row maps another part's (a renamed output kept its old name in the
+    record)."""
     root = new_root(tmp_path)
-    env = {"AEMON_WORKERS": "2", "AEMON_MODE": mode}
+    env = {"AEMON_WORKERS": "2", "AEMON_MODE": "denoise" if mode == "denoise" else "detect"}
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env=env).wait_ready()
     deadline = time.monotonic() + 120
     while not daemon.events("worker.ready"):
         assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
         time.sleep(0.1)
-    frames, stage = 150, tmp_path / "stage"
-    noise = np.random.default_rng(1).integers(0, 256, (frames, 28, 28), dtype=np.uint8)
+    frames, stage = (60 if mode == "rows" else 150), tmp_path / "stage"
+    noise = np.random.default_rng(1).integers(0, 256, (frames, 3, 28, 28), dtype=np.uint8)
+    name = "frame.npy" if mode == "rows" else "frame.png"
     for i in range(frames):
-        write_png(stage / "frame.png", noise[i] if mode == "detect" else digits[i])
-        os.rename(stage / "frame.png", root / "inbox" / "frame.png")
-        _wait_gone(root / "inbox" / "frame.png", daemon)
+        if mode == "rows":
+            stage.mkdir(exist_ok=True)
+            np.save(stage / name, noise[i])
+        else:
+            write_png(stage / name, noise[i, 0] if mode == "detect" else digits[i])
+        os.rename(stage / name, root / "inbox" / name)
+        _wait_gone(root / "inbox" / name, daemon)
     recs = [load(path) for path in wait_records(root, frames, daemon, timeout=120)]
     assert daemon.stop() == 0, daemon.text()
     assert len(recs) == frames
-    if mode == "detect":
-        assert all(rec["verdict"] == "anomaly" for rec in recs)
-        named = [str(Path(rec["path"]).parent / rec["map"]) for rec in recs]
-        assert all(Path(rec["map"]).name.startswith(Path(rec["path"]).name + ".map") for rec in recs)
-        made = [os.path.relpath(p, root) for p in (root / "anomaly").iterdir() if ".map" in p.name]
-    else:
+    if mode == "denoise":
         named = [rec["denoised"] for rec in recs]
         made = [os.path.relpath(p, root) for p in (root / "denoised").iterdir() if not p.name.endswith(".json")]
-    assert len(set(named)) == frames, "an output named by two records"
+    else:
+        assert all(rec["verdict"] == "anomaly" for rec in recs)
+        maps = [(rec["path"], row["map"]) for rec in recs for row in rec.get("rows", [rec])]
+        named = [str(Path(path).parent / m) for path, m in maps]
+        assert all(Path(m).name.startswith(Path(path).name + ".map") for path, m in maps)
+        made = [os.path.relpath(p, root) for p in (root / "anomaly").iterdir() if ".map" in p.name]
+    assert len(set(named)) == len(named) == (3 * frames if mode == "rows" else frames), "an output named twice"
     assert sorted(named) == sorted(made), "an output named by no record, or a name with no file"
     assert [p.name for p in items(root) if ".map" in p.name] == []
 
