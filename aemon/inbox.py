@@ -154,8 +154,9 @@ class Inbox:
 
     def _on_unwatched(self, path: bytes) -> None:
         """A folder below the inbox got no watch (on the reader thread, or while the watches are added)."""
-        rel = os.fsdecode(path)[len(self._prefix):] if os.fsdecode(path).startswith(self._prefix) else ""
-        if not rel:
+        full = os.fsdecode(path)
+        rel = full[len(self._prefix):]
+        if not full.startswith(self._prefix) or not rel:
             return
         self._unwatched.add(rel.partition("/")[0])
         now = time.monotonic()

@@ -202,7 +202,8 @@ class Journal:
             value = PurePosixPath(step.dest).name if name == "map" else step.dest
             if row is None:
                 record[name] = value
-            for entry in record.get("rows", []) if row is not None else []:
+                continue
+            for entry in record.get("rows", []):
                 if entry.get("index") == row:
                     entry[name] = value
 

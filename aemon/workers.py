@@ -126,8 +126,7 @@ class WorkerPool:
         self.count = count
         self.stale = stale
         self._beats: dict[int, int] = {}  # read end of each worker's heartbeat pipe
-        self._last_beat: dict[int, float] = {}
-        self._beaten: set[int] = set()  # workers whose loop has beaten at least once
+        self._last_beat: dict[int, float] = {}  # its start until its loop first beats
         self._killed: set[int] = set()  # workers killed for silence, not yet gone
         self._procs: dict[int, subprocess.Popen] = {}
         self._started: dict[int, float] = {}
@@ -161,7 +160,6 @@ class WorkerPool:
         self._procs[index] = proc
         self._beats[index] = beats
         self._started[index] = self._last_beat[index] = time.monotonic()
-        self._beaten.discard(index)
         self._killed.discard(index)
         log.info("worker.started", worker=index, pid=proc.pid)
 
@@ -175,9 +173,9 @@ class WorkerPool:
         with contextlib.suppress(BlockingIOError):
             while os.read(self._beats[index], 4096):
                 self._last_beat[index] = now
-                self._beaten.add(index)
+        beaten = self._last_beat[index] > self._started[index]
         silent = now - self._last_beat[index]
-        return silent if silent > (self.stale if index in self._beaten else STARTUP_SECONDS) else 0.0
+        return silent if silent > (self.stale if beaten else STARTUP_SECONDS) else 0.0
 
     def check(self) -> None:
         """Kill a worker that stopped beating; start again one that exited, after its backoff (see
