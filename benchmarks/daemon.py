@@ -4,7 +4,8 @@ Prints, all measured in this run on this machine:
 * files/s for N single PNGs dropped at once (renamed in), as a ratio to a bare single-threaded
   loop (decode + rename + fsync'd JSON record) over the same files, run just before each burst
   (three rounds by default; the median ratio is the figure);
-* p50/p99 arrival→record latency at a steady rate of renamed-in files;
+* p50/p99 arrival→record latency at a steady rate of renamed-in files, beside a probe that fsyncs
+  100 bytes every 10 ms (its stalls are the filesystem's, not the daemon's);
 * a 10,000-row .npy through the daemon as a ratio to a bare compiled model call run just before it
   (four arrays one after another: the first of a fresh daemon, and the median of the other three);
 * seconds from process start to /readyz 200 (``--only ready``: three fresh daemons, each beside a bare
@@ -286,6 +287,36 @@ def bench_real(tmp: Path, n: int) -> None:
           f"{n / t_score:.0f} files/s (ratio {t_score / t_d:.2f}x)")
 
 
+class _FsyncProbe:
+    """Writes and fsyncs 100 bytes in ``folder`` every 10 ms on a thread of its own: when the filesystem
+    itself holds fsync up (an ext4 journal commit, the disk), the probe waits too, whatever the daemon does."""
+
+    def __init__(self, folder: Path) -> None:
+        import threading
+
+        self.path = folder / "fsync-probe.bin"
+        self.times: list[tuple[float, float]] = []  # (start, seconds)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            start = time.time()
+            with open(self.path, "wb") as fh:
+                fh.write(b"x" * 100)
+                fh.flush()
+                os.fsync(fh.fileno())
+            self.times.append((start, time.time() - start))
+            time.sleep(0.01)
+
+    def stop(self) -> list[tuple[float, float]]:
+        """The probe's stalls over 100 ms: (start, seconds)."""
+        self._stop.set()
+        self._thread.join()
+        return [(t, s) for t, s in self.times if s > 0.1]
+
+
 def bench_latency(tmp: Path, rate: float, seconds: float) -> None:
     n = int(rate * seconds)
     staged = _write_pngs(tmp / "stage_lat", _digits(n), prefix="l")
@@ -293,6 +324,7 @@ def bench_latency(tmp: Path, rate: float, seconds: float) -> None:
     # a stall of the writer's making in the first seconds of the run.
     os.sync()
     d = _Daemon(tmp / "root_lat", AEMON_BATCH_WAIT_MS="2")
+    probe = _FsyncProbe(tmp)
     dropped: dict[str, float] = {}
     t0 = time.time()
     for i, p in enumerate(staged):
@@ -303,16 +335,25 @@ def bench_latency(tmp: Path, rate: float, seconds: float) -> None:
         os.rename(p, d.root / "inbox" / p.name)
         dropped[p.name] = time.time()
     d.wait_records(n)
+    stalls = probe.stop()
     d.stop()
     lat = []
     for folder in ("ok", "anomaly"):
         for rec in (d.root / folder).glob("*.json"):
             name = rec.name.removesuffix(".json")
             if name in dropped:
-                lat.append(rec.stat().st_mtime - dropped[name])
-    lat_ms = np.array(lat) * 1000
+                lat.append((dropped[name], rec.stat().st_mtime - dropped[name]))
+    lat_ms = np.array([s for _, s in lat]) * 1000
     print(f"latency at {rate:.0f} files/s for {seconds:.0f} s ({len(lat_ms)} files): "
           f"p50 {np.percentile(lat_ms, 50):.1f} ms, p99 {np.percentile(lat_ms, 99):.1f} ms, max {lat_ms.max():.1f} ms")
+    # Which slow items were waiting while the filesystem held fsync up (a probe stall ending after their
+    # arrival and starting before their record).
+    slow = [(t, s) for t, s in lat if s > 0.05]
+    held = sum(any(start < t + s and start + took > t for start, took in stalls) for t, s in slow)
+    longest = max((took for _, took in stalls), default=0.0)
+    print(f"  fsync probe beside the daemon (100 bytes every 10 ms): {len(stalls)} stalls over 100 ms "
+          f"(longest {longest * 1000:.0f} ms); items over 50 ms: {len(slow)}, of which {held} waited "
+          "while the probe was held up too")
 
 
 def bench_array(tmp: Path) -> None:
