@@ -77,6 +77,39 @@ def test_numpy_and_tensorflow_scores_agree(kind: str, shape: tuple[int, int, int
     np.testing.assert_allclose(got, reconstruction_error(x, recon, kind, state), rtol=1e-4, atol=1e-4)
 
 
+def _moments_by_definition(image: np.ndarray) -> list[float]:
+    """The shape term's six moments of one image ``(H, W, C)``, straight from their definitions."""
+    img = image.mean(axis=-1).astype(np.float64)
+    h, w = img.shape
+    y, x = np.mgrid[0:h, 0:w]
+    y, x = y / h, x / w
+    mass = img.sum() + 1e-3
+    cy, cx = (img * y).sum() / mass, (img * x).sum() / mass
+    vy, vx = (img * (y - cy) ** 2).sum() / mass, (img * (x - cx) ** 2).sum() / mass
+    cov = (img * (y - cy) * (x - cx)).sum() / mass
+    return [np.log(mass / (h * w)), cy, cx, 0.5 * np.log(vy + 1e-6), 0.5 * np.log(vx + 1e-6),
+            cov / np.sqrt(vy * vx + 1e-9)]
+
+
+@pytest.mark.parametrize("shape", [(28, 28, 1), (37, 53, 3)])
+def test_shape_moments_from_sums_match_their_definitions(shape: tuple[int, int, int]) -> None:
+    """Both forms of the moments (built from a few weighted sums) agree with the definitions, on noise, a
+    blank, a full and a one-pixel image, and a bright corner (far from the centre)."""
+    import tensorflow as tf
+
+    from aemon.scoring import _moments_np, _moments_tf
+
+    x = np.random.default_rng(2).random((6, *shape)).astype(np.float32)
+    x[1], x[2], x[3], x[4] = 0.0, 1.0, 0.0, 0.0
+    x[3, 5, 7], x[4, -4:, -3:] = 1.0, 1.0
+    expected = np.array([_moments_by_definition(image) for image in x])
+    np.testing.assert_allclose(_moments_np(x), expected, rtol=1e-7, atol=1e-7)
+    np.testing.assert_allclose(_moments_tf(tf.constant(x)).numpy()[[0, 1, 2, 4]], expected[[0, 1, 2, 4]],
+                               rtol=1e-4, atol=1e-4)
+    # One lit pixel has no spread: float32 sums leave a residue of ~1e-9 beside the 1e-6 floor.
+    np.testing.assert_allclose(_moments_tf(tf.constant(x)).numpy()[3], expected[3], atol=1e-2)
+
+
 def test_local_score_points_at_the_defect() -> None:
     """zmax finds a small defect where mse barely moves, and its map peaks where the defect is."""
     from aemon.scoring import Scorer
