@@ -41,15 +41,17 @@ from aemon.workers import ModelAgreement, WorkerPool, announce, send_beat
 __all__ = ["Daemon"]
 
 
-def freeze_heap() -> None:
-    """Take what is alive now (TensorFlow, Keras, the bundle: about 400,000 objects) out of the cyclic
-    garbage collector's sight, after one last collection (which frees an old bundle after a reload).
+def freeze_heap(collect: bool = False) -> None:
+    """Take what is alive now (TensorFlow, Keras, the bundle: about 380,000 objects) out of the cyclic
+    garbage collector's sight; with ``collect``, after a collection over everything (a reload: it frees
+    the old bundle; 150 ms, so not at startup, where there is almost nothing to free).
 
     A full collection walked all of them: 150-270 ms with the loop stopped, and in two processes with equal
     loads at about the same moment (once in a 15,000-item run of ``benchmarks/daemon.py``).
     """
-    gc.unfreeze()
-    gc.collect()
+    if collect:
+        gc.unfreeze()
+        gc.collect()
     gc.freeze()
 
 
@@ -360,7 +362,7 @@ class Daemon:
         else:
             self.bundle = bundle if self.agreement is None else self.agreement.choose(bundle, self.bundle)
             self._set_model_metrics()
-            freeze_heap()
+            freeze_heap(collect=True)
             ok = True
         if self.worker is None:  # one SIGHUP counts once, not once per process
             self.recorder.reload(ok=ok)
