@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,14 @@ def _reset_logging(monkeypatch: pytest.MonkeyPatch):
         monkeypatch.delenv(name, raising=False)
     yield
     structlog.reset_defaults()
+
+
+@pytest.fixture(autouse=True)
+def _thawed_heap():
+    """An in-process daemon freezes the heap once ready (one daemon per process in real use): thawed after
+    each test, so this process's garbage is still collected."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture(autouse=True)
