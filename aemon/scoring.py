@@ -218,8 +218,9 @@ def _moments_of(s, sy, sx, syy, sxx, sxy, h: int, w: int, ops) -> list:
     mass = s + 1e-3
     cy, cx = (sy + 0.5 * s) / mass, (sx + 0.5 * s) / mass
     ey, ex = cy - 0.5, cx - 0.5  # the centre in centred coordinates
-    vy = (syy - 2 * ey * sy + ey * ey * s) / mass
-    vx = (sxx - 2 * ex * sx + ex * ex * s) / mass
+    # Never below 0, which float32 rounding could reach for an image with no spread.
+    vy = ops.maximum((syy - 2 * ey * sy + ey * ey * s) / mass, 0.0)
+    vx = ops.maximum((sxx - 2 * ex * sx + ex * ex * s) / mass, 0.0)
     cov = (sxy - ex * sy - ey * sx + ey * ex * s) / mass
     return [ops.log(mass / (h * w)), cy, cx, 0.5 * ops.log(vy + 1e-6), 0.5 * ops.log(vx + 1e-6),
             cov / ops.sqrt(vy * vx + 1e-9)]
