@@ -107,6 +107,15 @@ def _worker_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+def restart_delay(previous: float, lived: float) -> float:
+    """Seconds to wait before starting again a worker that exited after ``lived`` seconds, ``previous`` being
+    its last delay: 0 after a stable run, else :data:`RESTART_BACKOFF` doubled each time, up to
+    :data:`MAX_BACKOFF`."""
+    if lived >= STABLE_SECONDS:
+        return 0.0
+    return min(max(previous * 2, RESTART_BACKOFF), MAX_BACKOFF)
+
+
 class WorkerPool:
     """``count`` worker processes of one main daemon.
 
@@ -197,8 +206,7 @@ class WorkerPool:
             if index not in self._exited:
                 self._exited[index] = now
                 lived = now - self._started[index]
-                backoff = min(max(self._backoff.get(index, 0.0) * 2, RESTART_BACKOFF), MAX_BACKOFF)
-                self._backoff[index] = backoff if lived < STABLE_SECONDS else 0.0
+                self._backoff[index] = restart_delay(self._backoff.get(index, 0.0), lived)
                 log.error("worker.exited", worker=index, pid=proc.pid, code=code, lived_s=round(lived, 1),
                           restart_in_s=self._backoff[index])
                 _mark_dead(proc.pid)

@@ -258,6 +258,20 @@ def test_every_process_serves_one_model_after_the_bundle_changes(tmp_path, digit
     assert f'version="{new}"' in text
 
 
+def test_restart_delays_double_up_to_the_cap_and_reset_after_a_stable_run():
+    """The backoff the test below waits for in part (5 and 10 s), to its end: 5, 10, 20 ... 300 s for a worker
+    that keeps dying within a minute, 300 s from then on, nothing after a run of a minute or more."""
+    from aemon.workers import MAX_BACKOFF, STABLE_SECONDS, restart_delay
+
+    delays, delay = [], 0.0
+    for _ in range(9):
+        delay = restart_delay(delay, lived=3.0)
+        delays.append(delay)
+    assert delays == [5.0, 10.0, 20.0, 40.0, 80.0, 160.0, MAX_BACKOFF, MAX_BACKOFF, MAX_BACKOFF]
+    assert restart_delay(MAX_BACKOFF, lived=STABLE_SECONDS) == 0.0
+    assert restart_delay(0.0, lived=STABLE_SECONDS - 0.1) == 5.0
+
+
 def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_and_leaves_no_files(tmp_path, digits):
     """The bundle folder removed (a careless redeploy), then the worker killed (the OOM killer): every new
     worker fails to load. It is started again after 5, 10, 20... seconds (the test waits for 5 and 10), not
