@@ -346,6 +346,8 @@ class Daemon:
             self._adopt_orphans()
             if self.pool is not None:
                 self.pool.check()
+            if self.agreement is not None and self.agreement.behind(self.bundle):
+                self.reload_requested = True
         if self.reload_requested:
             self.reload()
 

@@ -258,12 +258,26 @@ class ModelAgreement:
     SIGHUP), they would score with different models. A worker that loaded another version than the main
     process serves keeps the main one where it still has it, and asks the main process to reload (SIGHUP
     to its parent, at most every :data:`NUDGE_INTERVAL` seconds); the main process then reloads and passes
-    the reload on, so every process ends on the bundle the folder now holds.
+    the reload on, so every process ends on the bundle the folder now holds. A worker whose own reload
+    failed while the main process's succeeded loads again until it serves the main version (:meth:`behind`).
     """
 
     def __init__(self, root: Path, worker: int) -> None:
         self.root, self.worker = root, worker
-        self._nudged = float("-inf")
+        self._nudged = self._retried = float("-inf")
+
+    def behind(self, serving) -> bool:
+        """Whether this worker, serving ``serving``, should load the bundle again: it serves another version
+        than the main process (its own reload failed where the main one's succeeded, e.g. the folder was
+        moved away between them); at most every :data:`NUDGE_INTERVAL` seconds."""
+        main = announced(self.root)
+        now = time.monotonic()
+        if main is None or serving.version == main or now - self._retried < NUDGE_INTERVAL:
+            return False
+        self._retried = now
+        log.warning("bundle.behind", worker=self.worker, serving=serving.version, main=main,
+                    hint="this worker serves another model than the main process: it loads the bundle again")
+        return True
 
     def choose(self, loaded, current=None):
         """The bundle this worker serves after loading ``loaded`` while serving ``current`` (None at start)."""

@@ -258,6 +258,50 @@ def test_every_process_serves_one_model_after_the_bundle_changes(tmp_path, digit
     assert f'version="{new}"' in text
 
 
+def test_a_worker_whose_reload_failed_catches_up_with_the_main_process(tmp_path, digits):
+    """The main process reloaded a changed bundle, then the folder was moved away before the worker's reload
+    and put back (a redeploy that moves folders): the worker kept the old model for good, nothing said so,
+    and records of one daemon named two models (203 and 197 of 400 in an attack) while the metrics showed
+    one. A worker that serves another version than the main process now loads again until they agree."""
+    from aemon.bundle import default_bundle_path, read_meta
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path("detect"), bundle)
+    root = new_root(tmp_path)
+    env = {"AEMON_WORKERS": "2", "AEMON_MODEL": str(bundle), "AEMON_RESCAN_SECONDS": "1"}
+    daemon = Daemon(root, tmp_path / "daemon.log", env=env).wait_ready()
+    _wait_event(daemon, "worker.ready")
+    (worker,) = [e["pid"] for e in daemon.events("worker.started")]
+    np.save(tmp_path / "cal.npy", digits[-200:])
+    done = subprocess.run([sys.executable, "-m", "aemon", "calibrate", str(bundle), "--data", str(tmp_path / "cal.npy"),
+                           "--target-fpr", "0.05"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    new = read_meta(bundle).version
+    os.kill(worker, signal.SIGSTOP)  # its reload waits until the folder is gone
+    try:
+        os.kill(daemon.proc.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while not any(e.get("version") == new for e in daemon.events("bundle.loaded") if "worker" not in e):
+            assert time.monotonic() < deadline, daemon.text()
+            time.sleep(0.1)
+        time.sleep(0.5)  # the reload passed on to the (stopped) worker
+        os.rename(bundle, tmp_path / "moved")
+    finally:
+        os.kill(worker, signal.SIGCONT)
+    _wait_event(daemon, "bundle.reload_failed")
+    os.rename(tmp_path / "moved", bundle)
+    deadline = time.monotonic() + 30
+    while not any(e.get("version") == new for e in daemon.events("bundle.loaded") if e.get("worker") == 1):
+        assert time.monotonic() < deadline, f"the worker never loaded {new}\n{daemon.text()}"
+        time.sleep(0.2)
+    for i in range(40):
+        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
+    wait_records(root, 40, daemon)
+    versions = {json.loads(p.read_text())["model"]["version"] for p in records(root)}
+    assert daemon.stop() == 0, daemon.text()
+    assert versions == {new}, versions
+
+
 def test_restart_delays_double_up_to_the_cap_and_reset_after_a_stable_run():
     """The backoff the test below waits for in part (5 and 10 s), to its end: 5, 10, 20 ... 300 s for a worker
     that keeps dying within a minute, 300 s from then on, nothing after a run of a minute or more."""
