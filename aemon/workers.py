@@ -207,9 +207,9 @@ class WorkerPool:
                 self._exited[index] = now
                 lived = now - self._started[index]
                 self._backoff[index] = restart_delay(self._backoff.get(index, 0.0), lived)
+                _mark_dead(proc.pid)  # before the event: once it is logged, the files are gone
                 log.error("worker.exited", worker=index, pid=proc.pid, code=code, lived_s=round(lived, 1),
                           restart_in_s=self._backoff[index])
-                _mark_dead(proc.pid)
             if now - self._exited[index] >= self._backoff[index]:
                 del self._exited[index]
                 self._spawn(index)
