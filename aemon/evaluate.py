@@ -181,8 +181,14 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
 
     log = get_logger()
     report_dir: Path | None = args.report
-    if report_dir is not None and report_dir.exists() and not report_dir.is_dir():
-        raise UsageError(f"--report {report_dir} exists and is not a folder")
+    if report_dir is not None:
+        from aemon.report import check_report_folder
+        from aemon.sources import refuse_output_inside
+
+        if report_dir.exists() and not report_dir.is_dir():
+            raise UsageError(f"--report {report_dir} exists and is not a folder")
+        refuse_output_inside(report_dir, [args.normal, args.anomalous], "--report")
+        check_report_folder(report_dir)
     bundles = [load_bundle(find_bundle(p) or p) for p in args.bundles]
     shapes = {tuple(b.meta.input_shape) for b in bundles}
     if len(shapes) > 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
+from aemon.errors import UsageError
 from aemon.fsio import utc_now, write_durably, write_with
 from aemon.logs import get_logger
 from aemon.maps import strengths, tinted
@@ -35,6 +36,8 @@ FIGURE_PIXELS: dict[str, tuple[int, int]] = {
 }
 #: Name of the HTML page.
 INDEX = "index.html"
+#: The title of every report's index.html: how an earlier report is known.
+_TITLE = "<title>aemon evaluation</title>"
 #: Names of the files a report writes (those of an earlier report in the same folder are removed first).
 _REPORT_FILE = re.compile(r"(roc|pr)\.png|[0-9]+-[A-Za-z0-9_.-]*-(hist|reconstructions|errors|latent)\.png|"
                           + re.escape(INDEX))
@@ -275,7 +278,7 @@ def _html(results, files: dict[int, list[ReportFile]], shared: list[ReportFile],
 <html lang="en">
 <head>
 <meta charset="utf-8">
-<title>aemon evaluation</title>
+{_TITLE}
 {_STYLE}
 </head>
 <body>
@@ -292,6 +295,24 @@ scored above each bundle's own threshold.</p>
 </body>
 </html>
 """
+
+
+def check_report_folder(out: Path) -> None:
+    """A report may go into a new or empty folder, or over an earlier report: it replaces files named like
+    its own (``roc.png``, ``index.html``...), so a folder of other files is refused.
+
+    Raises:
+        UsageError: ``out`` holds files and no earlier report.
+    """
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = _TITLE in (out / INDEX).read_text(errors="replace")
+    except OSError:
+        earlier = False
+    if not earlier:
+        raise UsageError(f"--report {out} holds files and no earlier aemon report; a report replaces files "
+                         "named like its own (roc.png, index.html, ...): choose a new or empty folder")
 
 
 def _remove_earlier(out: Path) -> None:

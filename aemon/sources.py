@@ -15,13 +15,14 @@ import contextlib
 import math
 import os
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs
 
 import numpy as np
 
-from aemon.errors import ItemRejected, SourceError, Unreadable
+from aemon.errors import ItemRejected, SourceError, Unreadable, UsageError
 from aemon.images import (
     Limits,
     Preprocessing,
@@ -122,6 +123,24 @@ def local_path(src: str) -> Path | None:
     """The file or folder that ``src`` reads (its query removed), or None for the built-in samples."""
     base, _ = _split_query(src)
     return None if is_named(base) else Path(base)
+
+
+def refuse_output_inside(out: Path, inputs: Iterable[str | Path], flag: str) -> None:
+    """An output folder may not be, or lie inside, an input folder: the next run would read its files
+    (maps, reports, denoised images) as input, and a report would replace files of the data.
+
+    Raises:
+        UsageError: which input holds ``out``.
+    """
+    dest = out.resolve()
+    for src in inputs:
+        local = local_path(str(src))
+        if local is None or not local.is_dir():
+            continue
+        data = local.resolve()
+        if dest == data or data in dest.parents:
+            raise UsageError(f"{flag} {out} is inside the input folder {src}: its files would be mixed with the "
+                             "data and read as input by the next run; choose a folder outside it")
 
 
 def _digits(options: dict[str, str], src: str) -> list[int] | None:

@@ -404,6 +404,24 @@ def test_score_maps_of_a_folder_keep_its_paths(capsys: pytest.CaptureFixture, tm
     assert all(Path(m).is_file() for m in maps)
 
 
+def test_outputs_inside_an_input_folder_are_refused(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """`score lot --maps lot/maps` scored its own maps on every rerun (1, 2, then 4 records for one image, maps of
+    maps), and `denoise lot --out lot/clean` denoised its outputs: both are refused, and nothing is written."""
+    (tmp_path / "lot").mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    Image.fromarray(noise).save(tmp_path / "lot" / "n.png")
+    lot = str(tmp_path / "lot")
+    for argv in (["score", "mnist-detect", lot, "--maps", f"{lot}/maps"],
+                 ["score", "mnist-detect", lot, "--maps", lot],
+                 ["denoise", "mnist-denoise", lot, "--out", f"{lot}/clean"],
+                 ["denoise", "mnist-denoise", lot, "--out", lot]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and "inside the input folder" in err and not out, (argv, err)
+    assert [p.name for p in (tmp_path / "lot").iterdir()] == ["n.png"]
+    code, out, err = run(capsys, "score", "mnist-detect", lot, "--maps", str(tmp_path / "maps"))
+    assert code == 0 and len(out.splitlines()) == 1, err
+
+
 def test_paths_may_follow_an_option(capsys: pytest.CaptureFixture, tmp_path: Path, mnist_digits: np.ndarray,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`aemon score B --maps DIR x.png` was a usage error (the paths ended at the option); an unknown option

@@ -125,6 +125,30 @@ def test_report_has_every_file(capsys, tmp_path: Path, tiny_bundle: Path, tiny_p
     assert {p.name for p in report.iterdir()} == again
 
 
+def test_a_report_never_replaces_files_it_did_not_write(capsys, tmp_path: Path, tiny_bundle: Path,
+                                                         mnist_digits) -> None:
+    """--report into the normal folder replaced the user's own roc.png with a plot and left six plots there for
+    the next run to read as images; into a folder of the user's (their index.html) it replaced that too. Both
+    are refused, before any scoring, and the files are untouched."""
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    for i in range(3):
+        Image.fromarray(mnist_digits[i]).save(normal / f"d{i}.png")
+    Image.fromarray(mnist_digits[3]).save(normal / "roc.png")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "index.html").write_text("<html>my notes</html>")
+    before = {p: p.read_bytes() for p in [*normal.iterdir(), *mine.iterdir()]}
+    np.save(tmp_path / "anomalous.npy", 255 - mnist_digits[:20])
+    for report, words in ((normal, "inside the input folder"), (normal / "report", "inside the input folder"),
+                          (mine, "no earlier aemon report")):
+        code, out, err = run(capsys, "evaluate", tiny_bundle, "--normal", normal, "--anomalous",
+                             tmp_path / "anomalous.npy", "--report", report)
+        assert code == 2 and words in err and not out, (report, err)
+        _assert_one_error_line(err)
+    assert {p: p.read_bytes() for p in [*normal.iterdir(), *mine.iterdir()]} == before
+
+
 def test_overlap_with_training_data_is_warned(capsys, tiny_bundle: Path, data_files) -> None:
     """Normal data from the bundle's own training source is flagged in the JSON and the table."""
     _, anomalous_npy = data_files
