@@ -10,6 +10,7 @@ and :func:`denoise_paths` below.
 from __future__ import annotations
 
 import io
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from aemon.logs import get_logger
 from aemon.maps import render, strengths
 from aemon.records import rejected_record, scored_record
 from aemon.router import Router, png_bytes, png_name, rows_bytes
-from aemon.sources import list_images, load_source
+from aemon.sources import load_source
 from aemon.units import Unit, check_file
 
 __all__ = ["Output", "decode", "decide", "plan", "score_paths", "denoise_paths"]
@@ -229,18 +230,29 @@ def denoised_png(unit: Unit) -> bytes:
 
 # -- the one-shot verbs ----------------------------------------------------
 def _units(paths: Iterable[Path]) -> Iterator[tuple[Unit, Path | None]]:
-    """Each file argument as a unit; each folder argument as its images and arrays (with that folder)."""
+    """Each file argument as a unit; each folder argument as its files (with that folder)."""
     for path in paths:
-        if path.is_dir():
-            files = list_images(path, arrays=True)
+        if path.is_dir() and not path.is_symlink():
+            files = _folder_files(path)
             if not files:  # said, not skipped: the daemon rejects such a folder as empty too
                 unit = Unit(path, path.as_posix(), arrived=time.time())
-                unit.error = EmptyItem(f"{path} holds no images or arrays")
+                unit.error = EmptyItem(f"{path} holds no files (hidden ones aside)")
                 yield unit, None
             for file in files:
                 yield Unit(file, file.as_posix(), arrived=time.time()), path
         else:
             yield Unit(path, path.as_posix(), arrived=time.time()), None
+
+
+def _folder_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, sorted, links included and never followed (each is an item: one that is
+    no image or array gets a rejected record, as if named alone); hidden names and folders are left out."""
+    found: list[Path] = []
+    for dirpath, dirs, files in os.walk(folder):
+        links = [d for d in dirs if os.path.islink(os.path.join(dirpath, d))]
+        dirs[:] = [d for d in dirs if not d.startswith(".") and d not in links]
+        found += [Path(dirpath, name) for name in [*files, *links] if not name.startswith(".")]
+    return sorted(found)
 
 
 def _decoded_batches(paths: Iterable[Path], prep: Preprocessing,

@@ -592,17 +592,30 @@ def test_a_negative_limit_is_refused(capsys: pytest.CaptureFixture, tiny_bundle:
     assert "limit" in err
 
 
-def test_score_says_when_a_folder_holds_no_images(capsys: pytest.CaptureFixture, tiny_bundle: Path,
-                                                  tmp_path: Path) -> None:
-    """A folder without images or arrays printed nothing and exited 0; it is a rejected record, exit 1."""
-    folder = tmp_path / "nothing"
+def test_score_gives_every_file_of_a_folder_a_record(capsys: pytest.CaptureFixture, tiny_bundle: Path,
+                                                     tmp_path: Path, mnist_digits: np.ndarray) -> None:
+    """A folder's files that are no images or arrays were left out silently, exit 0 (named alone, the same file
+    was rejected): one copy of a PNG under seven names gave one record. Each file now has its record, hidden
+    ones aside; a folder of nothing else (or nothing at all) is one rejected record, as before."""
+    folder = tmp_path / "lot"
     folder.mkdir()
-    (folder / "readme.txt").write_text("x")
+    for name in ("ok.png", "noext", "a.jpe", "notes.txt", "c.png~", ".hidden.png"):
+        Image.fromarray(mnist_digits[0]).save(folder / name, format="PNG")
     code, out, err = run(capsys, "score", str(tiny_bundle), str(folder))
-    records = [json.loads(line) for line in out.splitlines()]
+    records = {Path(r["item"]).name: r for r in map(json.loads, out.splitlines())}
     assert code == 1, err
-    assert [(r["verdict"], r["reason"]) for r in records] == [("rejected", "empty")]
-    assert "no images" in records[0]["error"]
+    assert sorted(records) == ["a.jpe", "c.png~", "noext", "notes.txt", "ok.png"]
+    assert records["ok.png"]["verdict"] != "rejected"
+    assert {records[n]["reason"] for n in ("a.jpe", "c.png~", "noext", "notes.txt")} == {"unsupported_type"}
+    for name in ("hidden-only", "nothing"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "hidden-only" / ".x.png").write_bytes(b"")
+    for name in ("hidden-only", "nothing"):
+        code, out, err = run(capsys, "score", str(tiny_bundle), str(tmp_path / name))
+        records = [json.loads(line) for line in out.splitlines()]
+        assert code == 1, err
+        assert [(r["verdict"], r["reason"]) for r in records] == [("rejected", "empty")]
+        assert "no files" in records[0]["error"]
 
 
 def test_denoise_keeps_a_16_bit_image_16_bit(capsys: pytest.CaptureFixture, tiny_denoise_bundle: Path,
