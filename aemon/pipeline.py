@@ -232,7 +232,7 @@ def denoised_png(unit: Unit) -> bytes:
 def _units(paths: Iterable[Path]) -> Iterator[tuple[Unit, Path | None]]:
     """Each file argument as a unit; each folder argument as its files (with that folder)."""
     for path in paths:
-        if path.is_dir() and not path.is_symlink():
+        if path.is_dir():  # a folder the user named, through a link too; links inside it are items
             files = _folder_files(path)
             if not files:  # said, not skipped: the daemon rejects such a folder as empty too
                 unit = Unit(path, path.as_posix(), arrived=time.time())

@@ -607,6 +607,9 @@ def test_score_gives_every_file_of_a_folder_a_record(capsys: pytest.CaptureFixtu
     assert sorted(records) == ["a.jpe", "c.png~", "noext", "notes.txt", "ok.png"]
     assert records["ok.png"]["verdict"] != "rejected"
     assert {records[n]["reason"] for n in ("a.jpe", "c.png~", "noext", "notes.txt")} == {"unsupported_type"}
+    (tmp_path / "current").symlink_to(folder)  # a folder named through a link is read, as before
+    code, out, err = run(capsys, "score", str(tiny_bundle), str(tmp_path / "current"))
+    assert sorted(Path(r["item"]).name for r in map(json.loads, out.splitlines())) == sorted(records), err
     for name in ("hidden-only", "nothing"):
         (tmp_path / name).mkdir()
     (tmp_path / "hidden-only" / ".x.png").write_bytes(b"")
