@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import time
@@ -19,7 +20,8 @@ from aemon.ranking import average_precision, roc_auc
 from aemon.settings import Settings
 from aemon.sources import is_named, parse_source
 
-__all__ = ["Quality", "Evaluation", "quality", "overlaps", "overlap_warnings", "evaluate_bundles",
+__all__ = ["Quality", "Evaluation", "quality", "overlaps", "overlap_warnings", "shared_images_warning",
+           "evaluate_bundles",
            "evaluate_command"]
 
 
@@ -35,7 +37,7 @@ class Quality:
     tpr: float
     n_normal: int
     n_anomalous: int
-    #: Why the numbers may be optimistic (normal data the bundle was trained or calibrated on).
+    #: Why the numbers may mislead (normal data the bundle was trained or calibrated on; images in both sets).
     warnings: list[str] = field(default_factory=list)
 
 
@@ -137,6 +139,18 @@ def overlap_warnings(normal_source: str, meta) -> list[str]:
             f"({', '.join(sorted(s for s in sources if s))}): its FPR and AUROC are optimistic"]
 
 
+def shared_images_warning(normal, anomalous) -> str | None:
+    """A warning when some anomalous images are also among the normal ones (the same pixels after
+    preprocessing: one source given twice, or copies), which the numbers would count both ways."""
+    seen = {hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest() for img in normal.x}
+    shared = sum(hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest() in seen
+                 for img in anomalous.x)
+    if not shared:
+        return None
+    return (f"{shared} of the {len(anomalous)} anomalous images are also normal ones ({anomalous.source} and "
+            f"{normal.source}): they count as both, so AUROC, FPR and TPR mean little")
+
+
 def evaluate_bundles(bundles: list, normal, anomalous) -> list[Evaluation]:
     """Score both data sets with every bundle; one :class:`Evaluation` per bundle, in order.
 
@@ -147,12 +161,13 @@ def evaluate_bundles(bundles: list, normal, anomalous) -> list[Evaluation]:
     """
     log = get_logger()
     results = []
+    shared = shared_images_warning(normal, anomalous)
     for i, bundle in enumerate(bundles, 1):
         start = time.perf_counter()
         s_normal = bundle.score(normal.x)
         s_anomalous = bundle.score(anomalous.x)
         q = quality(bundle.name, s_normal, s_anomalous, bundle.threshold)
-        q.warnings = overlap_warnings(normal.source, bundle.meta)
+        q.warnings = overlap_warnings(normal.source, bundle.meta) + ([shared] if shared else [])
         for warning in q.warnings:
             log.warning("evaluate.overlap", bundle=bundle.name, message=warning)
         log.info("evaluate.scored", bundle=bundle.name, step=i, of=len(bundles), images=len(normal) + len(anomalous),

@@ -277,3 +277,23 @@ def test_a_training_folder_named_relatively_is_recognised_from_anywhere(capsys, 
     assert code == 0
     (row,) = json.loads(out)
     assert row["warnings"] and "training and calibration" in row["warnings"][0], row
+
+
+def test_images_in_both_sets_are_named(capsys, tiny_bundle: Path, data_files, tmp_path: Path) -> None:
+    """The same images given as normal and anomalous (one source twice, or a copy of some of them) make
+    the numbers meaningless: each bundle's row says how many anomalous images are normal ones too."""
+    normal_npy, anomalous_npy = data_files
+    code, out, _ = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", normal_npy, "--json")
+    assert code == 0
+    [row] = json.loads(out)
+    assert any("300 of the 300 anomalous images are also normal ones" in w for w in row["warnings"]), row
+
+    mixed = tmp_path / "mixed.npy"  # 20 normal digits among the anomalies
+    np.save(mixed, np.concatenate([np.load(anomalous_npy), np.load(normal_npy)[:20]]))
+    code, out, _ = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", mixed)
+    assert code == 0
+    assert "* 20 of the 250 anomalous images are also normal ones" in out, out
+
+    code, out, _ = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy,
+                       "--json")
+    assert json.loads(out)[0]["warnings"] == []
