@@ -20,6 +20,7 @@ for ``stuck_open_seconds`` is taken anyway, with a warning.
 from __future__ import annotations
 
 import functools
+import heapq
 import os
 import queue
 import stat
@@ -121,6 +122,11 @@ class Inbox:
         self.share = share if share and share[1] > 1 else None
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._candidates: dict[str, _Candidate] = {}
+        #: Candidate names in taking order, ``(rank, name)``: a heap, each name once (``_queued``); an entry
+        #: whose candidate is gone is dropped when it comes up. Sorting every candidate for each batch made a
+        #: burst of N files cost N² log N.
+        self._queue: list[tuple[int, str]] = []
+        self._queued: set[str] = set()
         self._last_scan = float("-inf")
         self._observer = None
         self._wakeup = threading.Event()
@@ -320,6 +326,7 @@ class Inbox:
     def put_back(self, name: str, arrived: float) -> None:
         """Track a taken entry again, complete (the caller could not claim it into this batch)."""
         self._candidates[name] = _Candidate(None, time.monotonic(), arrived, moved_in=True)
+        self._enqueue(name)
 
     def pending(self) -> int:
         """Entries seen in the inbox and not yet taken."""
@@ -360,20 +367,31 @@ class Inbox:
             self.scan()
         self._drain(now)
         out: list[tuple[str, float]] = []
-        for name in self._order(self._candidates):
-            if len(out) >= limit:
-                break
-            if self._complete(name, now):
+        waiting: list[tuple[int, str]] = []  # incomplete entries, back in the queue afterwards
+        while self._queue and len(out) < limit:
+            entry = heapq.heappop(self._queue)
+            name = entry[1]
+            if name in self._candidates and self._complete(name, now):
                 out.append((name, self._candidates.pop(name).arrived))
+            if name in self._candidates:
+                waiting.append(entry)
+            else:
+                self._queued.discard(name)
+        for entry in waiting:
+            heapq.heappush(self._queue, entry)
         return out
 
-    def _order(self, names) -> list[str]:
-        """Oldest name first; with several processes on one inbox, each first tries its own share of the
-        names (by a hash), so that they rarely race to claim the same entry."""
-        if self.share is None:
-            return sorted(names)
-        index, count = self.share
-        return sorted(names, key=lambda n: ((zlib.crc32(n.encode("utf-8", "surrogateescape")) - index) % count, n))
+    def _enqueue(self, name: str) -> None:
+        """Queue a new candidate: oldest name first; with several processes on one inbox, each first tries
+        its own share of the names (by a hash), so that they rarely race to claim the same entry."""
+        if name in self._queued:
+            return
+        self._queued.add(name)
+        rank = 0
+        if self.share is not None:
+            index, count = self.share
+            rank = (zlib.crc32(name.encode("utf-8", "surrogateescape")) - index) % count
+        heapq.heappush(self._queue, (rank, name))
 
     def _drain(self, now: float) -> None:
         track_writes = not self.polling
@@ -385,6 +403,7 @@ class Inbox:
             cand = self._candidates.get(name)
             if cand is None:
                 cand = self._candidates[name] = _Candidate(None, now, time.time())
+                self._enqueue(name)
             if kind == _MOVED_IN:
                 cand.moved_in = True
             elif kind == _WRITING and track_writes:

@@ -14,6 +14,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -241,6 +242,26 @@ def test_settling_waits_for_files_written_in_place(root, digits):
     os.utime(path, (old, old))
     assert [name for name, _ in inbox.take(10)] == ["new.png"]
     assert inbox.pending() == 0 and path.exists()  # taking is not claiming
+
+
+def test_entries_are_taken_in_order_whatever_waits(root, digits):
+    """Complete entries go oldest name first, batch after batch; one still settling keeps its place and
+    is taken once settled; with a share, this process's own names come first, then the others'."""
+    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0.01)
+    old = time.time() - 120
+    names = [f"{i:03d}.png" for i in range(40)]
+    for name in names:
+        os.utime(_png(root / "inbox" / name, digits[0]), (old, old))
+    os.utime(root / "inbox" / "005.png")  # just changed: settling
+    taken = [name for _ in range(4) for name, _ in inbox.take(10)]
+    assert taken == [n for n in names if n != "005.png"] and inbox.pending() == 1
+    os.utime(root / "inbox" / "005.png", (old, old))
+    assert [name for name, _ in inbox.take(10)] == ["005.png"] and inbox.pending() == 0
+
+    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0.01, share=(1, 3))
+    mine = [n for n in names if zlib.crc32(n.encode()) % 3 == 1]
+    taken = [name for _ in range(5) for name, _ in inbox.take(9)]
+    assert taken[: len(mine)] == mine and sorted(taken) == names and len(taken) == len(names)
 
 
 def _take_within(inbox: Inbox, seconds: float) -> list[str]:
