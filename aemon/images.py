@@ -207,8 +207,9 @@ def _image_pixels(fp: BinaryIO, name: str, prep: Preprocessing, limits: Limits) 
         converted = converted.resize((prep.size[1], prep.size[0]), Image.Resampling.BILINEAR)
     pixels = np.asarray(converted, dtype=np.float32)
     if converted.mode in ("L", "RGB"):
-        pixels /= 255.0
-    pixels = np.clip(pixels, 0.0, 1.0)
+        pixels /= 255.0  # in [0, 1] already
+    else:
+        pixels = np.clip(pixels, 0.0, 1.0)
     if pixels.ndim == 2:
         pixels = pixels[:, :, None]
     if prep.channels == 3 and pixels.shape[2] == 1:
