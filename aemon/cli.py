@@ -375,15 +375,13 @@ def _score_target(arg: str):
 def _score(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import load_bundle
     from aemon.pipeline import score_paths
-    from aemon.sources import refuse_output_inside
+    from aemon.sources import check_output_folder, make_output_folder
 
     bundle_path, paths = _split_bundle_arg(args.paths)
     bundle = load_bundle(bundle_path)
     if args.maps is not None:
-        if args.maps.exists() and not args.maps.is_dir():
-            raise UsageError(f"--maps {args.maps} exists and is not a folder")
-        refuse_output_inside(args.maps, paths, "--maps")
-        args.maps.mkdir(parents=True, exist_ok=True)
+        check_output_folder(args.maps, paths, "--maps")
+        make_output_folder(args.maps, "--maps")
     return _print_records(score_paths(bundle, paths, settings.limits, args.maps), "scored")
 
 
@@ -391,19 +389,17 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
 def _denoise(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import load_bundle
     from aemon.pipeline import denoise_paths
-    from aemon.sources import refuse_output_inside
+    from aemon.sources import check_output_folder, make_output_folder
 
     bundle_path, paths = _split_bundle_arg(args.paths, task="denoise")
     if any(isinstance(p, str) for p in paths):
         raise UsageError("denoise takes files and folders, not named datasets")
-    if args.out.exists() and not args.out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a folder")
-    refuse_output_inside(args.out, paths, "--out")
+    check_output_folder(args.out, paths, "--out")
     bundle = load_bundle(bundle_path)
     if bundle.meta.task != "denoise":
         raise UsageError(f"{bundle_path} is a {bundle.meta.task} bundle; denoise needs one trained with --denoise "
                          "(the shipped one is mnist-denoise)")
-    args.out.mkdir(parents=True, exist_ok=True)
+    make_output_folder(args.out, "--out")
     return _print_records(denoise_paths(bundle, paths, settings.limits, args.out), "denoised")
 
 

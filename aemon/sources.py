@@ -36,7 +36,8 @@ from aemon.images import (
 )
 
 __all__ = ["Dataset", "load_source", "local_path", "provenance", "is_named", "parse_source", "list_images",
-           "choose_input", "unlike_input", "sample_mnist", "MAX_AUTO_SIDE"]
+           "choose_input", "unlike_input", "sample_mnist", "MAX_AUTO_SIDE", "check_output_folder",
+           "make_output_folder", "refuse_output_inside"]
 
 #: ``--size auto`` keeps the longer side at most this (the aspect kept, sides multiples of 4).
 MAX_AUTO_SIDE = 128
@@ -123,6 +124,29 @@ def local_path(src: str) -> Path | None:
     """The file or folder that ``src`` reads (its query removed), or None for the built-in samples."""
     base, _ = _split_query(src)
     return None if is_named(base) else Path(base)
+
+
+def check_output_folder(out: Path, inputs: Iterable[str | Path], flag: str) -> None:
+    """An output folder (``--maps``, ``--out``) must be a folder, or nothing yet, outside every input folder.
+
+    Raises:
+        UsageError: what is wrong with it.
+    """
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"{flag} {out} exists and is not a folder")
+    refuse_output_inside(out, inputs, flag)
+
+
+def make_output_folder(out: Path, flag: str) -> None:
+    """Create an output folder (and its parents) before any input is read.
+
+    Raises:
+        UsageError: why it cannot be made (a read-only place, a file on the way, ``/proc``), naming the flag.
+    """
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag} {out} cannot be made: {exc.strerror or exc}") from exc
 
 
 def refuse_output_inside(out: Path, inputs: Iterable[str | Path], flag: str) -> None:

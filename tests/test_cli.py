@@ -565,17 +565,21 @@ def test_train_flags_checked_before_or_with_one_line(capsys: pytest.CaptureFixtu
 
 def test_unwritable_outputs_and_closed_pipes_end_in_one_line(capsys: pytest.CaptureFixture, tiny_bundle: Path,
                                                               tmp_path: Path, digits: np.ndarray) -> None:
-    """An output path that cannot be written (below a file here; a read-only mount alike) is one error line,
-    exit 1, not a traceback; `aemon score ... | head -1` ends quietly."""
+    """An output path that cannot be written (below a file here; a read-only mount or /proc alike) is one
+    error line naming the option, not a traceback (exit 2 for an output folder that cannot be made: it
+    said "No such file or directory", exit 1); `aemon score ... | head -1` ends quietly."""
     import subprocess
     import sys
 
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     item = _pngs(tmp_path / "items", digits, 3)
-    code, _, err = run(capsys, "score", str(tiny_bundle), str(item), "--maps", str(blocker / "maps"))
-    assert code in (1, 2), err
-    _assert_one_error_line(err)
+    for verb, flag in (("score", "--maps"), ("denoise", "--out")):  # a usage error, before anything is read
+        bundle = str(tiny_bundle) if verb == "score" else "mnist-denoise"
+        code, out, err = run(capsys, verb, bundle, str(item), flag, str(blocker / "maps"))
+        assert code == 2 and not out, (verb, err)
+        _assert_one_error_line(err)
+        assert f"{flag} {blocker / 'maps'} cannot be made" in err, err
     code, _, err = run(capsys, "samples", str(blocker / "s"))
     assert code in (1, 2), err
     _assert_one_error_line(err)
