@@ -367,18 +367,19 @@ class Inbox:
             self.scan()
         self._drain(now)
         out: list[tuple[str, float]] = []
-        waiting: list[tuple[int, str]] = []  # incomplete entries, back in the queue afterwards
-        while self._queue and len(out) < limit:
-            entry = heapq.heappop(self._queue)
-            name = entry[1]
-            if name in self._candidates and self._complete(name, now):
-                out.append((name, self._candidates.pop(name).arrived))
-            if name in self._candidates:
-                waiting.append(entry)
-            else:
-                self._queued.discard(name)
-        for entry in waiting:
-            heapq.heappush(self._queue, entry)
+        looked: list[tuple[int, str]] = []
+        try:
+            while self._queue and len(out) < limit:
+                entry = heapq.heappop(self._queue)
+                looked.append(entry)
+                if entry[1] in self._candidates and self._complete(entry[1], now):
+                    out.append((entry[1], self._candidates.pop(entry[1]).arrived))
+        finally:  # entries still waiting go back in the queue, whatever happened
+            for entry in looked:
+                if entry[1] in self._candidates:
+                    heapq.heappush(self._queue, entry)
+                else:
+                    self._queued.discard(entry[1])
         return out
 
     def _enqueue(self, name: str) -> None:

@@ -247,7 +247,7 @@ def test_settling_waits_for_files_written_in_place(root, digits):
 def test_entries_are_taken_in_order_whatever_waits(root, digits):
     """Complete entries go oldest name first, batch after batch; one still settling keeps its place and
     is taken once settled; with a share, this process's own names come first, then the others'."""
-    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0.01)
+    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0)  # every take scans
     old = time.time() - 120
     names = [f"{i:03d}.png" for i in range(40)]
     for name in names:
@@ -258,7 +258,17 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     os.utime(root / "inbox" / "005.png", (old, old))
     assert [name for name, _ in inbox.take(10)] == ["005.png"] and inbox.pending() == 0
 
-    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0.01, share=(1, 3))
+    os.utime(_png(root / "inbox" / "late.png", digits[1]), (old, old))
+    inbox.take(0)  # seen, not taken
+    complete = inbox._complete
+    inbox._complete = lambda name, now: 1 / 0  # an error while looking at it loses no entry
+    with pytest.raises(ZeroDivisionError):
+        inbox.take(10)
+    inbox._complete = complete
+    assert [name for name, _ in inbox.take(10)] == ["late.png"]
+    (root / "inbox" / "late.png").unlink()
+
+    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0, share=(1, 3))
     mine = [n for n in names if zlib.crc32(n.encode()) % 3 == 1]
     taken = [name for _ in range(5) for name, _ in inbox.take(9)]
     assert taken[: len(mine)] == mine and sorted(taken) == names and len(taken) == len(names)
