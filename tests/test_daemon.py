@@ -247,7 +247,7 @@ def test_settling_waits_for_files_written_in_place(root, digits):
 def test_entries_are_taken_in_order_whatever_waits(root, digits):
     """Complete entries go oldest name first, batch after batch; one still settling keeps its place and
     is taken once settled; with a share, this process's own names come first, then the others'."""
-    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0)  # every take scans
+    inbox = Inbox(root, settle_seconds=60, rescan_seconds=3600)  # one scan, at the first take
     old = time.time() - 120
     names = [f"{i:03d}.png" for i in range(40)]
     for name in names:
@@ -259,7 +259,8 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     assert [name for name, _ in inbox.take(10)] == ["005.png"] and inbox.pending() == 0
 
     os.utime(_png(root / "inbox" / "late.png", digits[1]), (old, old))
-    inbox.take(0)  # seen, not taken
+    inbox.notify(str(root / "inbox" / "late.png"))  # seen (as an event would tell), not taken yet
+    inbox.take(0)
     complete = inbox._complete
     inbox._complete = lambda name, now: 1 / 0  # an error while looking at it loses no entry
     with pytest.raises(ZeroDivisionError):
@@ -268,7 +269,7 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     assert [name for name, _ in inbox.take(10)] == ["late.png"]
     (root / "inbox" / "late.png").unlink()
 
-    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0, share=(1, 3))
+    inbox = Inbox(root, settle_seconds=60, rescan_seconds=3600, share=(1, 3))
     mine = [n for n in names if zlib.crc32(n.encode()) % 3 == 1]
     taken = [name for _ in range(5) for name, _ in inbox.take(9)]
     assert taken[: len(mine)] == mine and sorted(taken) == names and len(taken) == len(names)
