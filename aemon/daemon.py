@@ -377,7 +377,9 @@ class Daemon:
         log.info("daemon.draining", in_flight=self.in_flight)
 
     def _set_pending(self) -> None:
-        self.recorder.pending(self.inbox.pending() + self.in_flight)
+        # Every process tracks every entry of the inbox: the main one counts them, each its own claims.
+        waiting = self.inbox.pending() if self.worker is None else 0
+        self.recorder.pending(waiting + self.in_flight)
 
     def _count_in_flight(self, n: int) -> None:
         self.in_flight += n

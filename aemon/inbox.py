@@ -47,7 +47,7 @@ from aemon.claims import Claim, ClaimStore
 from aemon.logs import get_logger
 from aemon.watch import TreeWatch
 
-__all__ = ["IGNORED_SUFFIXES", "is_ignored", "Inbox"]
+__all__ = ["IGNORED_SUFFIXES", "is_ignored", "Inbox", "writers_of"]
 
 #: Endings of names that are still being written and are never taken.
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
@@ -58,6 +58,8 @@ log = get_logger()
 
 # Event kinds queued by the watchdog thread.
 _MOVED_IN, _CREATED, _WRITING, _CLOSED, _CHANGED = "moved_in", "created", "writing", "closed", "changed"
+# An entry of the inbox itself renamed out or deleted (claimed by another process, moved away by a user).
+_GONE = "gone"
 
 
 def is_ignored(name: str) -> bool:
@@ -84,7 +86,7 @@ class _Handler(FileSystemEventHandler):
         inbox = self._inbox
         if isinstance(event, FileMovedEvent | DirMovedEvent):
             if event.src_path:
-                inbox.notify(os.fsdecode(event.src_path), _CHANGED)
+                inbox.notify(os.fsdecode(event.src_path), _GONE)
             if event.dest_path:
                 inbox.notify(os.fsdecode(event.dest_path), _MOVED_IN)
         elif isinstance(event, FileClosedEvent):
@@ -93,6 +95,8 @@ class _Handler(FileSystemEventHandler):
             inbox.notify(os.fsdecode(event.src_path), _WRITING)
         elif isinstance(event, FileCreatedEvent):
             inbox.notify(os.fsdecode(event.src_path), _CREATED)
+        elif event.event_type == "deleted":
+            inbox.notify(os.fsdecode(event.src_path), _GONE)
         elif event.event_type not in ("opened", "closed_no_write"):
             inbox.notify(os.fsdecode(event.src_path), _CHANGED)
 
@@ -127,6 +131,8 @@ class Inbox:
         #: burst of N files cost N² log N.
         self._queue: list[tuple[int, str]] = []
         self._queued: set[str] = set()
+        #: This take's walk of ``/proc``: the open files held for writing, and whether it saw every process.
+        self._writers: tuple[set[str], bool] | None = None
         self._last_scan = float("-inf")
         self._observer = None
         self._wakeup = threading.Event()
@@ -148,8 +154,8 @@ class Inbox:
         name, _, inner = rel.partition("/")
         if not name or is_ignored(name):
             return
-        if kind == _MOVED_IN and inner:
-            kind = _CHANGED  # a file moved into a folder entry: the folder still settles
+        if kind in (_MOVED_IN, _GONE) and inner:
+            kind = _CHANGED  # a file moved into or out of a folder entry: the folder still settles
         self._events.put((name, kind, rel))
         self._wakeup.set()
 
@@ -177,8 +183,8 @@ class Inbox:
         """One raw inotify event (on watchdog's reader thread): its kind, as :class:`_Handler` tells them."""
         if event.is_moved_to:
             kind = _MOVED_IN
-        elif event.is_moved_from:
-            kind = _CHANGED
+        elif event.is_moved_from or event.is_delete:
+            kind = _GONE
         elif event.is_directory:
             if not event.is_create:
                 return  # a folder's own modification or attributes: its entries' events say it all
@@ -366,6 +372,7 @@ class Inbox:
         if now - self._last_scan >= self.rescan_seconds:
             self.scan()
         self._drain(now)
+        self._writers = None  # walked at most once in this take, when an entry needs it
         out: list[tuple[str, float]] = []
         looked: list[tuple[int, str]] = []
         try:
@@ -401,6 +408,11 @@ class Inbox:
                 name, kind, rel = self._events.get_nowait()
             except queue.Empty:
                 return
+            if kind == _GONE:
+                # Forgotten at once: a name written again in place must wait for its writer, not count as
+                # the copy renamed in before (its queue entry is dropped when it comes up, or reused).
+                self._candidates.pop(name, None)
+                continue
             cand = self._candidates.get(name)
             if cand is None:
                 cand = self._candidates[name] = _Candidate(None, now, time.time())
@@ -414,6 +426,15 @@ class Inbox:
                 cand.open_files.add(rel)
             elif kind == _CLOSED:
                 cand.open_files.discard(rel)
+
+    def _written(self, cand: _Candidate) -> bool:
+        """Whether a process may still write one of ``cand``'s open files. One walk of ``/proc`` per take
+        answers for every entry (a walk per entry made N files held open cost N² each settle time)."""
+        if self._writers is None:
+            paths = [os.path.join(self._prefix, rel) for c in self._candidates.values() for rel in c.open_files]
+            self._writers = writers_of(paths)
+        found, complete = self._writers
+        return not complete or any(os.path.join(self._prefix, rel) in found for rel in cand.open_files)
 
     def _complete(self, name: str, now: float) -> bool:
         cand = self._candidates[name]
@@ -447,7 +468,7 @@ class Inbox:
             # No close event seen: ask the process table whether anyone still writes these files
             # (a hard link has no open and close; a close event may have been lost in an overflow).
             cand.next_check = now + max(self.settle_seconds, 0.5)
-            if open_for_writing([os.path.join(self._prefix, rel) for rel in cand.open_files]) is False:
+            if not self._written(cand):
                 log.info("inbox.taken_without_close", item=name, open=sorted(cand.open_files), checked="proc")
                 return True
         if now - cand.since >= self.stuck_open_seconds:
@@ -505,36 +526,39 @@ def _proc_shows_everyone() -> bool:
     return in_init and not hidden
 
 
-def open_for_writing(paths: list[str]) -> bool | None:
-    """Whether any process holds one of ``paths`` open for writing, from ``/proc``.
+def writers_of(paths: list[str]) -> tuple[set[str], bool]:
+    """Which of ``paths`` some process holds open for writing, from one walk of ``/proc``.
 
     Returns:
-        True or False; None when it cannot be told (no ``/proc``, a ``/proc`` that does not list every
-        process, or processes whose open files this user may not see).
+        The paths held open for writing, and whether that is all of them: False when it cannot be
+        told for some (no ``/proc``, a ``/proc`` that does not list every process, or processes whose
+        open files this user may not see).
     """
     wanted = set(paths)
-    unknown = not _proc_shows_everyone()
+    found: set[str] = set()
+    complete = _proc_shows_everyone()
     try:
         pids = [p for p in os.listdir("/proc") if p.isdigit()]
     except OSError:
-        return None
+        return found, False
     for pid in pids:
         fd_dir = f"/proc/{pid}/fd"
         try:
             fds = os.listdir(fd_dir)
         except PermissionError:
-            unknown = True
+            complete = False
             continue
         except OSError:
             continue  # the process has exited
         for fd in fds:
             try:
-                if os.readlink(f"{fd_dir}/{fd}") not in wanted:
+                target = os.readlink(f"{fd_dir}/{fd}")
+                if target not in wanted or target in found:
                     continue
                 with open(f"/proc/{pid}/fdinfo/{fd}") as info:
                     flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
             except (OSError, StopIteration, ValueError):
                 continue
             if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                return True
-    return None if unknown else False
+                found.add(target)
+    return found, complete

@@ -32,9 +32,9 @@ __all__ = ["EVENT_MASK", "TreeWatch"]
 warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning,
                         module="watchdog")
 
-#: What the taking rule needs: entries made, renamed in or out, written to and closed after writing.
+#: What the taking rule needs: entries made, renamed in or out, written to, closed after writing, deleted.
 EVENT_MASK = (InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVE | InotifyConstants.IN_MODIFY
-              | InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_DELETE_SELF)
+              | InotifyConstants.IN_CLOSE_WRITE | InotifyConstants.IN_DELETE | InotifyConstants.IN_DELETE_SELF)
 
 
 class _PassOn:

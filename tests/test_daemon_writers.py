@@ -350,3 +350,39 @@ def test_a_journalled_batch_is_finished_exactly_on_restart(tmp_path, digits):
     assert os.listdir(root / "anomaly") == []
     assert os.listdir(root / ".aemon" / "claims") == []
     assert '"claim.finished"' in daemon.text()
+
+
+def test_a_name_written_in_place_after_the_user_took_it_back_waits_for_its_writer(tmp_path, digits):
+    """Renamed in, then moved out or deleted by the user before the daemon took it (the daemon stopped here,
+    busy with a burst in the attack), then written again in place: it was taken at once as the copy renamed
+    in, half written, and rejected as truncated. Now the second file waits for its writer."""
+    import signal
+
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3, env={"AEMON_WORKERS": "1"}).wait_ready()
+    whole = write_png(tmp_path / "whole.png", digits[0]).read_bytes()
+    held = []
+    os.kill(daemon.proc.pid, signal.SIGSTOP)
+    try:
+        for name, take_back in (("moved.png", "move"), ("deleted.png", "delete")):
+            path = write_png(tmp_path / f"first-{name}", digits[1]).rename(root / "inbox" / name)
+            if take_back == "move":
+                path.rename(tmp_path / f"taken-back-{name}")
+            else:
+                path.unlink()
+            fp = open(path, "wb")  # noqa: SIM115 - held open across the daemon's wake-up
+            fp.write(whole[: len(whole) // 2])
+            fp.flush()
+            held.append(fp)
+    finally:
+        os.kill(daemon.proc.pid, signal.SIGCONT)
+    time.sleep(1.5)  # five settle times with the files open and half written
+    for fp in held:
+        fp.write(whole[len(whole) // 2 :])
+        fp.close()
+    wait_records(root, 2, daemon)
+    time.sleep(0.5)
+    found = by_item(root)
+    assert daemon.stop() == 0, daemon.text()
+    assert sorted(found) == ["deleted.png", "moved.png"], found
+    assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
