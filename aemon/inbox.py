@@ -412,6 +412,7 @@ class Inbox:
                 # Forgotten at once: a name written again in place must wait for its writer, not count as
                 # the copy renamed in before (its queue entry is dropped when it comes up, or reused).
                 self._candidates.pop(name, None)
+                self._unwatched.discard(name)
                 continue
             cand = self._candidates.get(name)
             if cand is None:

@@ -46,6 +46,17 @@ def _thawed_heap():
 
 
 @pytest.fixture(autouse=True)
+def _no_daemon_left():
+    """A test that fails midway leaves no daemon running: its processes and inotify watches would disturb
+    the tests after it (daemons of wider-scoped fixtures start before this and are left alone)."""
+    from daemon_process import STARTED, stop_started_since
+
+    count = len(STARTED)
+    yield
+    stop_started_since(count)
+
+
+@pytest.fixture(autouse=True)
 def _no_thread_leaks():
     """Fail a test that leaves Python threads running after it ends."""
     before = set(threading.enumerate())

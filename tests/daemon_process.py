@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -80,6 +81,7 @@ class Daemon:
             self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "aemon", "run"], env=full, stdout=out,
                                          stderr=subprocess.STDOUT, preexec_fn=preexec)
         self.port = None
+        STARTED.append(self)
 
     def wait_ready(self, timeout: float = 120) -> Daemon:
         self.port = wait_until_ready(self.proc, self.log, self.offset, timeout)
@@ -120,6 +122,18 @@ class Daemon:
                 self.kill()
                 raise
         return self.proc.returncode
+
+
+#: Every daemon started, in order: a test's own are stopped after it, even when it failed midway.
+STARTED: list[Daemon] = []
+
+
+def stop_started_since(count: int) -> None:
+    """Stop the daemons started after the first ``count`` that still run (SIGTERM, then SIGKILL)."""
+    for daemon in STARTED[count:]:
+        if daemon.proc.poll() is None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                daemon.stop()
 
 
 def _is_record(dirpath: str, name: str) -> bool:
