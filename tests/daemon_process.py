@@ -124,6 +124,20 @@ class Daemon:
         return self.proc.returncode
 
 
+def finish_and_stop(daemon: Daemon, held: list, rest: bytes, n: int) -> dict[str, list[dict]]:
+    """After five settle times, write ``rest`` to each file ``held`` open and close it; wait for ``n`` records,
+    stop the daemon (exit 0 asserted) and return the records by item."""
+    time.sleep(1.5)
+    for fp in held:
+        fp.write(rest)
+        fp.close()
+    wait_records(daemon.root, n, daemon)
+    time.sleep(0.5)
+    found = by_item(daemon.root)
+    assert daemon.stop() == 0, daemon.text()
+    return found
+
+
 #: Every daemon started, in order: a test's own are stopped after it, even when it failed midway.
 STARTED: list[Daemon] = []
 

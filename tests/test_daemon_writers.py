@@ -21,6 +21,7 @@ from daemon_process import (
     VERDICT_DIRS,
     Daemon,
     by_item,
+    finish_and_stop,
     items,
     load,
     new_root,
@@ -376,13 +377,6 @@ def test_a_name_written_in_place_after_the_user_took_it_back_waits_for_its_write
             held.append(fp)
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
-    time.sleep(1.5)  # five settle times with the files open and half written
-    for fp in held:
-        fp.write(whole[len(whole) // 2 :])
-        fp.close()
-    wait_records(root, 2, daemon)
-    time.sleep(0.5)
-    found = by_item(root)
-    assert daemon.stop() == 0, daemon.text()
+    found = finish_and_stop(daemon, held, whole[len(whole) // 2 :], 2)
     assert sorted(found) == ["deleted.png", "moved.png"], found
     assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon_process import Daemon, by_item, full_tmpfs, full_tmpfs_fill, new_root, records, wait_records, write_png
+from daemon_process import (
+    Daemon,
+    by_item,
+    finish_and_stop,
+    full_tmpfs,
+    full_tmpfs_fill,
+    new_root,
+    records,
+    wait_records,
+    write_png,
+)
 
 
 def _wait_event(daemon: Daemon, name: str, n: int = 1, timeout: float = 120) -> list[dict]:
@@ -407,13 +417,7 @@ def test_a_name_written_in_place_after_its_first_copy_was_claimed_waits_for_its_
         fp.flush()
     finally:
         os.kill(worker, signal.SIGCONT)
-    time.sleep(1.5)  # five settle times with the file open and half written
-    fp.write(whole[len(whole) // 2 :])
-    fp.close()
-    wait_records(root, 2, daemon)
-    time.sleep(0.5)
-    found = by_item(root)
-    assert daemon.stop() == 0, daemon.text()
+    found = finish_and_stop(daemon, [fp], whole[len(whole) // 2 :], 2)
     first, second = sorted(found["item.png"], key=lambda r: r["decided_at"])
     assert len(found) == 1 and [first["verdict"], second["verdict"]].count("rejected") == 0, found
     assert second["received_at"] > first["decided_at"], (first, second)  # its own arrival, not the first copy's
