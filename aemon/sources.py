@@ -39,6 +39,8 @@ __all__ = ["Dataset", "load_source", "local_path", "provenance", "is_named", "pa
            "choose_input", "unlike_input", "sample_mnist", "MAX_AUTO_SIDE", "check_output_folder",
            "make_output_folder", "refuse_output_inside"]
 
+#: Unreadable files of a folder named in one error, at most.
+MAX_NAMED = 5
 #: ``--size auto`` keeps the longer side at most this (the aspect kept, sides multiples of 4).
 MAX_AUTO_SIDE = 128
 #: Images whose headers ``--size auto`` and ``--color auto`` look at, at most.
@@ -299,12 +301,17 @@ def _folder(path: Path, prep: Preprocessing, limits: Limits, src: str) -> np.nda
     files = list_images(path)
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
-    images = []
+    images, refused = [], []
     for file in files:
         try:
             images.append(decode_image(file, prep, limits))
-        except ItemRejected as exc:
-            raise SourceError(f"{src}: {file.relative_to(path)}: {exc}") from exc
+        except ItemRejected as exc:  # its message starts with the file's name: the path below the folder instead
+            rel, why = str(file.relative_to(path)), str(exc)
+            refused.append(rel + why[len(file.name):] if why.startswith(file.name) else f"{rel}: {why}")
+    if refused:  # every one named at once: the user fixes the folder in one go
+        shown = "; ".join(refused[:MAX_NAMED]) + ("; ..." if len(refused) > MAX_NAMED else "")
+        raise SourceError(f"{src}: {len(refused)} of {len(files)} files cannot be read as images ({shown}); "
+                          "remove or fix them")
     return np.stack(images)
 
 
@@ -496,7 +503,7 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
     files = list_images(path) if path.is_dir() else [path]
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
-    sizes, colourful = [], False
+    sizes, colourful, unreadable = [], False, []
     # Spread over the whole list, not its first files: a folder sorted by camera or date would
     # otherwise be judged by one end of it.
     picked = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), _INSPECT)).astype(int))]
@@ -509,6 +516,8 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
                     rgb = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.int16)
                     colourful = bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() > 8
                                      or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 8)
-        except (OSError, Unreadable) as exc:
-            raise SourceError(f"{src}: {file.name} is not a readable image: {exc}") from exc
+        except (OSError, Unreadable) as exc:  # named with every other one when the folder is read
+            unreadable.append(f"{file.name} is not a readable image: {exc}")
+    if not sizes:
+        raise SourceError(f"{src}: {unreadable[0]}")
     return sizes, colourful, "images inspected"

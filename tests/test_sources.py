@@ -265,3 +265,25 @@ def test_flat_rows_take_the_size_given(tmp_path: Path) -> None:
     prep, _ = choose_input(str(path), "28x28")
     assert prep.size == (28, 28) and load_source(str(path), prep).x.shape == (3, 28, 28, 1)
     assert unlike_input(str(path), Preprocessing()) is None
+
+
+def test_every_unreadable_file_of_a_folder_is_named_at_once(tmp_path: Path) -> None:
+    """A folder of images with a few broken files: the error named the first one only, so a user fixing a
+    training folder found them one run at a time. Every one is named (at most five), with their number."""
+    from aemon.sources import MAX_NAMED, choose_input
+
+    for i in range(4):
+        Image.fromarray(_digit(50 * i)).save(tmp_path / f"good{i}.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    prep, _ = choose_input(str(tmp_path))  # the readable ones decide the size
+    assert prep.size == (28, 28)
+    with pytest.raises(SourceError) as info:
+        load_source(str(tmp_path), prep)
+    message = str(info.value)
+    assert "2 of 6 files cannot be read" in message and "broken.png" in message and "empty.jpg" in message, message
+    assert "good" not in message
+    for i in range(MAX_NAMED + 2):
+        (tmp_path / f"zz{i}.png").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"9 of 13 files cannot be read .*; \.\.\.\); remove or fix them"):
+        load_source(str(tmp_path), prep)
