@@ -126,10 +126,10 @@ class Inbox:
         self.share = share if share and share[1] > 1 else None
         self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
         self._candidates: dict[str, _Candidate] = {}
-        #: Candidate names in taking order, ``(rank, name)``: a heap, each name once (``_queued``); an entry
-        #: whose candidate is gone is dropped when it comes up. Sorting every candidate for each batch made a
-        #: burst of N files cost N² log N.
-        self._queue: list[tuple[int, str]] = []
+        #: Candidate names in taking order, ``(share rank, arrival, name)``: a heap, each name once
+        #: (``_queued``); an entry whose candidate is gone is dropped when it comes up. Sorting every
+        #: candidate for each batch made a burst of N files cost N² log N.
+        self._queue: list[tuple[int, float, str]] = []
         self._queued: set[str] = set()
         #: This take's walk of ``/proc``: the open files held for writing, and whether it saw every process.
         self._writers: tuple[set[str], bool] | None = None
@@ -332,7 +332,7 @@ class Inbox:
     def put_back(self, name: str, arrived: float) -> None:
         """Track a taken entry again, complete (the caller could not claim it into this batch)."""
         self._candidates[name] = _Candidate(None, time.monotonic(), arrived, moved_in=True)
-        self._enqueue(name)
+        self._enqueue(name, arrived)
 
     def pending(self) -> int:
         """Entries seen in the inbox and not yet taken."""
@@ -349,12 +349,12 @@ class Inbox:
             names = os.listdir(self._fd)
         except OSError:
             return
-        for name in names:
+        for name in sorted(names):  # entries first seen together are taken in name order
             if not is_ignored(name):
                 self._events.put((name, _CHANGED, name))
 
     def take(self, limit: int) -> list[tuple[str, float]]:
-        """Up to ``limit`` complete entries, oldest name first, as ``(name, arrival epoch)``.
+        """Up to ``limit`` complete entries, first seen first, as ``(name, arrival epoch)``.
 
         They are no longer tracked: the caller claims them (or finds them gone).
         """
@@ -379,19 +379,20 @@ class Inbox:
             while self._queue and len(out) < limit:
                 entry = heapq.heappop(self._queue)
                 looked.append(entry)
-                if entry[1] in self._candidates and self._complete(entry[1], now):
-                    out.append((entry[1], self._candidates.pop(entry[1]).arrived))
+                if entry[2] in self._candidates and self._complete(entry[2], now):
+                    out.append((entry[2], self._candidates.pop(entry[2]).arrived))
         finally:  # entries still waiting go back in the queue, whatever happened
             for entry in looked:
-                if entry[1] in self._candidates:
+                if entry[2] in self._candidates:
                     heapq.heappush(self._queue, entry)
                 else:
-                    self._queued.discard(entry[1])
+                    self._queued.discard(entry[2])
         return out
 
-    def _enqueue(self, name: str) -> None:
-        """Queue a new candidate: oldest name first; with several processes on one inbox, each first tries
-        its own share of the names (by a hash), so that they rarely race to claim the same entry."""
+    def _enqueue(self, name: str, arrived: float) -> None:
+        """Queue a new candidate: first seen, first taken (by name order under a sustained stream, a name
+        sorting late would wait as long as earlier names kept coming); with several processes on one inbox,
+        each first tries its own share of the names (by a hash), so that they rarely race to claim one."""
         if name in self._queued:
             return
         self._queued.add(name)
@@ -399,7 +400,7 @@ class Inbox:
         if self.share is not None:
             index, count = self.share
             rank = (zlib.crc32(name.encode("utf-8", "surrogateescape")) - index) % count
-        heapq.heappush(self._queue, (rank, name))
+        heapq.heappush(self._queue, (rank, arrived, name))
 
     def _drain(self, now: float) -> None:
         track_writes = not self.polling
@@ -417,7 +418,7 @@ class Inbox:
             cand = self._candidates.get(name)
             if cand is None:
                 cand = self._candidates[name] = _Candidate(None, now, time.time())
-                self._enqueue(name)
+                self._enqueue(name, cand.arrived)
             if kind == _MOVED_IN:
                 cand.moved_in = True
             elif kind == _WRITING and track_writes:

@@ -245,8 +245,10 @@ def test_settling_waits_for_files_written_in_place(root, digits):
 
 
 def test_entries_are_taken_in_order_whatever_waits(root, digits):
-    """Complete entries go oldest name first, batch after batch; one still settling keeps its place and
-    is taken once settled; with a share, this process's own names come first, then the others'."""
+    """Complete entries go first seen first (entries seen together, as by a scan, in name order), batch after
+    batch; one still settling keeps its place and is taken once settled; with a share, this process's own
+    names come first, then the others'. Name order alone let a name sorting late wait as long as earlier
+    names kept arriving."""
     inbox = Inbox(root, settle_seconds=60, rescan_seconds=3600)  # one scan, at the first take
     old = time.time() - 120
     names = [f"{i:03d}.png" for i in range(40)]
@@ -268,6 +270,14 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     inbox._complete = complete
     assert [name for name, _ in inbox.take(10)] == ["late.png"]
     (root / "inbox" / "late.png").unlink()
+
+    for name in ("y.png", "b.png", "a.png"):  # seen one after another: first seen, first taken, whatever the name
+        os.utime(_png(root / "inbox" / name, digits[2]), (old, old))
+        inbox.notify(str(root / "inbox" / name))
+        inbox.take(0)
+    assert [name for name, _ in inbox.take(10)] == ["y.png", "b.png", "a.png"]
+    for name in ("y.png", "b.png", "a.png"):
+        (root / "inbox" / name).unlink()
 
     inbox = Inbox(root, settle_seconds=60, rescan_seconds=3600, share=(1, 3))
     mine = [n for n in names if zlib.crc32(n.encode()) % 3 == 1]
