@@ -47,7 +47,7 @@ from aemon.claims import Claim, ClaimStore
 from aemon.logs import get_logger
 from aemon.watch import TreeWatch
 
-__all__ = ["IGNORED_SUFFIXES", "is_ignored", "Inbox", "writers_of"]
+__all__ = ["EVENT_GRACE_SECONDS", "IGNORED_SUFFIXES", "is_ignored", "Inbox", "writers_of"]
 
 #: Endings of names that are still being written and are never taken.
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
@@ -60,6 +60,12 @@ log = get_logger()
 _MOVED_IN, _CREATED, _WRITING, _CLOSED, _CHANGED = "moved_in", "created", "writing", "closed", "changed"
 # An entry of the inbox itself renamed out or deleted (claimed by another process, moved away by a user).
 _GONE = "gone"
+# Listed by a scan, not told by inotify.
+_LISTED = "listed"
+#: An entry only listed by a scan waits this long before it may be taken: after a stall of the process
+#: (a pause, CPU starvation) the scan can run before the reader thread has passed on the events that came
+#: meanwhile, and a file written in place and paused looked settled and closed (taken half written).
+EVENT_GRACE_SECONDS = 0.25
 
 
 def is_ignored(name: str) -> bool:
@@ -76,6 +82,8 @@ class _Candidate:
     open_files: set[str] = field(default_factory=set)
     #: Monotonic time before which no process table check is made again for this entry.
     next_check: float = 0.0
+    #: Known from a scan only: no inotify event about it has been seen yet.
+    listed_only: bool = False
 
 
 class _Handler(FileSystemEventHandler):
@@ -351,7 +359,7 @@ class Inbox:
             return
         for name in sorted(names):  # entries first seen together are taken in name order
             if not is_ignored(name):
-                self._events.put((name, _CHANGED, name))
+                self._events.put((name, _LISTED, name))
 
     def take(self, limit: int) -> list[tuple[str, float]]:
         """Up to ``limit`` complete entries, first seen first, as ``(name, arrival epoch)``.
@@ -417,8 +425,10 @@ class Inbox:
                 continue
             cand = self._candidates.get(name)
             if cand is None:
-                cand = self._candidates[name] = _Candidate(None, now, time.time())
+                cand = self._candidates[name] = _Candidate(None, now, time.time(), listed_only=kind == _LISTED)
                 self._enqueue(name, cand.arrived)
+            elif kind != _LISTED:
+                cand.listed_only = False
             if kind == _MOVED_IN:
                 cand.moved_in = True
             elif kind == _WRITING and track_writes:
@@ -454,7 +464,8 @@ class Inbox:
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
         quiet = max(time.time() - sig[-1] / 1e9, now - cand.since)
-        if quiet < self.settle_seconds:
+        if quiet < self.settle_seconds or (cand.listed_only and not self.polling
+                                           and time.time() - cand.arrived < EVENT_GRACE_SECONDS):
             return False
         if name in self._unwatched:
             # Folders without a watch make no events at all, and /proc may not show the writer (another
