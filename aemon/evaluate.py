@@ -142,9 +142,11 @@ def overlap_warnings(normal_source: str, meta) -> list[str]:
 def shared_images_warning(normal, anomalous) -> str | None:
     """A warning when some anomalous images are also among the normal ones (the same pixels after
     preprocessing: one source given twice, or copies), which the numbers would count both ways."""
-    seen = {hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest() for img in normal.x}
-    shared = sum(hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest() in seen
-                 for img in anomalous.x)
+    def digest(img: np.ndarray) -> bytes:
+        return hashlib.blake2b(np.ascontiguousarray(img).tobytes(), digest_size=16).digest()
+
+    seen = {digest(img) for img in normal.x}
+    shared = sum(digest(img) in seen for img in anomalous.x)
     if not shared:
         return None
     return (f"{shared} of the {len(anomalous)} anomalous images are also normal ones ({anomalous.source} and "
@@ -198,11 +200,9 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
     report_dir: Path | None = args.report
     if report_dir is not None:
         from aemon.report import check_report_folder
-        from aemon.sources import refuse_output_inside
+        from aemon.sources import check_output_folder
 
-        if report_dir.exists() and not report_dir.is_dir():
-            raise UsageError(f"--report {report_dir} exists and is not a folder")
-        refuse_output_inside(report_dir, [args.normal, args.anomalous], "--report")
+        check_output_folder(report_dir, [args.normal, args.anomalous], "--report")
         check_report_folder(report_dir)
     bundles = [load_bundle(find_bundle(p) or p) for p in args.bundles]
     shapes = {tuple(b.meta.input_shape) for b in bundles}

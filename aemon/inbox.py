@@ -382,7 +382,7 @@ class Inbox:
         self._drain(now)
         self._writers = None  # walked at most once in this take, when an entry needs it
         out: list[tuple[str, float]] = []
-        looked: list[tuple[int, str]] = []
+        looked: list[tuple[int, float, str]] = []
         try:
             while self._queue and len(out) < limit:
                 entry = heapq.heappop(self._queue)
@@ -398,9 +398,9 @@ class Inbox:
         return out
 
     def _enqueue(self, name: str, arrived: float) -> None:
-        """Queue a new candidate: first seen, first taken (by name order under a sustained stream, a name
-        sorting late would wait as long as earlier names kept coming); with several processes on one inbox,
-        each first tries its own share of the names (by a hash), so that they rarely race to claim one."""
+        """Queue a new candidate by its arrival: first seen, first taken (in name order alone, a name sorting
+        late waited as long as earlier-sorting names kept coming); with several processes on one inbox, each
+        first tries its own share of the names (by a hash), so that they rarely race to claim one."""
         if name in self._queued:
             return
         self._queued.add(name)
