@@ -58,6 +58,8 @@ log = get_logger()
 
 # Event kinds queued by the watchdog thread.
 _MOVED_IN, _CREATED, _WRITING, _CLOSED, _CHANGED = "moved_in", "created", "writing", "closed", "changed"
+# A folder renamed in: complete by its rename, unless a process is seen writing a file inside it.
+_FOLDER_MOVED_IN = "folder_moved_in"
 # An entry of the inbox itself renamed out or deleted (claimed by another process, moved away by a user).
 _GONE = "gone"
 # Listed by a scan, not told by inotify.
@@ -96,7 +98,8 @@ class _Handler(FileSystemEventHandler):
             if event.src_path:
                 inbox.notify(os.fsdecode(event.src_path), _GONE)
             if event.dest_path:
-                inbox.notify(os.fsdecode(event.dest_path), _MOVED_IN)
+                inbox.notify(os.fsdecode(event.dest_path),
+                             _FOLDER_MOVED_IN if isinstance(event, DirMovedEvent) else _MOVED_IN)
         elif isinstance(event, FileClosedEvent):
             inbox.notify(os.fsdecode(event.src_path), _CLOSED)
         elif isinstance(event, FileModifiedEvent):
@@ -141,6 +144,9 @@ class Inbox:
         self._queued: set[str] = set()
         #: This take's walk of ``/proc``: the open files held for writing, and whether it saw every process.
         self._writers: tuple[set[str], bool] | None = None
+        #: Entries whose files no event has told of (folders renamed in, entries found by a scan): listed once,
+        #: at the next walk of ``/proc``, which says whether a process still writes one of them.
+        self._unlisted: set[str] = set()
         self._last_scan = float("-inf")
         self._observer = None
         self._wakeup = threading.Event()
@@ -162,7 +168,7 @@ class Inbox:
         name, _, inner = rel.partition("/")
         if not name or is_ignored(name):
             return
-        if kind in (_MOVED_IN, _GONE) and inner:
+        if kind in (_MOVED_IN, _FOLDER_MOVED_IN, _GONE) and inner:
             kind = _CHANGED  # a file moved into or out of a folder entry: the folder still settles
         self._events.put((name, kind, rel))
         self._wakeup.set()
@@ -190,7 +196,7 @@ class Inbox:
     def _on_inotify(self, event, path: bytes) -> None:
         """One raw inotify event (on watchdog's reader thread): its kind, as :class:`_Handler` tells them."""
         if event.is_moved_to:
-            kind = _MOVED_IN
+            kind = _FOLDER_MOVED_IN if event.is_directory else _MOVED_IN
         elif event.is_moved_from or event.is_delete:
             kind = _GONE
         elif event.is_directory:
@@ -422,15 +428,20 @@ class Inbox:
                 # the copy renamed in before (its queue entry is dropped when it comes up, or reused).
                 self._candidates.pop(name, None)
                 self._unwatched.discard(name)
+                self._unlisted.discard(name)
                 continue
             cand = self._candidates.get(name)
             if cand is None:
                 cand = self._candidates[name] = _Candidate(None, now, time.time(), listed_only=kind == _LISTED)
                 self._enqueue(name, cand.arrived)
+                if kind == _LISTED:  # there before the watch, or its events still on the way: open since?
+                    self._unlisted.add(name)
             elif kind != _LISTED:
                 cand.listed_only = False
-            if kind == _MOVED_IN:
+            if kind in (_MOVED_IN, _FOLDER_MOVED_IN):
                 cand.moved_in = True
+                if kind == _FOLDER_MOVED_IN:
+                    self._unlisted.add(name)
             elif kind == _WRITING and track_writes:
                 cand.open_files.add(rel)
             elif kind == _CREATED and track_writes and _is_regular(self.dir / rel):
@@ -442,19 +453,58 @@ class Inbox:
     def _written(self, cand: _Candidate) -> bool:
         """Whether a process may still write one of ``cand``'s open files. One walk of ``/proc`` per take
         answers for every entry (a walk per entry made N files held open cost N² each settle time)."""
-        if self._writers is None:
+        found, complete = self._walk()
+        return not complete or any(os.path.join(self._prefix, rel) in found for rel in cand.open_files)
+
+    def _walk(self) -> tuple[set[str], bool]:
+        """This take's walk of ``/proc`` for the open files of every candidate. Entries listed since the last
+        walk first add their files, and keep those a process is seen writing (each entry is listed once)."""
+        listed: dict[str, set[str]] = {}
+        for name in self._unlisted:
+            if name in self._candidates:
+                cand = self._candidates[name]
+                listed[name] = set(_files_of(self.dir, name)) - cand.open_files
+                cand.open_files |= listed[name]
+        if listed or self._writers is None:
+            self._unlisted.clear()
             paths = [os.path.join(self._prefix, rel) for c in self._candidates.values() for rel in c.open_files]
             self._writers = writers_of(paths)
-        found, complete = self._writers
-        return not complete or any(os.path.join(self._prefix, rel) in found for rel in cand.open_files)
+        found = self._writers[0]
+        for name, files in listed.items():
+            self._candidates[name].open_files -= {rel for rel in files if os.path.join(self._prefix, rel) not in found}
+        return self._writers
+
+    def _moved_in_complete(self, name: str, cand: _Candidate, now: float) -> bool:
+        """A renamed-in entry is complete, unless it is a folder in which a process is seen writing a file:
+        one that kept a handle on the folder (its working directory) writes on after the rename, and the
+        daemon's own return of files added to a claimed folder is such a folder. Where ``/proc`` cannot
+        show every process, the rename is trusted; a file left unchanged for the stuck-open time is taken."""
+        if name not in self._unlisted and not cand.open_files:
+            return True
+        if now < cand.next_check:
+            return False
+        found, _ = self._walk()
+        cand.open_files = {rel for rel in cand.open_files if os.path.join(self._prefix, rel) in found}
+        if not cand.open_files:
+            return True
+        sig = _signature(self.dir / name)
+        if sig != cand.sig:
+            cand.sig, cand.since = sig, now
+        if now - cand.since >= self.stuck_open_seconds:
+            log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
+                        unchanged_seconds=round(now - cand.since, 1))
+            return True
+        cand.next_check = now + max(self.settle_seconds, 0.5)
+        return False
 
     def _complete(self, name: str, now: float) -> bool:
         cand = self._candidates[name]
         path = self.dir / name
         if cand.moved_in:
             if os.path.lexists(path):
-                return True
+                return self._moved_in_complete(name, cand, now)
             del self._candidates[name]
+            self._unlisted.discard(name)
             return False
         sig = _signature(path)
         if sig is None:
@@ -475,6 +525,8 @@ class Inbox:
             log.info("inbox.taken_unwatched", item=name, unchanged_seconds=round(now - cand.since, 1))
             self._unwatched.discard(name)
             return True
+        if name in self._unlisted:
+            self._walk()
         if not cand.open_files:
             return True
         if now >= cand.next_check:
@@ -512,6 +564,19 @@ def _signature(path: Path) -> tuple | None:
     return (count, size, newest)
 
 
+def _files_of(inbox: Path, name: str) -> list[str]:
+    """The files of the entry ``name`` of ``inbox`` (itself, or those below a folder), as paths relative to
+    it; none for a link or anything else (links inside a folder are not followed)."""
+    top = inbox / name
+    if top.is_symlink() or not top.is_dir():
+        return [name] if _is_regular(top) else []
+    found: list[str] = []
+    for dirpath, _, filenames in os.walk(top):
+        rel = os.path.relpath(dirpath, inbox)
+        found += [os.path.join(rel, file) for file in filenames]
+    return found
+
+
 def _is_regular(path: Path) -> bool:
     try:
         return stat.S_ISREG(os.lstat(path).st_mode)
@@ -542,12 +607,16 @@ def _proc_shows_everyone() -> bool:
 def writers_of(paths: list[str]) -> tuple[set[str], bool]:
     """Which of ``paths`` some process holds open for writing, from one walk of ``/proc``.
 
+    A descriptor names its file by the resolved path (an inbox reached through a link shows by its
+    real one), or by another name for a file with several hard links (a writer writing under its own
+    name that linked the file in) or whose writer removed its own name: those are matched by inode.
+
     Returns:
         The paths held open for writing, and whether that is all of them: False when it cannot be
         told for some (no ``/proc``, a ``/proc`` that does not list every process, or processes whose
         open files this user may not see).
     """
-    wanted = set(paths)
+    wanted, inodes, linked = _names_and_inodes(paths)
     found: set[str] = set()
     complete = _proc_shows_everyone()
     try:
@@ -566,12 +635,47 @@ def writers_of(paths: list[str]) -> tuple[set[str], bool]:
         for fd in fds:
             try:
                 target = os.readlink(f"{fd_dir}/{fd}")
-                if target not in wanted or target in found:
+                asked = wanted.get(target)
+                if asked is None and not (target.startswith("/") and (linked or target.endswith(" (deleted)"))):
+                    continue
+                if asked in found:
                     continue
                 with open(f"/proc/{pid}/fdinfo/{fd}") as info:
-                    flags = next(int(line.split()[1], 8) for line in info if line.startswith("flags:"))
-            except (OSError, StopIteration, ValueError):
+                    fields = dict(line.split(":", 1) for line in info if ":" in line)
+                if asked is None:
+                    ino = int(fields["ino"]) if "ino" in fields else os.stat(f"{fd_dir}/{fd}").st_ino
+                    if ino not in inodes:
+                        continue
+                    st = os.stat(f"{fd_dir}/{fd}")  # the device too, now that the inode matched
+                    asked = inodes[ino].get(st.st_dev)
+                    if asked is None or asked in found:
+                        continue
+                flags = int(fields["flags"].split()[0], 8)
+            except (OSError, KeyError, ValueError):
                 continue
             if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                found.add(target)
+                found.add(asked)
     return found, complete
+
+
+def _names_and_inodes(paths: list[str]) -> tuple[dict[str, str], dict[int, dict[int, str]], bool]:
+    """How ``/proc`` may name each of ``paths`` (as given, or below its folder's resolved path), each
+    regular file's path by inode and device, and whether any has other hard links."""
+    wanted: dict[str, str] = {}
+    inodes: dict[int, dict[int, str]] = {}
+    linked = False
+    resolved: dict[str, str] = {}
+    for path in paths:
+        wanted[path] = path
+        head, tail = os.path.split(path)
+        if head not in resolved:
+            resolved[head] = os.path.realpath(head)
+        wanted.setdefault(os.path.join(resolved[head], tail), path)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            inodes.setdefault(st.st_ino, {})[st.st_dev] = path
+            linked = linked or st.st_nlink > 1
+    return wanted, inodes, linked

@@ -380,3 +380,61 @@ def test_a_name_written_in_place_after_the_user_took_it_back_waits_for_its_write
     found = finish_and_stop(daemon, held, whole[len(whole) // 2 :], 2)
     assert sorted(found) == ["deleted.png", "moved.png"], found
     assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
+
+
+def test_files_still_written_under_another_name_or_in_a_folder_renamed_in_wait_for_their_writer(tmp_path, digits):
+    """Found by attacking a daemon: a half-written file hard-linked into the inbox while its writer wrote on
+    under its other name (the /proc check compared path names only), and a folder renamed in while a file in
+    it was still open for writing (a renamed-in entry counted as complete; the daemon's own return of files
+    added to a claimed folder is such a folder), were taken at once and rejected as truncated."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
+    whole = write_png(tmp_path / "whole.png", digits[2]).read_bytes()
+    (tmp_path / "writer").mkdir()
+    linked = open(tmp_path / "writer" / "linked.png", "wb")  # noqa: SIM115 - held open across the test
+    linked.write(whole[: len(whole) // 2])
+    linked.flush()
+    os.link(tmp_path / "writer" / "linked.png", root / "inbox" / "linked.png")
+    folder = tmp_path / "batch"
+    write_png(folder / "done.png", digits[3])
+    inside = open(folder / "open.png", "wb")  # noqa: SIM115 - a writer whose working folder is moved
+    inside.write(whole[: len(whole) // 2])
+    inside.flush()
+    folder.rename(root / "inbox" / "batch")
+    found = finish_and_stop(daemon, [linked, inside], whole[len(whole) // 2 :], 3)
+    assert sorted(found) == ["batch/done.png", "batch/open.png", "linked.png"], found
+    assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
+
+
+def test_a_writer_pausing_mid_file_is_waited_for_when_the_root_is_reached_through_a_link(tmp_path, digits):
+    """``AEMON_ROOT`` through a symbolic link (``/data`` -> ``/mnt/vol``): /proc shows a writer's file by its
+    resolved path, which never matched the inbox path as given, so a writer pausing mid-file was not seen
+    (found by attacking a daemon)."""
+    real = new_root(tmp_path, "real")
+    (tmp_path / "link").symlink_to(real)
+    daemon = Daemon(tmp_path / "link", tmp_path / "daemon.log", settle=0.3).wait_ready()
+    whole = write_png(tmp_path / "whole.png", digits[4]).read_bytes()
+    held = []
+    for name, base in (("via-link.png", tmp_path / "link"), ("via-real.png", real)):
+        fp = open(base / "inbox" / name, "wb")  # noqa: SIM115 - held open across the daemon's checks
+        fp.write(whole[: len(whole) // 2])
+        fp.flush()
+        held.append(fp)
+    found = finish_and_stop(daemon, held, whole[len(whole) // 2 :], 2)
+    assert sorted(found) == ["via-link.png", "via-real.png"], found
+    assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
+
+
+def test_a_file_held_open_before_the_daemon_starts_waits_for_its_writer(tmp_path, digits):
+    """A daemon (or a worker) starting while a writer is paused mid-file: no event tells of the file, only the
+    start-up scan, and it was taken half written once quiet for the settle time (a worker of a fresh daemon
+    found a returned folder so, in an attack). Entries found by a scan are now checked in /proc too."""
+    root = new_root(tmp_path)
+    whole = write_png(tmp_path / "whole.png", digits[5]).read_bytes()
+    fp = open(root / "inbox" / "paused.png", "wb")  # noqa: SIM115 - held open across the daemon's start
+    fp.write(whole[: len(whole) // 2])
+    fp.flush()
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
+    found = finish_and_stop(daemon, [fp], whole[len(whole) // 2 :], 1)
+    assert list(found) == ["paused.png"], found
+    assert found["paused.png"][0]["verdict"] != "rejected", found
