@@ -26,6 +26,7 @@ from aemon.errors import EmptyItem, IgnoredName, ItemRejected, NameTooLong, Unre
 from aemon.fsio import iso_time, own_folder_writable
 from aemon.images import Look
 from aemon.inbox import is_ignored
+from aemon.writers import writers_of
 
 __all__ = ["MAX_NAME_BYTES", "Unit", "expand", "check_file"]
 
@@ -113,7 +114,10 @@ def expand(claim: Claim, dest_root: str) -> list[Unit]:
         return [Unit(claim.path, name, claim.arrived, error=problem)]
     if not units:
         return [Unit(claim.path, name, claim.arrived, error=EmptyItem(f"folder {name} holds no files"))]
-    return units
+    # A process that kept a handle on the folder (its working directory) may have made a file in it since it
+    # was taken: such a file stays in the batch folder and goes back to the inbox when the batch is done.
+    held, _ = writers_of([os.fspath(unit.path) for unit in units if unit.error is None])
+    return [unit for unit in units if os.fspath(unit.path) not in held]
 
 
 def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None]:

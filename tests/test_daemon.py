@@ -355,6 +355,26 @@ def test_an_entry_only_listed_waits_for_the_events_of_its_writer(root, digits):
     assert [name for name, _ in inbox.take(10)] == ["held.png"]
 
 
+def test_a_file_made_in_a_taken_folder_and_still_written_is_left_for_the_inbox(tmp_path, digits):
+    """A process that kept a handle on a folder entry (its working directory) can make a file in it after the
+    daemon took the folder and before it listed its files: that file was decoded half written. Files held open
+    for writing are left in the batch folder, which gives them back to the inbox when the batch is done."""
+    from aemon.claims import Claim
+    from aemon.units import expand
+
+    folder = tmp_path / "claims" / "b1" / "batch"
+    folder.mkdir(parents=True)
+    Image.fromarray(digits[0]).save(folder / "done.png")
+    with open(folder / "writing.png", "wb") as fp:
+        fp.write(b"\x89PNG\r\n")
+        fp.flush()
+        claim = Claim("batch", folder, folder.parent, time.time())
+        assert [unit.rel for unit in expand(claim, str(tmp_path))] == ["batch/done.png"]
+        (folder / "done.png").unlink()
+        assert expand(claim, str(tmp_path)) == []  # nothing to decide; the folder goes back whole
+    assert [unit.rel for unit in expand(claim, str(tmp_path))] == ["batch/writing.png"]
+
+
 def test_one_walk_of_proc_answers_for_every_open_entry(root, digits, monkeypatch):
     """Entries held open past the settle time are checked against /proc; a walk per entry made 500 files
     held open cost about half of two cores in an attack. One take walks /proc once, whatever their number,
