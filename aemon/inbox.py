@@ -7,7 +7,8 @@ Watchers report changes, not state, so the inbox is also scanned at start-up and
 
 * it was renamed into ``inbox/`` (a careful writer's publish step): at once;
 * otherwise, nothing in it is open for writing (every file written to since the daemon started
-  watching was closed again) and nothing in it has changed for ``settle_seconds``.
+  watching was closed again) and the daemon has seen nothing in it change for ``settle_seconds``
+  (the files' own times are not trusted: copies keep their source's).
 
 A folder is published the same way: renamed in when full (taken at once), or filled in place
 (taken once settled). A folder renamed in empty and filled afterwards is taken empty.
@@ -513,7 +514,9 @@ class Inbox:
             return False
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
-        quiet = max(time.time() - sig[-1] / 1e9, now - cand.since)
+        # Only time seen unchanged counts, never the files' own times: rsync -a, cp -p and tar set them to the
+        # source's, and a folder being filled so looked quiet for hours (taken between two files).
+        quiet = now - cand.since
         if quiet < self.settle_seconds or (cand.listed_only and not self.polling
                                            and time.time() - cand.arrived < EVENT_GRACE_SECONDS):
             return False

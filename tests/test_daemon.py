@@ -234,13 +234,16 @@ def test_watcher_finds_items_dropped_while_running(root, make_daemon, digits, po
 
 
 def test_settling_waits_for_files_written_in_place(root, digits):
-    """A freshly modified file is not taken before settle_seconds; an old one is."""
-    inbox = Inbox(root, settle_seconds=60, rescan_seconds=0.01)
+    """A file found in place is taken once the inbox has seen it unchanged for settle_seconds, whatever its own
+    time says: rsync -a and cp -p keep the source's, and an old time once made a file being copied look settled."""
+    inbox = Inbox(root, settle_seconds=0.6, rescan_seconds=0.01)
     path = _png(root / "inbox" / "new.png", digits[0])
-    assert inbox.take(10) == [] and inbox.pending() == 1
-    old = time.time() - 120
+    old = time.time() - 3600
     os.utime(path, (old, old))
-    time.sleep(EVENT_GRACE_SECONDS)  # found by a scan: inotify's events, if any, are in by then
+    assert inbox.take(10) == [] and inbox.pending() == 1
+    time.sleep(0.3)
+    assert inbox.take(10) == []  # an hour-old time does not make it settled
+    time.sleep(0.4)
     assert [name for name, _ in inbox.take(10)] == ["new.png"]
     assert inbox.pending() == 0 and path.exists()  # taking is not claiming
 
@@ -250,22 +253,23 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     batch; one still settling keeps its place and is taken once settled; with a share, this process's own
     names come first, then the others'. Name order alone let a name sorting late wait as long as earlier
     names kept arriving."""
-    inbox = Inbox(root, settle_seconds=60, rescan_seconds=3600)  # one scan, at the first take
-    old = time.time() - 120
+    settle = 0.3
+    inbox = Inbox(root, settle_seconds=settle, rescan_seconds=3600)  # one scan, at the first take
     names = [f"{i:03d}.png" for i in range(40)]
     for name in names:
-        os.utime(_png(root / "inbox" / name, digits[0]), (old, old))
-    os.utime(root / "inbox" / "005.png")  # just changed: settling
-    inbox.take(0)
-    time.sleep(EVENT_GRACE_SECONDS)  # found by a scan: inotify's events, if any, are in by then
+        _png(root / "inbox" / name, digits[0])
+    assert inbox.take(10) == []  # a first look: each settles from now
+    time.sleep(settle + 0.05)
+    os.utime(root / "inbox" / "005.png", (1, 1))  # just changed: settling again
     taken = [name for _ in range(4) for name, _ in inbox.take(10)]
     assert taken == [n for n in names if n != "005.png"] and inbox.pending() == 1
-    os.utime(root / "inbox" / "005.png", (old, old))
+    time.sleep(settle + 0.05)
     assert [name for name, _ in inbox.take(10)] == ["005.png"] and inbox.pending() == 0
 
-    os.utime(_png(root / "inbox" / "late.png", digits[1]), (old, old))
+    _png(root / "inbox" / "late.png", digits[1])
     inbox.notify(str(root / "inbox" / "late.png"))  # seen (as an event would tell), not taken yet
-    inbox.take(0)
+    assert inbox.take(10) == []
+    time.sleep(settle + 0.05)
     complete = inbox._complete
     inbox._complete = lambda name, now: 1 / 0  # an error while looking at it loses no entry
     with pytest.raises(ZeroDivisionError):
@@ -275,16 +279,17 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     (root / "inbox" / "late.png").unlink()
 
     for name in ("y.png", "b.png", "a.png"):  # seen one after another: first seen, first taken, whatever the name
-        os.utime(_png(root / "inbox" / name, digits[2]), (old, old))
+        _png(root / "inbox" / name, digits[2])
         inbox.notify(str(root / "inbox" / name))
-        inbox.take(0)
+        assert inbox.take(10) == []
+    time.sleep(settle + 0.05)
     assert [name for name, _ in inbox.take(10)] == ["y.png", "b.png", "a.png"]
     for name in ("y.png", "b.png", "a.png"):
         (root / "inbox" / name).unlink()
 
-    inbox = Inbox(root, settle_seconds=60, rescan_seconds=3600, share=(1, 3))
-    inbox.take(0)
-    time.sleep(EVENT_GRACE_SECONDS)
+    inbox = Inbox(root, settle_seconds=settle, rescan_seconds=3600, share=(1, 3))
+    assert inbox.take(10) == []
+    time.sleep(settle + 0.05)
     mine = [n for n in names if zlib.crc32(n.encode()) % 3 == 1]
     taken = [name for _ in range(5) for name, _ in inbox.take(9)]
     assert taken[: len(mine)] == mine and sorted(taken) == names and len(taken) == len(names)
@@ -393,6 +398,8 @@ def test_one_walk_of_proc_answers_for_every_open_entry(root, digits, monkeypatch
             for fp in held:
                 fp.write(b"\x89PNG")
                 fp.flush()
+            time.sleep(0.1)
+            inbox.take(10)  # sees them change: settling again
             time.sleep(0.3)
             walks.clear()
             assert inbox.take(10) == [] and inbox.pending() == 30

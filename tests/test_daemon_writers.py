@@ -129,6 +129,31 @@ def test_rsync_publishes_whole_files(live, tmp_path, digits):
     assert not (root / "inbox" / "by-rsync.png").exists()
 
 
+def test_a_folder_with_old_times_filled_in_place_waits_for_the_settle_time(live, tmp_path, digits):
+    """Found by attacking a daemon: ``rsync -a`` (and ``cp -p``, ``tar``) set files and folders to the source's
+    times, and the settle time was measured from the newest modification time as well as from what the daemon
+    saw: a folder being filled looked quiet for hours and was taken between two files (``empty`` records for
+    its subfolders, the files that came later left in rejected/ without records). Now only time the daemon
+    has seen the entry unchanged counts. Deterministic case: a folder made in place, its time set an hour
+    back, filled a fifth of the settle time later."""
+    root = live.root
+    before = len(records(root))
+    folder = root / "inbox" / "old-times"
+    (folder / "sub").mkdir(parents=True)
+    hour_ago = time.time() - 3600
+    for path in (folder / "sub", folder):
+        os.utime(path, (hour_ago, hour_ago))
+    time.sleep(SETTLE / 5)
+    for i in range(3):
+        write_png(tmp_path / f"o{i}.png", digits[i])
+        shutil.copy2(tmp_path / f"o{i}.png", folder / "sub" / f"o{i}.png")  # keeps the source's time
+    wait_records(root, before + 3, live)
+    time.sleep(1.0)
+    found = {item: rs for item, rs in by_item(root).items() if item.startswith("old-times/")}
+    assert sorted(found) == [f"old-times/sub/o{i}.png" for i in range(3)], found
+    assert all(rs[0]["verdict"] in ("ok", "anomaly") for rs in found.values()), found
+
+
 # -- 4. bad input --------------------------------------------------------
 def _huge_header_png(pixels: np.ndarray) -> bytes:
     """A small valid PNG whose IHDR claims 50000x50000 (CRC fixed): nothing big is allocated."""
