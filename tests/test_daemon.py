@@ -203,6 +203,29 @@ def test_old_claims_are_recovered(root, make_daemon, digits):
     assert list((root / ".aemon" / "claims").iterdir()) == []
 
 
+@pytest.mark.filterwarnings("ignore:Callback with id:RuntimeWarning")  # the folder's watch, kept when it comes back
+def test_a_folder_whose_files_are_all_still_written_goes_back_whole(root, make_daemon, digits, monkeypatch):
+    """Every file of a claimed folder still held open when it is listed: the batch has nothing to decide, and the
+    folder goes back to the inbox whole, to be taken once its writers are done (no 'empty' record)."""
+    import aemon.units
+
+    for i in range(2):
+        _png(root / "inbox" / "batch" / f"f{i}.png", digits[i])
+    real, calls = aemon.units.writers_of, []
+
+    def held_once(paths):
+        calls.append(len(paths))
+        return (set(paths), True) if len(calls) == 1 else real(paths)
+
+    monkeypatch.setattr(aemon.units, "writers_of", held_once)
+    make_daemon().run(until_idle=True)
+    if (root / "inbox" / "batch").exists():  # given back after the run found itself idle: the next start takes it
+        make_daemon().run(until_idle=True)
+    assert calls == [2, 2]
+    assert sorted(r["item"] for r in map(_record, (root / "ok").rglob("*.png"))) == ["batch/f0.png", "batch/f1.png"]
+    assert not (root / "rejected").exists() or not any((root / "rejected").iterdir())
+
+
 def test_batches_hold_at_most_batch_size_items(root, make_daemon, digits):
     """Ten images with batch_size 4 take three model calls."""
     for i in range(10):
