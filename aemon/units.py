@@ -114,10 +114,22 @@ def expand(claim: Claim, dest_root: str) -> list[Unit]:
         return [Unit(claim.path, name, claim.arrived, error=problem)]
     if not units:
         return [Unit(claim.path, name, claim.arrived, error=EmptyItem(f"folder {name} holds no files"))]
-    # A process that kept a handle on the folder (its working directory) may have made a file in it since it
-    # was taken: such a file stays in the batch folder and goes back to the inbox when the batch is done.
-    held, _ = writers_of([os.fspath(unit.path) for unit in units if unit.error is None])
+    held = _changed_since_taken_and_open(claim, units)
     return [unit for unit in units if os.fspath(unit.path) not in held]
+
+
+def _changed_since_taken_and_open(claim: Claim, units: list[Unit]) -> set[str]:
+    """Files of a claimed folder written since it was taken and still open for writing: a process that kept a
+    handle on the folder (its working directory) writes on. They stay in the batch folder and go back to the
+    inbox when the batch is done. A file open since before (held by a reader that opened it read-write, past
+    the inbox's stuck-open time) is decided: leaving it would send the folder round for ever."""
+    taken = os.lstat(claim.batch_dir).st_ctime_ns  # made, and the entry renamed into it, when it was taken
+    changed = []
+    for unit in units:
+        with contextlib.suppress(OSError):
+            if unit.error is None and os.lstat(unit.path).st_ctime_ns >= taken:
+                changed.append(os.fspath(unit.path))
+    return writers_of(changed)[0] if changed else set()  # no walk of /proc for a folder nobody touched since
 
 
 def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None]:

@@ -36,8 +36,10 @@ def writers_of(paths: list[str]) -> tuple[set[str], bool]:
     """Which of ``paths`` some process holds open for writing, from one walk of ``/proc``.
 
     A descriptor names its file by the resolved path (an inbox reached through a link shows by its
-    real one), or by another name for a file with several hard links (a writer writing under its own
-    name that linked the file in) or whose writer removed its own name: those are matched by inode.
+    real one), by a path through another mount (a bind mount, another mount namespace: same file name),
+    or by another name for a file with several hard links (a writer writing under its own name that
+    linked the file in) or whose writer removed its own name: all but the first are matched by inode,
+    whose cost is paid only for descriptors that may be one of ``paths``.
 
     Returns:
         The paths held open for writing, and whether that is all of them: False when it cannot be
@@ -45,6 +47,7 @@ def writers_of(paths: list[str]) -> tuple[set[str], bool]:
         open files this user may not see).
     """
     wanted, inodes, linked = _names_and_inodes(paths)
+    names = {os.path.basename(path) for path in paths}
     found: set[str] = set()
     complete = _proc_shows_everyone()
     try:
@@ -64,7 +67,8 @@ def writers_of(paths: list[str]) -> tuple[set[str], bool]:
             try:
                 target = os.readlink(f"{fd_dir}/{fd}")
                 asked = wanted.get(target)
-                if asked is None and not (target.startswith("/") and (linked or target.endswith(" (deleted)"))):
+                if asked is None and not (target.startswith("/") and (
+                        linked or target.endswith(" (deleted)") or os.path.basename(target) in names)):
                     continue
                 if asked in found:
                     continue

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon_process import wait_until_ready
+from daemon_process import png_bytes, wait_until_ready
 from PIL import Image
 from structlog.testing import capture_logs
 
@@ -211,13 +211,13 @@ def test_a_folder_whose_files_are_all_still_written_goes_back_whole(root, make_d
 
     for i in range(2):
         _png(root / "inbox" / "batch" / f"f{i}.png", digits[i])
-    real, calls = aemon.units.writers_of, []
+    real, calls = aemon.units._changed_since_taken_and_open, []
 
-    def held_once(paths):
-        calls.append(len(paths))
-        return (set(paths), True) if len(calls) == 1 else real(paths)
+    def held_once(claim, units):  # written since the take and still open, the first time it is asked
+        calls.append(len(units))
+        return {str(unit.path) for unit in units} if len(calls) == 1 else real(claim, units)
 
-    monkeypatch.setattr(aemon.units, "writers_of", held_once)
+    monkeypatch.setattr(aemon.units, "_changed_since_taken_and_open", held_once)
     make_daemon().run(until_idle=True)
     if (root / "inbox" / "batch").exists():  # given back after the run found itself idle: the next start takes it
         make_daemon().run(until_idle=True)
@@ -385,22 +385,60 @@ def test_an_entry_only_listed_waits_for_the_events_of_its_writer(root, digits):
 
 def test_a_file_made_in_a_taken_folder_and_still_written_is_left_for_the_inbox(tmp_path, digits):
     """A process that kept a handle on a folder entry (its working directory) can make a file in it after the
-    daemon took the folder and before it listed its files: that file was decoded half written. Files held open
-    for writing are left in the batch folder, which gives them back to the inbox when the batch is done."""
+    daemon took the folder and before it listed its files: that file was decoded half written. Files written
+    since the folder was taken and still open for writing are left in the batch folder, which gives them back
+    to the inbox when the batch is done. One open since before the take (a reader holding it read-write, past
+    the inbox's stuck-open time) is decided: leaving it sent the folder round for ever (found by an attack)."""
     from aemon.claims import Claim
     from aemon.units import expand
 
-    folder = tmp_path / "claims" / "b1" / "batch"
+    folder = tmp_path / "inbox" / "batch"
     folder.mkdir(parents=True)
     Image.fromarray(digits[0]).save(folder / "done.png")
-    with open(folder / "writing.png", "wb") as fp:
-        fp.write(b"\x89PNG\r\n")
-        fp.flush()
+    with open(folder / "open-before.png", "wb") as before:
+        before.write(png_bytes(digits[1]))
+        before.flush()
+        time.sleep(0.02)
+        (tmp_path / "claims" / "b1").mkdir(parents=True)
+        folder = folder.rename(tmp_path / "claims" / "b1" / "batch")  # taken
         claim = Claim("batch", folder, folder.parent, time.time())
-        assert [unit.rel for unit in expand(claim, str(tmp_path))] == ["batch/done.png"]
-        (folder / "done.png").unlink()
-        assert expand(claim, str(tmp_path)) == []  # nothing to decide; the folder goes back whole
-    assert [unit.rel for unit in expand(claim, str(tmp_path))] == ["batch/writing.png"]
+        with open(folder / "writing.png", "wb") as fp:
+            fp.write(b"\x89PNG\r\n")
+            fp.flush()
+            assert [unit.rel for unit in expand(claim, str(tmp_path))] == ["batch/done.png", "batch/open-before.png"]
+            before.write(b"\0")  # written since the take: left too
+            before.flush()
+            (folder / "done.png").unlink()
+            assert expand(claim, str(tmp_path)) == []  # nothing to decide; the folder goes back whole
+    assert [unit.rel for unit in expand(claim, str(tmp_path))] == ["batch/open-before.png", "batch/writing.png"]
+
+
+def test_walks_of_proc_take_at_most_a_fifth_of_a_core(root, digits, monkeypatch):
+    """A machine with tens of thousands of open files made each walk of /proc take 0.15 s, and 300 folders
+    renamed in one by one cost 46 CPU-seconds (an attack). After a walk, the next waits WALK_SHARE_INVERSE
+    times as long; the entries that need one wait with it, and are taken once it has been made."""
+    import aemon.inbox
+
+    walks = []
+
+    def slow(paths):
+        walks.append(len(paths))
+        time.sleep(0.1)
+        return set(), True
+
+    monkeypatch.setattr(aemon.inbox, "writers_of", slow)
+    inbox = Inbox(root, settle_seconds=0.05, rescan_seconds=3600)
+    _png(root / "inbox" / "first.png", digits[0])
+    inbox.take(10)
+    time.sleep(EVENT_GRACE_SECONDS + 0.05)
+    assert [name for name, _ in inbox.take(10)] == ["first.png"] and walks == [1]  # found by a scan: asked
+    for folder in ("a", "b"):
+        _png(root / "staging" / folder / "x.png", digits[2])
+        (root / "staging" / folder).rename(root / "inbox" / folder)
+        inbox.notify(str(root / "inbox" / folder), "folder_moved_in")
+    assert inbox.take(10) == [] and walks == [1]  # the walk 0.1 s ago allows the next 0.5 s after it
+    time.sleep(0.5)
+    assert sorted(name for name, _ in inbox.take(10)) == ["a", "b"] and walks == [1, 2]  # one walk for both
 
 
 def test_one_walk_of_proc_answers_for_every_open_entry(root, digits, monkeypatch):

@@ -463,3 +463,25 @@ def test_a_file_held_open_before_the_daemon_starts_waits_for_its_writer(tmp_path
     found = finish_and_stop(daemon, [fp], whole[len(whole) // 2 :], 1)
     assert list(found) == ["paused.png"], found
     assert found["paused.png"][0]["verdict"] != "rejected", found
+
+
+def test_a_writer_through_a_bind_mount_of_the_inbox_is_waited_for(tmp_path, digits):
+    """A writer that reaches the inbox by another mount (a bind mount; a container's view of the same folder)
+    writes a file whose descriptor /proc names by that mount's path: it was not recognised, and a paused
+    writer's file was taken half written (found by attacking a daemon). Same file name: matched by inode."""
+    root = new_root(tmp_path)
+    view = tmp_path / "view"
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(root / "inbox"), str(view)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts need root (CAP_SYS_ADMIN)")
+    try:
+        daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
+        whole = write_png(tmp_path / "whole.png", digits[6]).read_bytes()
+        fp = open(view / "via-mount.png", "wb")  # noqa: SIM115 - held open across the daemon's checks
+        fp.write(whole[: len(whole) // 2])
+        fp.flush()
+        found = finish_and_stop(daemon, [fp], whole[len(whole) // 2 :], 1)
+    finally:
+        subprocess.run(["umount", str(view)], check=False)
+    assert list(found) == ["via-mount.png"], found
+    assert found["via-mount.png"][0]["verdict"] != "rejected", found
