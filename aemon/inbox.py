@@ -513,12 +513,19 @@ class Inbox:
         sig = _signature(self.dir / name)
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
-        if now - cand.since >= self.stuck_open_seconds:
-            log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
-                        unchanged_seconds=round(now - cand.since, 1))
+        if self._stuck_open(name, cand, now):
             return True
         cand.next_check = now + max(self.settle_seconds, 0.5)
         return False
+
+    def _stuck_open(self, name: str, cand: _Candidate, now: float) -> bool:
+        """Whether an entry with files still seen open has been unchanged for the stuck-open time: taken then,
+        with a warning (a lost close event, a reader that opened a file read-write)."""
+        if now - cand.since < self.stuck_open_seconds:
+            return False
+        log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
+                    unchanged_seconds=round(now - cand.since, 1))
+        return True
 
     def _complete(self, name: str, now: float) -> bool:
         cand = self._candidates[name]
@@ -561,11 +568,7 @@ class Inbox:
             if not self._written(cand):
                 log.info("inbox.taken_without_close", item=name, open=sorted(cand.open_files), checked="proc")
                 return True
-        if now - cand.since >= self.stuck_open_seconds:
-            log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
-                        unchanged_seconds=round(now - cand.since, 1))
-            return True
-        return False
+        return self._stuck_open(name, cand, now)
 
 
 def _signature(path: Path) -> tuple | None:

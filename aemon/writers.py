@@ -75,11 +75,10 @@ def writers_of(paths: list[str]) -> tuple[set[str], bool]:
                 with open(f"/proc/{pid}/fdinfo/{fd}") as info:
                     fields = dict(line.split(":", 1) for line in info if ":" in line)
                 if asked is None:
-                    ino = int(fields["ino"]) if "ino" in fields else os.stat(f"{fd_dir}/{fd}").st_ino
-                    if ino not in inodes:
-                        continue
-                    st = os.stat(f"{fd_dir}/{fd}")  # the device too, now that the inode matched
-                    asked = inodes[ino].get(st.st_dev)
+                    if "ino" in fields and int(fields["ino"]) not in inodes:
+                        continue  # told by fdinfo alone: no stat of another process's file
+                    st = os.stat(f"{fd_dir}/{fd}")  # the device too (and the inode, where fdinfo lacks it)
+                    asked = inodes.get(st.st_ino, {}).get(st.st_dev)
                     if asked is None or asked in found:
                         continue
                 flags = int(fields["flags"].split()[0], 8)
