@@ -124,6 +124,15 @@ class Daemon:
         return self.proc.returncode
 
 
+def half_written(path: Path, data: bytes):
+    """``path`` opened for writing with the first half of ``data`` written and flushed: a writer paused
+    mid-file, held open by the caller (finished by :func:`finish_and_stop`)."""
+    fp = open(path, "wb")  # noqa: SIM115 - held open by the caller
+    fp.write(data[: len(data) // 2])
+    fp.flush()
+    return fp
+
+
 def finish_and_stop(daemon: Daemon, held: list, rest: bytes, n: int) -> dict[str, list[dict]]:
     """After five settle times, write ``rest`` to each file ``held`` open and close it; wait for ``n`` records,
     stop the daemon (exit 0 asserted) and return the records by item."""

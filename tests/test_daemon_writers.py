@@ -22,6 +22,7 @@ from daemon_process import (
     Daemon,
     by_item,
     finish_and_stop,
+    half_written,
     items,
     load,
     new_root,
@@ -396,9 +397,7 @@ def test_a_name_written_in_place_after_the_user_took_it_back_waits_for_its_write
                 path.rename(tmp_path / f"taken-back-{name}")
             else:
                 path.unlink()
-            fp = open(path, "wb")  # noqa: SIM115 - held open across the daemon's wake-up
-            fp.write(whole[: len(whole) // 2])
-            fp.flush()
+            fp = half_written(path, whole)
             held.append(fp)
     finally:
         os.kill(daemon.proc.pid, signal.SIGCONT)
@@ -416,15 +415,11 @@ def test_files_still_written_under_another_name_or_in_a_folder_renamed_in_wait_f
     daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
     whole = write_png(tmp_path / "whole.png", digits[2]).read_bytes()
     (tmp_path / "writer").mkdir()
-    linked = open(tmp_path / "writer" / "linked.png", "wb")  # noqa: SIM115 - held open across the test
-    linked.write(whole[: len(whole) // 2])
-    linked.flush()
+    linked = half_written(tmp_path / "writer" / "linked.png", whole)
     os.link(tmp_path / "writer" / "linked.png", root / "inbox" / "linked.png")
     folder = tmp_path / "batch"
     write_png(folder / "done.png", digits[3])
-    inside = open(folder / "open.png", "wb")  # noqa: SIM115 - a writer whose working folder is moved
-    inside.write(whole[: len(whole) // 2])
-    inside.flush()
+    inside = half_written(folder / "open.png", whole)
     folder.rename(root / "inbox" / "batch")
     found = finish_and_stop(daemon, [linked, inside], whole[len(whole) // 2 :], 3)
     assert sorted(found) == ["batch/done.png", "batch/open.png", "linked.png"], found
@@ -441,9 +436,7 @@ def test_a_writer_pausing_mid_file_is_waited_for_when_the_root_is_reached_throug
     whole = write_png(tmp_path / "whole.png", digits[4]).read_bytes()
     held = []
     for name, base in (("via-link.png", tmp_path / "link"), ("via-real.png", real)):
-        fp = open(base / "inbox" / name, "wb")  # noqa: SIM115 - held open across the daemon's checks
-        fp.write(whole[: len(whole) // 2])
-        fp.flush()
+        fp = half_written(base / "inbox" / name, whole)
         held.append(fp)
     found = finish_and_stop(daemon, held, whole[len(whole) // 2 :], 2)
     assert sorted(found) == ["via-link.png", "via-real.png"], found
@@ -456,9 +449,7 @@ def test_a_file_held_open_before_the_daemon_starts_waits_for_its_writer(tmp_path
     found a returned folder so, in an attack). Entries found by a scan are now checked in /proc too."""
     root = new_root(tmp_path)
     whole = write_png(tmp_path / "whole.png", digits[5]).read_bytes()
-    fp = open(root / "inbox" / "paused.png", "wb")  # noqa: SIM115 - held open across the daemon's start
-    fp.write(whole[: len(whole) // 2])
-    fp.flush()
+    fp = half_written(root / "inbox" / "paused.png", whole)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
     found = finish_and_stop(daemon, [fp], whole[len(whole) // 2 :], 1)
     assert list(found) == ["paused.png"], found
@@ -477,9 +468,7 @@ def test_a_writer_through_a_bind_mount_of_the_inbox_is_waited_for(tmp_path, digi
     try:
         daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
         whole = write_png(tmp_path / "whole.png", digits[6]).read_bytes()
-        fp = open(view / "via-mount.png", "wb")  # noqa: SIM115 - held open across the daemon's checks
-        fp.write(whole[: len(whole) // 2])
-        fp.flush()
+        fp = half_written(view / "via-mount.png", whole)
         found = finish_and_stop(daemon, [fp], whole[len(whole) // 2 :], 1)
     finally:
         subprocess.run(["umount", str(view)], check=False)

@@ -21,6 +21,7 @@ from daemon_process import (
     finish_and_stop,
     full_tmpfs,
     full_tmpfs_fill,
+    half_written,
     new_root,
     records,
     wait_records,
@@ -412,9 +413,7 @@ def test_a_name_written_in_place_after_its_first_copy_was_claimed_waits_for_its_
     try:
         write_png(tmp_path / "first.png", digits[1]).rename(root / "inbox" / "item.png")
         wait_records(root, 1, daemon)  # the main process claimed and decided it
-        fp = open(root / "inbox" / "item.png", "wb")  # noqa: SIM115 - held open across the worker's wake-up
-        fp.write(whole[: len(whole) // 2])
-        fp.flush()
+        fp = half_written(root / "inbox" / "item.png", whole)
     finally:
         os.kill(worker, signal.SIGCONT)
     found = finish_and_stop(daemon, [fp], whole[len(whole) // 2 :], 2)
