@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from aemon.fsio import iso_time, own_folder_writable, rename_noreplace
+from aemon.fsio import iso_time, own_folder_usable, rename_noreplace
 from aemon.journal import drop_undecided, prune_empty, read_journal, remove_batch
 from aemon.logs import get_logger
 from aemon.router import Router
@@ -119,7 +119,7 @@ class ClaimStore:
             try:
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
             except PermissionError:  # a read-only folder cannot change parents: open it up if it is ours
-                if not own_folder_writable(name, dir_fd=inbox_fd):
+                if not own_folder_usable(name, dir_fd=inbox_fd):
                     raise
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
         except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
@@ -168,7 +168,8 @@ class ClaimStore:
 
         A batch with a journal was decided before the crash: exactly that decision is finished
         (items placed, missing records written) and each of its records is passed to ``decided``
-        (the stopped daemon reports a batch's decisions only once the batch is done). Its folder
+        (the stopped daemon reports a batch's decisions only once the batch is done), but those a run that
+        kept the batch reported already. A batch with files that still cannot be moved stays as it is. Its folder
         entries' empty shells are removed; anything else, and the entries of a batch without a
         journal, are yielded (one list per batch folder) to be routed again. Outputs of undecided
         batches are dropped. ``progress`` is called as a large journal runs and after each batch folder.
@@ -179,9 +180,11 @@ class ClaimStore:
             if journal is not None:
                 done = journal.run(router, batch_dir, progress)
                 log.info("claim.finished", batch=batch_dir.name, steps=len(done))
-                for step in done:
-                    if step.record is not None:
-                        decided(step.record)
+                for step in journal.unreported(done):
+                    decided(step.record)
+                if journal.stuck:  # kept whole until its files can be moved: never routed again
+                    journal.keep(batch_dir, done)
+                    continue
                 for name in journal.entries:
                     entry = batch_dir / name
                     if entry.is_dir() and not entry.is_symlink():

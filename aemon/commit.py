@@ -83,19 +83,21 @@ class Committer:
                     write_all_durably(writes[start : start + WRITES_PER_SYNC])
                     self.progress()
                 journal.write(batch.batch_dir)
-                journal.run(self.router, batch.batch_dir, self.progress)
+                done = journal.run(self.router, batch.batch_dir, self.progress)
+                if journal.stuck:  # kept in the claims folder: given back, it would be taken again at once
+                    journal.keep(batch.batch_dir, done)
         except OSError as exc:
             log.error("commit.failed", batch=batch.batch_dir.name, error=str(exc))
             raise
         finally:
             self.router.release(reserved)
-        if journal.stuck:  # kept in the claims folder: given back, it would be taken again at once
-            log.error("claim.kept", batch=batch.batch_dir.name, stuck=len(journal.stuck))
-        else:
+        if not journal.stuck:
             for name in remove_batch(batch.batch_dir, self.inbox):
                 log.warning("claim.returned", item=name, batch=batch.batch_dir.name)
+        placed = {id(step.record) for step in done if step.record is not None}
         for unit, record in batch.decided:
-            self.on_decided(unit, record)
+            if id(record) in placed:  # an item that could not be moved is reported once it is, at a later start
+                self.on_decided(unit, record)
         self.on_committed(batch)
 
     def _plan(self, batch: Batch, unit: Unit, journal: Journal, reserved: list[Path],

@@ -27,7 +27,7 @@ from typing import Any
 
 from aemon.fsio import Folders, fsync_dir, rename_noreplace, write_durably
 from aemon.logs import get_logger
-from aemon.records import encode
+from aemon.records import encode_exact
 from aemon.router import FOLDERS, Router
 
 __all__ = ["JOURNAL_NAME", "NAMING_FIELDS", "Step", "Journal", "read_journal", "output_path", "drop_undecided",
@@ -59,6 +59,8 @@ class Step:
     #: Where the file lay (relative to the root) when a record name taken after its placement sent it to
     #: ``dest``: a run stopped between journal and move finishes the move.
     moved_from: str | None = None
+    #: The record was reported (logged and counted) by a run that kept the batch: never reported again.
+    reported: bool = False
 
 
 @dataclass
@@ -76,8 +78,20 @@ class Journal:
     def write(self, batch_dir: Path) -> None:
         """Store the plan durably in ``batch_dir``: the decision point of the batch."""
         data = {"entries": self.entries, "remove": self.remove, "steps": [_step_data(st) for st in self.steps]}
-        write_durably(batch_dir / JOURNAL_NAME, encode(data))
+        write_durably(batch_dir / JOURNAL_NAME, encode_exact(data))
         fsync_dir(batch_dir)
+
+    def unreported(self, done: list[Step]) -> list[Step]:
+        """The steps of ``done`` with a record not reported yet."""
+        return [step for step in done if step.record is not None and not step.reported]
+
+    def keep(self, batch_dir: Path, done: list[Step]) -> None:
+        """The batch folder is kept (files that could not be moved): mark the records of ``done`` as reported,
+        durably, so that the runs at later starts report only what they finish."""
+        for step in done:
+            step.reported = step.reported or step.record is not None
+        self.write(batch_dir)
+        get_logger().error("claim.kept", batch=batch_dir.name, stuck=len(self.stuck))
 
     def run(self, router: Router, batch_dir: Path, progress: Callable[[], None] = lambda: None) -> list[Step]:
         """Carry out every step (idempotent); return the steps whose destination now exists.
@@ -285,6 +299,8 @@ def _step_data(step: Step) -> dict[str, Any]:
         data["map_suffix"] = step.map_suffix
     if step.moved_from is not None:
         data["moved_from"] = step.moved_from
+    if step.reported:
+        data["reported"] = True
     return data
 
 

@@ -701,3 +701,57 @@ def test_a_folder_of_a_thousand_subfolders_commits_within_a_low_open_files_limit
     finally:
         code = daemon.stop()
     assert code == 0, daemon.text()
+
+
+def _decided(log: Path) -> list[dict]:
+    """Every ``item.decided`` event of every run logged to ``log``."""
+    return [json.loads(line) for line in log.read_text(errors="replace").splitlines() if '"item.decided"' in line]
+
+
+def test_an_immutable_file_is_decided_once_when_placed_however_often_the_daemon_restarts(tmp_path, digits):
+    """A folder holding an immutable file: its decision was logged and counted at the commit although the file
+    stayed in the claims folder, and every restart routed the kept entries again (each image of the folder
+    decided again, a new map drawn each time, the freed file placed at a new name beside a stale map). Now an
+    item is reported by the run that writes its record, once; a kept batch waits whole for the next start."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if not _chattr("+i", probe):
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
+    _chattr("-i", probe)
+    root, log = new_root(tmp_path), tmp_path / "daemon.log"
+    env = {"AEMON_MAPS": "all"}
+    stage = tmp_path / "stage"
+    frozen = stage / "lot" / "frozen.png"
+    write_png(frozen, digits[0])
+    write_png(stage / "lot" / "free.png", digits[1])
+    assert _chattr("+i", frozen)
+    try:
+        daemon = Daemon(root, log, settle=SETTLE, env=env).wait_ready()
+        _publish(stage / "lot", root / "inbox")
+        _wait_item(daemon, "lot/free.png")
+        _drop_after(daemon, tmp_path, digits[4])
+        assert daemon.events("commit.unmovable"), daemon.text()
+        assert daemon.stop() == 0, daemon.text()
+        assert "lot/frozen.png" not in {e["item"] for e in _decided(log)}, "decided before it was placed"
+        for _ in range(2):  # restarts while it is still immutable: nothing is decided again
+            daemon = Daemon(root, log, settle=SETTLE, env=env).wait_ready()
+            _drop_after(daemon, tmp_path, digits[5], name=f"later{daemon.offset}.png")
+            assert daemon.stop() == 0, daemon.text()
+        kept = list((root / ".aemon" / "claims").rglob("frozen.png"))
+        assert len(kept) == 1, kept
+        _chattr("-i", kept[0])
+        daemon = Daemon(root, log, settle=SETTLE, env=env).wait_ready()
+        placed = _wait_item(daemon, "lot/frozen.png")
+        _drop_after(daemon, tmp_path, digits[6], name="last.png")
+        assert daemon.stop() == 0, daemon.text()
+    finally:
+        for path in [*root.rglob("frozen.png"), frozen]:
+            _chattr("-i", path)
+    decided = [e["item"] for e in _decided(log) if e["item"].startswith("lot/")]
+    assert sorted(decided) == ["lot/free.png", "lot/frozen.png"], decided
+    assert placed["path"].endswith("lot/frozen.png"), placed  # the name it kept free all along
+    maps = {p.relative_to(root).as_posix() for p in root.rglob("*.map.png")}
+    named = {str(Path(rec["path"]).parent / rec["map"]) for recs in by_item(root).values() for rec in recs
+             if "map" in rec}
+    assert maps == named, (maps, named)
+    assert not list((root / ".aemon" / "claims").rglob("*.png"))
