@@ -26,7 +26,7 @@ __all__ = [
     "iso_time",
     "temp_name",
     "fsync_dir",
-    "own_folder_writable",
+    "own_folder_usable",
     "write_durably",
     "write_all_durably",
     "write_json_atomic",
@@ -68,24 +68,28 @@ def temp_name(folder: str | os.PathLike, suffix: str = "") -> str:
     return os.path.join(os.fspath(folder), f".t-{os.urandom(6).hex()}{suffix}")
 
 
-def own_folder_writable(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
-    """Make the folder ``path`` writable by its owner if this process owns it; whether it is writable now.
+def own_folder_usable(path: str | os.PathLike, dir_fd: int | None = None) -> bool:
+    """Open up the folder ``path`` to its owner (read, enter, write) if this process owns it; whether this
+    process may now list it and move things in and out of it.
 
     Moving a folder to another parent, or a file out of a folder, needs write permission on that
-    folder. A read-only folder the daemon owns (``cp -r`` of a read-only tree) is opened up before it
-    is moved: it is about to be taken apart. Links are never followed.
+    folder, and taking it apart needs to list it. A folder the daemon owns that lacks these (``cp -r`` of a
+    read-only tree, a folder made with mode 000) is opened up before it is moved: it is about to be taken
+    apart. Links are never followed; the folder is reached by an ``O_PATH`` handle, which needs no
+    permission on it.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(path, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return False
+    wanted = stat.S_IRUSR | stat.S_IWUSR | stat.S_IXUSR
+    handle = f"/proc/self/fd/{fd}"  # the folder itself (fchmod refuses an O_PATH descriptor)
     try:
         info = os.fstat(fd)
-        if info.st_mode & stat.S_IWUSR and info.st_uid == os.geteuid():
-            return True
         if info.st_uid != os.geteuid():
-            return os.access(f"/proc/self/fd/{fd}", os.W_OK)
-        os.fchmod(fd, stat.S_IMODE(info.st_mode) | stat.S_IWUSR)
+            return os.access(handle, os.R_OK | os.W_OK | os.X_OK)
+        if info.st_mode & wanted != wanted:
+            os.chmod(handle, stat.S_IMODE(info.st_mode) | wanted)
         return True
     except OSError:
         return False

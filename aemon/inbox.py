@@ -340,8 +340,9 @@ class Inbox:
                 if name not in self._unmovable:
                     self._unmovable.add(name)
                     log.error("inbox.unmovable", item=name, error=str(exc),
-                              hint="a read-only folder of another user cannot be moved; make it writable "
-                                   "(chmod u+w) or drop a copy")
+                              hint="the entry cannot be moved out of the inbox (a read-only folder of another "
+                                   "user, another user's file in a sticky inbox, an immutable or append-only file: "
+                                   "chattr +i/+a); make it movable or drop a copy")
                 continue
             self._unmovable.discard(name)
             if claim is not None:

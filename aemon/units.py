@@ -23,7 +23,7 @@ import numpy as np
 
 from aemon.claims import Claim
 from aemon.errors import EmptyItem, IgnoredName, ItemRejected, NameTooLong, Unreadable, UnsafeItem, UnsupportedType
-from aemon.fsio import iso_time, own_folder_writable
+from aemon.fsio import iso_time, own_folder_usable
 from aemon.images import Look
 from aemon.inbox import is_ignored
 from aemon.writers import writers_of
@@ -137,8 +137,11 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
     longest = _PATH_MAX - _PATH_SLACK - _nbytes(os.path.join(dest_root, "rejected", ""))
     errors: list[OSError] = []
     units: list[Unit] = []
+    _open_up(os.fspath(claim.path))
     for dirpath, dirs, files in os.walk(claim.path, onerror=errors.append):
-        if not os.access(dirpath, os.W_OK) and not own_folder_writable(dirpath):
+        for d in dirs:  # before the walk lists them: a folder of the daemon's own with mode 000 is opened up
+            _open_up(os.path.join(dirpath, d))
+        if not os.access(dirpath, os.W_OK) and not own_folder_usable(dirpath):
             rel = os.path.relpath(dirpath, base)
             return [], Unreadable(f"folder {rel} is read-only and not the daemon's to change, so its files cannot be "
                                   "moved out; the folder is kept whole")
@@ -174,6 +177,12 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
         return [], Unreadable(f"cannot read inside {claim.name}: {exc.strerror}; the folder is kept whole")
     units.sort(key=lambda u: u.rel)
     return units, None
+
+
+def _open_up(folder: str) -> None:
+    """Give the daemon's own ``folder`` the permissions taking it apart needs, where it lacks them."""
+    if not os.path.islink(folder) and not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
+        own_folder_usable(folder)
 
 
 def _held_by_sticky(folder: str, names: list[str]) -> str | None:

@@ -315,6 +315,36 @@ def test_read_only_folders_never_stop_a_daemon_without_permission_override(tmp_p
     assert code == 0, daemon.text()
 
 
+@pytest.mark.skipif(not _can_drop_dac(), reason="needs root with CAP_SETPCAP to run the daemon without "
+                    "CAP_DAC_OVERRIDE (a non-root daemon, as the shipped container runs)")
+def test_folders_of_the_daemons_own_user_without_read_permission_are_opened_up_and_scored(tmp_path, digits):
+    """A folder the daemon's own user owns with mode 000 or 0100 stayed in the inbox for ever (opening it to
+    make it writable needed read permission; logged once as another user's read-only folder), and a 000
+    subfolder rejected its whole folder. A folder of its own is opened up (u+rwx) as it is taken."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_drop_dac).wait_ready()
+    stage = tmp_path / "stage"
+    try:
+        write_png(stage / "m000" / "a.png", digits[0])
+        write_png(stage / "m100" / "b.png", digits[1])
+        write_png(stage / "nest" / "shut" / "c.png", digits[2])
+        write_png(stage / "nest" / "d.png", digits[3])
+        for folder, mode in (("m000", 0o000), ("m100", 0o100), ("nest/shut", 0o000)):
+            os.chmod(stage / folder, mode)
+        images = ["m000/a.png", "m100/b.png", "nest/shut/c.png", "nest/d.png"]
+        for folder in ("m000", "m100", "nest"):
+            _publish(stage / folder, root / "inbox")
+        found = _wait_accounted(daemon, images, timeout=20)
+        assert all(rec["verdict"] in ("ok", "anomaly") and rec["item"] == rel for rel, rec in found.items()), found
+        assert os.listdir(root / "inbox") == [], os.listdir(root / "inbox")
+        assert not daemon.events("inbox.unmovable"), daemon.text()
+        _drop_after(daemon, tmp_path, digits[4])
+    finally:
+        code = daemon.stop()
+        subprocess.run(["chmod", "-R", "u+rwx", str(tmp_path)], check=False)
+    assert code == 0, daemon.text()
+
+
 def _give_to_another_user(folders: list[Path], mode: int) -> None:
     """Make ``folders`` and what they hold belong to nobody (65534), each folder with ``mode``."""
     for folder in folders:
