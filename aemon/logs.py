@@ -52,12 +52,33 @@ def configure(fmt: str | None = None, level: str = "INFO", stream=None, **fields
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
+            _readable_values,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
         logger_factory=structlog.PrintLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+
+
+def readable(text: str) -> str:
+    """``text`` as valid Unicode: a file name that is not valid UTF-8 (kept by Python as surrogate escapes,
+    which strict JSON parsers refuse and a UTF-8 stream cannot print) shows U+FFFD for each byte it cannot
+    decode."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _readable_values(logger, method: str, event_dict: dict) -> dict:
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = readable(value)
+    return event_dict
 
 
 def _add_fields(fields: dict):

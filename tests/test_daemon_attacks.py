@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -790,7 +791,9 @@ def test_files_whose_events_the_kernel_dropped_are_found_at_once(tmp_path, digit
 
 def test_names_that_are_not_utf8_are_scored_and_keep_their_bytes(tmp_path, digits):
     """Names from systems that do not write UTF-8 (Latin-1 bytes): a file and a file inside a folder are
-    placed under their own bytes with a record; the daemon goes on, also across a restart."""
+    placed under their own bytes with a record; the daemon goes on, also across a restart. Records and log
+    lines are valid UTF-8 JSON (they held lone surrogates, which strict parsers refuse and jq turns into
+    paths that do not exist): such a name is shown with U+FFFD, and ``exact_names`` gives its bytes."""
     root = new_root(tmp_path)
     inbox = os.fsencode(root / "inbox")
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
@@ -811,8 +814,15 @@ def test_names_that_are_not_utf8_are_scored_and_keep_their_bytes(tmp_path, digit
     placed = {os.path.relpath(os.fsencode(p), os.fsencode(root)).split(b"/", 1)[1] for p in items(root)}
     assert placed == {b"bad\xff.png", b"caf\xe9/in\xe9side.png", b"caf\xe9/fine.png", b"after.png"}
     for record in records(root):
-        data = load(record)
-        assert os.fsencode(root / data["path"]) == os.fsencode(record)[: -len(".json")]
+        data = json.loads(record.read_bytes().decode("utf-8"))  # strict: no lone surrogate either
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+        exact = os.fsencode(root) + b"/" + urllib.parse.unquote_to_bytes(data.get("exact_names", data)["path"])
+        assert exact == os.fsencode(record)[: -len(".json")], data
+        if data["item"] != "after.png":
+            assert "\ufffd" in data["path"] and set(data["exact_names"]) >= {"item", "path"}, data
+    for line in (tmp_path / "daemon.log").read_bytes().splitlines():
+        if line.startswith(b"{"):
+            json.dumps(json.loads(line.decode("utf-8")), ensure_ascii=False).encode("utf-8")
     assert os.listdir(root / "inbox") == []
 
 
