@@ -20,7 +20,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from aemon.fsio import iso_time, own_folder_usable, rename_noreplace
+from aemon.errors import Crashed, ItemRejected
+from aemon.fsio import fsync_dir, iso_time, own_folder_usable, rename_noreplace, write_durably
 from aemon.journal import drop_undecided, prune_empty, read_journal, remove_batch
 from aemon.logs import get_logger
 from aemon.router import Router
@@ -30,6 +31,11 @@ __all__ = ["Claim", "ClaimStore"]
 log = get_logger()
 
 LOCK_NAME = ".lock"
+#: Hidden files of a batch folder that count how often it was tried again after a process died in it:
+#: ``.tries-N`` is made, durably, as the N-th such try begins.
+TRIES_PREFIX = ".tries-"
+#: An entry alone in its batch folder with this many tries begun, each ended by a death, is rejected.
+MAX_TRIES_ALONE = 2
 #: A daemon's own temp folder inside its claims folder (removed with it).
 TEMP_NAME = ".tmp"
 
@@ -46,6 +52,8 @@ class Claim:
     batch_dir: Path
     #: When the entry was first seen in the inbox (epoch seconds).
     arrived: float
+    #: Why the entry is rejected without being opened (processes died deciding it), if it is.
+    error: ItemRejected | None = None
 
     @property
     def received_at(self) -> str:
@@ -189,14 +197,45 @@ class ClaimStore:
                     entry = batch_dir / name
                     if entry.is_dir() and not entry.is_symlink():
                         prune_empty(entry)
-            drop_undecided(batch_dir)
+            drop_undecided(batch_dir, keep=TRIES_PREFIX)
             claims = self.entries(batch_dir)
             if not claims:
                 remove_batch(batch_dir, inbox)
                 continue
             for claim in claims:
                 log.info("claim.recovered", item=claim.name, batch=batch_dir.name)
+            yield from self._tried_again(batch_dir, claims, inbox)
+
+    def _tried_again(self, batch_dir: Path, claims: list[Claim], inbox: Path) -> Iterator[list[Claim]]:
+        """The entries of an undecided batch folder a process died in, to route again: whole the first time,
+        then one entry per batch folder; an entry alone in its batch folder that processes died on
+        :data:`MAX_TRIES_ALONE` times more is rejected (``crashed``) without being opened. A death that an
+        entry did not cause (a SIGKILL, a power cut) costs it nothing unless it recurs on it alone.
+        Each try is counted durably before it begins."""
+        tries = _tries(batch_dir)
+        if len(claims) == 1 and tries >= MAX_TRIES_ALONE:
+            claim = claims[0]
+            claim.error = Crashed(f"a process of the daemon died {tries + 1} times while deciding {claim.name}, the "
+                                  "last time with it alone (more memory than the daemon may use, or a crash in a "
+                                  "decoder); it is not tried again")
+            log.error("claim.crashed", item=claim.name, batch=batch_dir.name, deaths=tries + 1)
             yield claims
+            return
+        if tries == 0 or len(claims) == 1:
+            _count_try(batch_dir, tries + 1)
+            yield claims
+            return
+        alone = []
+        for claim in claims:  # which entry it is cannot be told: each gets a batch folder of its own
+            single = self.new_batch(claim.arrived)
+            _count_try(single, tries)
+            os.rename(claim.path, single / claim.name)
+            alone.append(Claim(claim.name, single / claim.name, single, claim.arrived))
+        log.warning("claim.split", batch=batch_dir.name, entries=len(alone), deaths=tries + 1)
+        remove_batch(batch_dir, inbox)
+        for claim in alone:
+            _count_try(claim.batch_dir, tries + 1)
+            yield [claim]
 
     def _adopt(self, batch: Path) -> list[Path]:
         target = self.owner / batch.name
@@ -205,6 +244,20 @@ class ClaimStore:
         except FileNotFoundError:  # another daemon adopted it first
             return []
         return [target]
+
+
+def _tries(batch_dir: Path) -> int:
+    """How many tries of ``batch_dir`` began after a process died in it (its ``.tries-N`` files)."""
+    counts = [int(e.name[len(TRIES_PREFIX):]) for e in os.scandir(batch_dir)
+              if e.name.startswith(TRIES_PREFIX) and e.name[len(TRIES_PREFIX):].isdigit()]
+    return max(counts, default=0)
+
+
+def _count_try(batch_dir: Path, n: int) -> None:
+    """Record, durably, that try ``n`` of ``batch_dir`` begins."""
+    if n > 0 and not (batch_dir / f"{TRIES_PREFIX}{n}").exists():
+        write_durably(batch_dir / f"{TRIES_PREFIX}{n}", b"")
+        fsync_dir(batch_dir)
 
 
 def _real_dir(path: Path) -> bool:

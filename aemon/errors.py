@@ -105,3 +105,10 @@ class IgnoredName(ItemRejected):
     """A file inside a folder batch whose name is never taken (hidden, partial, backup)."""
 
     reason = "ignored_name"
+
+
+class Crashed(ItemRejected):
+    """A process of the daemon died while deciding the item, again when it was tried alone (out of memory, a
+    crash in a decoder): it is not tried again."""
+
+    reason = "crashed"

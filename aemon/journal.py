@@ -309,10 +309,11 @@ def output_path(batch_dir: Path, suffix: str) -> Path:
     return batch_dir / f".out-{os.urandom(6).hex()}{suffix}"
 
 
-def drop_undecided(batch_dir: Path) -> None:
-    """Remove outputs of a batch that was never decided (hidden files of the batch folder)."""
+def drop_undecided(batch_dir: Path, keep: str = "\0") -> None:
+    """Remove outputs of a batch that was never decided (hidden files of the batch folder but those whose
+    names start with ``keep``)."""
     for entry in os.scandir(batch_dir):
-        if entry.name.startswith("."):
+        if entry.name.startswith(".") and not entry.name.startswith(keep):
             _remove(entry.path)
 
 

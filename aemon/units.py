@@ -104,6 +104,8 @@ def expand(claim: Claim, dest_root: str) -> list[Unit]:
         dest_root: The result folders' parent (the root), to check destination path lengths.
     """
     name = claim.name
+    if claim.error is not None:
+        return [Unit(claim.path, name, claim.arrived, error=claim.error)]
     if _nbytes(name) > MAX_NAME_BYTES:
         err = NameTooLong(f"the name is {_nbytes(name)} bytes long; the longest taken is {MAX_NAME_BYTES}")
         return [Unit(claim.path, name, claim.arrived, place_rel=short_name(name), error=err)]

@@ -10,6 +10,7 @@ Nothing outside the root is ever read or written, every item ends with a record,
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import io
 import json
 import os
@@ -785,3 +786,74 @@ def test_an_immutable_file_is_decided_once_when_placed_however_often_the_daemon_
              if "map" in rec}
     assert maps == named, (maps, named)
     assert not list((root / ".aemon" / "claims").rglob("*.png"))
+
+
+def _memory_cgroup(name: str) -> tuple[Path, str, str] | None:
+    """A new cgroup with a memory controller (v1 or v2): the folder, its limit file and its peak-usage file."""
+    try:
+        v1 = Path("/sys/fs/cgroup/memory")
+        if (v1 / "memory.limit_in_bytes").exists():
+            (v1 / name).mkdir()
+            return v1 / name, "memory.limit_in_bytes", "memory.max_usage_in_bytes"
+        v2 = Path("/sys/fs/cgroup")
+        if "memory" in (v2 / "cgroup.subtree_control").read_text().split():
+            (v2 / name).mkdir()
+            if (v2 / name / "memory.peak").exists():
+                return v2 / name, "memory.max", "memory.peak"
+            (v2 / name).rmdir()
+    except OSError:
+        return None
+    return None
+
+
+def test_an_item_that_kills_the_daemon_every_time_is_rejected_and_the_rest_decided(tmp_path, digits):
+    """An array that needs more memory than the daemon's cgroup allows (a container's memory limit): the kernel
+    killed the daemon while it decoded it, and again at every restart, which took it up again from its claim
+    before anything else: nothing was ever decided again. A batch a process died in is tried again whole, then
+    one entry at a time, and an entry a process died on alone is rejected (``crashed``); the rest is decided."""
+    made = _memory_cgroup(f"aemon-test-{os.getpid()}")
+    if made is None:
+        pytest.skip("cannot make a memory cgroup here (needs root and a writable memory controller)")
+    group, limit_file, peak_file = made
+
+    def enter() -> None:
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    root, log = new_root(tmp_path), tmp_path / "daemon.log"
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    rows = np.random.default_rng(0).integers(0, 256, (300_000, 28, 28), dtype=np.uint8)  # 235 MB; 940 MB as float
+    np.save(stage / "huge.npy", rows)
+    want = hashlib.sha256((stage / "huge.npy").read_bytes()).hexdigest()
+    del rows
+    write_png(stage / "small.png", digits[0])
+    daemon = Daemon(root, log, settle=SETTLE, preexec=enter).wait_ready()
+    starts = 1
+    try:
+        (group / limit_file).write_text(str(int((group / peak_file).read_text()) + 300 * 2**20))
+        for name in ("huge.npy", "small.png"):
+            _publish(stage / name, root / "inbox")
+        while True:
+            deadline = time.monotonic() + 60
+            while daemon.proc.poll() is None and len(found := by_item(root)) < 2:
+                assert time.monotonic() < deadline, daemon.text()
+                time.sleep(0.2)
+            if daemon.proc.poll() is None:
+                break
+            assert starts < 6, f"still killed after {starts} starts:\n{daemon.text()}"
+            daemon = Daemon(root, log, settle=SETTLE, preexec=enter).wait_ready()
+            starts += 1
+        assert starts > 1, "the array never killed the daemon: the test proves nothing here"
+        (huge,), (small,) = found["huge.npy"], found["small.png"]
+        assert huge["verdict"] == "rejected" and huge["reason"] == "crashed", huge
+        assert "died" in huge["error"], huge
+        assert hashlib.sha256((root / "rejected" / "huge.npy").read_bytes()).hexdigest() == want
+        assert small["verdict"] in ("ok", "anomaly"), small
+    finally:
+        daemon.stop()
+        for _ in range(50):
+            try:
+                group.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
