@@ -12,6 +12,7 @@ import ctypes
 import errno
 import json
 import os
+import resource
 import shutil
 import stat
 from collections.abc import Callable, Iterator
@@ -272,8 +273,19 @@ _AT_FDCWD = -100
 _FOLDER_FLAGS = os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_PATH", os.O_RDONLY)
 
 
-#: Folders one :class:`Folders` keeps open at once.
+#: Folders one :class:`Folders` keeps open at once, at most (fewer under a low open-files limit).
 MOST_OPEN = 64
+
+
+def folders_kept_open() -> int:
+    """How many folders one :class:`Folders` keeps open: :data:`MOST_OPEN`, or an eighth of the process's
+    open-files limit where that is lower, never under 16 (a commit holds two caches beside the files it
+    writes; at a limit of 128 two caches of 64 ran out of file handles in the middle of a commit, at every
+    restart)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return MOST_OPEN
+    return max(16, min(MOST_OPEN, soft // 8))
 
 
 class Folders:
@@ -290,10 +302,11 @@ class Folders:
         self.prefix = os.path.join(os.fspath(root), "")
         self._fds: dict[str, int] = {}
         self._retired: list[int] = []
+        self._most = folders_kept_open()
 
     def fd(self, rel: str) -> int:
-        """The open folder ``root/rel`` (``""`` is the root); valid until :data:`MOST_OPEN` other folders
-        are opened after it (the least recently used are closed)."""
+        """The open folder ``root/rel`` (``""`` is the root); valid until :func:`folders_kept_open` other
+        folders are opened after it (the least recently used are closed)."""
         fd = self._fds.pop(rel, None)
         if fd is not None:
             self._fds[rel] = fd  # now the most recently used
@@ -312,7 +325,7 @@ class Folders:
                 raise NotADirectoryError(errno.ENOTDIR, "is a link or a file, not a folder; aemon never follows "
                                          "links", self.prefix + rel) from None
         self._fds[rel] = fd
-        while len(self._fds) > MOST_OPEN:  # a batch of thousands of folders: file handles stay few
+        while len(self._fds) > self._most:  # a batch of thousands of folders: file handles stay few
             os.close(self._fds.pop(next(iter(self._fds))))
         return fd
 

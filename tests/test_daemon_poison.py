@@ -707,26 +707,32 @@ def test_images_whose_structure_costs_far_more_than_their_pixels_are_rejected(sh
     _drop_after(shared, tmp_path, digits[7], "after-bombs.png")
 
 
-def _low_open_files() -> None:
-    import resource
+def _open_files_limit(limit: int):
+    """A ``preexec`` that lowers the child's open-files limit to ``limit``."""
+    def lower() -> None:
+        import resource
 
-    resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+    return lower
 
 
-def test_a_folder_of_a_thousand_subfolders_commits_within_a_low_open_files_limit(tmp_path, digits):
-    """A folder of 1,000 subfolders, one image each, for a daemon allowed 512 open files (systemd's default
-    is 1,024): destinations are reached through open folders, and keeping one open per folder of a batch
-    would run out of file handles (EMFILE) in the middle of the commit. Every image is decided."""
+@pytest.mark.parametrize(("limit", "count"), [(512, 1_000), (128, 80)])
+def test_a_folder_of_many_subfolders_commits_within_a_low_open_files_limit(tmp_path, digits, limit, count):
+    """A folder of many subfolders, one image each, for a daemon allowed few open files (systemd's default is
+    1,024): destinations are reached through open folders, and keeping one open per folder of a batch would
+    run out of file handles (EMFILE) in the middle of the commit, at every restart. At 128 the two folder
+    caches of a commit (destinations and the batch folder) together went past the limit. Every image is
+    decided."""
     root = new_root(tmp_path)
-    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_low_open_files).wait_ready()
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_open_files_limit(limit)).wait_ready()
     try:
         data = png_bytes(digits[0])
         wide = tmp_path / "stage" / "wide"
-        for i in range(1_000):
+        for i in range(count):
             (wide / f"s{i:04d}").mkdir(parents=True)
             (wide / f"s{i:04d}" / "a.png").write_bytes(data)
         _publish(wide, root / "inbox")
-        seen = _wait_accounted(daemon, [f"wide/s{i:04d}/a.png" for i in range(1_000)], timeout=120)
+        seen = _wait_accounted(daemon, [f"wide/s{i:04d}/a.png" for i in range(count)], timeout=120)
         assert {rec["verdict"] for rec in seen.values()} <= {"ok", "anomaly"}, daemon.text()
         _drop_after(daemon, tmp_path, digits[4])
     finally:
