@@ -10,6 +10,7 @@ at start-up and at every rescan, and finished or routed again (see :mod:`aemon.j
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import shutil
@@ -73,6 +74,8 @@ class ClaimStore:
         self.base = self.root / ".aemon" / "claims"
         self.owner = self.base / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self._lock_fd: int | None = None
+        #: The try of each batch folder this process began after a death (its ``.tries-N``).
+        self._begun: dict[Path, int] = {}
 
     def open(self) -> None:
         """Create this daemon's owner folder and lock it for the process lifetime."""
@@ -222,7 +225,7 @@ class ClaimStore:
             yield claims
             return
         if tries == 0 or len(claims) == 1:
-            _count_try(batch_dir, tries + 1)
+            self._begin_try(batch_dir, tries + 1)
             yield claims
             return
         alone = []
@@ -234,8 +237,22 @@ class ClaimStore:
         log.warning("claim.split", batch=batch_dir.name, entries=len(alone), deaths=tries + 1)
         remove_batch(batch_dir, inbox)
         for claim in alone:
-            _count_try(claim.batch_dir, tries + 1)
+            self._begin_try(claim.batch_dir, tries + 1)
             yield [claim]
+
+    def _begin_try(self, batch_dir: Path, n: int) -> None:
+        _count_try(batch_dir, n)
+        self._begun[batch_dir] = n
+
+    def stopped_in_order(self) -> None:
+        """This process stops in order (a full disk, a stop asked while a batch was in hand), not by a death:
+        the tries it began are not counted, so a full disk outlasting restarts rejects nothing as crashed."""
+        for batch_dir, n in self._begun.items():
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                os.unlink(batch_dir / f"{TRIES_PREFIX}{n}")
+                with contextlib.suppress(OSError):
+                    fsync_dir(batch_dir)
+        self._begun.clear()
 
     def _adopt(self, batch: Path) -> list[Path]:
         target = self.owner / batch.name

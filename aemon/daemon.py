@@ -8,6 +8,7 @@ its polling observer) and the HTTP server run on their own threads; signal handl
 
 from __future__ import annotations
 
+import errno
 import gc
 import os
 import signal
@@ -63,6 +64,10 @@ TICK = 0.1
 #: ``/healthz`` fails once the loop has made no progress for this long (systemd's ``WATCHDOG_USEC`` when
 #: set): a tick, or a step of a large batch.
 HEARTBEAT_STALE = 30.0
+#: Filesystem errors that stop the daemon in order and say nothing of the items in hand (a full or read-only
+#: root): the tries of the batches it leaves claimed are not counted as deaths (an item that causes an error,
+#: such as too many open files or a read error, still counts, and ends rejected as ``crashed``).
+NOT_A_DEATH = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
 #: Recursion limit while running: enough to walk any path PATH_MAX allows (about 2,000 folder levels).
 WALK_RECURSION = 10_000
 
@@ -147,10 +152,13 @@ class Daemon:
             self.startup()
             self.main_loop(until_idle)
             self.drain()
+            self.claims.stopped_in_order()
         except OSError as exc:
             # An infrastructure failure (disk full, folder removed): exit non-zero so the
             # supervisor restarts us; unfinished entries stay claimed and are recovered.
             log.error("daemon.failed", error=str(exc))
+            if exc.errno in NOT_A_DEATH:
+                self.claims.stopped_in_order()
             raise AemonError(f"the daemon stopped on a filesystem error: {exc}") from exc
         finally:
             self.shutdown()

@@ -25,7 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon_process import Daemon, by_item, load, new_root, png_bytes, wait_records, write_png
+from daemon_process import (
+    Daemon,
+    by_item,
+    full_tmpfs,
+    full_tmpfs_fill,
+    load,
+    new_root,
+    png_bytes,
+    wait_records,
+    write_png,
+)
 
 SETTLE = 0.3
 
@@ -863,3 +873,37 @@ def test_an_item_that_kills_the_daemon_every_time_is_rejected_and_the_rest_decid
                 break
             except OSError:
                 time.sleep(0.1)
+
+
+def test_a_full_disk_at_every_start_is_not_counted_as_deaths_of_the_items_it_stopped(tmp_path, digits):
+    """A daemon whose root is full exits (an orderly stop on a filesystem error, for the supervisor to restart)
+    leaving its batch claimed. Each such exit was counted as a death of the batch's items, and after a full
+    disk outlasting three restarts a valid image was rejected as ``crashed``. An orderly exit counts no death:
+    once there is room, the image is decided."""
+    mount = tmp_path / "small"
+    if not full_tmpfs(mount, new_root):
+        pytest.skip("needs root to mount a small tmpfs")
+    root, log = mount / "root", tmp_path / "daemon.log"
+    daemon = None
+    try:
+        (mount / "filler").unlink()
+        staged = write_png(mount / "stage" / "valid.png", digits[0])
+        daemon = Daemon(root, log, settle=SETTLE).wait_ready()
+        full_tmpfs_fill(mount)
+        _publish(staged, root / "inbox")
+        for start in range(4):
+            code = daemon.proc.wait(timeout=60)
+            assert code != 0 and "No space left on device" in daemon.text(), f"start {start}: exit {code}"
+            assert not by_item(root), "decided on a full disk?"
+            daemon = Daemon(root, log, settle=SETTLE)
+        code = daemon.proc.wait(timeout=60)
+        assert code != 0, daemon.text()
+        (mount / "filler").unlink()
+        daemon = Daemon(root, log, settle=SETTLE).wait_ready()
+        record = _wait_item(daemon, "valid.png")
+        assert record["verdict"] in ("ok", "anomaly"), record
+        assert daemon.stop() == 0, daemon.text()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
