@@ -20,6 +20,7 @@ for ``stuck_open_seconds`` is taken anyway, with a warning.
 
 from __future__ import annotations
 
+import errno
 import heapq
 import os
 import queue
@@ -240,9 +241,20 @@ class Inbox:
     def _watch(self) -> None:
         if not self.polling:
             watch = TreeWatch(self.dir, self._on_inotify, self._on_overflow, self._on_unwatched)
-            watch.start()
-            self._observer = watch
-            return
+            try:
+                watch.start()
+                self._observer = watch
+                return
+            except OSError as exc:
+                if exc.errno != errno.EMFILE:
+                    raise
+                watch.stop()
+                error = str(exc)
+            self.polling = True  # files are then taken once unchanged for the settle time, as on NFS
+            log.warning("inbox.polling", error=error,
+                        hint="no inotify instance left for this user (fs.inotify.max_user_instances, shared by "
+                             "every process of the user): the inbox is polled instead; raise the limit, or set "
+                             "AEMON_POLLING=true to choose polling")
         observer = PollingObserver(timeout=0.5)
         # Only what the taking rule needs: no delete or attribute events.
         wanted = [FileCreatedEvent, DirCreatedEvent, FileMovedEvent, DirMovedEvent, FileModifiedEvent, FileClosedEvent]

@@ -325,6 +325,33 @@ def test_a_writer_pausing_mid_file_is_waited_for_where_proc_does_not_show_it(tmp
     assert daemon.proc.wait(timeout=60) == 0, daemon.text()
 
 
+def test_no_inotify_instance_left_falls_back_to_polling_and_decides(tmp_path, digits):
+    """The user's inotify instances used up (fs.inotify.max_user_instances, 128 by default, shared by every
+    process of the user): the daemon stopped at start-up with "inotify instance limit reached", and a worker
+    was restarted every few seconds for ever. It now watches the inbox by polling, says so once with the
+    setting to raise, and decides what arrives. The daemon runs in a user namespace whose limit is 0."""
+    limit = "echo 0 > /proc/sys/user/max_inotify_instances && exec \"$@\""
+    wrap = ("unshare", "-U", "-r", "sh", "-c", limit, "sh")
+    if subprocess.run([*wrap, "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user namespace with its own inotify limit here")
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, wrap=wrap).wait_ready()
+    try:
+        data = png_bytes(digits[2])
+        staged = tmp_path / "stage.png"
+        staged.write_bytes(data)
+        os.rename(staged, root / "inbox" / "polled.png")
+        (path,) = wait_records(root, 1, daemon)
+        rec = load(path)
+        assert rec["verdict"] in ("ok", "anomaly"), rec
+        assert (root / rec["path"]).read_bytes() == data
+        (warning,) = daemon.events("inbox.polling")
+        assert "max_user_instances" in warning["hint"], warning
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.text()
+
+
 _PAUSED_IN_UNWATCHED_FOLDER = """
 import json, os, sys, time
 from pathlib import Path
