@@ -13,14 +13,16 @@ Small images are enlarged (nearest neighbour) to at least :data:`MIN_SIDE` pixel
 
 from __future__ import annotations
 
-import io
 import math
+import struct
+import zlib
 
 import numpy as np
 
 from aemon.images import PNG_LEVEL
 
-__all__ = ["FULL_SCALE", "MIN_SIDE", "MAPS_MODES", "difference", "local_strength", "render", "strengths", "tinted"]
+__all__ = ["FULL_SCALE", "MIN_SIDE", "MAPS_MODES", "difference", "enlarged_png", "local_strength", "render",
+           "strengths", "tinted"]
 
 #: Absolute pixel difference drawn at full colour.
 FULL_SCALE = 0.5
@@ -78,12 +80,28 @@ def render(image: np.ndarray, strength: np.ndarray) -> bytes:
         image: The model input ``(H, W, C)`` in [0, 1].
         strength: How strongly to tint each pixel, ``(H, W)`` in [0, 1].
     """
-    from PIL import Image
-
     pixels = tinted(image, strength)
-    scale = max(1, math.ceil(MIN_SIDE / max(1, min(pixels.shape[:2]))))
-    if scale > 1:
-        pixels = pixels.repeat(scale, axis=0).repeat(scale, axis=1)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG", compress_level=PNG_LEVEL)
-    return buf.getvalue()
+    return enlarged_png(pixels, max(1, math.ceil(MIN_SIDE / max(1, min(pixels.shape[:2])))))
+
+
+def enlarged_png(pixels: np.ndarray, scale: int) -> bytes:
+    """uint8 RGB ``pixels`` ``(H, W, 3)`` enlarged ``scale`` times (nearest neighbour), as PNG bytes.
+
+    Written directly rather than through Pillow, which filters every row of the enlarged image one by one
+    (0.6 ms a 140×140 map, most of the time a 10,000-row array spent on its maps): each repeated row is
+    stored with PNG's "up" filter, all zeros, and the whole image is compressed once."""
+    h, w = pixels.shape[:2]
+    wide = pixels.repeat(scale, axis=1).reshape(h, w * scale * 3)
+    rows = np.zeros((h, scale, 1 + wide.shape[1]), dtype=np.uint8)
+    rows[:, 0, 1:] = wide  # the first of each group: filter 0 (none), its pixels as they are
+    rows[:, 1:, 0] = 2  # the repeats: filter 2 (up), nothing but zeros
+    header = struct.pack(">IIBBBBB", w * scale, h * scale, 8, 2, 0, 0, 0)  # 8-bit RGB, not interlaced
+    return b"".join((_SIGNATURE, _chunk(b"IHDR", header), _chunk(b"IDAT", zlib.compress(rows.tobytes(), PNG_LEVEL)),
+                     _chunk(b"IEND", b"")))
+
+
+_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))

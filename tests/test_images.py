@@ -382,3 +382,17 @@ def test_a_cameras_progressive_jpeg_and_metadata_pass_the_structure_check(tmp_pa
     (tmp_path / "many.png").write_bytes(png_with_texts(1_001))
     with pytest.raises(Unreadable, match="more than 1000 PNG chunks besides its image data"):
         decode_image(tmp_path / "many.png")
+
+
+@pytest.mark.parametrize(("shape", "scale"), [((28, 28, 3), 5), ((3, 7, 3), 43), ((300, 200, 3), 1)])
+def test_an_enlarged_map_png_decodes_to_its_pixels_each_drawn_scale_times(shape, scale):
+    """Maps are PNGs written without Pillow (repeated rows stored with the "up" filter): any decoder must read
+    back exactly the pixels, each drawn ``scale`` times in both directions."""
+    from aemon.maps import enlarged_png
+
+    pixels = np.random.default_rng(scale).integers(0, 256, shape, dtype=np.uint8)
+    with Image.open(io.BytesIO(enlarged_png(pixels, scale))) as img:
+        img.load()
+        assert img.format == "PNG" and img.mode == "RGB"
+        got = np.asarray(img)
+    assert np.array_equal(got, pixels.repeat(scale, axis=0).repeat(scale, axis=1))
