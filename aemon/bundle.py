@@ -267,6 +267,14 @@ class Bundle:
     def version(self) -> str:
         return self.meta.version
 
+    @cached_property
+    def identity(self) -> str:
+        """What this bundle scores with, exactly: its version and a digest of all of ``bundle.json`` (threshold,
+        calibration scores, score state). Two calibrations of one model file can share a revision, so a
+        version; never an identity."""
+        text = json.dumps(self.meta.model_dump(mode="json"), sort_keys=True)
+        return f"{self.version}:{hashlib.sha256(text.encode()).hexdigest()[:12]}"
+
     @property
     def threshold(self) -> float:
         return self.meta.threshold

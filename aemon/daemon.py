@@ -65,9 +65,10 @@ TICK = 0.1
 #: set): a tick, or a step of a large batch.
 HEARTBEAT_STALE = 30.0
 #: Filesystem errors that stop the daemon in order and say nothing of the items in hand (a full or read-only
-#: root): the tries of the batches it leaves claimed are not counted as deaths (an item that causes an error,
-#: such as too many open files or a read error, still counts, and ends rejected as ``crashed``).
-NOT_A_DEATH = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS})
+#: root, the system's file table full): the tries of the batches it leaves claimed are not counted as deaths
+#: (an error an item can cause, such as this process's open-files limit or a read error, still counts, and
+#: the item ends rejected as ``crashed``).
+NOT_A_DEATH = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.ENFILE})
 #: Recursion limit while running: enough to walk any path PATH_MAX allows (about 2,000 folder levels).
 WALK_RECURSION = 10_000
 
@@ -203,7 +204,7 @@ class Daemon:
         if self.agreement is not None:
             self.bundle = self.agreement.choose(self.bundle)
         elif self.pool is not None:
-            announce(self.root, self.bundle.version)
+            announce(self.root, self.bundle.identity)
         self._set_model_metrics()
         freeze_heap()
         if self.worker is not None:
@@ -377,7 +378,7 @@ class Daemon:
         if self.worker is None:  # one SIGHUP counts once, not once per process
             self.recorder.reload(ok=ok)
         if ok and self.pool is not None:
-            announce(self.root, self.bundle.version)
+            announce(self.root, self.bundle.identity)
             self.pool.signal(signal.SIGHUP)
 
     def drain(self) -> None:

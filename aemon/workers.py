@@ -237,15 +237,16 @@ class WorkerPool:
         self._procs.clear()
 
 
-def announce(root: Path, version: str) -> None:
-    """Main process: store the model version it serves (after each load), before its workers load theirs."""
-    write_json_atomic(root / ".aemon" / SERVED_MODEL, {"version": version})
+def announce(root: Path, identity: str) -> None:
+    """Main process: store the bundle it serves (its :attr:`~aemon.bundle.Bundle.identity`, after each load),
+    before its workers load theirs."""
+    write_json_atomic(root / ".aemon" / SERVED_MODEL, {"identity": identity})
 
 
 def announced(root: Path) -> str | None:
-    """The model version the main process serves, or None where it has not said."""
+    """The identity of the bundle the main process serves, or None where it has not said."""
     try:
-        return str(json.loads((root / ".aemon" / SERVED_MODEL).read_text())["version"])
+        return str(json.loads((root / ".aemon" / SERVED_MODEL).read_text())["identity"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -255,11 +256,12 @@ class ModelAgreement:
 
     Each process loads the bundle from its path; if the bundle folder changes between the main process's
     load and a worker's (a bundle swapped during a reload, or a worker restarted after a swap without
-    SIGHUP), they would score with different models. A worker that loaded another version than the main
+    SIGHUP), they would score with different models. Bundles are compared whole (their identity: two
+    calibrations of one model can share a version). A worker that loaded another bundle than the main
     process serves keeps the main one where it still has it, and asks the main process to reload (SIGHUP
     to its parent, at most every :data:`NUDGE_INTERVAL` seconds); the main process then reloads and passes
     the reload on, so every process ends on the bundle the folder now holds. A worker whose own reload
-    failed while the main process's succeeded loads again until it serves the main version (:meth:`behind`).
+    failed while the main process's succeeded loads again until it serves the main bundle (:meth:`behind`).
     """
 
     def __init__(self, root: Path, worker: int) -> None:
@@ -272,21 +274,21 @@ class ModelAgreement:
         moved away between them); at most every :data:`NUDGE_INTERVAL` seconds."""
         main = announced(self.root)
         now = time.monotonic()
-        if main is None or serving.version == main or now - self._retried < NUDGE_INTERVAL:
+        if main is None or serving.identity == main or now - self._retried < NUDGE_INTERVAL:
             return False
         self._retried = now
-        log.warning("bundle.behind", worker=self.worker, serving=serving.version, main=main,
+        log.warning("bundle.behind", worker=self.worker, serving=serving.identity, main=main,
                     hint="this worker serves another model than the main process: it loads the bundle again")
         return True
 
     def choose(self, loaded, current=None):
         """The bundle this worker serves after loading ``loaded`` while serving ``current`` (None at start)."""
         main = announced(self.root)
-        if main is None or loaded.version == main:
+        if main is None or loaded.identity == main:
             return loaded
-        keep = current is not None and current.version == main
-        log.warning("bundle.diverged", worker=self.worker, loaded=loaded.version, main=main,
-                    serving=(current if keep else loaded).version,
+        keep = current is not None and current.identity == main
+        log.warning("bundle.diverged", worker=self.worker, loaded=loaded.identity, main=main,
+                    serving=(current if keep else loaded).identity,
                     hint="the bundle folder changed between the processes' loads: the main process reloads")
         now = time.monotonic()
         if now - self._nudged >= NUDGE_INTERVAL:

@@ -443,3 +443,47 @@ def test_pending_counts_each_waiting_entry_once(tmp_path, digits):
         for fp in held:
             fp.close()
     assert daemon.stop() == 0, daemon.text()
+
+
+def test_two_calibrations_of_one_model_are_told_apart_by_the_processes(tmp_path, digits):
+    """Two calibrations of one bundle (other target FPRs) are both its revision 2, so both had the same
+    version: a worker restarted after the folder was swapped for the other one served another threshold than
+    the main process, nothing said so, and an item's verdict depended on which process took it (an attack:
+    165 and 435 of 600 records on two thresholds). Processes now compare the whole bundle, not its version."""
+    from aemon.bundle import default_bundle_path, read_meta
+
+    base = tmp_path / "base"
+    shutil.copytree(default_bundle_path("detect"), base)
+    np.save(tmp_path / "cal.npy", digits[-200:])
+    for out, fpr in (("loose", "0.05"), ("strict", "0.02")):
+        command = ["calibrate", str(base), "--data", str(tmp_path / "cal.npy"), "--target-fpr", fpr, "--out",
+                   str(tmp_path / out)]
+        done = subprocess.run([sys.executable, "-m", "aemon", *command], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    loose, strict = read_meta(tmp_path / "loose"), read_meta(tmp_path / "strict")
+    assert loose.threshold != strict.threshold
+    served = tmp_path / "served"
+    shutil.copytree(tmp_path / "loose", served)
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": "2", "AEMON_MODEL": str(served)})
+    daemon.wait_ready()
+    _wait_event(daemon, "worker.ready")
+    os.rename(served, tmp_path / "was-served")
+    shutil.copytree(tmp_path / "strict", served)
+    (worker,) = [e["pid"] for e in daemon.events("worker.started")]
+    os.kill(worker, signal.SIGKILL)  # restarted within 5 s: it loads the other calibration
+    deadline = time.monotonic() + 60
+    while len(daemon.events("worker.ready")) < 2:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        time.sleep(0.2)
+    deadline = time.monotonic() + 30  # the main process is asked to reload, and passes it on to the worker
+    while not [e for e in daemon.events("bundle.loaded") if "worker" not in e and e["name"] == "strict"]:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, f"main kept loose:\n{daemon.text()}"
+        time.sleep(0.2)
+    time.sleep(2)
+    for i in range(40):
+        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
+    wait_records(root, 40, daemon)
+    thresholds = {json.loads(p.read_text())["threshold"] for p in records(root)}
+    assert daemon.stop() == 0, daemon.text()
+    assert thresholds == {strict.threshold}, (thresholds, loose.threshold, strict.threshold)
