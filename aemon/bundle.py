@@ -39,6 +39,7 @@ __all__ = [
     "default_bundle_path",
     "shipped_bundle",
     "is_bundle",
+    "replaceable",
     "find_bundle",
     "sha256_of",
 ]
@@ -403,6 +404,23 @@ def shipped_bundle(name: str) -> Path | None:
 def is_bundle(path: Path) -> bool:
     """True for a folder holding ``bundle.json``."""
     return (Path(path) / META_FILE).is_file()
+
+
+def replaceable(path: Path) -> str | None:
+    """Why the folder ``path`` may not be replaced by a new bundle (``train --force``), or None: it must be an
+    aemon bundle (``bundle.json`` with its ``format_version`` and ``model_sha256``) holding nothing but a bundle's
+    files, so that nothing of the user's is lost with it."""
+    try:
+        meta = json.loads((Path(path) / META_FILE).read_text())
+    except (OSError, ValueError):
+        meta = None
+    if not isinstance(meta, dict) or "format_version" not in meta or "model_sha256" not in meta:
+        return f"holds a {META_FILE} that is not an aemon bundle's"
+    others = sorted(set(os.listdir(path)) - {MODEL_FILE, META_FILE, STATE_FILE})
+    if others:
+        shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        return f"holds more than a bundle ({shown}): move them out first"
+    return None
 
 
 def find_bundle(arg: str | os.PathLike) -> Path | None:

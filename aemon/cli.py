@@ -255,7 +255,7 @@ def _check_out(out: Path, force: bool, src: str) -> None:
     Raises:
         UsageError: what is in the way.
     """
-    from aemon.bundle import is_bundle
+    from aemon.bundle import is_bundle, replaceable
     from aemon.sources import local_path
 
     local = local_path(src)
@@ -268,6 +268,9 @@ def _check_out(out: Path, force: bool, src: str) -> None:
             raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
         if out.is_symlink() or not is_bundle(out):
             raise UsageError(f"{out} is not a model bundle; --force replaces a bundle only: choose another --out")
+        problem = replaceable(out)
+        if problem:
+            raise UsageError(f"{out} {problem}; --force replaces a bundle only: choose another --out")
 
 
 @_verb("train")

@@ -544,6 +544,30 @@ def test_train_force_replaces_only_a_bundle_and_never_the_data(capsys: pytest.Ca
     assert read_meta(bundle).arch == "pca"
 
 
+def test_train_force_never_replaces_a_folder_holding_more_than_a_bundle(capsys: pytest.CaptureFixture,
+                                                                       tmp_path: Path, digits: np.ndarray) -> None:
+    """--force took any folder with a file named bundle.json for a bundle and replaced it whole: another tool's
+    project folder (its bundle.json, data and sources), or a bundle where the user kept notes and example
+    images, lost everything else (an attack). Such folders are refused, naming what is in the way."""
+    photos = _pngs(tmp_path / "photos", digits, 30)
+    common = ["--data", str(photos), "--arch", "pca", "--latent-dim", "8", "--score", "mse", "--target-fpr", "0.5"]
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "bundle.json").write_text('{"schemaVersion": "v1", "name": "app"}')
+    (project / "src" / "main.py").write_text("print(1)")
+    kept = tmp_path / "kept"
+    assert run(capsys, "train", "--out", str(kept), *common)[0] == 0
+    (kept / "NOTES.txt").write_text("mine")
+    for folder, hint in ((project, "not an aemon bundle"), (kept, "NOTES.txt")):
+        before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+        code, _, err = run(capsys, "train", "--out", str(folder), "--force", *common)
+        assert code == 2, err
+        _assert_one_error_line(err)
+        assert hint in err, err
+        assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
+    assert (project / "src" / "main.py").read_text() == "print(1)" and (kept / "NOTES.txt").read_text() == "mine"
+
+
 @pytest.mark.parametrize("argv", [
     ["--seed", "-1"],
     ["--arch", "conv", "--size", "10x10"],
