@@ -352,6 +352,9 @@ def _split_bundle_arg(paths: list[str], task: str = "detect") -> tuple[Path, lis
 
     verb = "score" if task == "detect" else task
     first, rest = paths[0], paths[1:]
+    if any(not arg.strip() for arg in paths):  # an unset variable in a script: never the current folder
+        raise UsageError(f"an empty argument to {verb}; usage: aemon {verb} BUNDLE PATH... (a folder is named, "
+                         "never implied)")
     bundle = find_bundle(first)
     if bundle is None:
         what = "holds no bundle.json" if Path(first).is_dir() else "does not exist" if not Path(first).exists() \

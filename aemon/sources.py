@@ -94,11 +94,16 @@ def parse_source(src: str) -> tuple[str, dict[str, str]]:
 
 def _split_query(src: str) -> tuple[str, dict[str, str]]:
     base, options = parse_source(src)
+    if not base.strip():  # an unset variable in a script: never the current folder
+        raise SourceError(f"an empty data source ({src!r}); name a folder, an image or array file, or a sample "
+                          "such as sample:mnist")
+    repeated = [k for k, v in parse_qs(src.partition("?")[2], keep_blank_values=True).items() if len(v) > 1]
+    if repeated:
+        raise SourceError(f"{src}: {', '.join(sorted(repeated))} is given twice; give each option once")
     unknown = set(options) - _OPTIONS
     if unknown:
-        raise SourceError(
-            f"{src}: unknown option(s) {', '.join(sorted(unknown))}; known: {', '.join(sorted(_OPTIONS))}"
-        )
+        raise SourceError(f"{src}: unknown option(s) {', '.join(sorted(unknown))}; {base} takes "
+                          f"{', '.join(sorted(_options_of(base))) or 'no options'}")
     foreign = set(options) - _options_of(base)
     if foreign:  # e.g. digits= on sample:elpv would filter its cells by defect probability
         raise SourceError(f"{src}: {', '.join(sorted(foreign))} does not apply to this source; it takes "

@@ -795,3 +795,35 @@ def test_info_checks_what_loading_checks(capsys: pytest.CaptureFixture, tiny_bun
         assert code == 1 and out == "" and err.count("\n") == 1, (name, out, err)
     code, out, err = run(capsys, "info", "mnist-detect")
     assert code == 0 and "mnist-detect" in out, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--data", "", "--out", "{tmp}/b", "--arch", "pca", "--latent-dim", "8"],
+    ["calibrate", "mnist-detect", "--data", "", "--out", "{tmp}/b"],
+    ["score", "mnist-detect", ""],
+    ["evaluate", "mnist-detect", "--normal", "", "--anomalous", "sample:mnist?limit=50"],
+])
+def test_an_empty_source_or_path_is_refused_not_read_as_the_current_folder(
+        capsys: pytest.CaptureFixture, tmp_path: Path, digits: np.ndarray, monkeypatch, argv: list[str]) -> None:
+    """An empty --data or PATH (a script's unset variable) meant the current folder: train fitted and calibrate
+    recalibrated on every image below it, score scored them all, each with exit 0 (an attack)."""
+    _pngs(tmp_path / "here", digits, 12)
+    monkeypatch.chdir(tmp_path / "here")
+    code, out, err = run(capsys, *[a.replace("{tmp}", str(tmp_path)) for a in argv])
+    assert code != 0 and not out, (code, out, err)
+    _assert_one_error_line(err)
+    assert "empty" in err, err
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(("src", "says"), [
+    ("sample:mnist?limit=300&limit=400", "limit is given twice"),
+    ("sample:mnist?limt=5", "sample:mnist takes digits, limit"),
+])
+def test_source_options_given_twice_or_misspelt_are_refused_with_what_the_source_takes(
+        capsys: pytest.CaptureFixture, tmp_path: Path, src: str, says: str) -> None:
+    """A repeated option silently kept its last value, and a misspelt one listed options the source refuses."""
+    code, _, err = run(capsys, "train", "--data", src, "--out", str(tmp_path / "b"), "--arch", "pca")
+    assert code != 0
+    _assert_one_error_line(err)
+    assert says in err, err
