@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import resource
@@ -399,6 +400,28 @@ def naming(path: str | os.PathLike) -> Iterator[None]:
 
 
 @contextmanager
+def folder_lock(path: str | os.PathLike) -> Iterator[bool]:
+    """Hold an exclusive lock on the folder at ``path`` itself (``flock``, no file added to it): one writer at a
+    time. Yields whether ``path`` still names the folder locked (False: it was replaced while waiting).
+
+    Raises:
+        FileNotFoundError: nothing at ``path``.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            yield False
+        else:
+            held = os.fstat(fd)
+            yield (now.st_dev, now.st_ino) == (held.st_dev, held.st_ino)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
 def staged_dir(out: Path, *, overwrite: bool = False, exists_error: Callable[[Path], Exception]) -> Iterator[Path]:
     """Yield a hidden temporary directory beside ``out``; publish it as ``out`` by rename on success.
 
@@ -418,8 +441,9 @@ def staged_dir(out: Path, *, overwrite: bool = False, exists_error: Callable[[Pa
         fsync_dir(tmp)
         if out.exists():
             old = Path(temp_name(out.parent))
-            os.rename(out, old)
-            os.rename(tmp, out)
+            with folder_lock(out):  # a calibration writing into it finishes first (and then sees it replaced)
+                os.rename(out, old)
+                os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, out)

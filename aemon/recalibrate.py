@@ -5,9 +5,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from aemon.bundle import Bundle, BundleMeta, staged_dir, write_meta
-from aemon.errors import UsageError
-from aemon.fsio import naming
+from aemon.bundle import Bundle, BundleMeta, read_meta, staged_dir, write_meta
+from aemon.errors import BundleError, UsageError
+from aemon.fsio import folder_lock, naming
 from aemon.sources import Dataset, provenance
 from aemon.train import calibration_payload
 
@@ -43,19 +43,36 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
         refuse_taken_out(Path(out), bundle.path)
     fpr = bundle.meta.target_fpr if target_fpr is None else target_fpr
     threshold, calibration = calibration_payload(bundle.score(data.x), fpr, provenance(data.source))
-    # Validate the merged dict: model_copy(update=...) would keep ``calibration`` a plain dict
-    # and model_dump would then warn (and serialise it unchecked).
-    meta = BundleMeta.model_validate({
-        **bundle.meta.model_dump(),
-        "threshold": threshold,
-        "target_fpr": fpr,
-        "calibration": calibration,
-        "revision": bundle.meta.revision + 1,
-    })
     if out is None:
-        write_meta(bundle.path, meta)
-        return meta
+        return _update_in_place(bundle, threshold, fpr, calibration)
+    meta = _next_revision(bundle.meta, threshold, fpr, calibration)
     with naming(out), staged_dir(Path(out)) as tmp:
         shutil.copytree(bundle.path, tmp, dirs_exist_ok=True)
         write_meta(tmp, meta.model_copy(update={"name": Path(out).name}))
+    return meta
+
+
+def _next_revision(meta: BundleMeta, threshold: float, fpr: float, calibration: dict) -> BundleMeta:
+    # Validate the merged dict: model_copy(update=...) would keep ``calibration`` a plain dict
+    # and model_dump would then warn (and serialise it unchecked).
+    return BundleMeta.model_validate({**meta.model_dump(), "threshold": threshold, "target_fpr": fpr,
+                                      "calibration": calibration, "revision": meta.revision + 1})
+
+
+def _update_in_place(bundle: Bundle, threshold: float, fpr: float, calibration: dict) -> BundleMeta:
+    """Write the new calibration into the bundle folder, one writer at a time: the next revision of what the
+    folder holds now (another calibration may have written one meanwhile), refused if the folder was
+    replaced or its model changed since ``bundle`` was loaded (the scores are of that model)."""
+    replaced = BundleError(f"{bundle.path} was replaced while it was being calibrated (the scores are of the "
+                           "model it held before); nothing was written: calibrate it again")
+    try:
+        with folder_lock(bundle.path) as same:
+            current = read_meta(bundle.path) if same else None
+            if current is None or (current.model_sha256, current.score_state_sha256) != (
+                    bundle.meta.model_sha256, bundle.meta.score_state_sha256):
+                raise replaced
+            meta = _next_revision(current, threshold, fpr, calibration)
+            write_meta(bundle.path, meta)
+    except FileNotFoundError:
+        raise replaced from None
     return meta

@@ -827,3 +827,30 @@ def test_source_options_given_twice_or_misspelt_are_refused_with_what_the_source
     assert code != 0
     _assert_one_error_line(err)
     assert says in err, err
+
+
+def test_a_calibration_never_lands_in_a_bundle_replaced_while_it_scored(
+        capsys: pytest.CaptureFixture, tmp_path: Path, digits: np.ndarray) -> None:
+    """`calibrate B` in place while `train --out B --force` replaced B: calibrate wrote its bundle.json (of the
+    old model) into the new bundle, which then refused to load (sha256 mismatch), both exiting 0 (an attack,
+    3 of 3). Two calibrations at once both became revision 2, one silently lost. A calibration now refuses a
+    bundle replaced meanwhile, and each calibration is its own revision."""
+    from aemon.bundle import load_bundle
+    from aemon.errors import BundleError
+    from aemon.recalibrate import recalibrate
+    from aemon.sources import load_source
+
+    photos = _pngs(tmp_path / "photos", digits, 40)
+    common = ["--data", str(photos), "--arch", "pca", "--score", "mse", "--target-fpr", "0.5"]
+    bundle = tmp_path / "b"
+    assert run(capsys, "train", "--out", str(bundle), "--latent-dim", "8", *common)[0] == 0
+    first, second = load_bundle(bundle), load_bundle(bundle)  # two calibrations begin
+    data = load_source(str(photos), first.preprocessing)
+    assert recalibrate(first, data, 0.3).revision == 2
+    assert recalibrate(second, data, 0.4).revision == 3  # was 2 as well
+    assert load_bundle(bundle).meta.revision == 3
+    stale = load_bundle(bundle)  # a calibration begins; the bundle is replaced meanwhile
+    assert run(capsys, "train", "--out", str(bundle), "--latent-dim", "4", "--force", *common)[0] == 0
+    with pytest.raises(BundleError, match="replaced"):
+        recalibrate(stale, data, 0.3)
+    assert load_bundle(bundle).meta.latent_dim == 4  # the new bundle, whole
