@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -316,6 +317,9 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
     if meta.keras_version and meta.keras_version.split(".")[0] != keras.__version__.split(".")[0]:
         get_logger().warning("bundle.version_mismatch", bundle=str(path), saved_with=meta.keras_version,
                              running=keras.__version__)
+    if not zipfile.is_zipfile(model_path):  # Keras would say "File not found" of a file that is there
+        raise BundleError(f"{model_path} is not a Keras model file (a .keras file is a zip archive): restore the "
+                          "bundle or train it again")
     try:
         model = keras.saving.load_model(model_path, compile=False, safe_mode=True)
     except Exception as exc:  # Keras raises many types for a bad file

@@ -47,7 +47,11 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
         return _update_in_place(bundle, threshold, fpr, calibration)
     meta = _next_revision(bundle.meta, threshold, fpr, calibration)
     with naming(out), staged_dir(Path(out)) as tmp:
-        shutil.copytree(bundle.path, tmp, dirs_exist_ok=True)
+        try:
+            shutil.copytree(bundle.path, tmp, dirs_exist_ok=True)
+        except shutil.Error as exc:  # its message is a list of (source, destination, error) of every file
+            src, _, why = exc.args[0][0]
+            raise OSError(f"cannot copy {src} into the new bundle {out}: {why}") from None
         write_meta(tmp, meta.model_copy(update={"name": Path(out).name}))
     return meta
 

@@ -198,3 +198,16 @@ def test_a_bundle_json_that_disagrees_with_its_model_is_refused(tiny_bundle: Pat
     (bundle / META_FILE).write_text(json.dumps(meta))
     with pytest.raises(BundleError, match=message):
         load_bundle(bundle)
+
+
+def test_a_model_file_that_is_no_keras_file_is_named_as_such(tmp_path: Path) -> None:
+    """Random bytes in model.keras with bundle.json's sha256 updated to match: Keras said "File not found" of
+    a file that is there. The error says it is not a Keras model file."""
+    from aemon.bundle import default_bundle_path, read_meta, sha256_of, write_meta
+
+    bundle = tmp_path / "b"
+    shutil.copytree(default_bundle_path("detect"), bundle)
+    (bundle / "model.keras").write_bytes(np.random.default_rng(0).bytes(5000))
+    write_meta(bundle, read_meta(bundle).model_copy(update={"model_sha256": sha256_of(bundle / "model.keras")}))
+    with pytest.raises(BundleError, match="is not a Keras model file"):
+        load_bundle(bundle)

@@ -732,6 +732,13 @@ def test_a_full_disk_names_the_output_it_could_not_write(capsys: pytest.CaptureF
                            "--out", str(mount / "bundle"))
         assert code == 1 and "No space left on device" in err and str(mount / "bundle") in err, err
         assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+        # calibrate --out copies the bundle first: its error was a Python list of every file that failed
+        code, _, err = run(capsys, "calibrate", "mnist-detect", "--data", "sample:mnist?limit=300", "--out",
+                           str(mount / "copy"))
+        assert code == 1 and "No space left on device" in err and str(mount / "copy") in err, err
+        _assert_one_error_line("\n".join(line for line in err.splitlines() if not line.startswith("{")))  # logs
+        assert "[(" not in err, err
+        assert sorted(p.name for p in mount.iterdir()) == ["filler"]
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
