@@ -252,12 +252,21 @@ class Router:
                     folders.sync(folders.relative(os.path.join(folder, "")).rstrip("/"))
 
     def write_new(self, data: bytes, folder: str, rel: str) -> Path:
-        """Write ``data`` to a free name under ``folder`` durably (one-shot verbs)."""
-        with self.opened() as folders:
-            dest = self.destination(folder, rel)
-            try:
-                write_durably(dest, data, replace=False, folders=folders)
-                folders.sync(os.path.dirname(folders.relative(dest)))
-            finally:
-                self.release([dest])
+        """Write ``data`` to a free name under ``folder`` durably (one-shot verbs).
+
+        Raises:
+            OSError: the filesystem refused, naming the whole path meant (not a name within an open folder).
+        """
+        try:
+            with self.opened() as folders:
+                dest = self.destination(folder, rel)
+                try:
+                    write_durably(dest, data, replace=False, folders=folders)
+                    folders.sync(os.path.dirname(folders.relative(dest)))
+                finally:
+                    self.release([dest])
+        except OSError as exc:
+            if exc.errno is None or (exc.filename and os.path.isabs(os.fspath(exc.filename))):
+                raise
+            raise OSError(exc.errno, exc.strerror, os.path.join(self.root, folder, rel)) from exc
         return dest

@@ -722,7 +722,7 @@ def test_a_full_disk_names_the_output_it_could_not_write(capsys: pytest.CaptureF
     'No space left on device'), exit 1, and no half-written bundle."""
     import subprocess
 
-    from daemon_process import full_tmpfs
+    from daemon_process import full_tmpfs, full_tmpfs_fill
 
     mount = tmp_path / "small"
     if not full_tmpfs(mount):
@@ -739,6 +739,18 @@ def test_a_full_disk_names_the_output_it_could_not_write(capsys: pytest.CaptureF
         _assert_one_error_line("\n".join(line for line in err.splitlines() if not line.startswith("{")))  # logs
         assert "[(" not in err, err
         assert sorted(p.name for p in mount.iterdir()) == ["filler"]
+        # denoise and score --maps: the error named no path, or a name within the output folder
+        (mount / "filler").unlink()
+        (mount / "out" / "sub").mkdir(parents=True)
+        full_tmpfs_fill(mount)
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for i in range(3):
+            Image.fromarray(np.full((28, 28), 40 * i, np.uint8)).save(photos / f"{i}.png")
+        for argv in (["denoise", "mnist-denoise", str(photos), "--out", str(mount / "out")],
+                     ["score", "mnist-detect", str(photos), "--maps", str(mount / "out" / "sub")]):
+            code, _, err = run(capsys, *argv)
+            assert code == 1 and str(mount / "out") in err, err
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
