@@ -414,10 +414,15 @@ def _print_records(records: Iterator[dict], done: str) -> int:
     from aemon.records import encode
 
     rejected = 0
+    out = getattr(sys.stdout, "buffer", None)  # JSON lines are UTF-8 whatever the locale or PYTHONIOENCODING says
+    sys.stdout.flush()
     for record in records:
         rejected += record.get("verdict") == "rejected"
-        sys.stdout.write(encode(record).decode())
-    sys.stdout.flush()
+        if out is not None:
+            out.write(encode(record))
+        else:
+            sys.stdout.write(encode(record).decode())
+    (out or sys.stdout).flush()
     if rejected:
         print(f"Error: {rejected} item(s) could not be {done} (see their 'reason' and 'error')", file=sys.stderr)
         return 1

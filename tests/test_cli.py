@@ -873,3 +873,21 @@ def test_a_calibration_never_lands_in_a_bundle_replaced_while_it_scored(
     with pytest.raises(BundleError, match="replaced"):
         recalibrate(stale, data, 0.3)
     assert load_bundle(bundle).meta.latent_dim == 4  # the new bundle, whole
+
+
+def test_score_lines_are_utf8_json_whatever_the_output_encoding(tmp_path: Path, digits: np.ndarray) -> None:
+    """With PYTHONIOENCODING=ascii, `aemon score` of an image named with accents ended in a UnicodeEncodeError
+    traceback (an attack). Its JSON lines are UTF-8 whatever the stream's encoding."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    image = tmp_path / "é ü.png"
+    Image.fromarray(digits[0]).save(image)
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run([sys.executable, "-m", "aemon", "score", "mnist-detect", str(image)], env=env,
+                          capture_output=True, timeout=120)
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
+    (record,) = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
+    assert record["item"].endswith("é ü.png") and record["verdict"] in ("ok", "anomaly")
