@@ -79,13 +79,15 @@ class _GuardedServer(TcpWSGIServer):
         super().handle_accept()
 
     def maintenance(self, now: float) -> None:
-        """Close, at once, connections with no traffic for :data:`IDLE_TIMEOUT` (also those whose responses
-        the client never reads) and those still receiving a request :data:`REQUEST_TIMEOUT` after it began
-        (a client sending its headers a line a second). A connection in use is never cut."""
+        """Close connections with no traffic for :data:`IDLE_TIMEOUT` (also those whose responses the client
+        never reads) and those still receiving a request :data:`REQUEST_TIMEOUT` after it began (a client
+        sending its headers a line a second). A connection in use is never cut."""
         for channel in list(self.active_channels.values()):
             slow = channel.request is not None and channel.request_started < now - REQUEST_TIMEOUT
             if slow or channel.last_activity < now - IDLE_TIMEOUT:
-                channel.handle_close()
+                # Marked, not closed here: this runs while the loop lists what to watch, and a socket closed
+                # after it was listed ended the HTTP thread (EBADF) for good. The loop closes it next.
+                channel.will_close = True
 
 
 def _eviction_order(channel: HTTPChannel) -> tuple[int, float]:
@@ -169,7 +171,7 @@ class HttpServer:
         logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self._server = _GuardedServer(
             self.app, host=self.host, port=self._port, threads=2, connection_limit=MAX_CONNECTIONS,
-            channel_timeout=IDLE_TIMEOUT, cleanup_interval=1, backlog=BACKLOG, ident="aemon",
+            channel_timeout=IDLE_TIMEOUT, cleanup_interval=1, backlog=BACKLOG, ident="aemon", asyncore_use_poll=True,
             log_socket_errors=False, clear_untrusted_proxy_headers=True,
         )
         self._thread = threading.Thread(target=self._server.run, name="aemon-http", daemon=True)
