@@ -410,7 +410,12 @@ class Daemon:
 
     def _gather(self) -> list[Claim]:
         return self.inbox.gather(self.claims, self.settings.batch_size, self.settings.batch_wait_ms / 1000.0,
-                                 lambda: self.should_exit, self._count_in_flight)
+                                 lambda: self.should_exit, self._count_in_flight, self._waiting)
+
+    def _waiting(self) -> None:
+        """A batch waits to fill: the loop is alive, and its claimed entries are pending."""
+        self.beat()
+        self._set_pending()
 
     # -- one batch -------------------------------------------------------
     def process(self, claims: list[Claim]) -> None:

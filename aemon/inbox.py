@@ -118,6 +118,10 @@ class _Handler(FileSystemEventHandler):
             inbox.notify(os.fsdecode(event.src_path), _CHANGED)
 
 
+#: Longest stretch (seconds) a batch waits to fill without looking at the stop flag and beating.
+WAIT_SLICE = 0.25
+
+
 class Inbox:
     """Discovers entries of ``root/inbox`` and says which are complete.
 
@@ -312,7 +316,7 @@ class Inbox:
 
     # -- loop thread -----------------------------------------------------
     def gather(self, store: ClaimStore, size: int, wait: float, stop: Callable[[], bool],
-               claimed: Callable[[int], None]) -> list[Claim]:
+               claimed: Callable[[int], None], waiting: Callable[[], None] = lambda: None) -> list[Claim]:
         """Claim up to ``size`` complete entries into one new batch folder, waiting up to ``wait`` seconds.
 
         A name already in the batch folder (dropped again meanwhile) waits for the next batch:
@@ -324,6 +328,8 @@ class Inbox:
             wait: Longest wait for the batch to fill once it has one entry.
             stop: True when the daemon is stopping (stop waiting).
             claimed: Called with the number of entries claimed, as they are claimed.
+            waiting: Called at least every :data:`WAIT_SLICE` seconds while waiting (the daemon's heartbeat
+                and gauges: a wait of up to a minute is the loop at work, not stalled).
         """
         taken = self.take(size)
         if not taken:
@@ -333,8 +339,9 @@ class Inbox:
         claims = self._claim(store, taken, batch_dir, names, claimed)
         deadline = time.monotonic() + wait
         while len(claims) < size and time.monotonic() < deadline and not stop():
-            self.wait(max(0.0, deadline - time.monotonic()))
+            self.wait(min(WAIT_SLICE, max(0.0, deadline - time.monotonic())))
             claims += self._claim(store, self.take(size - len(claims)), batch_dir, names, claimed)
+            waiting()
         if not claims:
             batch_dir.rmdir()
         return claims

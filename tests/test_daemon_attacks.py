@@ -1069,3 +1069,39 @@ def test_a_sighup_during_start_up_kills_no_process(tmp_path, digits):
     write_png(root / "inbox" / "after.png", digits[2])
     wait_records(root, 1, daemon)
     assert daemon.stop() == 0, daemon.text()
+
+
+def _gauge(text: str, name: str) -> float:
+    """The value of an unlabelled metric in a /metrics page."""
+    (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[1])
+
+
+def test_a_long_batch_wait_keeps_the_daemon_alive_counted_and_stoppable(tmp_path, digits):
+    """AEMON_BATCH_WAIT_MS near its 60 s limit: while the loop waited for a batch to fill, /healthz said the
+    loop had stalled (503 once the watchdog interval passed), aemon_inbox_pending read 0 with items claimed,
+    and a SIGTERM waited for the rest of the wait (49 s; systemd's TimeoutStopSec is 30 s) and then left the
+    batch claimed (an attack). The wait now beats, counts and looks at the stop flag as it goes."""
+    root = new_root(tmp_path)
+    env = {"AEMON_BATCH_WAIT_MS": "30000", "WATCHDOG_USEC": "3000000", "AEMON_WORKERS": "1"}
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env=env).wait_ready()
+    try:
+        for i in range(2):
+            write_png(root / "inbox" / f"waiting-{i}.png", digits[i])
+        time.sleep(2)
+        health, pending = [], []
+        for _ in range(5):  # past the 3 s watchdog interval
+            health.append(daemon.get("/healthz", timeout=5)[0])
+            pending.append(_gauge(daemon.get("/metrics", timeout=5)[1], "aemon_inbox_pending"))
+            time.sleep(1)
+        assert not records(root), "decided before the wait ended: the test proves nothing"
+        assert health == [200] * 5, (health, daemon.text())
+        assert pending == [2.0] * 5, pending
+        asked = time.monotonic()
+        daemon.proc.send_signal(signal.SIGTERM)
+        code = daemon.proc.wait(timeout=60)
+        took = time.monotonic() - asked
+    finally:
+        daemon.stop()
+    assert code == 0 and took < 10, (code, took, daemon.text())
+    assert len(records(root)) == 2, daemon.text()  # the batch in hand was finished
