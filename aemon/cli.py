@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from aemon import __version__
-from aemon.errors import AemonError, ItemRejected, UsageError
+from aemon.errors import AemonError, ItemRejected, StartupError, UsageError
 from aemon.logs import configure, get_logger, quiet_tensorflow
 from aemon.settings import Settings, load_settings, unknown_env_names
 
@@ -515,7 +515,11 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         from aemon.workers import metrics_dir
 
         # Before prometheus_client is imported: every process then writes its values to files.
-        shared = metrics_dir(Path(os.path.abspath(settings.root)))
+        try:
+            shared = metrics_dir(Path(os.path.abspath(settings.root)))
+        except OSError as exc:
+            raise StartupError(f"root folder {settings.root} is not usable: {exc}; check its permissions or set "
+                               "AEMON_ROOT") from exc
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.fspath(shared)
         # Every process keeps a TensorFlow pool over all the cores: a big array is one process's
         # work, and with a pool of cores/workers threads it scored at half speed; small batches

@@ -150,7 +150,11 @@ class Daemon:
             StartupError: the root, folders, bundle or HTTP port are unusable.
         """
         try:
-            self.startup()
+            try:
+                self.startup()
+            except OSError as exc:  # a root, its folders or files the daemon cannot use: a start-up failure
+                where = f" ({exc.filename})" if exc.filename else ""
+                raise StartupError(f"cannot start on {self.root}: {exc.strerror or exc}{where}") from exc
             self.main_loop(until_idle)
             self.drain()
             self.claims.stopped_in_order()

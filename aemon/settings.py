@@ -220,6 +220,8 @@ def load_settings(config: Path | None = None, **flags: Any) -> Settings:
             table = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UsageError(f"config file {path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise UsageError(f"config file {path} cannot be read: {exc.strerror or exc}") from exc
         wrong = _mistyped(table)
         if wrong:
             raise UsageError(f"config file {path}: {'; '.join(wrong)}")

@@ -1105,3 +1105,26 @@ def test_a_long_batch_wait_keeps_the_daemon_alive_counted_and_stoppable(tmp_path
         daemon.stop()
     assert code == 0 and took < 10, (code, took, daemon.text())
     assert len(records(root)) == 2, daemon.text()  # the batch in hand was finished
+
+
+def test_an_unreadable_config_or_a_read_only_root_is_a_usage_or_start_up_error(tmp_path):
+    """A config file that cannot be read (/proc/self/mem: an I/O error) and a read-only root of a two-process
+    daemon exited 1 with a bare "Input/output error" or "Read-only file system": the README promises 2 for
+    usage errors and 3 for start-up failures, each with a line that names the file or the root."""
+    env = {**os.environ, "AEMON_METRICS_PORT": "0", "AEMON_LOG_FORMAT": "json"}
+    config = subprocess.run([sys.executable, "-m", "aemon", "run", "--config", "/proc/self/mem"], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert config.returncode == 2 and "config file /proc/self/mem cannot be read" in config.stderr, config.stderr
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        for name in ("inbox", "ok", "anomaly", "rejected", "denoised"):
+            (mount / "root" / name).mkdir(parents=True)
+        subprocess.run(["mount", "-o", "remount,ro", str(mount)], check=True)
+        done = subprocess.run([sys.executable, "-m", "aemon", "run"], capture_output=True, text=True, timeout=120,
+                              env={**env, "AEMON_ROOT": str(mount / "root"), "AEMON_WORKERS": "2"})
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+    assert done.returncode == 3 and f"root folder {mount / 'root'} is not usable" in done.stderr, done.stderr
