@@ -424,6 +424,24 @@ def _check_members(archive: zipfile.ZipFile, name: str) -> None:
         raise Unreadable(f"{name}: its member {damaged} is damaged (bad checksum)")
 
 
+def _refuse_pickles(archive: zipfile.ZipFile, name: str) -> None:
+    """No member of an ``.npz`` holds Python objects: the other members travel into the item's parts and
+    outputs, so a pickle would be handed on to whoever reads them (members that are no arrays travel as they are).
+
+    Raises:
+        UnsafeItem: an object (pickled) member.
+    """
+    for info in archive.infolist():
+        with archive.open(info) as member:
+            try:
+                _, dtype = npy_header(member, f"{name}[{info.filename}]")
+            except Unreadable:
+                continue
+        if dtype.hasobject:
+            raise UnsafeItem(f"{name}[{info.filename.removesuffix('.npy')}] holds Python objects (pickles); aemon "
+                             "never unpickles nor passes them on: save numeric arrays")
+
+
 def _listed(names: list[str], most: int = 10) -> str:
     """``names`` joined for a message, at most ``most`` of them (an archive may hold 100,000)."""
     shown = ", ".join(names[:most])
@@ -481,6 +499,7 @@ def _array_of(fp: BinaryIO, name: str, limits: Limits, key: str | None = None) -
                 if unpacked > limits.max_bytes:
                     raise TooLarge(f"{name} unpacks to {unpacked} bytes; the limit is {limits.max_bytes}")
                 _check_members(archive, name)
+                _refuse_pickles(archive, name)
                 with archive.open(info) as member:
                     shape, dtype = npy_header(member, f"{name}[{chosen}]")
                     _check_header(shape, dtype, f"{name}[{chosen}]", limits)
@@ -567,8 +586,9 @@ def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
     out = np.clip(pixels.astype(np.float64), 0.0, 1.0)
     if _in_0_255(like.dtype, float(like.max()) if like.size else 0.0):
         out = out * 255.0
-    if like.dtype.kind in "ui":
-        out = np.rint(out)
+    if like.dtype.kind in "ui":  # rounded, and clipped to what the dtype holds (an int8's 128 wrapped to -128)
+        info = np.iinfo(like.dtype)
+        out = np.clip(np.rint(out), info.min, info.max)
     return out.reshape(like.shape).astype(like.dtype)
 
 

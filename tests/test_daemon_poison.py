@@ -717,6 +717,21 @@ def test_images_whose_structure_costs_far_more_than_their_pixels_are_rejected(sh
     _drop_after(shared, tmp_path, digits[7], "after-bombs.png")
 
 
+def test_an_npz_with_a_pickled_member_is_refused_unsafe_and_never_passed_on(shared, tmp_path, digits):
+    """An .npz whose images are numeric but with another member of Python objects: it was scored, and the
+    pickled member copied into the parts written under ok/ and anomaly/ (an attack), where a reader that
+    unpickles would run it. It is rejected as unsafe, byte for byte as it came."""
+    staged = tmp_path / "pickled.npz"
+    np.savez(staged, x=digits[:2], o=np.array([{"a": 1}, [2]], dtype=object))
+    data = staged.read_bytes()
+    _publish(staged, shared.root / "inbox")
+    rec = _wait_item(shared, "pickled.npz")
+    assert rec["verdict"] == "rejected" and rec["reason"] == "unsafe", rec
+    assert "pickles" in rec["error"] and "[o]" in rec["error"], rec
+    assert (shared.root / rec["path"]).read_bytes() == data
+    _drop_after(shared, tmp_path, digits[3], "after-pickled.png")
+
+
 def _open_files_limit(limit: int):
     """A ``preexec`` that lowers the child's open-files limit to ``limit``."""
     def lower() -> None:

@@ -396,3 +396,14 @@ def test_an_enlarged_map_png_decodes_to_its_pixels_each_drawn_scale_times(shape,
         assert img.format == "PNG" and img.mode == "RGB"
         got = np.asarray(img)
     assert np.array_equal(got, pixels.repeat(scale, axis=0).repeat(scale, axis=1))
+
+
+def test_reconstructions_go_back_to_a_signed_array_clipped_to_its_dtype() -> None:
+    """A denoised int8 array (0-127 accepted as 0-255 pixels): reconstructions above 127 wrapped to negative
+    values (128 came back as -128; an attack, 746 of 24,576 values). They are clipped to what int8 holds."""
+    from aemon.images import input_to_array
+
+    like = np.full((2, 4, 4), 120, np.int8)
+    back = input_to_array(np.linspace(0.0, 1.0, 32, dtype=np.float32).reshape(2, 4, 4, 1), like)
+    assert back.dtype == np.int8 and back.shape == like.shape
+    assert back.min() >= 0 and back.max() == 127
