@@ -88,16 +88,23 @@ def is_named(base: str) -> bool:
 def parse_source(src: str) -> tuple[str, dict[str, str]]:
     """``src`` split into its base (a name or a path) and its query options (the last of a repeated one),
     unchecked."""
+    base, values = _parse(src)
+    return base, {k: v[-1] for k, v in values.items()}
+
+
+def _parse(src: str) -> tuple[str, dict[str, list[str]]]:
+    """``src`` split into its base and every value given to each query option."""
     base, _, query = src.partition("?")
-    return base, {k: v[-1] for k, v in parse_qs(query, keep_blank_values=True).items()}
+    return base, parse_qs(query, keep_blank_values=True)
 
 
 def _split_query(src: str) -> tuple[str, dict[str, str]]:
-    base, options = parse_source(src)
+    base, values = _parse(src)
+    options = {k: v[-1] for k, v in values.items()}
     if not base.strip():  # an unset variable in a script: never the current folder
         raise SourceError(f"an empty data source ({src!r}); name a folder, an image or array file, or a sample "
                           "such as sample:mnist")
-    repeated = [k for k, v in parse_qs(src.partition("?")[2], keep_blank_values=True).items() if len(v) > 1]
+    repeated = [k for k, v in values.items() if len(v) > 1]
     if repeated:
         raise SourceError(f"{src}: {', '.join(sorted(repeated))} is given twice; give each option once")
     unknown = set(options) - _OPTIONS
