@@ -306,10 +306,12 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     path = train_bundle(data, cfg, args.out, overwrite=args.force, prep=prep, choices=choices)
     from aemon.bundle import read_meta
 
-    made = read_meta(path).preprocessing.get("choices", {})
+    meta = read_meta(path)
+    made = meta.preprocessing.get("choices", {})
     for what in ("arch", "score"):
         if what in made:
             print(f"{what}: {made[what]}", file=sys.stderr)
+    print(f"calibration: {meta.training['calibration_held_out']}", file=sys.stderr)
     print(f"wrote {path}", file=sys.stderr)
     return 0
 

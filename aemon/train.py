@@ -1,4 +1,4 @@
-"""Training: fit an autoencoder on normal data, calibrate on a held-out part, save a bundle."""
+"""Training: fit an autoencoder on normal data, calibrate on a held-out part (or cross-fit), save a bundle."""
 
 from __future__ import annotations
 
@@ -21,11 +21,15 @@ from aemon.scoring import SCORE_FUNCTIONS, Scorer, fit_state
 from aemon.sources import Dataset, provenance
 from aemon.synthetic import damage
 
-__all__ = ["TrainConfig", "add_noise", "train_bundle", "calibration_payload"]
+__all__ = ["TrainConfig", "CalibrationPlan", "add_noise", "calibration_plan", "calibration_payload", "train_bundle"]
 
 _OPTIMIZERS = ("adam", "adadelta", "rmsprop", "sgd")
 #: Most fitted images a local score learns its per-place statistics from (a random subset beyond).
 MAX_STATE_IMAGES = 5_000
+#: Folds of a cross-fitted calibration (too few images to hold out what the target FPR needs).
+CROSS_FIT_FOLDS = 5
+#: Fewest images cross-fitting calibrates (each fold's model still fits on 16 or more).
+MIN_CROSS_FIT = 20
 
 
 @dataclass
@@ -83,11 +87,29 @@ class TrainConfig:
         required_samples(self.target_fpr)
 
 
-def _calibration_size(n: int, cfg: TrainConfig) -> tuple[int, str]:
-    """How many of ``n`` images to hold out for calibration, and why.
+@dataclass(frozen=True)
+class CalibrationPlan:
+    """Where the calibration scores come from: a held-out part, or out-of-fold scores (cross-fitting)."""
 
-    ``--calibration-split`` of them, or, when that is fewer than the target FPR needs, exactly as
-    many as it needs, provided at least as many are left to train on.
+    #: Images held out, never fitted (0 when cross-fitted).
+    held_out: int
+    #: Folds of a cross-fitted calibration (0 when held out).
+    folds: int
+    #: One sentence, printed and stored.
+    reason: str
+
+    @property
+    def method(self) -> str:
+        return "cross_fit" if self.folds else "held_out"
+
+
+def calibration_plan(n: int, cfg: TrainConfig) -> CalibrationPlan:
+    """How ``n`` images give the calibration scores, and why.
+
+    ``--calibration-split`` of them held out; when that is fewer than the target FPR needs, exactly as many
+    as it needs, provided at least as many are left to train on; below that, cross-fitting: each image is
+    scored by one of :data:`CROSS_FIT_FOLDS` models fitted without its fold, so every image gives a score
+    from a model that never saw it, and the bundle's model is fitted on all of them.
 
     Raises:
         CalibrationError: too few images for an honest threshold, with the number needed.
@@ -95,13 +117,22 @@ def _calibration_size(n: int, cfg: TrainConfig) -> tuple[int, str]:
     share = math.floor(n * cfg.calibration_split)
     needed = required_samples(cfg.target_fpr)
     if share >= needed:
-        return share, f"{share} of {n} images (--calibration-split {cfg.calibration_split})"
+        return CalibrationPlan(share, 0, f"{share} of {n} images held out "
+                                         f"(--calibration-split {cfg.calibration_split})")
     if n >= 2 * needed:
-        return needed, (f"{needed} of {n} images: the {cfg.calibration_split:.0%} split would hold out {share}, "
-                        f"fewer than the {needed} a target FPR of {cfg.target_fpr} needs")
+        return CalibrationPlan(needed, 0, f"{needed} of {n} images held out: the {cfg.calibration_split:.0%} split "
+                                          f"would hold out {share}, fewer than the {needed} a target FPR of "
+                                          f"{cfg.target_fpr} needs")
+    if n >= max(needed, MIN_CROSS_FIT):
+        return CalibrationPlan(0, CROSS_FIT_FOLDS, (
+            f"cross-fitted: {n} images are fewer than the {2 * needed} that holding out {needed} (what a target FPR "
+            f"of {cfg.target_fpr} needs) and training on as many would take, so each image is scored by one of "
+            f"{CROSS_FIT_FOLDS} models fitted without its fifth of the data ({n} calibration scores); the bundle's "
+            f"model is fitted on all {n}"))
+    least = min(2 * needed, max(needed, MIN_CROSS_FIT))
     raise CalibrationError(
-        f"{n} images are too few for a target FPR of {cfg.target_fpr}: calibrating needs {needed} held out and "
-        f"as many again to train on, {2 * needed} in all; give more normal images or raise --target-fpr"
+        f"{n} images are too few for a target FPR of {cfg.target_fpr}: an honest threshold needs at least {least} "
+        f"normal images; give more or raise --target-fpr"
     )
 
 
@@ -133,13 +164,17 @@ def _weights_only(model, cfg: TrainConfig, prep: Preprocessing):
     return fresh
 
 
-def calibration_payload(scores: np.ndarray, target_fpr: float, source: str) -> tuple[float, dict]:
-    """Threshold and the ``calibration`` block of ``bundle.json`` for these normal scores."""
+def calibration_payload(scores: np.ndarray, target_fpr: float, source: str,
+                        folds: int = 0) -> tuple[float, dict]:
+    """Threshold and the ``calibration`` block of ``bundle.json`` for these normal scores (``folds``: of a
+    cross-fitted calibration, 0 for scores of images the model never saw)."""
     threshold = conformal_threshold(scores, target_fpr)
     block = {
         "source": source,
         "n": len(scores),
         "scores": [float(s) for s in np.sort(scores)],
+        "method": "cross_fit" if folds else "held_out",
+        **({"folds": folds} if folds else {}),
         "created_at": utc_now(),
     }
     return threshold, block
@@ -196,8 +231,12 @@ def _resolve_auto(cfg: TrainConfig, x_fit: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _fit(cfg: TrainConfig, prep: Preprocessing, x_fit: np.ndarray, n_cal: int, rng: np.random.Generator,
-         verbose: bool | None) -> tuple[keras.Model, dict[str, list[float]], int, int]:
-    """Build and fit the model: ``(model, history, images fitted, images for early stopping)``."""
+         verbose: bool | None, epoch_log: bool = True) -> tuple[keras.Model, dict[str, list[float]], int, int]:
+    """Build and fit the model: ``(model, history, images fitted, images for early stopping)``.
+
+    ``verbose``: Keras' progress bar (``None``: on a terminal only); without it, one log event per epoch
+    unless ``epoch_log`` is False.
+    """
     log = get_logger()
     if cfg.arch == "pca" and cfg.latent_dim > min(len(x_fit), math.prod(prep.input_shape)):
         raise UsageError(f"--arch pca keeps at most min(images fitted, pixels) = "
@@ -207,8 +246,9 @@ def _fit(cfg: TrainConfig, prep: Preprocessing, x_fit: np.ndarray, n_cal: int, r
     model = build(cfg.arch, prep.input_shape, cfg.latent_dim)
     if cfg.arch == "pca":
         # A closed-form fit: every non-calibration image is fitted, nothing is needed for early stopping.
-        log.info("train.start", arch=cfg.arch, n_fit=len(x_fit), n_val=0, n_calibration=n_cal, denoise=False,
-                 epochs=0)
+        if epoch_log:
+            log.info("train.start", arch=cfg.arch, n_fit=len(x_fit), n_val=0, n_calibration=n_cal, denoise=False,
+                     epochs=0)
         return model, _fit_pca_model(model, x_fit, cfg), len(x_fit), 0
     model.compile(optimizer=_optimizer(cfg), loss=cfg.loss)
     inputs = add_noise(x_fit, cfg.noise_factor, rng) if cfg.denoise else x_fit
@@ -219,12 +259,13 @@ def _fit(cfg: TrainConfig, prep: Preprocessing, x_fit: np.ndarray, n_cal: int, r
                                                        restore_best_weights=True))
     if verbose is None:
         verbose = sys.stdout.isatty()
-    if not verbose:
+    if not verbose and epoch_log:
         callbacks.append(_EpochLog(cfg.epochs))
     fit_x, fit_y = inputs[: len(inputs) - n_val], x_fit[: len(x_fit) - n_val]
     val = (inputs[len(inputs) - n_val :], x_fit[len(x_fit) - n_val :]) if n_val else None
-    log.info("train.start", arch=cfg.arch, n_fit=len(fit_x), n_val=n_val, n_calibration=n_cal,
-             denoise=cfg.denoise, epochs=cfg.epochs)
+    if epoch_log:
+        log.info("train.start", arch=cfg.arch, n_fit=len(fit_x), n_val=n_val, n_calibration=n_cal,
+                 denoise=cfg.denoise, epochs=cfg.epochs)
     history = model.fit(fit_x, fit_y, epochs=cfg.epochs, batch_size=cfg.batch_size, shuffle=True,
                         validation_data=val, callbacks=callbacks, verbose=1 if verbose else 0)
     return model, history.history, len(fit_x), n_val
@@ -258,39 +299,57 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
         choices: How the input size and colour were chosen (stored in ``bundle.json``).
 
     Raises:
-        CalibrationError: too few images to hold out enough for the target FPR.
+        CalibrationError: too few images for an honest threshold at the target FPR.
     """
     cfg.check()
     log = get_logger()
     n = len(data)
-    n_cal, held_out = _calibration_size(n, cfg)
-    log.info("train.calibration", held_out=held_out)
-    if n - n_cal < 2:
-        raise CalibrationError(f"{n} images leave nothing to train on after holding out {n_cal} for calibration")
+    plan = calibration_plan(n, cfg)
+    log.info("train.calibration", method=plan.method, held_out=plan.reason)
+    if n - plan.held_out < 2:
+        raise CalibrationError(f"{n} images leave nothing to train on after holding out {plan.held_out} for "
+                               "calibration")
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n)
-    x_cal, x_fit = data.x[order[:n_cal]], data.x[order[n_cal:]]
+    x_cal, x_fit = data.x[order[: plan.held_out]], data.x[order[plan.held_out :]]
     requested = {"arch": cfg.arch, "score": cfg.score_fn}
     x_fit, x_sel, choice = _resolve_auto(cfg, x_fit)
-    model, losses, n_fitted, n_val = _fit(cfg, prep, x_fit, n_cal, rng, verbose)
+    model, losses, n_fitted, n_val = _fit(cfg, prep, x_fit, plan.held_out or n, rng, verbose)
     state, score_choice = _score_state(cfg, Scorer(model, "mse"), x_fit[: len(x_fit) - n_val], x_sel, rng)
     choice = choice or score_choice
     if choice is not None:
         log.info("train.auto", choice=choice.summary())
-    scorer = Scorer(model, cfg.score_fn, state=state)
-    # Calibrate on clean held-out images, for denoisers too: they also score what arrives.
-    threshold, calibration = calibration_payload(scorer.score(x_cal), cfg.target_fpr, provenance(data.source))
+    if plan.folds:  # every choice is settled: each fold fits the same architecture and score
+        cal_scores = _cross_fit_scores(cfg, prep, data.x[order], plan.folds, rng)
+    else:  # clean held-out images, for denoisers too: they also score what arrives
+        cal_scores = Scorer(model, cfg.score_fn, state=state).score(x_cal)
+    threshold, calibration = calibration_payload(cal_scores, cfg.target_fpr, provenance(data.source), plan.folds)
     choices = {**(choices or {}), **_auto_sentences(requested, cfg, choice)}
     meta = _meta(cfg, prep, data, out, choices, threshold, calibration, losses,
-                 counts={"n_total": n, "n_fit": n_fitted, "n_validation": n_val, "n_calibration": n_cal,
-                         "n_selection": choice.n_selection if choice else 0, "calibration_held_out": held_out})
+                 counts={"n_total": n, "n_fit": n_fitted, "n_validation": n_val, "n_calibration": len(cal_scores),
+                         "n_held_out": plan.held_out, "n_selection": choice.n_selection if choice else 0,
+                         "calibration_held_out": plan.reason})
     if choice is not None:
         meta["auto"] = choice.to_dict()
     path = save_bundle(_weights_only(model, cfg, prep), meta, Path(out), overwrite=overwrite, state=state)
     log.info("train.done", bundle=str(path), threshold=threshold, epochs_run=meta["training"]["epochs_run"],
              final_loss=meta["training"]["final_loss"])
     return path
+
+
+def _cross_fit_scores(cfg: TrainConfig, prep: Preprocessing, x: np.ndarray, folds: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """Out-of-fold scores: each fold of ``x`` scored by a model (and score state) fitted on the other folds."""
+    log = get_logger()
+    scores = np.empty(len(x), dtype=np.float64)
+    for k, scored in enumerate(np.array_split(np.arange(len(x)), folds)):
+        x_rest = np.delete(x, scored, axis=0)
+        log.info("train.cross_fit", fold=k + 1, folds=folds, n_fit=len(x_rest), n_scored=len(scored))
+        model, _, _, n_val = _fit(cfg, prep, x_rest, 0, rng, verbose=False, epoch_log=False)
+        state, _ = _score_state(cfg, Scorer(model, "mse"), x_rest[: len(x_rest) - n_val], None, rng)
+        scores[scored] = Scorer(model, cfg.score_fn, state=state).score(x[scored])
+    return scores
 
 
 def _auto_sentences(requested: dict[str, str], cfg: TrainConfig, choice: Choice | None) -> dict[str, str]:

@@ -61,7 +61,7 @@ def _train(data, spec: str, epochs: int, out: Path, latent: int, seed: int, prep
 
 def _fitted(data, bundle) -> np.ndarray:
     """Up to 5,000 of the images train_bundle fitted (after its calibration hold-out; same seed)."""
-    n_cal = bundle.meta.training["n_calibration"]
+    n_cal = _n_held_out(bundle)
     order = np.random.default_rng(bundle.meta.training["seed"]).permutation(len(data))
     return data.x[order[n_cal:]][:5000]
 
@@ -69,7 +69,13 @@ def _fitted(data, bundle) -> np.ndarray:
 def _held_out(data, bundle) -> np.ndarray:
     """The calibration images train_bundle held out (same seed, same permutation)."""
     order = np.random.default_rng(bundle.meta.training["seed"]).permutation(len(data))
-    return data.x[order[: bundle.meta.training["n_calibration"]]]
+    return data.x[order[: _n_held_out(bundle)]]
+
+
+def _n_held_out(bundle) -> int:
+    """Images train_bundle held out (none when it cross-fitted its calibration)."""
+    training = bundle.meta.training
+    return training.get("n_held_out", training["n_calibration"])
 
 
 def _scores(bundle, x: np.ndarray, kinds: list[str], fit: np.ndarray) -> dict[str, np.ndarray]:

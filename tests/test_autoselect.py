@@ -77,6 +77,7 @@ def test_defaults_choose_and_say_what(auto_bundle: tuple[Path, str]) -> None:
     training = meta["training"]
     assert training["n_selection"] == auto["n_selection"] > 0
     assert training["n_fit"] == training["n_total"] - training["n_calibration"]
+    assert f"calibration: {training['calibration_held_out']}" in err and meta["calibration"]["method"] == "held_out"
 
 
 def test_defaults_find_small_defects(auto_bundle: tuple[Path, str]) -> None:

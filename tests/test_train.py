@@ -58,15 +58,35 @@ def test_denoise_bundle_records_task(tiny_denoise_bundle: Path) -> None:
     assert meta["training"]["noise_factor"] == 0.5
 
 
-def test_too_few_images_for_calibration(tmp_path: Path) -> None:
-    """Fewer images than an honest threshold needs (99 held out and as many to train on) are refused, naming
-    the number needed."""
+@pytest.mark.parametrize(("n", "target_fpr", "least"), [(98, 0.01, 99), (19, 0.05, 20), (7, 0.2, 8)])
+def test_too_few_images_for_any_honest_threshold(tmp_path: Path, n: int, target_fpr: float, least: int) -> None:
+    """Fewer images than any honest threshold needs (99 calibration scores at 1 %; cross-fitting needs 20 images,
+    holding out twice the scores needed) are refused, naming the number needed, and nothing is written."""
+    from aemon.sources import load_source
+
+    data = load_source(f"sample:mnist?limit={n}")
+    with pytest.raises(CalibrationError, match=rf"{n} images are too few .* needs at least {least} normal images"):
+        train_bundle(data, TrainConfig(arch="pca", latent_dim=4, target_fpr=target_fpr), tmp_path / "b",
+                     verbose=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_fewer_images_than_a_hold_out_needs_are_cross_fitted(tmp_path: Path) -> None:
+    """150 images at the default 1 % target (a hold-out would need 198): every image is calibrated by a model
+    fitted without it, so the calibration scores are out-of-fold, higher than the final model's scores of the
+    same images (which it fitted), and the bundle's model is fitted on all 150."""
     from aemon.sources import load_source
 
     data = load_source("sample:mnist?limit=150")
-    with pytest.raises(CalibrationError, match=r"calibrating needs 99 held out and as many again to train on, 198"):
-        train_bundle(data, TrainConfig(arch="dense", epochs=1, target_fpr=0.01), tmp_path / "b", verbose=False)
-    assert not (tmp_path / "b").exists()
+    out = train_bundle(data, TrainConfig(arch="pca", latent_dim=16, score_fn="mse"), tmp_path / "b", verbose=False)
+    bundle = load_bundle(out)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["calibration"]["method"] == "cross_fit" and meta["calibration"]["folds"] == 5
+    assert meta["calibration"]["n"] == 150 and meta["training"]["n_fit"] == 150
+    assert meta["training"]["n_held_out"] == 0 and "cross-fitted" in meta["training"]["calibration_held_out"]
+    in_sample = bundle.score(data.x)
+    assert np.median(meta["calibration"]["scores"]) > 1.2 * np.median(in_sample)
+    assert np.mean(np.array(meta["calibration"]["scores"]) > meta["threshold"]) <= 0.01
 
 
 def test_a_few_hundred_images_hold_out_what_the_target_needs(tmp_path: Path) -> None:
@@ -79,6 +99,7 @@ def test_a_few_hundred_images_hold_out_what_the_target_needs(tmp_path: Path) -> 
     out = train_bundle(data, cfg, tmp_path / "b", verbose=False)
     meta = json.loads((out / META_FILE).read_text())
     assert meta["training"]["n_calibration"] == 99 and meta["training"]["n_fit"] == 567
+    assert meta["calibration"]["method"] == "held_out" and meta["training"]["n_held_out"] == 99
     assert "fewer than the 99" in meta["training"]["calibration_held_out"]
     scores = np.array(meta["calibration"]["scores"])
     assert np.mean(scores > meta["threshold"]) <= 0.01
