@@ -13,9 +13,11 @@ import errno
 import fcntl
 import json
 import os
+import re
 import resource
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -36,10 +38,15 @@ __all__ = [
     "rename_noreplace",
     "Folders",
     "staged_dir",
+    "remove_stale_staging",
     "naming",
 ]
 
 _RENAME_NOREPLACE = 1
+#: A temp name of :func:`temp_name`.
+_TEMP_NAME = re.compile(r"\.t-[0-9a-f]{12}")
+#: A staging folder left unlocked this long (seconds) beside a new one was left by a writer that was killed.
+STALE_STAGING_SECONDS = 60.0
 
 
 def iso_time(epoch: float) -> str:
@@ -429,7 +436,8 @@ def folder_lock(path: str | os.PathLike) -> Iterator[bool]:
 def staged_dir(out: Path, *, overwrite: bool = False, exists_error: Callable[[Path], Exception]) -> Iterator[Path]:
     """Yield a hidden temporary directory beside ``out``; publish it as ``out`` by rename on success.
 
-    On any error the temporary directory is removed and ``out`` is left as it was.
+    On any error the temporary directory is removed and ``out`` is left as it was; one a killed writer left
+    is removed by the next staging beside it.
 
     Raises:
         The error made by ``exists_error``: ``out`` exists and ``overwrite`` is false.
@@ -438,23 +446,51 @@ def staged_dir(out: Path, *, overwrite: bool = False, exists_error: Callable[[Pa
     if out.exists() and not overwrite:
         raise exists_error(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out.parent)
     tmp = Path(temp_name(out.parent))
     tmp.mkdir()
     try:
-        yield tmp
-        fsync_dir(tmp)
-        if out.exists():
-            old = Path(temp_name(out.parent))
-            with folder_lock(out):  # a calibration writing into it finishes first (and then sees it replaced)
-                os.rename(out, old)
+        with folder_lock(tmp):  # held until published: never taken for a killed writer's (remove_stale_staging)
+            yield tmp
+            fsync_dir(tmp)
+            if out.exists():
+                old = Path(temp_name(out.parent))
+                with folder_lock(out):  # a calibration writing into it finishes first (and then sees it replaced)
+                    os.rename(out, old)
+                    os.rename(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-        fsync_dir(out.parent)
+            fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def remove_stale_staging(folder: Path) -> None:
+    """Remove the staging folders (:func:`staged_dir`) that writers killed meanwhile left in ``folder``: those
+    named by :func:`temp_name`, unchanged for :data:`STALE_STAGING_SECONDS` and locked by no writer."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        if not _TEMP_NAME.fullmatch(entry.name):
+            continue
+        try:
+            if not entry.is_dir(follow_symlinks=False) or \
+                    time.time() - entry.stat(follow_symlinks=False).st_mtime < STALE_STAGING_SECONDS:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            shutil.rmtree(entry.path, ignore_errors=True)
+        except OSError:  # a writer holds it (or locks are not supported: then it is left)
+            pass
+        finally:
+            os.close(fd)
 
 
 def _sync_filesystem(folder: str) -> None:

@@ -211,3 +211,43 @@ def test_a_model_file_that_is_no_keras_file_is_named_as_such(tmp_path: Path) -> 
     write_meta(bundle, read_meta(bundle).model_copy(update={"model_sha256": sha256_of(bundle / "model.keras")}))
     with pytest.raises(BundleError, match="is not a Keras model file"):
         load_bundle(bundle)
+
+
+_STAGING_WRITER = """
+import sys, time
+from pathlib import Path
+from aemon.fsio import staged_dir
+with staged_dir(Path(sys.argv[1]), exists_error=FileExistsError) as tmp:
+    (tmp / "model.keras").write_bytes(b"half a model")
+    print(tmp, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_writers_staging_folder_is_removed_by_the_next_bundle_beside_it(tmp_path: Path) -> None:
+    """A writer SIGKILLed while staging a bundle leaves a hidden folder beside --out: the next bundle written
+    into that folder removes it once it is a minute old, and never the staging folder of a writer still alive."""
+    import signal
+    import subprocess
+    import sys
+
+    writers = [subprocess.Popen([sys.executable, "-c", _STAGING_WRITER, str(tmp_path / name)],
+                                stdout=subprocess.PIPE, text=True) for name in ("killed", "alive")]
+    try:
+        staging = [Path(w.stdout.readline().strip()) for w in writers]
+        writers[0].send_signal(signal.SIGKILL)
+        writers[0].wait(30)
+        old = os.stat(staging[0]).st_mtime - 3600  # an hour ago
+        for folder in staging:
+            os.utime(folder, (old, old))
+        done = subprocess.run([sys.executable, "-m", "aemon", "train", "--data", "sample:mnist?limit=300", "--arch",
+                               "pca", "--latent-dim", "8", "--score", "mse", "--out", str(tmp_path / "next")],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        assert not staging[0].exists() and (staging[1] / "model.keras").exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["next", staging[1].name])
+    finally:
+        for w in writers:
+            w.kill()
+            w.wait(30)
+            w.stdout.close()
