@@ -520,8 +520,7 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         try:
             shared = metrics_dir(Path(os.path.abspath(settings.root)))
         except OSError as exc:
-            raise StartupError(f"root folder {settings.root} is not usable: {exc}; check its permissions or set "
-                               "AEMON_ROOT") from exc
+            raise StartupError.unusable_root(settings.root, exc) from exc
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = os.fspath(shared)
         # Every process keeps a TensorFlow pool over all the cores: a big array is one process's
         # work, and with a pool of cores/workers threads it scored at half speed; small batches

@@ -269,8 +269,7 @@ class Daemon:
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as exc:
-            raise StartupError(f"root folder {self.root} is not usable: {exc}; "
-                               "check its permissions or set AEMON_ROOT") from exc
+            raise StartupError.unusable_root(self.root, exc) from exc
 
     def _check_task(self, bundle: Bundle, error: type[AemonError]) -> None:
         """Denoise mode needs a denoising bundle, at start-up and at every reload alike."""

@@ -39,6 +39,11 @@ class StartupError(AemonError):
 
     exit_code = 3
 
+    @classmethod
+    def unusable_root(cls, root: object, exc: OSError) -> StartupError:
+        """The root (or a folder under it) failed with ``exc``."""
+        return cls(f"root folder {root} is not usable: {exc}; check its permissions or set AEMON_ROOT")
+
 
 class BundleError(AemonError):
     """A model bundle is missing, tampered with, or of an unknown format."""
