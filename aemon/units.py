@@ -3,8 +3,9 @@
 An image or array file is one unit. A folder is one unit per file inside it (searched
 recursively): nothing inside a folder is ever dropped. Files that are not scored (hidden,
 partial or backup names, links, FIFOs and other special files) and empty subfolders become
-units that are rejected with their own record. Names and paths that would not fit the
-filesystem once routed are rejected whole, as ``name_too_long``.
+units that are rejected with their own record. A file name too long to route is rejected under a
+short name; paths that would not fit the filesystem once routed are rejected whole, as
+``name_too_long``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from aemon.images import Look
 from aemon.inbox import is_ignored
 from aemon.writers import writers_of
 
-__all__ = ["MAX_NAME_BYTES", "Unit", "expand", "check_file"]
+__all__ = ["MAX_NAME_BYTES", "Unit", "expand", "check_file", "short_name"]
 
 #: Longest file name taken, in bytes: room is left for ``-N`` and ``.map.png``/``.json`` (255 in all).
 MAX_NAME_BYTES = 224
@@ -166,11 +167,16 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
         for fname in sorted(names):
             path = os.path.join(dirpath, fname)
             rel = os.path.relpath(path, base)
-            if _too_long(path, rel, longest):
+            place, error = None, None
+            if _nbytes(fname) > MAX_NAME_BYTES:  # rejected under a short name, as at the top of the inbox
+                place = os.path.join(os.path.dirname(rel), short_name(fname))
+                error = NameTooLong(f"the name {fname[:80]}… is {_nbytes(fname)} bytes long; the longest taken is "
+                                    f"{MAX_NAME_BYTES}")
+            elif is_ignored(fname):
+                error = IgnoredName(f"{fname} is a hidden, partial or backup name; such files are never scored")
+            if _too_long(path, place or rel, longest):
                 return [], _name_too_long(rel)
-            error = IgnoredName(f"{fname} is a hidden, partial or backup name; such files are never scored") \
-                if is_ignored(fname) else None
-            units.append(Unit(Path(path), rel, claim.arrived, batch=claim.name, error=error))
+            units.append(Unit(Path(path), rel, claim.arrived, batch=claim.name, place_rel=place, error=error))
     if errors:
         exc = errors[0]
         if exc.errno == errno.ENAMETOOLONG:
@@ -214,9 +220,9 @@ _CAP_FOWNER = 3
 
 
 def _too_long(path: str, rel: str, longest: int) -> bool:
-    """Whether a unit at ``path`` (``rel`` inside the batch) could not be routed: its own name leaves no
-    room for ``-N`` and a record's ``.json``, or its path is near PATH_MAX."""
-    return _nbytes(os.path.basename(path)) > MAX_NAME_BYTES or _nbytes(path) >= _PATH_MAX - 1 or _nbytes(rel) > longest
+    """Whether a unit at ``path``, routed to ``rel`` inside a result folder, could not be: the name it is routed
+    under leaves no room for ``-N`` and a record's ``.json``, or a path is near PATH_MAX."""
+    return _nbytes(os.path.basename(rel)) > MAX_NAME_BYTES or _nbytes(path) >= _PATH_MAX - 1 or _nbytes(rel) > longest
 
 
 def _name_too_long(rel: str) -> NameTooLong:

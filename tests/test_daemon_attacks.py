@@ -470,7 +470,8 @@ def _deep_folder(parent: Path, total: int) -> Path:
 
 def test_long_names_and_deep_paths_are_rejected_and_the_daemon_goes_on(tmp_path, digits):
     """A 250-byte name and a folder whose paths grow past PATH_MAX once claimed: both rejected as
-    name_too_long, the next item scored, and a restart is clean."""
+    name_too_long, the next item scored, and a restart is clean. Inside a folder, a 250-byte name is rejected
+    on its own (under a short name) and the folder's other images are scored."""
     root = new_root(tmp_path)
     log = tmp_path / "daemon.log"
     daemon = Daemon(root, log, settle=SETTLE).wait_ready()
@@ -482,11 +483,19 @@ def test_long_names_and_deep_paths_are_rejected_and_the_daemon_goes_on(tmp_path,
         # 4,090 bytes in the inbox: valid there, too long once under .aemon/claims/...
         _deep_folder(tmp_path / "stage", 4090 - len(os.fspath(inbox)) + len(os.fspath(tmp_path / "stage")))
         os.rename(tmp_path / "stage" / "deep", inbox / "deep")
-        wait_records(root, 2, daemon)
+        # A folder with one such name among good images: that file alone is rejected, under a short name.
+        write_png(tmp_path / "stage" / "batch" / "sub" / long_name, digits[3])
+        write_png(tmp_path / "stage" / "batch" / "good.png", digits[4])
+        os.rename(tmp_path / "stage" / "batch", inbox / "batch")
+        wait_records(root, 4, daemon)
         write_png(inbox / "after.png", digits[2])
-        wait_records(root, 3, daemon)
+        wait_records(root, 5, daemon)
         seen = by_item(root)
         assert seen["after.png"][0]["verdict"] in ("ok", "anomaly")
+        assert seen["batch/good.png"][0]["verdict"] in ("ok", "anomaly"), seen
+        (inner,) = seen[f"batch/sub/{long_name}"]
+        assert inner["reason"] == "name_too_long" and inner["batch"] == "batch", inner
+        assert (root / inner["path"]).read_bytes() == png_bytes(digits[3]) and "/batch/sub/" in inner["path"]
         (long_rec,) = seen[long_name]
         assert long_rec["verdict"] == "rejected" and long_rec["reason"] == "name_too_long", long_rec
         assert (root / long_rec["path"]).read_bytes() == png_bytes(digits[1])
