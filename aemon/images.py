@@ -199,7 +199,8 @@ def _image_pixels(fp: BinaryIO, name: str, prep: Preprocessing, limits: Limits) 
                 # Pillow turns these itself, inconsistently (header size swapped, pixels not as shown)
                 raise UnsupportedType(f"{name} is a TIFF with a quarter-turn EXIF orientation, which "
                                       "cannot be decoded as displayed; save it upright (or as PNG or JPEG)")
-            look = Look(displayed_size(img), img.mode)
+            mode = _own_mode(img)  # before anything loads the pixels (EXIF does, in a PNG): it reads the header
+            look = Look(displayed_size(img), mode)
             converted = _convert(upright(img), prep.color_mode, name)
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise Unreadable(f"{name} could not be decoded: {exc}") from exc
@@ -225,6 +226,9 @@ MAX_METADATA_PARTS = 1_000
 #: progressive JPEG has about 10 scans; this allows 25 at the 40-megapixel limit, 1,000 at one megapixel.
 MAX_SCAN_PIXELS = 1_000_000_000
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PNG chunks of an animation's later frames (a control chunk and the data of each), after the image data:
+#: never parsed, since only the first frame is decoded; the size of the file bounds how many there are.
+_PNG_FRAME_CHUNKS = (b"fcTL", b"fdAT")
 #: The part of a JPEG read in one piece for its structure (the whole file, for any camera's).
 _JPEG_HEAD = 1 << 24
 
@@ -284,15 +288,17 @@ def _check_png(fp: BinaryIO, name: str) -> None:
     size = os.fstat(fp.fileno()).st_size
     most_chunks = 10_000 + size // 512  # image data comes in chunks of 8 KiB or more from any encoder
     others = chunks = 0
+    pixels = False  # the image data began
     while header := fp.read(8):
         if len(header) < 8:
             return
         length, kind = int.from_bytes(header[:4], "big"), header[4:]
         chunks += 1
-        others += kind != b"IDAT"
+        pixels = pixels or kind == b"IDAT"
+        others += kind != b"IDAT" and not (pixels and kind in _PNG_FRAME_CHUNKS)
         if others > MAX_METADATA_PARTS:
-            raise Unreadable(f"{name} has more than {MAX_METADATA_PARTS} PNG chunks besides its image data "
-                             "(a camera's has a few); re-save it")
+            raise Unreadable(f"{name} has more than {MAX_METADATA_PARTS} PNG chunks besides its image data and "
+                             "animation frames (a camera's has a few); re-save it")
         if chunks > most_chunks:
             raise Unreadable(f"{name} has more than {most_chunks} PNG chunks for its {size} bytes; re-save it")
         if kind == b"IEND":
@@ -306,6 +312,17 @@ class Look:
 
     size: tuple[int, int]
     mode: str
+
+
+def _own_mode(img: Image.Image) -> str:
+    """The Pillow mode that keeps what ``img`` holds: ``L`` for a palette of greys only, ``I;16`` for a 16-bit
+    grey PNG with alpha (which Pillow opens as 8-bit ``RGBA``), else its own."""
+    if img.mode in ("P", "PA"):
+        palette = np.asarray(img.getpalette("RGB") or [0, 0, 0], np.uint8).reshape(-1, 3)
+        return "L" if (palette == palette[:, :1]).all() else img.mode
+    if img.mode == "RGBA" and img.format == "PNG" and img.tile and img.tile[0].args == "LA;16B":
+        return "I;16"
+    return img.mode
 
 
 def open_image(source: Path | BinaryIO, name: str | None = None) -> Image.Image:

@@ -423,6 +423,24 @@ def test_a_16_bit_png_scores_like_its_8_bit_twin(shared, tmp_path, digits):
 
 
 
+def test_an_animated_png_of_many_frames_is_scored_by_its_first(shared, tmp_path, digits):
+    """An APNG of 600 frames was rejected as unreadable (each frame's two chunks counted as metadata, against a
+    limit of 1,000): it is scored by its first frame, like a GIF of as many frames (helper's attack)."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    staging = tmp_path / "stage"
+    staging.mkdir()
+    frames = [Image.fromarray(digits[(12 + i) % len(digits)]) for i in range(600)]
+    frames[0].save(staging / "anim.png", save_all=True, append_images=frames[1:], duration=10)
+    write_png(staging / "first.png", digits[12])
+    _publish(staging, inbox)
+    wait_records(root, before + 2, shared)
+    seen = by_item(root)
+    (anim,), (first,) = seen["anim.png"], seen["first.png"]
+    assert anim["verdict"] in ("ok", "anomaly"), anim
+    assert anim["score"] == pytest.approx(first["score"], rel=1e-4, abs=1e-6)
+
+
 def test_a_float_tiff_scores_like_its_8_bit_twin(shared, tmp_path, digits):
     """Float TIFFs (mode F) follow the array rule: [0, 1] as they are, (1, 255] divided by 255;
     negative or NaN pixels are rejected with the reason, and the daemon goes on."""
