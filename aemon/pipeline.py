@@ -30,7 +30,7 @@ from aemon.maps import render, strengths
 from aemon.records import rejected_record, scored_record
 from aemon.router import Router, png_bytes, png_name, rows_bytes
 from aemon.sources import load_source
-from aemon.units import Unit, check_file
+from aemon.units import MAX_NAME_BYTES, Unit, check_file, short_name
 
 __all__ = ["Output", "decode", "decide", "plan", "score_paths", "denoise_paths"]
 
@@ -341,10 +341,12 @@ def _score_records(bundle, units: list[Unit], router: Router | None, rows: bool 
 
 
 def _output_name(unit: Unit, root: Path | None) -> str:
-    """The output name: relative to the folder argument it came from, else the file's own name."""
-    if root is not None:
-        return (Path(root.name) / unit.path.relative_to(root)).as_posix()
-    return unit.path.name
+    """The output name: relative to the folder argument it came from, else the file's own name; a file name
+    too long to take a suffix (``.map.png``, ``-N``) is shortened as the daemon's are (:func:`short_name`)."""
+    name = Path(root.name) / unit.path.relative_to(root) if root is not None else Path(unit.path.name)
+    if len(os.fsencode(name.name)) > MAX_NAME_BYTES:
+        name = name.with_name(short_name(name.name))
+    return name.as_posix()
 
 
 def denoise_paths(bundle, paths: Iterable[Path], limits: Limits, out: Path) -> Iterator[dict]:

@@ -663,6 +663,63 @@ def test_denoise_keeps_a_16_bit_image_16_bit(capsys: pytest.CaptureFixture, tiny
     assert values.max() > 255 * 100  # scaled to 16 bits, not 8-bit values in a 16-bit file
 
 
+def _grey_alpha_16_bit_png(path: Path, grey: np.ndarray) -> None:
+    """A PNG of colour type 4 (grey and alpha) at 16 bits, written by hand: Pillow opens it as 8-bit RGBA."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    pixels = np.dstack([grey, np.full_like(grey, 65535)]).astype(">u2")
+    raw = b"".join(b"\x00" + row.tobytes() for row in pixels)
+    h, w = grey.shape
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def test_denoise_keeps_grey_images_grey_whatever_their_mode(capsys: pytest.CaptureFixture, tiny_denoise_bundle: Path,
+                                                            tmp_path: Path, mnist_digits: np.ndarray) -> None:
+    """A GIF or PNG with a palette of greys, and a 16-bit grey PNG with alpha, came back as 8-bit RGB: they are
+    grey (the last 16-bit) like the item (helper's attack)."""
+    digit = mnist_digits[0]
+    Image.fromarray(digit).convert("P").save(tmp_path / "pal.gif")
+    Image.fromarray(digit).quantize(16).save(tmp_path / "pal.png")
+    _grey_alpha_16_bit_png(tmp_path / "la16.png", digit.astype(np.uint16) * 257)
+    for name in ("pal.gif", "pal.png", "la16.png"):
+        with Image.open(tmp_path / name) as img:
+            assert img.mode in ("P", "RGBA"), (name, img.mode)
+    code, _, err = run(capsys, "denoise", str(tiny_denoise_bundle), *(str(tmp_path / n) for n in
+                       ("pal.gif", "pal.png", "la16.png")), "--out", str(tmp_path / "out"))
+    assert code == 0, err
+    modes = {}
+    for name in ("pal.gif.png", "pal.png", "la16.png"):
+        with Image.open(tmp_path / "out" / name) as img:
+            modes[name] = img.mode
+    assert modes == {"pal.gif.png": "L", "pal.png": "L", "la16.png": "I;16"}, modes
+
+
+def test_long_file_names_get_short_output_names_and_the_run_goes_on(capsys: pytest.CaptureFixture,
+                                                                   tiny_denoise_bundle: Path, tmp_path: Path) -> None:
+    """`score --maps` and `denoise` stopped the whole run on a 250-byte file name (its map or output name did not
+    fit; later items were never scored): the output gets a short name, as in the daemon, and the run goes on."""
+    rng = np.random.default_rng(0)
+    long_name = "M" * 246 + ".png"
+    (tmp_path / "lot").mkdir()
+    for name in (long_name, "z.png"):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "lot" / name)
+    code, out, err = run(capsys, "score", "mnist-detect", str(tmp_path / "lot"), "--maps", str(tmp_path / "maps"))
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [Path(r["item"]).name for r in records] == [long_name, "z.png"]
+    assert all(Path(r["map"]).is_file() and len(Path(r["map"]).name) < 200 for r in records), records
+    code, out, err = run(capsys, "denoise", str(tiny_denoise_bundle), str(tmp_path / "lot"), "--out",
+                         str(tmp_path / "den"))
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert len(records) == 2 and all(Path(r["denoised"]).is_file() for r in records), records
+
+
 def test_denoise_of_an_npz_keeps_its_other_arrays(capsys: pytest.CaptureFixture, tiny_denoise_bundle: Path,
                                                    tmp_path: Path, mnist_digits: np.ndarray) -> None:
     """The denoised .npz holds the reconstructions under the images' name and every other array as it was
