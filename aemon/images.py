@@ -545,6 +545,8 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
     shape = raw.shape
     if raw.ndim >= 1 and shape[0] == 0:
         raise EmptyItem(f"{name} has 0 rows")
+    if raw.dtype.kind not in "uif":  # first: a structured dtype's shape says nothing of its images
+        raise Unreadable(f"{name} has dtype {raw.dtype}; expected uint8 pixels or floats in [0, 1]")
     if prep.channels == 3:
         if not (raw.ndim == 4 and shape[1:] == (height, width, 3)):
             raise BadShape(f"{name} has shape {shape}; this rgb bundle expects (N, {height}, {width}, 3)")
@@ -557,8 +559,6 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
             f"{name} has shape {shape}; expected (N, {height}, {width}), (N, {height * width}) "
             f"or (N, {height}, {width}, 1)"
         )
-    if raw.dtype.kind not in "uif":
-        raise Unreadable(f"{name} has dtype {raw.dtype}; expected uint8 pixels or floats in [0, 1]")
     return unit_pixels(raw, name)
 
 

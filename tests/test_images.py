@@ -407,3 +407,11 @@ def test_reconstructions_go_back_to_a_signed_array_clipped_to_its_dtype() -> Non
     back = input_to_array(np.linspace(0.0, 1.0, 32, dtype=np.float32).reshape(2, 4, 4, 1), like)
     assert back.dtype == np.int8 and back.shape == like.shape
     assert back.min() >= 0 and back.max() == 127
+
+
+def test_a_structured_array_is_refused_for_its_dtype_not_its_shape() -> None:
+    """An array of records holding (28, 28) images was refused as bad_shape "has shape (5,)", which says
+    nothing of what is wrong: it is refused for its dtype."""
+    records = np.zeros(5, dtype=[("a", "u1", (28, 28)), ("b", "f4")])
+    with pytest.raises(Unreadable, match=r"has dtype .*expected uint8 pixels or floats"):
+        array_to_input(records)
