@@ -56,7 +56,9 @@ def configure(fmt: str | None = None, level: str = "INFO", stream=None, **fields
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(stream),
+        # One write per event, newline included: print() writes the newline apart, and with an unbuffered
+        # stdout (PYTHONUNBUFFERED, as in the container) two processes on one log glued their lines together.
+        logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
 

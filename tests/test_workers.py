@@ -61,6 +61,32 @@ def _mapped_packages(pid: int) -> set[str]:
     return found
 
 
+_LOGGER = """
+import sys
+from aemon.logs import configure, get_logger
+configure("json", worker=int(sys.argv[1]))
+log = get_logger()
+for i in range(20_000):
+    log.info("item.decided", item=f"{i:06d}.png", verdict="ok", score=0.5)
+"""
+
+
+def test_processes_sharing_a_log_write_whole_lines(tmp_path):
+    """The main process and a worker write to one stdout. With PYTHONUNBUFFERED (set in the container) each
+    event went out as two writes, the line and its newline, and about 1 % of the lines held two events glued
+    together (helper's attack): a line-by-line JSON reader lost both. Two real processes, one file."""
+    log = tmp_path / "shared.log"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "ab") as out:
+        procs = [subprocess.Popen([sys.executable, "-c", _LOGGER, str(i)], stdout=out, env=env) for i in (0, 1)]
+        assert [p.wait(120) for p in procs] == [0, 0]
+    lines = log.read_bytes().split(b"\n")
+    assert lines[-1] == b"" and len(lines) == 40_001
+    events = [json.loads(line) for line in lines[:-1]]
+    assert sorted((e["worker"], e["item"]) for e in events) == [(w, f"{i:06d}.png") for w in (0, 1)
+                                                                for i in range(20_000)]
+
+
 def test_the_package_check_sees_an_imported_library():
     """Control for the check below: a process that imports matplotlib and scikit-learn shows them mapped."""
     pytest.importorskip("sklearn")
