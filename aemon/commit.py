@@ -2,7 +2,8 @@
 
 It writes array parts, denoised outputs and maps into the batch folder (one syncfs for them all),
 writes the journal (one fsync), places every file and writes every record, makes the destination
-folders durable and removes the batch folder. Decisions are counted and logged only once committed.
+folders durable, reports (logs and counts) each decision and removes the batch folder. Decisions are
+reported only once committed, and before the batch folder goes: at least once, whatever stops the process.
 It runs on the loop's own thread, after scoring: worker processes (:mod:`aemon.workers`) keep the
 other cores busy, and a second thread in one process would only trade the GIL back and forth (it cost
 a third more CPU per file, measured).
@@ -84,6 +85,9 @@ class Committer:
                     self.progress()
                 journal.write(batch.batch_dir)
                 done = journal.run(self.router, batch.batch_dir, self.progress)
+                # Reported while the journal is still there: a death before it is removed reports the batch
+                # again at the next start (at least once), a death after it never leaves a decision unreported.
+                self._report(batch, done)
                 if journal.stuck:  # kept in the claims folder: given back, it would be taken again at once
                     journal.keep(batch.batch_dir, done)
         except OSError as exc:
@@ -94,11 +98,15 @@ class Committer:
         if not journal.stuck:
             for name in remove_batch(batch.batch_dir, self.inbox):
                 log.warning("claim.returned", item=name, batch=batch.batch_dir.name)
+        self.on_committed(batch)
+
+    def _report(self, batch: Batch, done: list[Step]) -> None:
+        """Log and count each decision placed (an item that could not be moved is reported once it is, at a
+        later start)."""
         placed = {id(step.record) for step in done if step.record is not None}
         for unit, record in batch.decided:
-            if id(record) in placed:  # an item that could not be moved is reported once it is, at a later start
+            if id(record) in placed:
                 self.on_decided(unit, record)
-        self.on_committed(batch)
 
     def _plan(self, batch: Batch, unit: Unit, journal: Journal, reserved: list[Path],
               writes: list[tuple[str, bytes]]) -> None:
