@@ -208,7 +208,8 @@ def verified_model_file(path: Path, meta: BundleMeta) -> Path:
     if actual != meta.model_sha256:
         raise BundleError(
             f"{model_path} does not match bundle.json (sha256 {actual[:12]}… != {meta.model_sha256[:12]}…); "
-            "the file was changed or truncated: restore it or retrain"
+            "the file was changed or truncated, or the bundle was being replaced while it loaded (load it again): "
+            "restore it or retrain"
         )
     return model_path
 
@@ -377,8 +378,8 @@ def _read_state(path: Path, meta: BundleMeta) -> dict[str, np.ndarray]:
         raise BundleError(f"{path}: bundle.json names {meta.score_state_file} but no score_state_sha256 to check it "
                           "against")
     if sha256_of(state_path) != meta.score_state_sha256:
-        raise BundleError(f"{state_path} does not match bundle.json (sha256); the file was changed: restore it or "
-                          "retrain")
+        raise BundleError(f"{state_path} does not match bundle.json (sha256); the file was changed, or the bundle "
+                          "was being replaced while it loaded (load it again): restore it or retrain")
     try:
         with np.load(state_path, allow_pickle=False) as npz:
             state = {k: npz[k] for k in npz.files}
