@@ -417,6 +417,8 @@ def _check_header(shape: tuple[int, ...], dtype: np.dtype, name: str, limits: Li
         raise UnsafeItem(f"{name} holds Python objects (pickles); aemon never unpickles, save numeric arrays")
     if len(shape) >= 1 and shape[0] > limits.max_rows:
         raise TooLarge(f"{name} has {shape[0]} rows; the limit is {limits.max_rows}")
+    if len(shape) >= 2 and 0 in shape[1:]:
+        raise EmptyItem(f"{name} has shape {shape}: its images have no pixels")
     nbytes = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
     if nbytes > limits.max_bytes:
         raise TooLarge(f"{name} holds {nbytes} bytes of data; the limit is {limits.max_bytes} bytes")

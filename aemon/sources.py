@@ -197,7 +197,7 @@ def _filter(x: np.ndarray, labels: np.ndarray | None, options: dict[str, str], s
     digits = _digits(options, src)
     if digits is not None:
         if labels is None:
-            raise SourceError(f"{src}: this source has no labels, so ?digits= cannot filter it")
+            raise SourceError(f"{src}: this source has no labels (one per image), so ?digits= cannot filter it")
         keep = np.isin(labels, digits)
         x, labels = x[keep], labels[keep]
     if "limit" in options:
@@ -254,6 +254,7 @@ def _sample_elpv(options: dict[str, str], prep: Preprocessing, limits: Limits, s
     chosen = np.flatnonzero(keep)
     if len(chosen) == 0:
         raise SourceError(f"{src} selects no images")
+    _check_room(len(chosen), prep, src)
     x = np.stack([decode_image(folder / paths[i], prep, limits) for i in chosen])
     return x, probs[chosen]
 
@@ -309,10 +310,35 @@ def list_images(folder: Path, *, arrays: bool = False) -> list[Path]:
     )
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to new allocations (``MemAvailable``), or None where it cannot be told."""
+    try:
+        with open("/proc/meminfo") as fp:
+            for line in fp:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_room(n: int, prep: Preprocessing, src: str) -> None:
+    """Refuse decoding ``n`` images at the bundle's size when they would not fit in memory (the process would be
+    killed without a word, minutes later)."""
+    needed = n * math.prod(prep.input_shape) * 4  # float32 model input
+    room = available_memory()
+    if room is not None and needed > room // 2:
+        h, w, c = prep.input_shape
+        raise SourceError(f"{src}: {n} images at {h}x{w}x{c} take {needed / 2**30:.1f} GiB as model input, more "
+                          f"than half the {room / 2**30:.1f} GiB of memory available; choose a smaller --size or "
+                          "fewer images")
+
+
 def _folder(path: Path, prep: Preprocessing, limits: Limits, src: str) -> np.ndarray:
     files = list_images(path)
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
+    _check_room(len(files), prep, src)
     images, refused = [], []
     for file in files:
         try:
@@ -339,7 +365,7 @@ def _array_file(path: Path, options: dict[str, str], prep: Preprocessing, limits
         with np.load(path, allow_pickle=False) as archive:
             if label_key in archive.files:
                 labels = archive[label_key]
-                if len(labels) != len(x):
+                if labels.shape != (len(x),):  # not one label per image (one-hot, a scalar): no labels
                     labels = None
     return x, labels
 
@@ -531,5 +557,7 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
         except (OSError, Unreadable) as exc:  # named with every other one when the folder is read
             unreadable.append(f"{file.name} is not a readable image: {exc}")
     if not sizes:
+        if path.is_dir():  # names every file that cannot be read, as reading the folder would
+            _folder(path, Preprocessing(), Limits(), src)
         raise SourceError(f"{src}: {unreadable[0]}")
     return sizes, colourful, "images inspected"

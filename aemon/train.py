@@ -30,6 +30,8 @@ MAX_STATE_IMAGES = 5_000
 CROSS_FIT_FOLDS = 5
 #: Fewest images cross-fitting calibrates (each fold's model still fits on 16 or more).
 MIN_CROSS_FIT = 20
+#: Fewest images a model is fitted on.
+MIN_FIT = 2
 
 
 @dataclass
@@ -116,10 +118,10 @@ def calibration_plan(n: int, cfg: TrainConfig) -> CalibrationPlan:
     """
     share = math.floor(n * cfg.calibration_split)
     needed = required_samples(cfg.target_fpr)
-    if share >= needed:
+    if share >= needed and n - share >= MIN_FIT:
         return CalibrationPlan(share, 0, f"{share} of {n} images held out "
                                          f"(--calibration-split {cfg.calibration_split})")
-    if n >= 2 * needed:
+    if n - needed >= max(needed, MIN_FIT):
         return CalibrationPlan(needed, 0, f"{needed} of {n} images held out: the {cfg.calibration_split:.0%} split "
                                           f"would hold out {share}, fewer than the {needed} a target FPR of "
                                           f"{cfg.target_fpr} needs")
@@ -129,7 +131,7 @@ def calibration_plan(n: int, cfg: TrainConfig) -> CalibrationPlan:
             f"of {cfg.target_fpr} needs) and training on as many would take, so each image is scored by one of "
             f"{CROSS_FIT_FOLDS} models fitted without its fifth of the data ({n} calibration scores); the bundle's "
             f"model is fitted on all {n}"))
-    least = min(2 * needed, max(needed, MIN_CROSS_FIT))
+    least = min(needed + max(needed, MIN_FIT), max(needed, MIN_CROSS_FIT))
     raise CalibrationError(
         f"{n} images are too few for a target FPR of {cfg.target_fpr}: an honest threshold needs at least {least} "
         f"normal images; give more or raise --target-fpr"
@@ -306,9 +308,6 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
     n = len(data)
     plan = calibration_plan(n, cfg)
     log.info("train.calibration", method=plan.method, held_out=plan.reason)
-    if n - plan.held_out < 2:
-        raise CalibrationError(f"{n} images leave nothing to train on after holding out {plan.held_out} for "
-                               "calibration")
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n)

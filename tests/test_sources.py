@@ -287,3 +287,50 @@ def test_every_unreadable_file_of_a_folder_is_named_at_once(tmp_path: Path) -> N
         (tmp_path / f"zz{i}.png").write_bytes(b"")
     with pytest.raises(SourceError, match=r"9 of 13 files cannot be read .*; \.\.\.\); remove or fix them"):
         load_source(str(tmp_path), prep)
+
+
+def test_a_folder_of_nothing_but_unreadable_files_names_them_all(tmp_path: Path) -> None:
+    """When no inspected file was readable, choosing the size named the first broken file only (helper's
+    attack): every one is named, with their number, as reading the folder does."""
+    from aemon.sources import choose_input
+
+    for i in range(5):
+        (tmp_path / f"b{i}.png").write_bytes(b"not an image")
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(SourceError, match=r"6 of 6 files cannot be read as images \(b0\.png.*b1\.png"):
+        choose_input(str(tmp_path))
+
+
+@pytest.mark.parametrize("labels", [np.array(3), np.zeros((4, 10))])
+def test_labels_that_are_not_one_per_image_are_no_labels(tmp_path: Path, labels: np.ndarray) -> None:
+    """A 0-d or one-hot ``y`` beside ``x`` crashed train, evaluate and calibrate with a traceback (len() of an
+    unsized object; a boolean index of the wrong shape): such labels are not used, and ?digits= says so."""
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.stack([_digit(50 * i) for i in range(4)]), y=labels)
+    data = load_source(str(path))
+    assert len(data) == 4 and data.labels is None
+    with pytest.raises(SourceError, match=r"no labels \(one per image\), so \?digits= cannot filter it"):
+        load_source(f"{path}?digits=1")
+
+
+@pytest.mark.parametrize("shape", [(5, 0, 28), (5, 28, 0), (5, 28, 28, 0)])
+def test_an_array_of_images_without_pixels_is_refused_as_such(tmp_path: Path, shape: tuple) -> None:
+    """An array with a side of 0 was taken as 0x28 images: training ended in a traceback (a division by zero) or
+    a usage error asking for --latent-dim 0 (helper's attack)."""
+    from aemon.sources import choose_input
+
+    np.save(tmp_path / "z.npy", np.zeros(shape, np.float32))
+    with pytest.raises(SourceError, match=r"its images have no pixels"):
+        choose_input(str(tmp_path / "z.npy"))
+
+
+def test_images_that_would_not_fit_in_memory_are_refused_before_decoding(tmp_path: Path) -> None:
+    """--size 4096x4096 on 200 small images decoded until the kernel killed the process (21 GB, exit 137, no
+    word; helper's attack): the model input's size is checked against the memory available first."""
+    from aemon.images import Preprocessing
+
+    for i in range(3):
+        Image.fromarray(_digit(50 * i)).save(tmp_path / f"{i}.png")
+    huge = Preprocessing(size=(200_000, 200_000))  # 160 GB an image: more than any machine here
+    with pytest.raises(SourceError, match=r"3 images at 200000x200000x1 take .* GiB as model input, more than half"):
+        load_source(str(tmp_path), huge)

@@ -58,7 +58,7 @@ def test_denoise_bundle_records_task(tiny_denoise_bundle: Path) -> None:
     assert meta["training"]["noise_factor"] == 0.5
 
 
-@pytest.mark.parametrize(("n", "target_fpr", "least"), [(98, 0.01, 99), (19, 0.05, 20), (7, 0.2, 8)])
+@pytest.mark.parametrize(("n", "target_fpr", "least"), [(98, 0.01, 99), (19, 0.05, 20), (7, 0.2, 8), (2, 0.5, 3)])
 def test_too_few_images_for_any_honest_threshold(tmp_path: Path, n: int, target_fpr: float, least: int) -> None:
     """Fewer images than any honest threshold needs (99 calibration scores at 1 %; cross-fitting needs 20 images,
     holding out twice the scores needed) are refused, naming the number needed, and nothing is written."""
