@@ -8,6 +8,7 @@ the report opens from disk and can be copied or archived as one folder.
 from __future__ import annotations
 
 import html
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,8 +303,11 @@ def check_report_folder(out: Path) -> None:
     its own (``roc.png``, ``index.html``...), so a folder of other files is refused.
 
     Raises:
-        UsageError: ``out`` holds files and no earlier report.
+        UsageError: ``out`` holds files and no earlier report, or lies below a file.
     """
+    for above in Path(os.path.abspath(out)).parents:  # a file on the way: the folder could never be made
+        if above.exists() and not above.is_dir():
+            raise UsageError(f"--report {out}: {above} is a file, not a folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:

@@ -66,6 +66,8 @@ class TrainConfig:
             raise UsageError("--epochs must be at least 1")
         if self.batch_size < 1:
             raise UsageError("--batch-size must be at least 1")
+        if self.patience < 0:
+            raise UsageError(f"--patience must be 0 or more epochs, got {self.patience}")
         if not 0 <= self.seed < 2**32:
             raise UsageError("--seed must be between 0 and 4294967295")
         if self.latent_dim < 1:

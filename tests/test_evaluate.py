@@ -129,7 +129,8 @@ def test_a_report_never_replaces_files_it_did_not_write(capsys, tmp_path: Path, 
                                                          mnist_digits) -> None:
     """--report into the normal folder replaced the user's own roc.png with a plot and left six plots there for
     the next run to read as images; into a folder of the user's (their index.html) it replaced that too. Both
-    are refused, before any scoring, and the files are untouched."""
+    are refused, before any scoring, and the files are untouched; so is a folder below a file (it was refused
+    after the whole evaluation was printed)."""
     normal = tmp_path / "normal"
     normal.mkdir()
     for i in range(3):
@@ -140,8 +141,9 @@ def test_a_report_never_replaces_files_it_did_not_write(capsys, tmp_path: Path, 
     (mine / "index.html").write_text("<html>my notes</html>")
     before = {p: p.read_bytes() for p in [*normal.iterdir(), *mine.iterdir()]}
     np.save(tmp_path / "anomalous.npy", 255 - mnist_digits[:20])
+    (tmp_path / "afile").write_text("a file")
     for report, words in ((normal, "inside the input folder"), (normal / "report", "inside the input folder"),
-                          (mine, "no earlier aemon report")):
+                          (mine, "no earlier aemon report"), (tmp_path / "afile" / "sub", "is a file, not a folder")):
         code, out, err = run(capsys, "evaluate", tiny_bundle, "--normal", normal, "--anomalous",
                              tmp_path / "anomalous.npy", "--report", report)
         assert code == 2 and words in err and not out, (report, err)

@@ -107,7 +107,8 @@ def test_a_few_hundred_images_hold_out_what_the_target_needs(tmp_path: Path) -> 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("arch", "transformer"), ("epochs", 0), ("batch_size", 0), ("optimizer", "lbfgs"), ("target_fpr", 0.0)],
+    [("arch", "transformer"), ("epochs", 0), ("batch_size", 0), ("optimizer", "lbfgs"), ("target_fpr", 0.0),
+     ("patience", -1)],
 )
 def test_bad_config_refused(field: str, value: object) -> None:
     """Impossible training settings are refused before any work is done."""
