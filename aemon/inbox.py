@@ -92,6 +92,10 @@ class _Candidate:
     next_check: float = 0.0
     #: Known from a scan only: no inotify event about it has been seen yet.
     listed_only: bool = False
+    #: The last check of ``/proc`` listed every process and saw one holding a file of it open for writing.
+    writer_seen: bool = False
+    #: ``inbox.held_open`` was logged for it.
+    held_said: bool = False
 
 
 class _Handler(FileSystemEventHandler):
@@ -477,14 +481,18 @@ class Inbox:
             elif kind == _CLOSED:
                 cand.open_files.discard(rel)
 
-    def _written(self, cand: _Candidate) -> bool:
-        """Whether a process may still write one of ``cand``'s open files. One walk of ``/proc`` per take
-        answers for every entry (a walk per entry made N files held open cost N² each settle time)."""
+    def _written(self, cand: _Candidate) -> bool | None:
+        """Whether a process still holds one of ``cand``'s open files for writing: True (seen in a ``/proc`` that
+        lists every process), False (not seen there), None (cannot tell: not walked yet, or ``/proc`` hides
+        processes). One walk per take answers for every entry (a walk per entry made N files held open cost N²
+        each settle time)."""
         walk = self._walk()
         if walk is None:
-            return True  # not asked yet: as if written
+            return None
         found, complete = walk
-        return not complete or any(os.path.join(self._prefix, rel) in found for rel in cand.open_files)
+        if any(os.path.join(self._prefix, rel) in found for rel in cand.open_files):
+            return True if complete else None
+        return False if complete else None
 
     def _walk(self) -> tuple[set[str], bool] | None:
         """This take's walk of ``/proc`` for the open files of every candidate. Entries listed since the last
@@ -526,10 +534,11 @@ class Inbox:
         walk = self._walk()
         if walk is None:
             return False
-        found, _ = walk
+        found, complete = walk
         cand.open_files = {rel for rel in cand.open_files if os.path.join(self._prefix, rel) in found}
         if not cand.open_files:
             return True
+        cand.writer_seen = complete
         sig = _signature(self.dir / name)
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
@@ -540,8 +549,16 @@ class Inbox:
 
     def _stuck_open(self, name: str, cand: _Candidate, now: float) -> bool:
         """Whether an entry with files still seen open has been unchanged for the stuck-open time: taken then,
-        with a warning (a lost close event, a reader that opened a file read-write)."""
+        with a warning (a lost close event), unless ``/proc`` shows a process holding one of them for writing:
+        a writer paused mid-file is waited for however long, said once as ``inbox.held_open``."""
         if now - cand.since < self.stuck_open_seconds:
+            return False
+        if cand.writer_seen:
+            if not cand.held_said:
+                cand.held_said = True
+                log.warning("inbox.held_open", item=name, open=sorted(cand.open_files),
+                            unchanged_seconds=round(now - cand.since, 1),
+                            hint="a process holds it open for writing: it is taken once closed")
             return False
         log.warning("inbox.taken_without_close", item=name, open=sorted(cand.open_files),
                     unchanged_seconds=round(now - cand.since, 1))
@@ -585,9 +602,11 @@ class Inbox:
             # No close event seen: ask the process table whether anyone still writes these files
             # (a hard link has no open and close; a close event may have been lost in an overflow).
             cand.next_check = now + max(self.settle_seconds, 0.5)
-            if not self._written(cand):
+            written = self._written(cand)
+            if written is False:
                 log.info("inbox.taken_without_close", item=name, open=sorted(cand.open_files), checked="proc")
                 return True
+            cand.writer_seen = written is True
         return self._stuck_open(name, cand, now)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -474,8 +475,12 @@ def test_one_walk_of_proc_answers_for_every_open_entry(root, digits, monkeypatch
         inbox.stop()
 
 
-def test_a_lost_close_event_does_not_hold_an_entry_forever(root, digits):
-    """An entry still 'open' (no close seen) is taken once unchanged for stuck_open_seconds, with a warning."""
+def test_a_lost_close_event_does_not_hold_an_entry_forever(root, digits, monkeypatch):
+    """Where /proc cannot show every writer (a container, ProtectProc=invisible), an entry still 'open' (no
+    close seen) is taken once unchanged for stuck_open_seconds, with a warning."""
+    import aemon.writers
+
+    monkeypatch.setattr(aemon.writers, "_proc_shows_everyone", lambda: False)
     inbox = Inbox(root, settle_seconds=0.1, rescan_seconds=3600, stuck_open_seconds=1.0)
     inbox.start()
     try:
@@ -487,6 +492,33 @@ def test_a_lost_close_event_does_not_hold_an_entry_forever(root, digits):
             with capture_logs() as logs:
                 assert _take_within(inbox, 5) == ["held.png"]
         assert [e["event"] for e in logs] == ["inbox.taken_without_close"]
+    finally:
+        inbox.stop()
+
+
+def test_a_writer_paused_past_the_stuck_open_time_is_waited_for_where_proc_shows_it(root, digits):
+    """A writer paused mid-file for longer than the stuck-open time (60 s in a daemon) had its half-written file
+    taken and rejected as truncated, though /proc showed it holding the file; it then finished the file inside
+    rejected/ (helper's attack, 2 of 2). Where /proc lists every process, the file waits for its writer,
+    said once as inbox.held_open, and is taken once closed."""
+    from aemon.writers import _proc_shows_everyone
+
+    if not _proc_shows_everyone():
+        pytest.skip("this /proc does not list every process: the stuck-open time applies")
+    inbox = Inbox(root, settle_seconds=0.1, rescan_seconds=3600, stuck_open_seconds=1.0)
+    inbox.start()
+    try:
+        inbox.take(10)
+        whole = io.BytesIO()
+        Image.fromarray(digits[4]).save(whole, format="PNG")
+        with open(root / "inbox" / "paused.png", "wb") as fp:
+            fp.write(whole.getvalue()[:100])
+            fp.flush()
+            with capture_logs() as logs:
+                assert _take_within(inbox, 3) == []
+            assert [e["event"] for e in logs] == ["inbox.held_open"], logs
+            fp.write(whole.getvalue()[100:])
+        assert _take_within(inbox, 5) == ["paused.png"]
     finally:
         inbox.stop()
 
