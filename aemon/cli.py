@@ -94,7 +94,9 @@ def _train_parser(sub) -> None:
                    help="score function: auto (ranked like --arch auto), mse, bce, topk (mean of the worst 5%% "
                         "pixel errors), zmax (local: the most unusual place of the smoothed error map) or "
                         "zmax+mean (zmax plus the distance to the mean normal image) (auto)")
-    p.add_argument("--calibration-split", type=float, default=0.1, help="share held out for calibration (0.1)")
+    p.add_argument("--calibration-split", type=float, default=0.1,
+                   help="share held out for calibration (0.1); with too few images for that, as many as the target "
+                        "FPR needs, or cross-fitting")
     p.add_argument("--validation-split", type=float, default=0.1, help="share of the rest for early stopping (0.1)")
     p.add_argument("--patience", type=int, default=3, help="early-stopping patience in epochs (3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
@@ -311,6 +313,10 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     for what in ("arch", "score"):
         if what in made:
             print(f"{what}: {made[what]}", file=sys.stderr)
+    if meta.training.get("n_repeats_dropped"):
+        print(f"data: {meta.training['n_repeats_dropped']} exact repeats of other images dropped (each image is used "
+              "once: a repeat in the fitted and the calibration part would make the threshold too low)",
+              file=sys.stderr)
     print(f"calibration: {meta.training['calibration_held_out']}", file=sys.stderr)
     print(f"wrote {path}", file=sys.stderr)
     return 0
@@ -443,7 +449,11 @@ def _info_lines(path: Path, meta) -> Iterator[str]:
     for what, why in meta.preprocessing.get("choices", {}).items():
         yield f"{'chosen ' + what:<14}{why}"
     yield f"threshold     {meta.threshold:.6g} (target FPR {meta.target_fpr})"
-    yield f"calibration   {meta.calibration.n} samples from {meta.calibration.source} at {meta.calibration.created_at}"
+    folds = getattr(meta.calibration, "folds", None)
+    how = f", out-of-fold scores of {folds} fold models" if getattr(meta.calibration, "method", None) == "cross_fit" \
+        and folds else ""
+    yield (f"calibration   {meta.calibration.n} samples from {meta.calibration.source}{how} at "
+           f"{meta.calibration.created_at}")
     epochs = f"{t.get('epochs_run')}/{t.get('epochs_max')} epochs"
     yield f"training      {t.get('source')}: {t.get('n_fit')} fitted, {epochs}"
     yield f"final loss    {t.get('final_loss')} (validation {t.get('final_val_loss')})"

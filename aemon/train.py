@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import sys
 from dataclasses import dataclass
@@ -132,12 +133,24 @@ def calibration_plan(n: int, cfg: TrainConfig) -> CalibrationPlan:
             f"cross-fitted: {n} images are fewer than the {2 * needed} that holding out {needed} (what a target FPR "
             f"of {cfg.target_fpr} needs) and training on as many would take, so each image is scored by one of "
             f"{CROSS_FIT_FOLDS} models fitted without its fifth of the data ({n} calibration scores); the bundle's "
-            f"model is fitted on all {n}"))
+            f"model is then fitted with none of the {n} held back"))
     least = min(needed + max(needed, MIN_FIT), max(needed, MIN_CROSS_FIT))
     raise CalibrationError(
         f"{n} images are too few for a target FPR of {cfg.target_fpr}: an honest threshold needs at least {least} "
         f"normal images; give more or raise --target-fpr"
     )
+
+
+def distinct(x: np.ndarray) -> tuple[np.ndarray, int]:
+    """The images of ``x`` each once (the first of exact repeats kept, in order), and how many were dropped."""
+    seen: set[bytes] = set()
+    keep = []
+    for i, image in enumerate(x):
+        key = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+        if key not in seen:
+            seen.add(key)
+            keep.append(i)
+    return (x, 0) if len(keep) == len(x) else (x[keep], len(x) - len(keep))
 
 
 def add_noise(x: np.ndarray, noise_factor: float, rng: np.random.Generator) -> np.ndarray:
@@ -307,28 +320,39 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
     """
     cfg.check()
     log = get_logger()
-    n = len(data)
+    x, repeats = distinct(data.x)
+    if repeats:
+        log.warning("train.repeats_dropped", dropped=repeats, kept=len(x),
+                    hint="an image repeated in the fitted and the calibration part scores as if unseen and makes "
+                         "the threshold too low; each image is used once")
+    n = len(x)
     plan = calibration_plan(n, cfg)
     log.info("train.calibration", method=plan.method, held_out=plan.reason)
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     order = rng.permutation(n)
-    x_cal, x_fit = data.x[order[: plan.held_out]], data.x[order[plan.held_out :]]
+    x_cal, x_fit = x[order[: plan.held_out]], x[order[plan.held_out :]]
     requested = {"arch": cfg.arch, "score": cfg.score_fn}
     x_fit, x_sel, choice = _resolve_auto(cfg, x_fit)
+    fold_fit = n - math.ceil(n / plan.folds) if plan.folds else n
+    if cfg.arch == "pca" and cfg.latent_dim > fold_fit:
+        raise UsageError(f"--arch pca --latent-dim {cfg.latent_dim}: calibrating {n} images by cross-fitting fits "
+                         f"each fold's PCA on {fold_fit} images, so it keeps at most {fold_fit} components; give "
+                         "--latent-dim at most that, more images, or --arch auto")
     model, losses, n_fitted, n_val = _fit(cfg, prep, x_fit, plan.held_out or n, rng, verbose)
     state, score_choice = _score_state(cfg, Scorer(model, "mse"), x_fit[: len(x_fit) - n_val], x_sel, rng)
     choice = choice or score_choice
     if choice is not None:
         log.info("train.auto", choice=choice.summary())
     if plan.folds:  # every choice is settled: each fold fits the same architecture and score
-        cal_scores = _cross_fit_scores(cfg, prep, data.x[order], plan.folds, rng)
+        cal_scores = _cross_fit_scores(cfg, prep, x[order], plan.folds, rng)
     else:  # clean held-out images, for denoisers too: they also score what arrives
         cal_scores = Scorer(model, cfg.score_fn, state=state).score(x_cal)
     threshold, calibration = calibration_payload(cal_scores, cfg.target_fpr, provenance(data.source), plan.folds)
     choices = {**(choices or {}), **_auto_sentences(requested, cfg, choice)}
     meta = _meta(cfg, prep, data, out, choices, threshold, calibration, losses,
-                 counts={"n_total": n, "n_fit": n_fitted, "n_validation": n_val, "n_calibration": len(cal_scores),
+                 counts={"n_total": len(data), "n_repeats_dropped": repeats, "n_fit": n_fitted,
+                         "n_validation": n_val, "n_calibration": len(cal_scores),
                          "n_held_out": plan.held_out, "n_selection": choice.n_selection if choice else 0,
                          "calibration_held_out": plan.reason})
     if choice is not None:

@@ -89,6 +89,22 @@ def test_fewer_images_than_a_hold_out_needs_are_cross_fitted(tmp_path: Path) -> 
     assert np.mean(np.array(meta["calibration"]["scores"]) > meta["threshold"]) <= 0.01
 
 
+def test_exact_repeats_are_used_once(tmp_path: Path) -> None:
+    """120 digits each given twice: a repeat in the fitted part and in the calibration part scored as unseen and
+    set the threshold far too low (15.6 % of fresh digits flagged at a 1 % target, helper's attack). Each image is
+    used once, and the bundle says how many repeats were dropped."""
+    from aemon.sources import Dataset, load_source
+
+    digits = load_source("sample:mnist").x[::40][:120]
+    data = Dataset(x=np.concatenate([digits, digits[::-1]]), labels=None, source="repeats")
+    out = train_bundle(data, TrainConfig(arch="pca", latent_dim=16, score_fn="mse"), tmp_path / "b", verbose=False)
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["training"]["n_total"] == 240 and meta["training"]["n_repeats_dropped"] == 120
+    assert meta["calibration"]["n"] == 120 and meta["training"]["n_fit"] == 120
+    with pytest.raises(UsageError, match=r"cross-fitting fits each fold's PCA on 96 images"):
+        train_bundle(data, TrainConfig(arch="pca", latent_dim=100, score_fn="mse"), tmp_path / "c", verbose=False)
+
+
 def test_a_few_hundred_images_hold_out_what_the_target_needs(tmp_path: Path) -> None:
     """666 images at the default 1 % target: the 10 % split (66) is too small, so exactly 99 are held out,
     said in bundle.json; the share of calibration scores above the threshold stays at or under the target."""
