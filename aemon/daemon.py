@@ -13,6 +13,7 @@ import gc
 import os
 import signal
 import socket
+import stat
 import sys
 import threading
 import time
@@ -103,7 +104,7 @@ class Daemon:
             try:
                 reserve_value_files(folder)
             except OSError as exc:
-                raise StartupError(f"no room for the metrics files in {folder}: {exc}") from exc
+                raise StartupError.of(f"no room for the metrics files in {folder}: {exc}", exc) from exc
             self.metrics = build(CollectorRegistry(), info_registry=self.registry)
             if worker is None:
                 multiprocess.MultiProcessCollector(self.registry)
@@ -154,7 +155,7 @@ class Daemon:
                 self.startup()
             except OSError as exc:  # a root, its folders or files the daemon cannot use: a start-up failure
                 where = f" ({exc.filename})" if exc.filename else ""
-                raise StartupError(f"cannot start on {self.root}: {exc.strerror or exc}{where}") from exc
+                raise StartupError.of(f"cannot start on {self.root}: {exc.strerror or exc}{where}", exc) from exc
             self.main_loop(until_idle)
             self.drain()
             self.claims.stopped_in_order()
@@ -185,9 +186,22 @@ class Daemon:
 
     def is_ready(self) -> bool:
         """True once the model is loaded and the folders are usable (the inbox writable and still the folder
-        opened at start-up, the filesystem with room left)."""
+        opened at start-up, the result folders real folders, the filesystem with room left)."""
         return (self.ready and self.bundle is not None and os.access(self.root / "inbox", os.W_OK)
-                and self.inbox.intact() and has_room(self.root))
+                and self.inbox.intact() and has_room(self.root) and self._result_folders_usable())
+
+    def _result_folders_usable(self) -> bool:
+        """Whether every result folder is a real folder, or missing (made again when needed): one replaced by a
+        file or a link would fail the next commit."""
+        for name in FOLDERS:
+            try:
+                if not stat.S_ISDIR(os.lstat(self.root / name).st_mode):
+                    return False
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return False
+        return True
 
     # -- startup ---------------------------------------------------------
     def startup(self) -> None:

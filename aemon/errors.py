@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 __all__ = [
     "AemonError",
     "UsageError",
@@ -40,9 +42,17 @@ class StartupError(AemonError):
     exit_code = 3
 
     @classmethod
-    def unusable_root(cls, root: object, exc: OSError) -> StartupError:
-        """The root (or a folder under it) failed with ``exc``."""
-        return cls(f"root folder {root} is not usable: {exc}; check its permissions or set AEMON_ROOT")
+    def unusable_root(cls, root: object, exc: OSError) -> AemonError:
+        """The root (or a folder under it) failed with ``exc`` (see :meth:`of`)."""
+        return cls.of(f"root folder {root} is not usable: {exc}; check its permissions or set AEMON_ROOT", exc)
+
+    @classmethod
+    def of(cls, message: str, exc: OSError) -> AemonError:
+        """A start-up failure from a filesystem error: exit 3, not to be restarted, unless the filesystem is only
+        full (ENOSPC, EDQUOT), which passes: then exit 1, so that the supervisor starts the daemon again."""
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return AemonError(f"{message} (the filesystem is full: exit 1, for the supervisor to start again)")
+        return cls(message)
 
 
 class BundleError(AemonError):

@@ -816,6 +816,27 @@ def test_a_commit_that_fails_on_the_filesystem_stops_the_daemon_and_loses_nothin
     assert (record.parent / "digit.png").read_bytes() == png_bytes(digits[0])
 
 
+def test_readyz_is_503_while_a_result_folder_is_not_a_folder(tmp_path):
+    """ok/ replaced by a file: /readyz said 200 (the contract: 503 unless the folders are usable) and the next
+    item's commit stopped the daemon (helper's attack, 2 of 2). It is 503 until ok/ is a folder again."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        assert daemon.get("/readyz")[0] == 200
+        os.rename(root / "ok", tmp_path / "ok.saved")
+        (root / "ok").write_bytes(b"not a folder")
+        assert daemon.get("/readyz")[0] == 503
+        assert daemon.get("/healthz")[0] == 200
+        (root / "ok").unlink()
+        os.symlink(tmp_path / "ok.saved", root / "ok")
+        assert daemon.get("/readyz")[0] == 503
+        (root / "ok").unlink()
+        os.rename(tmp_path / "ok.saved", root / "ok")
+        assert daemon.get("/readyz")[0] == 200
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+
+
 _QUEUE_LIMIT = Path("/proc/sys/fs/inotify/max_queued_events")
 
 
