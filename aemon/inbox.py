@@ -92,6 +92,8 @@ class _Candidate:
     next_check: float = 0.0
     #: Known from a scan only: no inotify event about it has been seen yet.
     listed_only: bool = False
+    #: When this process first saw it (epoch seconds); ``arrived`` is earlier for an entry found by a scan.
+    seen: float = 0.0
     #: The last check of ``/proc`` listed every process and saw one holding a file of it open for writing.
     writer_seen: bool = False
     #: ``inbox.held_open`` was logged for it.
@@ -434,6 +436,15 @@ class Inbox:
                     self._queued.discard(entry[2])
         return out
 
+    def _arrival(self, name: str, seen: float) -> float:
+        """When an entry found by a scan reached the inbox: its inode's change time (set by the rename or the
+        last write that put it there, which no copying tool can set back), at most ``seen``. An item that waited
+        while no daemon ran counts that wait in its latency and ``received_at``."""
+        try:
+            return min(seen, os.lstat(name, dir_fd=self._fd).st_ctime)
+        except (OSError, TypeError):
+            return seen
+
     def _enqueue(self, name: str, arrived: float) -> None:
         """Queue a new candidate by its arrival: first seen, first taken (in name order alone, a name sorting
         late waited as long as earlier-sorting names kept coming); with several processes on one inbox, each
@@ -463,8 +474,11 @@ class Inbox:
                 continue
             cand = self._candidates.get(name)
             if cand is None:
-                cand = self._candidates[name] = _Candidate(None, now, time.time(), listed_only=kind == _LISTED)
-                self._enqueue(name, cand.arrived)
+                seen = time.time()
+                cand = self._candidates[name] = _Candidate(None, now, seen, listed_only=kind == _LISTED, seen=seen)
+                self._enqueue(name, seen)
+                if kind == _LISTED:  # found by a scan: it may have waited while no daemon ran
+                    cand.arrived = self._arrival(name, seen)
                 if kind == _LISTED:  # there before the watch, or its events still on the way: open since?
                     self._unlisted.add(name)
             elif kind != _LISTED:
@@ -584,7 +598,7 @@ class Inbox:
         # source's, and a folder being filled so looked quiet for hours (taken between two files).
         quiet = now - cand.since
         if quiet < self.settle_seconds or (cand.listed_only and not self.polling
-                                           and time.time() - cand.arrived < EVENT_GRACE_SECONDS):
+                                           and time.time() - cand.seen < EVENT_GRACE_SECONDS):
             return False
         if name in self._unwatched:
             # Folders without a watch make no events at all, and /proc may not show the writer (another

@@ -816,6 +816,29 @@ def test_a_commit_that_fails_on_the_filesystem_stops_the_daemon_and_loses_nothin
     assert (record.parent / "digit.png").read_bytes() == png_bytes(digits[0])
 
 
+def test_an_item_that_waited_while_no_daemon_ran_counts_that_wait(tmp_path, digits):
+    """An item renamed into the inbox while the daemon was down got the time the next daemon found it as its
+    arrival: received_at and aemon_item_latency_seconds left out the outage (1 s reported for 26 s waited;
+    helper's attack, 2 of 2), so a backlog after an outage looked fast. Its arrival is when it reached the
+    inbox."""
+    from datetime import datetime
+
+    root = new_root(tmp_path)
+    write_png(tmp_path / "stage" / "down.png", digits[0])
+    os.rename(tmp_path / "stage" / "down.png", root / "inbox" / "down.png")
+    dropped = time.time()
+    time.sleep(3)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        (record,) = wait_records(root, 1, daemon)
+        received = datetime.fromisoformat(load(record)["received_at"].replace("Z", "+00:00")).timestamp()
+        assert abs(received - dropped) < 0.5, (received, dropped)
+        page = daemon.get("/metrics")[1]
+        assert _gauge(page, "aemon_item_latency_seconds_sum") >= 3.0, page
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+
+
 def test_readyz_is_503_while_a_result_folder_is_not_a_folder(tmp_path):
     """ok/ replaced by a file: /readyz said 200 (the contract: 503 unless the folders are usable) and the next
     item's commit stopped the daemon (helper's attack, 2 of 2). It is 503 until ok/ is a folder again."""
