@@ -382,8 +382,8 @@ class Inbox:
         self._enqueue(name, arrived)
 
     def pending(self) -> int:
-        """Entries seen in the inbox and not yet taken."""
-        return len(self._candidates)
+        """Entries seen in the inbox and not yet taken, those that cannot be moved out of it included."""
+        return len(self._candidates.keys() | self._unmovable)
 
     def idle(self) -> bool:
         """True when no event is queued and no entry is waiting."""
@@ -396,6 +396,7 @@ class Inbox:
             names = os.listdir(self._fd)
         except OSError:
             return
+        self._unmovable &= set(names)  # an unmovable entry removed meanwhile waits no more
         for name in sorted(names):  # entries first seen together are taken in name order
             if not is_ignored(name):
                 self._events.put((name, _LISTED, name))
@@ -469,6 +470,7 @@ class Inbox:
                 # Forgotten at once: a name written again in place must wait for its writer, not count as
                 # the copy renamed in before (its queue entry is dropped when it comes up, or reused).
                 self._candidates.pop(name, None)
+                self._unmovable.discard(name)
                 self._unwatched.discard(name)
                 self._unlisted.discard(name)
                 continue

@@ -370,7 +370,7 @@ def test_read_only_folders_of_another_user_wait_or_are_rejected_whole(tmp_path, 
     """Read-only folders the daemon may not change (another user's, mode 0555): (a) one dropped in cannot be
     moved at all, so it stays in the inbox, untouched, with one inbox.unmovable error however many rescans
     pass; (b) one inside a dropped folder would keep its image from being moved out, so that folder is
-    rejected whole, nothing in it lost. The daemon goes on."""
+    rejected whole, nothing in it lost. The daemon goes on, and counts (a) as pending all along."""
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, preexec=_drop_dac).wait_ready()
     stage = tmp_path / "stage"
@@ -391,6 +391,14 @@ def test_read_only_folders_of_another_user_wait_or_are_rejected_whole(tmp_path, 
             time.sleep(0.1)
         time.sleep(3)  # three rescans (AEMON_RESCAN_SECONDS=1) try it again
         assert [e["item"] for e in daemon.events("inbox.unmovable")] == ["theirs"], daemon.text()
+        # Waiting all along: it counted only between a rescan and the next try (1 in 7 samples), so an alert on
+        # pending entries with no decision never held for its 5 minutes (helper's attack).
+        pending = []
+        for _ in range(12):
+            page = daemon.get("/metrics")[1]
+            pending += [float(line.split()[1]) for line in page.splitlines() if line.startswith("aemon_inbox_pending ")]
+            time.sleep(0.15)
+        assert len(pending) == 12 and min(pending) >= 1, pending
         assert (root / "inbox" / "theirs" / "a.png").read_bytes() == png_bytes(digits[0])
         _drop_after(daemon, tmp_path, digits[4])
     finally:
