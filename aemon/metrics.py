@@ -79,7 +79,8 @@ def build(registry: CollectorRegistry, info_registry: CollectorRegistry | None =
     """
     metrics = Metrics(
         items=Counter("aemon_items_total", "Items decided, by verdict.", ["verdict"], registry=registry),
-        batches=Counter("aemon_batches_total", "Model calls (one per batch).", registry=registry),
+        batches=Counter("aemon_batches_total", "Batches scored (a model call each, or one per slice of a large one).",
+                        registry=registry),
         errors=Counter("aemon_errors_total", "Items rejected or failed, by reason.", ["reason"], registry=registry),
         reconstruction_error=Histogram("aemon_reconstruction_error", "Scores of scored images.",
                                        buckets=_SCORE_BUCKETS, registry=registry),

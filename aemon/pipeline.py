@@ -57,8 +57,9 @@ def decode(unit: Unit, prep: Preprocessing, limits: Limits) -> None:
 
 
 def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "off",
-           progress: Callable[[], None] = lambda: None) -> tuple[float, np.ndarray]:
-    """Score decoded ``units`` with one model call; set their scores, p-values, verdicts (and reconstructions).
+           progress: Callable[[], None] = lambda: None) -> tuple[list[float], np.ndarray]:
+    """Score decoded ``units`` with one model call (a slice at a time for a large batch); set their scores,
+    p-values, verdicts (and reconstructions).
 
     Args:
         units: Decoded units (``x`` set); ``x`` is released afterwards.
@@ -69,21 +70,21 @@ def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "of
         progress: Called between slices of a large batch (the daemon's liveness heartbeat).
 
     Returns:
-        Seconds spent in the model call, and every score of the batch.
+        Seconds spent in each model call (one per slice), and every score of the batch.
     """
     x = units[0].x if len(units) == 1 else np.concatenate([u.x for u in units])
-    started = time.perf_counter()
-    recons, parts = [], []
+    recons, parts, calls = [], [], []
     for part in _slices(x):
+        started = time.perf_counter()
         if reconstruct:
             recons.append(bundle.scorer.reconstruct(part))
             parts.append(bundle.scorer.score_of(part, recons[-1]))
         else:
             parts.append(bundle.score(part))
+        calls.append(time.perf_counter() - started)
         progress()
     scores = parts[0] if len(parts) == 1 else np.concatenate(parts)
     recon = None if not reconstruct else recons[0] if len(recons) == 1 else np.concatenate(recons)
-    seconds = time.perf_counter() - started
     pvals = bundle.p_values(scores)
     # Denoise mode decides nothing: every original goes to ok/ (the contract); its record keeps the score.
     verdicts = [Verdict.OK.value] * len(scores) if reconstruct else verdicts_of(scores, bundle.threshold)
@@ -97,7 +98,7 @@ def decide(units: list[Unit], bundle, reconstruct: bool = False, maps: str = "of
         _draw_maps(units, bundle, maps, progress)
     for unit in units:
         unit.x = None  # the pixels are no longer needed; the batch may wait for its commit
-    return seconds, scores
+    return calls, scores
 
 
 #: Most pixel values scored or mapped between two progress calls (5,350 rows of 28x28, 256 of 128x128).

@@ -45,9 +45,11 @@ class Recorder:
         """A SIGHUP reload ended."""
         self.metrics.reloads.labels(result="ok" if ok else "failed").inc()
 
-    def scored(self, seconds: float, scores: np.ndarray) -> None:
-        """One model call scored ``scores`` in ``seconds``."""
-        self.metrics.scoring_duration.observe(seconds)
+    def scored(self, calls: list[float], scores: np.ndarray) -> None:
+        """One batch was scored: ``scores``, by model calls of these durations (seconds; one per slice of a large
+        batch)."""
+        for seconds in calls:
+            self.metrics.scoring_duration.observe(seconds)
         self.metrics.batches.inc()
         observe_many(self.metrics.reconstruction_error, scores)
 

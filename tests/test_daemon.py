@@ -877,3 +877,19 @@ def test_a_death_while_reporting_a_batch_leaves_it_to_be_reported_at_the_next_st
     assert sum(second.registry.get_sample_value("aemon_items_total", {"verdict": v}) or 0
                for v in ("ok", "anomaly")) == 5
     assert list((root / ".aemon" / "claims").iterdir()) == []
+
+
+def test_a_large_array_counts_one_batch_and_each_model_call(root, make_daemon, digits):
+    """An array scored a slice at a time was one observation of aemon_scoring_duration_seconds, which the
+    contract defines as one model call (helper's attack: 12,000 rows, three calls, one 1.67 s observation).
+    Each call is observed; the batch is counted once."""
+    from aemon.pipeline import SLICE_VALUES
+
+    rows = 2 * SLICE_VALUES // digits[0].size + 10  # three slices
+    np.save(root / "inbox" / "big.npy", np.resize(digits, (rows, 28, 28)))
+    daemon = make_daemon()
+    assert daemon.run(until_idle=True) == 0
+    reg = daemon.registry
+    assert reg.get_sample_value("aemon_batches_total") == 1
+    assert reg.get_sample_value("aemon_scoring_duration_seconds_count") == 3
+    assert sum(reg.get_sample_value("aemon_items_total", {"verdict": v}) or 0 for v in ("ok", "anomaly")) >= 1
