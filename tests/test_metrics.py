@@ -44,3 +44,16 @@ def test_reserved_value_files_cover_every_file_the_metrics_write(tmp_path: Path)
 
     written = set(json.loads(out))
     assert written and written <= set(VALUE_FILES), (written, VALUE_FILES)
+
+
+def test_score_buckets_resolve_the_z_scores_local_scores_reach() -> None:
+    """A zmax bundle scores noise near 40,000 and some digits near 2,600: every score above 1,000 fell in the
+    +Inf bucket, and the dashboard's score percentiles read 1,000 (helper's attack)."""
+    from aemon.metrics import build
+
+    registry = CollectorRegistry()
+    metrics = build(registry)
+    observe_many(metrics.reconstruction_error, np.array([2_626.0, 38_714.0]))
+    count = {le: registry.get_sample_value("aemon_reconstruction_error_bucket", {"le": le})
+             for le in ("1000.0", "5000.0", "10000.0", "100000.0")}
+    assert count == {"1000.0": 0, "5000.0": 1, "10000.0": 1, "100000.0": 2}, count
