@@ -383,7 +383,7 @@ class Inbox:
 
     def pending(self) -> int:
         """Entries seen in the inbox and not yet taken, those that cannot be moved out of it included."""
-        return len(self._candidates.keys() | self._unmovable)
+        return len(self._candidates) + sum(name not in self._candidates for name in self._unmovable)
 
     def idle(self) -> bool:
         """True when no event is queued and no entry is waiting."""
