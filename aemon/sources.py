@@ -334,10 +334,12 @@ def _check_room(n: int, prep: Preprocessing, src: str) -> None:
                           "fewer images")
 
 
-def _folder(path: Path, prep: Preprocessing, limits: Limits, src: str) -> np.ndarray:
+def _folder(path: Path, prep: Preprocessing, limits: Limits, src: str, most: int | None = None) -> np.ndarray:
+    """Every image of the folder (the first ``most``, in path order), decoded."""
     files = list_images(path)
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
+    files = files[:most]
     _check_room(len(files), prep, src)
     images, refused = [], []
     for file in files:
@@ -392,8 +394,10 @@ def load_source(src: str, prep: Preprocessing = Preprocessing(), limits: Limits 
         path = Path(base)
         if not path.exists():
             raise SourceError(f"{src}: no such file or directory")
-        if path.is_dir():
-            x, labels = _folder(path, prep, limits, src), None
+        if path.is_dir():  # ?limit=N decodes the first N only (checked again, with its errors, below)
+            limit = options.get("limit", "")
+            most = int(limit) if limit.isdigit() and limit.isascii() and int(limit) > 0 else None
+            x, labels = _folder(path, prep, limits, src, most), None
         elif path.suffix.lower() in (".npy", ".npz"):
             x, labels = _array_file(path, options, prep, limits, src)
         elif is_image_name(path.name):

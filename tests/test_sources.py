@@ -334,3 +334,14 @@ def test_images_that_would_not_fit_in_memory_are_refused_before_decoding(tmp_pat
     huge = Preprocessing(size=(200_000, 200_000))  # 160 GB an image: more than any machine here
     with pytest.raises(SourceError, match=r"3 images at 200000x200000x1 take .* GiB as model input, more than half"):
         load_source(str(tmp_path), huge)
+
+
+def test_a_limit_on_a_folder_decodes_only_the_images_it_keeps(tmp_path: Path) -> None:
+    """?limit=N on a folder decoded every image before keeping N (a large folder cost its whole time and
+    memory, and a broken file past the first N refused the source): the first N, in path order, are read."""
+    for i in range(3):
+        Image.fromarray(_digit(50 * i)).save(tmp_path / f"{i}.png")
+    (tmp_path / "z-broken.png").write_bytes(b"not an image")
+    assert len(load_source(f"{tmp_path}?limit=3")) == 3
+    with pytest.raises(SourceError, match="1 of 4 files cannot be read"):
+        load_source(str(tmp_path))
