@@ -334,8 +334,8 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
     x_cal, x_fit = x[order[: plan.held_out]], x[order[plan.held_out :]]
     requested = {"arch": cfg.arch, "score": cfg.score_fn}
     x_fit, x_sel, choice = _resolve_auto(cfg, x_fit)
-    fold_fit = n - math.ceil(n / plan.folds) if plan.folds else n
-    if cfg.arch == "pca" and cfg.latent_dim > fold_fit:
+    fold_fit = n - math.ceil(n / plan.folds) if plan.folds else 0
+    if plan.folds and cfg.arch == "pca" and cfg.latent_dim > fold_fit:
         raise UsageError(f"--arch pca --latent-dim {cfg.latent_dim}: calibrating {n} images by cross-fitting fits "
                          f"each fold's PCA on {fold_fit} images, so it keeps at most {fold_fit} components; give "
                          "--latent-dim at most that, more images, or --arch auto")
