@@ -479,10 +479,9 @@ class Inbox:
                 seen = time.time()
                 cand = self._candidates[name] = _Candidate(None, now, seen, listed_only=kind == _LISTED, seen=seen)
                 self._enqueue(name, seen)
-                if kind == _LISTED:  # found by a scan: it may have waited while no daemon ran
-                    cand.arrived = self._arrival(name, seen)
                 if kind == _LISTED:  # there before the watch, or its events still on the way: open since?
                     self._unlisted.add(name)
+                    cand.arrived = self._arrival(name, seen)  # it may have waited while no daemon ran
             elif kind != _LISTED:
                 cand.listed_only = False
             if kind in (_MOVED_IN, _FOLDER_MOVED_IN):
@@ -506,9 +505,7 @@ class Inbox:
         if walk is None:
             return None
         found, complete = walk
-        if any(os.path.join(self._prefix, rel) in found for rel in cand.open_files):
-            return True if complete else None
-        return False if complete else None
+        return any(os.path.join(self._prefix, rel) in found for rel in cand.open_files) if complete else None
 
     def _walk(self) -> tuple[set[str], bool] | None:
         """This take's walk of ``/proc`` for the open files of every candidate. Entries listed since the last

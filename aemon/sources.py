@@ -193,6 +193,23 @@ def _digits(options: dict[str, str], src: str) -> list[int] | None:
     return digits
 
 
+def _limit(options: dict[str, str], src: str) -> int | None:
+    """The ``limit=N`` option (None without one).
+
+    Raises:
+        SourceError: not an integer of at least 1.
+    """
+    if "limit" not in options:
+        return None
+    try:
+        limit = int(options["limit"])
+    except ValueError as exc:
+        raise SourceError(f"{src}: limit must be an integer") from exc
+    if limit < 1:
+        raise SourceError(f"{src}: limit must be at least 1, not {limit}")
+    return limit
+
+
 def _filter(x: np.ndarray, labels: np.ndarray | None, options: dict[str, str], src: str) -> tuple:
     digits = _digits(options, src)
     if digits is not None:
@@ -200,13 +217,8 @@ def _filter(x: np.ndarray, labels: np.ndarray | None, options: dict[str, str], s
             raise SourceError(f"{src}: this source has no labels (one per image), so ?digits= cannot filter it")
         keep = np.isin(labels, digits)
         x, labels = x[keep], labels[keep]
-    if "limit" in options:
-        try:
-            limit = int(options["limit"])
-        except ValueError as exc:
-            raise SourceError(f"{src}: limit must be an integer") from exc
-        if limit < 1:
-            raise SourceError(f"{src}: limit must be at least 1, not {limit}")
+    limit = _limit(options, src)
+    if limit is not None:
         x = x[:limit]
         labels = None if labels is None else labels[:limit]
     if len(x) == 0:
@@ -394,10 +406,8 @@ def load_source(src: str, prep: Preprocessing = Preprocessing(), limits: Limits 
         path = Path(base)
         if not path.exists():
             raise SourceError(f"{src}: no such file or directory")
-        if path.is_dir():  # ?limit=N decodes the first N only (checked again, with its errors, below)
-            limit = options.get("limit", "")
-            most = int(limit) if limit.isdigit() and limit.isascii() and int(limit) > 0 else None
-            x, labels = _folder(path, prep, limits, src, most), None
+        if path.is_dir():  # ?limit=N decodes the first N only
+            x, labels = _folder(path, prep, limits, src, _limit(options, src)), None
         elif path.suffix.lower() in (".npy", ".npz"):
             x, labels = _array_file(path, options, prep, limits, src)
         elif is_image_name(path.name):

@@ -121,20 +121,21 @@ def calibration_plan(n: int, cfg: TrainConfig) -> CalibrationPlan:
     """
     share = math.floor(n * cfg.calibration_split)
     needed = required_samples(cfg.target_fpr)
+    holding = needed + max(needed, MIN_FIT)  # the fewest images that hold ``needed`` out and train on the rest
     if share >= needed and n - share >= MIN_FIT:
         return CalibrationPlan(share, 0, f"{share} of {n} images held out "
                                          f"(--calibration-split {cfg.calibration_split})")
-    if n - needed >= max(needed, MIN_FIT):
+    if n >= holding:
         return CalibrationPlan(needed, 0, f"{needed} of {n} images held out: the {cfg.calibration_split:.0%} split "
                                           f"would hold out {share}, fewer than the {needed} a target FPR of "
                                           f"{cfg.target_fpr} needs")
     if n >= max(needed, MIN_CROSS_FIT):
         return CalibrationPlan(0, CROSS_FIT_FOLDS, (
-            f"cross-fitted: {n} images are fewer than the {2 * needed} that holding out {needed} (what a target FPR "
+            f"cross-fitted: {n} images are fewer than the {holding} that holding out {needed} (what a target FPR "
             f"of {cfg.target_fpr} needs) and training on as many would take, so each image is scored by one of "
             f"{CROSS_FIT_FOLDS} models fitted without its fifth of the data ({n} calibration scores); the bundle's "
             f"model is then fitted with none of the {n} held back"))
-    least = min(needed + max(needed, MIN_FIT), max(needed, MIN_CROSS_FIT))
+    least = min(holding, max(needed, MIN_CROSS_FIT))
     raise CalibrationError(
         f"{n} images are too few for a target FPR of {cfg.target_fpr}: an honest threshold needs at least {least} "
         f"normal images; give more or raise --target-fpr"
@@ -334,11 +335,12 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
     x_cal, x_fit = x[order[: plan.held_out]], x[order[plan.held_out :]]
     requested = {"arch": cfg.arch, "score": cfg.score_fn}
     x_fit, x_sel, choice = _resolve_auto(cfg, x_fit)
-    fold_fit = n - math.ceil(n / plan.folds) if plan.folds else 0
-    if plan.folds and cfg.arch == "pca" and cfg.latent_dim > fold_fit:
-        raise UsageError(f"--arch pca --latent-dim {cfg.latent_dim}: calibrating {n} images by cross-fitting fits "
-                         f"each fold's PCA on {fold_fit} images, so it keeps at most {fold_fit} components; give "
-                         "--latent-dim at most that, more images, or --arch auto")
+    if plan.folds and cfg.arch == "pca":  # a hold-out's own check comes with the fit
+        fold_fit = n - math.ceil(n / plan.folds)
+        if cfg.latent_dim > fold_fit:
+            raise UsageError(f"--arch pca --latent-dim {cfg.latent_dim}: calibrating {n} images by cross-fitting "
+                             f"fits each fold's PCA on {fold_fit} images, so it keeps at most {fold_fit} components; "
+                             "give --latent-dim at most that, more images, or --arch auto")
     model, losses, n_fitted, n_val = _fit(cfg, prep, x_fit, plan.held_out or n, rng, verbose)
     state, score_choice = _score_state(cfg, Scorer(model, "mse"), x_fit[: len(x_fit) - n_val], x_sel, rng)
     choice = choice or score_choice

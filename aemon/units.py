@@ -108,8 +108,7 @@ def expand(claim: Claim, dest_root: str) -> list[Unit]:
     if claim.error is not None:
         return [Unit(claim.path, name, claim.arrived, error=claim.error)]
     if _nbytes(name) > MAX_NAME_BYTES:
-        err = NameTooLong(f"the name is {_nbytes(name)} bytes long; the longest taken is {MAX_NAME_BYTES}")
-        return [Unit(claim.path, name, claim.arrived, place_rel=short_name(name), error=err)]
+        return [Unit(claim.path, name, claim.arrived, place_rel=short_name(name), error=_name_over_limit(name))]
     if not stat.S_ISDIR(os.lstat(claim.path).st_mode):
         return [Unit(claim.path, name, claim.arrived)]
     units, problem = _walk(claim, dest_root)
@@ -169,9 +168,7 @@ def _walk(claim: Claim, dest_root: str) -> tuple[list[Unit], ItemRejected | None
             rel = os.path.relpath(path, base)
             place, error = None, None
             if _nbytes(fname) > MAX_NAME_BYTES:  # rejected under a short name, as at the top of the inbox
-                place = os.path.join(os.path.dirname(rel), short_name(fname))
-                error = NameTooLong(f"the name {fname[:80]}… is {_nbytes(fname)} bytes long; the longest taken is "
-                                    f"{MAX_NAME_BYTES}")
+                place, error = os.path.join(os.path.dirname(rel), short_name(fname)), _name_over_limit(fname)
             elif is_ignored(fname):
                 error = IgnoredName(f"{fname} is a hidden, partial or backup name; such files are never scored")
             if _too_long(path, place or rel, longest):
@@ -223,6 +220,11 @@ def _too_long(path: str, rel: str, longest: int) -> bool:
     """Whether a unit at ``path``, routed to ``rel`` inside a result folder, could not be: the name it is routed
     under leaves no room for ``-N`` and a record's ``.json``, or a path is near PATH_MAX."""
     return _nbytes(os.path.basename(rel)) > MAX_NAME_BYTES or _nbytes(path) >= _PATH_MAX - 1 or _nbytes(rel) > longest
+
+
+def _name_over_limit(name: str) -> NameTooLong:
+    """A file name longer than :data:`MAX_NAME_BYTES` (the unit goes to ``rejected/`` under :func:`short_name`)."""
+    return NameTooLong(f"the name {name[:80]}… is {_nbytes(name)} bytes long; the longest taken is {MAX_NAME_BYTES}")
 
 
 def _name_too_long(rel: str) -> NameTooLong:
