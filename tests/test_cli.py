@@ -668,14 +668,13 @@ def _grey_alpha_16_bit_png(path: Path, grey: np.ndarray) -> None:
     import struct
     import zlib
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    from daemon_process import png_chunk
 
     pixels = np.dstack([grey, np.full_like(grey, 65535)]).astype(">u2")
     raw = b"".join(b"\x00" + row.tobytes() for row in pixels)
     h, w = grey.shape
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 4, 0, 0, 0))
+                     + png_chunk(b"IDAT", zlib.compress(raw)) + png_chunk(b"IEND", b""))
 
 
 def test_denoise_keeps_grey_images_grey_whatever_their_mode(capsys: pytest.CaptureFixture, tiny_denoise_bundle: Path,
