@@ -46,7 +46,7 @@ def writers_of(paths: list[str]) -> tuple[set[str], bool]:
         told for some (no ``/proc``, a ``/proc`` that does not list every process, or processes whose
         open files this user may not see).
     """
-    wanted, inodes, linked = _names_and_inodes(paths)
+    wanted, inodes, linked, same_file = _names_and_inodes(paths)
     names = {os.path.basename(path) for path in paths}
     found: set[str] = set()
     complete = _proc_shows_everyone()
@@ -78,22 +78,24 @@ def writers_of(paths: list[str]) -> tuple[set[str], bool]:
                     if "ino" in fields and int(fields["ino"]) not in inodes:
                         continue  # told by fdinfo alone: no stat of another process's file
                     st = os.stat(f"{fd_dir}/{fd}")  # the device too (and the inode, where fdinfo lacks it)
-                    asked = inodes.get(st.st_ino, {}).get(st.st_dev)
+                    asked = inodes.get(st.st_ino, {}).get(st.st_dev, (None,))[0]
                     if asked is None or asked in found:
                         continue
                 flags = int(fields["flags"].split()[0], 8)
             except (OSError, KeyError, ValueError):
                 continue
             if flags & os.O_ACCMODE in (os.O_WRONLY, os.O_RDWR):
-                found.add(asked)
+                found.update(same_file.get(asked, (asked,)))  # every asked-about link of the file is held
     return found, complete
 
 
-def _names_and_inodes(paths: list[str]) -> tuple[dict[str, str], dict[int, dict[int, str]], bool]:
-    """How ``/proc`` may name each of ``paths`` (as given, or below its folder's resolved path), each
-    regular file's path by inode and device, and whether any has other hard links."""
+def _names_and_inodes(paths: list[str]) -> tuple[dict[str, str], dict[int, dict[int, list[str]]], bool,
+                                                 dict[str, list[str]]]:
+    """How ``/proc`` may name each of ``paths`` (as given, or below its folder's resolved path), the
+    regular files' paths by inode and device, whether any has other hard links, and each regular
+    file's path to every one of ``paths`` that is the same file (links to one inode)."""
     wanted: dict[str, str] = {}
-    inodes: dict[int, dict[int, str]] = {}
+    inodes: dict[int, dict[int, list[str]]] = {}
     linked = False
     resolved: dict[str, str] = {}
     for path in paths:
@@ -107,6 +109,7 @@ def _names_and_inodes(paths: list[str]) -> tuple[dict[str, str], dict[int, dict[
         except OSError:
             continue
         if stat.S_ISREG(st.st_mode):
-            inodes.setdefault(st.st_ino, {})[st.st_dev] = path
+            inodes.setdefault(st.st_ino, {}).setdefault(st.st_dev, []).append(path)
             linked = linked or st.st_nlink > 1
-    return wanted, inodes, linked
+    same_file = {path: group for by_dev in inodes.values() for group in by_dev.values() for path in group}
+    return wanted, inodes, linked, same_file

@@ -426,6 +426,22 @@ def test_files_still_written_under_another_name_or_in_a_folder_renamed_in_wait_f
     assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
 
 
+def test_every_link_of_a_half_written_file_waits_for_its_writer(tmp_path, digits):
+    """Found by attacking a daemon: a file still being written, hard-linked into the inbox under two names. The
+    /proc check kept one inbox path per inode, so only one link was seen held; the other was taken at once
+    and rejected as truncated (and grew to the whole image inside rejected/)."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
+    whole = write_png(tmp_path / "whole.png", digits[6]).read_bytes()
+    (tmp_path / "writer").mkdir()
+    fp = half_written(tmp_path / "writer" / "twice.png", whole)
+    for name in ("first.png", "second.png"):
+        os.link(tmp_path / "writer" / "twice.png", root / "inbox" / name)
+    found = finish_and_stop(daemon, [fp], whole[len(whole) // 2 :], 2)
+    assert sorted(found) == ["first.png", "second.png"], found
+    assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
+
+
 def test_a_writer_pausing_mid_file_is_waited_for_when_the_root_is_reached_through_a_link(tmp_path, digits):
     """``AEMON_ROOT`` through a symbolic link (``/data`` -> ``/mnt/vol``): /proc shows a writer's file by its
     resolved path, which never matched the inbox path as given, so a writer pausing mid-file was not seen
