@@ -11,7 +11,8 @@ Watchers report changes, not state, so the inbox is also scanned at start-up and
   (the files' own times are not trusted: copies keep their source's).
 
 A folder is published the same way: renamed in when full (taken at once), or filled in place
-(taken once settled). A folder renamed in empty and filled afterwards is taken empty.
+(taken once settled). A folder with no file in it is taken (and rejected as empty) only once unchanged
+for ``stuck_open_seconds``: folders are made before they are filled.
 
 With the polling observer (network filesystems) there are no open/close events and only the
 settle time applies. If a close event was lost (an inotify queue overflow), an entry unchanged
@@ -552,9 +553,6 @@ class Inbox:
         if not cand.open_files:
             return True
         cand.writer_seen = complete
-        sig = _signature(self.dir / name)
-        if sig != cand.sig:
-            cand.sig, cand.since = sig, now
         if self._stuck_open(name, cand, now):
             return True
         cand.next_check = now + max(self.settle_seconds, 0.5)
@@ -577,22 +575,32 @@ class Inbox:
                     unchanged_seconds=round(now - cand.since, 1))
         return True
 
+    def _empty_waits(self, name: str, cand: _Candidate, sig: tuple, now: float) -> bool:
+        """Whether ``name`` is a folder with no file in it that has not yet been unchanged for the stuck-open
+        time. A folder is made before it is filled (``rsync --temp-dir``, ``mkdir`` then ``cp``), and taken
+        empty it was rejected while its files were still to come (they then landed in ``rejected/`` with no
+        record); waiting for an empty folder delays no image."""
+        if sig[3] or now - cand.since >= self.stuck_open_seconds:
+            if not sig[3]:
+                log.info("inbox.taken_empty", item=name, unchanged_seconds=round(now - cand.since, 1))
+            return False
+        return True
+
     def _complete(self, name: str, now: float) -> bool:
         cand = self._candidates[name]
         path = self.dir / name
-        if cand.moved_in:
-            if os.path.lexists(path):
-                return self._moved_in_complete(name, cand, now)
-            del self._candidates[name]
-            self._unlisted.discard(name)
-            return False
         sig = _signature(path)
         if sig is None:
             del self._candidates[name]
+            self._unlisted.discard(name)
             self._unwatched.discard(name)
             return False
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
+        if self._empty_waits(name, cand, sig, now):
+            return False
+        if cand.moved_in:
+            return self._moved_in_complete(name, cand, now)
         # Only time seen unchanged counts, never the files' own times: rsync -a, cp -p and tar set them to the
         # source's, and a folder being filled so looked quiet for hours (taken between two files).
         quiet = now - cand.since
@@ -624,15 +632,18 @@ class Inbox:
 
 
 def _signature(path: Path) -> tuple | None:
-    """(count, total size, newest mtime in ns) of a file or a whole folder; None if gone."""
+    """(entries, total size, newest mtime in ns, non-folder entries) of a file or a whole folder; None if gone."""
     try:
         st = path.lstat()
     except OSError:
         return None
-    if not path.is_dir() or path.is_symlink():
-        return (1, st.st_size, st.st_mtime_ns)
+    if not stat.S_ISDIR(st.st_mode):  # a link to a folder too: never followed
+        return (1, st.st_size, st.st_mtime_ns, 1)
     count, size, newest = 0, 0, st.st_mtime_ns
-    for dirpath, dirnames, filenames in os.walk(path):
+    unread: list[OSError] = []  # a folder it may not list (mode 000) may hold files: never counted empty
+    files = 0
+    for dirpath, dirnames, filenames in os.walk(path, onerror=unread.append):
+        files += len(filenames)
         for entry in (*dirnames, *filenames):
             try:
                 est = os.lstat(os.path.join(dirpath, entry))
@@ -641,7 +652,7 @@ def _signature(path: Path) -> tuple | None:
             count += 1
             size += est.st_size
             newest = max(newest, est.st_mtime_ns)
-    return (count, size, newest)
+    return (count, size, newest, files + len(unread))
 
 
 def _files_of(inbox: Path, name: str) -> list[str]:

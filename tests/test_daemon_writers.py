@@ -426,6 +426,29 @@ def test_files_still_written_under_another_name_or_in_a_folder_renamed_in_wait_f
     assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
 
 
+def test_a_folder_made_in_the_inbox_and_filled_later_is_scored_not_rejected_as_empty(tmp_path, digits):
+    """Found by attacking a daemon: ``rsync --temp-dir`` (and ``mkdir`` then ``cp``) makes the folder first and
+    fills it later. The empty folder was taken once settled and rejected as empty, and the files written
+    into it afterwards landed in rejected/ with no record."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
+    source = tmp_path / "source"
+    for i in range(3):
+        write_png(source / f"{i}.png", digits[i])
+    (root / "inbox" / "job").mkdir()
+    time.sleep(2)  # several settle times
+    subprocess.run(["rsync", "-r", f"--temp-dir={tmp_path}", f"{source}/", f"{root / 'inbox' / 'rt'}/"], check=True)
+    for i in range(3):
+        shutil.copy(source / f"{i}.png", root / "inbox" / "job")
+    wait_records(root, 6, daemon)
+    time.sleep(0.5)
+    found = by_item(root)
+    assert daemon.stop() == 0, daemon.text()
+    assert sorted(found) == [f"{folder}/{i}.png" for folder in ("job", "rt") for i in range(3)], found
+    assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
+    assert not (root / "rejected" / "job").exists()
+
+
 def test_every_link_of_a_half_written_file_waits_for_its_writer(tmp_path, digits):
     """Found by attacking a daemon: a file still being written, hard-linked into the inbox under two names. The
     /proc check kept one inbox path per inode, so only one link was seen held; the other was taken at once
