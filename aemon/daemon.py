@@ -38,7 +38,7 @@ from aemon.recorder import Recorder
 from aemon.router import FOLDERS, Router
 from aemon.settings import Settings
 from aemon.units import Unit, expand
-from aemon.workers import ModelAgreement, WorkerPool, announce, send_beat
+from aemon.workers import ModelAgreement, WorkerPool, announce, send_beat, shared_dir
 
 __all__ = ["Daemon"]
 
@@ -113,7 +113,8 @@ class Daemon:
         self.stale = _watchdog_seconds() or HEARTBEAT_STALE
         self._beat_fd = beat_fd
         self.pool = WorkerPool(settings, workers, self.stale) if workers > 0 and worker is None else None
-        self.agreement = ModelAgreement(self.root, worker) if worker is not None else None
+        self.shared = shared_dir()
+        self.agreement = ModelAgreement(self.shared, worker) if worker is not None and self.shared else None
         self.bundle = bundle
         self.bundle_path = Path(settings.model) if settings.model else None
         self.router = Router(self.root)
@@ -221,8 +222,8 @@ class Daemon:
         self._check_task(self.bundle, StartupError)
         if self.agreement is not None:
             self.bundle = self.agreement.choose(self.bundle)
-        elif self.pool is not None:
-            announce(self.root, self.bundle.identity)
+        elif self.pool is not None and self.shared:
+            announce(self.shared, self.bundle.identity)
         self._set_model_metrics()
         freeze_heap()
         if self.worker is not None:
@@ -394,8 +395,8 @@ class Daemon:
             ok = True
         if self.worker is None:  # one SIGHUP counts once, not once per process
             self.recorder.reload(ok=ok)
-        if ok and self.pool is not None:
-            announce(self.root, self.bundle.identity)
+        if ok and self.pool is not None and self.shared:
+            announce(self.shared, self.bundle.identity)
             self.pool.signal(signal.SIGHUP)
 
     def drain(self) -> None:

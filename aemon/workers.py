@@ -30,7 +30,8 @@ from aemon.fsio import write_json_atomic
 from aemon.logs import get_logger
 from aemon.settings import Settings
 
-__all__ = ["metrics_dir", "die_with_parent", "send_beat", "WorkerPool", "announce", "announced", "ModelAgreement"]
+__all__ = ["metrics_dir", "shared_dir", "die_with_parent", "send_beat", "WorkerPool", "announce", "announced",
+           "ModelAgreement"]
 
 log = get_logger()
 
@@ -42,7 +43,8 @@ MAX_BACKOFF = 300.0
 STABLE_SECONDS = 60.0
 #: Seconds a starting worker may take before its loop first beats (TensorFlow and the bundle load).
 STARTUP_SECONDS = 180.0
-#: The model version the main process serves (under ``.aemon/``), for its workers to match.
+#: The model version the main process serves (in the daemon's own folder, :func:`metrics_dir`), for its
+#: workers to match. One per daemon: daemons sharing a root may serve different bundles (a rolling update).
 SERVED_MODEL = "served-model.json"
 #: A worker asks the main process to reload at most this often (seconds).
 NUDGE_INTERVAL = 5.0
@@ -237,16 +239,22 @@ class WorkerPool:
         self._procs.clear()
 
 
-def announce(root: Path, identity: str) -> None:
-    """Main process: store the bundle it serves (its :attr:`~aemon.bundle.Bundle.identity`, after each load),
-    before its workers load theirs."""
-    write_json_atomic(root / ".aemon" / SERVED_MODEL, {"identity": identity})
+def shared_dir() -> Path | None:
+    """The folder this daemon's processes share (its :func:`metrics_dir`), None with no worker processes."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(folder) if folder else None
 
 
-def announced(root: Path) -> str | None:
+def announce(folder: Path, identity: str) -> None:
+    """Main process: store the bundle it serves (its :attr:`~aemon.bundle.Bundle.identity`, after each load)
+    in its daemon's shared ``folder``, before its workers load theirs."""
+    write_json_atomic(folder / SERVED_MODEL, {"identity": identity})
+
+
+def announced(folder: Path) -> str | None:
     """The identity of the bundle the main process serves, or None where it has not said."""
     try:
-        return str(json.loads((root / ".aemon" / SERVED_MODEL).read_text())["identity"])
+        return str(json.loads((folder / SERVED_MODEL).read_text())["identity"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -264,15 +272,15 @@ class ModelAgreement:
     failed while the main process's succeeded loads again until it serves the main bundle (:meth:`behind`).
     """
 
-    def __init__(self, root: Path, worker: int) -> None:
-        self.root, self.worker = root, worker
+    def __init__(self, folder: Path, worker: int) -> None:
+        self.folder, self.worker = folder, worker
         self._nudged = self._retried = float("-inf")
 
     def behind(self, serving) -> bool:
         """Whether this worker, serving ``serving``, should load the bundle again: it serves another version
         than the main process (its own reload failed where the main one's succeeded, e.g. the folder was
         moved away between them); at most every :data:`NUDGE_INTERVAL` seconds."""
-        main = announced(self.root)
+        main = announced(self.folder)
         now = time.monotonic()
         if main is None or serving.identity == main or now - self._retried < NUDGE_INTERVAL:
             return False
@@ -283,7 +291,7 @@ class ModelAgreement:
 
     def choose(self, loaded, current=None):
         """The bundle this worker serves after loading ``loaded`` while serving ``current`` (None at start)."""
-        main = announced(self.root)
+        main = announced(self.folder)
         if main is None or loaded.identity == main:
             return loaded
         keep = current is not None and current.identity == main

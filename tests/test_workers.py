@@ -515,3 +515,30 @@ def test_two_calibrations_of_one_model_are_told_apart_by_the_processes(tmp_path,
     thresholds = {json.loads(p.read_text())["threshold"] for p in records(root)}
     assert daemon.stop() == 0, daemon.text()
     assert thresholds == {strict.threshold}, (thresholds, loose.threshold, strict.threshold)
+
+
+def test_two_daemons_with_workers_on_one_root_serving_different_bundles_do_not_reload_each_other(tmp_path, digits):
+    """Replicas sharing a root during a rolling update serve two bundles. The model each main process serves was
+    one file per root: each daemon's worker compared itself with the other daemon's bundle and asked its own
+    main process to reload, every 5 s, for ever (helper's attack: 7 reloads each in 75 s, still climbing)."""
+    from aemon.bundle import default_bundle_path
+
+    other = tmp_path / "other"
+    shutil.copytree(default_bundle_path("detect"), other)
+    np.save(tmp_path / "cal.npy", digits[-200:])
+    done = subprocess.run([sys.executable, "-m", "aemon", "calibrate", str(other), "--data", str(tmp_path / "cal.npy"),
+                           "--target-fpr", "0.05"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    root = new_root(tmp_path)
+    daemons = [Daemon(root, tmp_path / f"daemon-{i}.log", env={"AEMON_WORKERS": "2", **env}).wait_ready()
+               for i, env in enumerate(({}, {"AEMON_MODEL": str(other)}))]
+    for daemon in daemons:
+        _wait_event(daemon, "worker.ready")
+    time.sleep(12)  # more than two nudge intervals
+    for i in range(20):
+        write_png(root / "inbox" / f"x-{i:02d}.png", digits[i])
+    wait_records(root, 20)
+    churn = {name: [len(d.events(name)) for d in daemons] for name in ("bundle.diverged", "bundle.behind")}
+    reloads = [_metric(d.get("/metrics")[1], "aemon_reloads_total", '{result="ok"}') for d in daemons]
+    assert [d.stop() for d in daemons] == [0, 0], daemons[0].text() + daemons[1].text()
+    assert churn == {"bundle.diverged": [0, 0], "bundle.behind": [0, 0]} and reloads == [0, 0], (churn, reloads)
