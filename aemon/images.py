@@ -39,6 +39,7 @@ __all__ = [
     "ARRAY_SUFFIXES",
     "Preprocessing",
     "Limits",
+    "over_black",
     "is_image_name",
     "is_array_name",
     "open_file",
@@ -357,7 +358,7 @@ def displayed_size(img: Image.Image) -> tuple[int, int]:
     return (height, width) if _orientation(img) in _QUARTER_TURNS else (width, height)
 
 
-def _over_black(img: Image.Image) -> Image.Image:
+def over_black(img: Image.Image) -> Image.Image:
     """An image with transparency composited onto black (RGB); others unchanged. A fully transparent
     pixel is black whatever colour it stores, so two files that look the same decode the same."""
     if img.mode not in ("RGBA", "LA", "PA", "RGBa", "La") and "transparency" not in img.info:
@@ -376,7 +377,7 @@ def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
     if img.mode.startswith("I;16") or img.mode == "I":
         values = np.asarray(img, dtype=np.float64)
         key = img.info.get("transparency")
-        if isinstance(key, int):  # a transparent value (tRNS): those pixels are black, as in _over_black
+        if isinstance(key, int):  # a transparent value (tRNS): those pixels are black, as in over_black
             values[values == key] = 0.0
         if values.size and (values.min() < 0 or values.max() > 65535):  # 32-bit: nothing but 16-bit values
             raise Unreadable(f"{name} has values in [{values.min():g}, {values.max():g}]; expected 0–65535 "
@@ -384,7 +385,7 @@ def _convert(img: Image.Image, color_mode: str, name: str) -> Image.Image:
         return Image.fromarray((values / 65535.0).astype(np.float32))
     if img.mode == "F":
         return Image.fromarray(unit_pixels(np.asarray(img, dtype=np.float32), name))
-    img = _over_black(img)
+    img = over_black(img)
     if color_mode == "rgb":
         return img.convert("RGB")
     try:

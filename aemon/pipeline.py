@@ -308,22 +308,22 @@ def score_paths(bundle, paths: Iterable[Path | str], limits: Limits, maps: Path 
     ``NAME.map-ROW.png`` for rows, a folder's images under their paths in it; a taken name gets ``-N``)
     and named in its record's ``map``.
     """
-    router = Router(maps) if maps is not None else None
+    router = Router(Path(os.path.abspath(maps))) if maps is not None else None
     for arg in paths:
         if isinstance(arg, str):  # a named dataset (sample:..., keras:...): its images are rows
             units = [Unit(Path(arg), arg, arrived=time.time())]
             units[0].x = load_source(arg, bundle.preprocessing, limits).x
-            yield from _score_records(bundle, units, router, rows=True)
+            yield from _score_records(bundle, units, router, maps, rows=True)
             continue
         for batch in _decoded_batches([arg], bundle.preprocessing, limits):
             units = [u for u, _ in batch]
             if units[0].error is not None:
                 yield _rejected(units[0], bundle)
                 continue
-            yield from _score_records(bundle, units, router, roots=[root for _, root in batch])
+            yield from _score_records(bundle, units, router, maps, roots=[root for _, root in batch])
 
 
-def _score_records(bundle, units: list[Unit], router: Router | None, rows: bool = False,
+def _score_records(bundle, units: list[Unit], router: Router | None, maps: Path | None, rows: bool = False,
                    roots: list[Path | None] | None = None) -> Iterator[dict]:
     decide(units, bundle, maps="anomaly" if router is not None else "off")
     decided_at = utc_now()
@@ -334,17 +334,24 @@ def _score_records(bundle, units: list[Unit], router: Router | None, rows: bool 
             if i in unit.maps:
                 # A folder's images keep their paths under DIR, as the daemon's maps keep theirs.
                 name = _output_name(unit, root) + (f".map-{i}.png" if is_rows else ".map.png")
-                extra["map"] = str(router.write_new(unit.maps[i], "", name))
+                extra["map"] = _shown(router.write_new(unit.maps[i], "", name), maps)
             yield scored_record(item=unit.rel, verdict=unit.verdicts[i], score=unit.scores[i],
                                 threshold=bundle.threshold, p_value=unit.p_values[i], model_name=bundle.name,
                                 model_version=bundle.version, received_at=unit.received_at, decided_at=decided_at,
                                 **extra)
 
 
+def _shown(dest: Path, given: Path) -> str:
+    """An output path as the user named its folder (``given``): relative to the working folder unless absolute."""
+    return str(dest) if Path(given).is_absolute() else os.path.relpath(dest)
+
+
 def _output_name(unit: Unit, root: Path | None) -> str:
-    """The output name: relative to the folder argument it came from, else the file's own name; a file name
-    too long to take a suffix (``.map.png``, ``-N``) is shortened as the daemon's are (:func:`short_name`)."""
-    name = Path(root.name) / unit.path.relative_to(root) if root is not None else Path(unit.path.name)
+    """The output name: under the folder argument's own name (``..`` and ``.`` name the folders they are) with
+    its path there, else the file's own name; a file name too long to take a suffix (``.map.png``, ``-N``) is
+    shortened as the daemon's are (:func:`short_name`)."""
+    folder = Path(os.path.abspath(root)).name if root is not None else ""
+    name = Path(folder) / unit.path.relative_to(root) if root is not None else Path(unit.path.name)
     if len(os.fsencode(name.name)) > MAX_NAME_BYTES:
         name = name.with_name(short_name(name.name))
     return name.as_posix()
@@ -357,7 +364,7 @@ def denoise_paths(bundle, paths: Iterable[Path], limits: Limits, out: Path) -> I
     dtype. Folder arguments keep their relative paths; an existing name gets a ``-N`` suffix (the
     same :class:`~aemon.router.Router` as the daemon's ``denoised/`` folder).
     """
-    router = Router(out)
+    router = Router(Path(os.path.abspath(out)))
     for batch in _decoded_batches(paths, bundle.preprocessing, limits):
         if batch[0][0].error is not None:
             yield _rejected(batch[0][0], bundle)
@@ -369,6 +376,6 @@ def denoise_paths(bundle, paths: Iterable[Path], limits: Limits, out: Path) -> I
                 dest = router.write_new(denoised_png(unit), "", png_name(name))
             else:
                 dest = router.write_new(denoised_rows(unit), "", name)
-            yield {"item": unit.rel, "denoised": str(dest), "rows": len(unit.scores),
+            yield {"item": unit.rel, "denoised": _shown(dest, out), "rows": len(unit.scores),
                    "score": float(np.max(unit.scores)), "model": {"name": bundle.name, "version": bundle.version},
                    "received_at": unit.received_at, "decided_at": utc_now()}

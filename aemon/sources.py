@@ -32,6 +32,7 @@ from aemon.images import (
     is_array_name,
     is_image_name,
     open_image,
+    over_black,
     read_array,
 )
 
@@ -140,15 +141,31 @@ def local_path(src: str) -> Path | None:
     return None if is_named(base) else Path(base)
 
 
-def check_output_folder(out: Path, inputs: Iterable[str | Path], flag: str) -> None:
+def check_output_folder(out: Path, inputs: Iterable[str | Path], flag: str, by_name: bool = False) -> None:
     """An output folder (``--maps``, ``--out``) must be a folder, or nothing yet, outside every input folder.
+
+    Args:
+        by_name: The outputs of an input folder go to ``out/<its name>/`` (``score``, ``denoise``), which
+            must not be nor overlap an input folder either.
 
     Raises:
         UsageError: what is wrong with it.
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} exists and is not a folder")
+    inputs = list(inputs)
     refuse_output_inside(out, inputs, flag)
+    if not by_name:
+        return
+    folders = [(src, local.resolve()) for src in inputs
+               if (local := local_path(str(src))) is not None and local.is_dir()]
+    for src, data in folders:
+        written = out.resolve() / data.name
+        for other, into in folders:
+            if written == into or into in written.parents or written in into.parents:
+                raise UsageError(f"{flag} {out}: the outputs of {src} go to {written}, which "
+                                 f"{'is' if written == into else 'overlaps'} the input folder {other}; "
+                                 "choose a folder outside the inputs")
 
 
 def make_output_folder(out: Path, flag: str) -> None:
@@ -565,7 +582,8 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
                 width, height = displayed_size(img)
                 sizes.append((height, width))
                 if not colourful and img.mode not in ("1", "L", "LA", "I", "F") and not img.mode.startswith("I;16"):
-                    rgb = np.asarray(img.convert("RGB").resize((32, 32)), dtype=np.int16)
+                    # As decoding sees it: a fully transparent pixel is black whatever colour it stores.
+                    rgb = np.asarray(over_black(img).convert("RGB").resize((32, 32)), dtype=np.int16)
                     colourful = bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() > 8
                                      or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 8)
         except (OSError, Unreadable) as exc:  # named with every other one when the folder is read

@@ -422,6 +422,45 @@ def test_outputs_inside_an_input_folder_are_refused(capsys: pytest.CaptureFixtur
     assert code == 0 and len(out.splitlines()) == 1, err
 
 
+def test_outputs_to_the_working_folder_or_from_a_dotdot_folder_are_written(capsys: pytest.CaptureFixture,
+                                                                             tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by attacking the CLI: `--maps .` and `--out .` (the working folder) and a folder argument `..` ended
+    in a traceback and wrote nothing. Outputs land in the working folder, a folder's under its real name."""
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    (tmp_path / "lot" / "sub").mkdir(parents=True)
+    Image.fromarray(noise).save(tmp_path / "lot" / "n.png")
+    for work, argv, field, want in (
+            ("w1", ["score", "mnist-detect", "../lot/n.png", "--maps", "."], "map", "n.png.map.png"),
+            ("w2", ["denoise", "mnist-denoise", "../lot/n.png", "--out", "./"], "denoised", "n.png")):
+        (tmp_path / work).mkdir()
+        monkeypatch.chdir(tmp_path / work)
+        code, out, err = run(capsys, *argv)
+        assert code == 0 and not err, (argv, err)
+        assert json.loads(out)[field] == want and (tmp_path / work / want).is_file(), out
+    monkeypatch.chdir(tmp_path / "lot" / "sub")
+    code, out, err = run(capsys, "score", "mnist-detect", "..", "--maps", str(tmp_path / "maps"))
+    assert code == 0, err
+    assert json.loads(out)["map"] == str(tmp_path / "maps" / "lot" / "n.png.map.png"), out
+    code, out, err = run(capsys, "denoise", "mnist-denoise", "..", "--out", str(tmp_path / "clean"))
+    assert code == 0 and (tmp_path / "clean" / "lot" / "n.png").is_file(), err
+
+
+def test_an_output_folder_whose_subfolder_is_the_input_is_refused(capsys: pytest.CaptureFixture,
+                                                                  tmp_path: Path) -> None:
+    """`score M/sub --maps M` wrote the maps of M/sub into M/sub itself (a folder's outputs go to DIR/<its
+    name>), so the next run scored them as input; the same with `denoise D/sub --out D`. Refused."""
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    (tmp_path / "M" / "sub").mkdir(parents=True)
+    Image.fromarray(noise).save(tmp_path / "M" / "sub" / "n.png")
+    sub, top = str(tmp_path / "M" / "sub"), str(tmp_path / "M")
+    for argv in (["score", "mnist-detect", sub, "--maps", top], ["denoise", "mnist-denoise", sub, "--out", top]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and "the input folder" in err and not out, (argv, err)
+        _assert_one_error_line(err)
+    assert [p.name for p in (tmp_path / "M" / "sub").iterdir()] == ["n.png"]
+
+
 def test_paths_may_follow_an_option(capsys: pytest.CaptureFixture, tmp_path: Path, mnist_digits: np.ndarray,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """`aemon score B --maps DIR x.png` was a usage error (the paths ended at the option); an unknown option

@@ -345,3 +345,21 @@ def test_a_limit_on_a_folder_decodes_only_the_images_it_keeps(tmp_path: Path) ->
     assert len(load_source(f"{tmp_path}?limit=3")) == 3
     with pytest.raises(SourceError, match="1 of 4 files cannot be read"):
         load_source(str(tmp_path))
+
+
+def test_auto_colour_ignores_the_colour_stored_in_fully_transparent_pixels(tmp_path: Path) -> None:
+    """Grey images whose fully transparent pixels store red: decoding makes those pixels black (grey images),
+    but `--color auto` picked rgb from the colour they store (found by attacking the CLI)."""
+    from aemon.sources import choose_input
+
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        grey = rng.integers(0, 256, (16, 16), dtype=np.uint8)
+        rgba = np.stack([grey, grey, grey, np.full_like(grey, 255)], axis=-1)
+        rgba[:4] = (255, 0, 0, 0)  # invisible red
+        Image.fromarray(rgba, "RGBA").save(tmp_path / f"{i}.png")
+    prep, why = choose_input(str(tmp_path))
+    assert prep.color_mode == "grayscale", why
+    rgba[8:, :, 0] = 255  # visible colour still counts
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "5.png")
+    assert choose_input(str(tmp_path))[0].color_mode == "rgb"
