@@ -73,15 +73,33 @@ def tinted(image: np.ndarray, strength: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(rgb * 255.0), 0, 255).astype(np.uint8)
 
 
-def render(image: np.ndarray, strength: np.ndarray) -> bytes:
+def render(image: np.ndarray, strength: np.ndarray, shown: tuple[int, int] | None = None) -> bytes:
     """The map of one image as PNG bytes.
 
     Args:
         image: The model input ``(H, W, C)`` in [0, 1].
         strength: How strongly to tint each pixel, ``(H, W)`` in [0, 1].
+        shown: The image file's own ``(width, height)``: a map of an image of another shape than the model's
+            input is drawn in the image's shape (its longer side as long as the input's), so it lies over it.
     """
     pixels = tinted(image, strength)
+    if shown is not None:
+        pixels = _in_shape(pixels, shown)
     return enlarged_png(pixels, max(1, math.ceil(MIN_SIDE / max(1, min(pixels.shape[:2])))))
+
+
+def _in_shape(pixels: np.ndarray, shown: tuple[int, int]) -> np.ndarray:
+    """uint8 RGB ``pixels`` resampled (bilinear) to the aspect ratio of ``shown`` ``(width, height)``, unless
+    it has it already (within 1 %)."""
+    from PIL import Image
+
+    h, w = pixels.shape[:2]
+    width, height = shown
+    if min(width, height) < 1 or abs(width * h - height * w) <= 0.01 * w * height:
+        return pixels
+    longer = max(h, w)
+    size = (max(1, round(longer * width / max(width, height))), max(1, round(longer * height / max(width, height))))
+    return np.asarray(Image.fromarray(pixels, "RGB").resize(size, Image.Resampling.BILINEAR))
 
 
 def enlarged_png(pixels: np.ndarray, scale: int) -> bytes:

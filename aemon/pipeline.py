@@ -125,7 +125,7 @@ def _draw_maps(units: list[Unit], bundle, maps: str, progress: Callable[[], None
         else:
             recon = bundle.scorer.reconstruct(x)
         for (unit, row), image, strength in zip(some, x, strengths(bundle, x, recon), strict=True):
-            unit.maps[row] = render(image, strength)
+            unit.maps[row] = render(image, strength, unit.look.size if unit.look is not None else None)
         progress()
 
 

@@ -390,6 +390,25 @@ def test_score_maps_writes_a_map_per_anomalous_image(capsys: pytest.CaptureFixtu
     assert sorted(p.name for p in (tmp_path / "maps").iterdir()) == ["n.png.map.png"]
 
 
+def test_a_map_has_the_shape_of_its_image(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """A 60×20 image scored by a 28×28 bundle got a square map, the picture squashed, not lying over the image
+    (found by attacking the CLI; the daemon draws maps the same way). A map keeps its image's aspect ratio."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (60, 20), dtype=np.uint8)).save(tmp_path / "tall.png")
+    Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / "square.png")
+    code, out, err = run(capsys, "score", "mnist-detect", str(tmp_path / "tall.png"), str(tmp_path / "square.png"),
+                         "--maps", str(tmp_path / "maps"))
+    assert code == 0, err
+    sizes = {}
+    for line in out.splitlines():
+        record = json.loads(line)
+        with Image.open(record["map"]) as im:
+            sizes[Path(record["item"]).name] = im.size
+    (w, h), square = sizes["tall.png"], sizes["square.png"]
+    assert abs(w / h - 20 / 60) < 0.05 and h >= 128, sizes
+    assert square == (140, 140), sizes  # unchanged: 28 px enlarged 5 times
+
+
 def test_score_maps_of_a_folder_keep_its_paths(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     """Maps of a folder's images went flat into DIR (two n.png became n.png.map.png and n.png.map-1.png, a
     name that reads as a row's map); they keep the folder's paths, as the daemon's do."""
