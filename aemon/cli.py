@@ -277,7 +277,8 @@ def _check_out(out: Path, force: bool, src: str) -> None:
 
 @_verb("train")
 def _train(args: argparse.Namespace, settings: Settings) -> int:
-    from aemon.sources import choose_input, load_source
+    from aemon.images import is_array_name
+    from aemon.sources import choose_input, load_source, local_path
 
     quiet_tensorflow()
     from aemon.models import check_fits
@@ -301,7 +302,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
                          "(it was ignored)")
     _check_out(args.out, args.force, args.data)
     prep, choices = choose_input(args.data, args.size, args.color)
-    check_fits(cfg.arch, prep.input_shape, cfg.latent_dim)
+    data = local_path(args.data)
+    check_fits(cfg.arch, prep.input_shape, cfg.latent_dim, resizable=data is None or not is_array_name(data.name))
     for what, why in choices.items():
         print(f"{what}: {why}", file=sys.stderr)
     data = load_source(args.data, prep)

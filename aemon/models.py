@@ -57,8 +57,11 @@ POOLED = ("conv", "convsmall")
 CODED = ("dense", "deep", "convsmall", "pca")
 
 
-def check_fits(arch: str, input_shape: tuple[int, int, int], latent_dim: int | None = None) -> None:
+def check_fits(arch: str, input_shape: tuple[int, int, int], latent_dim: int | None = None,
+               resizable: bool = True) -> None:
     """Refuse an input size (or a code size) that ``arch`` cannot take, before any data is loaded.
+
+    ``resizable``: False for arrays, which are taken at their own size (no ``--size`` changes them).
 
     Raises:
         UsageError: naming the nearest size that fits, or the largest code.
@@ -71,8 +74,9 @@ def check_fits(arch: str, input_shape: tuple[int, int, int], latent_dim: int | N
                          f"lower --latent-dim to at most {values}")
     if arch in POOLED and (height % 4 or width % 4):
         fit = "x".join(str(max(4, round(v / 4) * 4)) for v in (height, width))
+        remedy = f"choose --size {fit}" if resizable else f"arrays are never resized: pad or crop its rows to {fit}"
         raise UsageError(f"--arch {arch} needs height and width divisible by 4 (two 2x2 poolings), not "
-                         f"{height}x{width}; choose --size {fit} or another --arch")
+                         f"{height}x{width}; {remedy} or choose another --arch")
 
 
 def _conv_stack(input_shape: tuple[int, int, int], latent_dim: int = 0) -> tuple[keras.Model, keras.Model]:

@@ -556,9 +556,9 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
             raise SourceError(f"{src}: {exc}") from exc
         if raw.ndim == 2:  # flat rows (N, H*W): only a given size says their shape
             return [], False, ARRAY_ROWS
-        if raw.ndim < 2:
-            raise SourceError(f"{src}: an array of shape {raw.shape} holds no images; give (N, H, W), "
-                              "(N, H*W), (N, H, W, 1) or (N, H, W, 3)")
+        if raw.ndim < 2 or raw.ndim > 4:
+            raise SourceError(f"{src}: an array of shape {raw.shape} ({raw.ndim}-D) is not a stack of images; give "
+                              "(N, H, W), (N, H*W), (N, H, W, 1) or (N, H, W, 3)")
         if raw.ndim == 4 and raw.shape[-1] not in (1, 3):
             hint = "; it looks channels-first: transpose it to (N, H, W, C)" if raw.shape[1] in (1, 3) else ""
             raise SourceError(f"{src}: rows of shape {raw.shape[1:]} are not (H, W, 1) or (H, W, 3) images{hint}")

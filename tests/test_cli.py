@@ -1005,3 +1005,18 @@ def test_score_lines_are_utf8_json_whatever_the_output_encoding(tmp_path: Path, 
     assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr.decode(errors="replace")
     (record,) = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
     assert record["item"].endswith("é ü.png") and record["verdict"] in ("ok", "anomaly")
+
+
+def test_array_shape_errors_give_advice_that_works(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """A 30x30 array with --arch convsmall was told to `choose --size 32x32`, which arrays ignore (they are never
+    resized), and a 5-D array was read as 4x16 images before an error about a shape it did not have."""
+    np.save(tmp_path / "a30.npy", np.zeros((20, 30, 30), np.uint8))
+    np.save(tmp_path / "a5d.npy", np.zeros((20, 4, 16, 16, 1), np.uint8))
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "a30.npy"), "--out", str(tmp_path / "b1"),
+                       "--arch", "convsmall", "--epochs", "1")
+    assert code == 2 and "never resized" in err and "--size" not in err, err
+    _assert_one_error_line(err)
+    code, _, err = run(capsys, "train", "--data", str(tmp_path / "a5d.npy"), "--out", str(tmp_path / "b2"),
+                       "--arch", "pca", "--epochs", "1")
+    assert code != 0 and "5-D" in err and "4x16" not in err, err
+    _assert_one_error_line(err)
