@@ -375,7 +375,8 @@ def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_and_leaves_no_fi
     exits = _wait_event(daemon, "worker.exited", 2, timeout=60)
     assert [e["restart_in_s"] for e in exits[:2]] == [5.0, 10.0], daemon.text()
     pids = {e["pid"] for e in exits}
-    assert not [f.name for f in metrics.iterdir() if int(f.stem.rpartition("_")[2]) in pids], "files of dead workers"
+    assert not [f.name for f in metrics.glob("*.db") if int(f.stem.rpartition("_")[2]) in pids], \
+        "files of dead workers"
     write_png(root / "inbox" / "still.png", digits[0])
     wait_records(root, 1, daemon)
     assert len(daemon.events("worker.started")) in (2, 3)  # the first and one try (a second after 10 s)
