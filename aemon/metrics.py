@@ -20,7 +20,9 @@ REASONS = tuple(sorted({cls.reason for cls in vars(errors).values()
 # Scores of pixel errors sit in [0, 1]; local and combined scores (z-scores, standardised sums) can be
 # negative, and a z-score over a place where normal images barely vary reaches tens of thousands: the buckets
 # span all of them.
-_SCORE_BUCKETS = (-2, -1, 0, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1,
+#: From 0 up: a histogram with a negative bucket has no ``_sum`` in prometheus_client (in one process; the
+#: multiprocess collector wrote one), so scores below 0 (local z-scores of ordinary images) count in ``le="0"``.
+_SCORE_BUCKETS = (0, 0.001, 0.002, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1,
                   2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10_000, 100_000, 1_000_000, float("inf"))
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, float("inf"))
 _SCORING_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, float("inf"))
