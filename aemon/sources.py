@@ -290,11 +290,17 @@ def _sample_elpv(options: dict[str, str], prep: Preprocessing, limits: Limits, s
 
 def sample_mnist() -> tuple[np.ndarray, np.ndarray]:
     """The 5,000 MNIST digits (500 per class) shipped inside aemon (``aemon/_data``): images
-    ``(5000, 28, 28)`` uint8 and labels ``(5000,)`` int64."""
+    ``(5000, 28, 28)`` uint8 and labels ``(5000,)`` int64, the classes taking turns (0, 1, ..., 9, 0, 1, ...),
+    so that the first N (``?limit=N``) hold every digit, not N zeros (the file is sorted by class)."""
     from importlib.resources import as_file, files
 
     with as_file(files("aemon") / "_data" / "mnist-5k.npz") as path, np.load(path, allow_pickle=False) as data:
-        return data["x"], data["y"].astype(np.int64)
+        x, y = data["x"], data["y"].astype(np.int64)
+    turn = np.empty(len(y), dtype=np.int64)  # each image's place among its class (stable)
+    for label in np.unique(y):
+        turn[y == label] = np.arange(np.count_nonzero(y == label))
+    order = np.lexsort((y, turn))
+    return x[order], y[order]
 
 
 def _keras_dataset(name: str, split: str, src: str) -> tuple[np.ndarray, np.ndarray]:

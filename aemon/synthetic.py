@@ -188,7 +188,7 @@ FAMILIES: dict[str, Callable[..., np.ndarray]] = {
 #: (a dark crack on a black background, or a blur of an empty corner, changes nothing and is no anomaly).
 VISIBLE = 0.1
 #: Draws of one family for one image before its last draw is kept whatever it changed.
-MAX_DRAWS = 10
+MAX_DRAWS = 30  # 10 left a crack and a blur that missed the thin stroke of a "1" unchanged
 
 
 def damage(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

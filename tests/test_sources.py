@@ -73,6 +73,16 @@ def test_sample_mnist() -> None:
     assert data.x.min() >= 0.0 and data.x.max() <= 1.0
 
 
+def test_the_first_sample_digits_hold_every_class() -> None:
+    """`aemon score mnist-detect 'sample:mnist?limit=20'` (the README's first command) scored 20 zeros: the
+    shipped file is sorted by class. The classes take turns."""
+    from aemon.sources import sample_mnist
+
+    _, y = sample_mnist()
+    assert sorted(y[:20].tolist()) == sorted(list(range(10)) * 2)
+    assert np.bincount(y).tolist() == [500] * 10
+
+
 def test_sample_mnist_digits_and_limit() -> None:
     """?digits=0,1 keeps only those labels and ?limit= keeps the first N."""
     data = load_source("sample:mnist?digits=0,1")
