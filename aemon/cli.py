@@ -507,10 +507,10 @@ def _evaluate(args: argparse.Namespace, settings: Settings) -> int:
 def _run(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.confine import skip_unused_imports
 
-    # A SIGHUP before the daemon can reload (TensorFlow takes seconds to start) would end the process: it
-    # is held until the daemon's handler is in place. Worker processes inherit the mask, so they hold one
-    # from their first instruction.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+    # A SIGHUP or SIGTERM before the daemon's handlers are in place (TensorFlow takes seconds to start)
+    # would end the process: both are held until then. Worker processes inherit the mask, so they hold
+    # them from their first instruction.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP, signal.SIGTERM})
 
     quiet_tensorflow()
     skip_unused_imports()

@@ -316,8 +316,8 @@ class Daemon:
         for sig, handler in ((signal.SIGTERM, self._on_exit), (signal.SIGINT, self._on_exit),
                              (signal.SIGHUP, self._on_hup)):
             self._old_handlers[sig] = signal.signal(sig, handler)
-        # Held since `aemon run` started (cli): one sent meanwhile is handled now, as a reload.
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
+        # Held since `aemon run` started (cli): one sent meanwhile is handled now, as a reload or a stop.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP, signal.SIGTERM})
 
     def _restore_signals(self) -> None:
         for sig, handler in self._old_handlers.items():

@@ -1145,6 +1145,23 @@ def test_a_sighup_during_start_up_kills_no_process(tmp_path, digits):
     assert daemon.stop() == 0, daemon.text()
 
 
+@pytest.mark.parametrize("after", [0.05, 0.25])
+def test_a_sigterm_during_start_up_is_a_clean_stop(tmp_path, digits, after):
+    """`systemctl stop` right after a start: a SIGTERM in the first 0.4 s, while Python imported the command
+    line and before the daemon's handler was in place, ended the process by the signal (status 143, no
+    `daemon.stopped`). The signal now waits for the handler: the daemon starts, stops in order, exits 0, and
+    a file dropped meanwhile is still in the inbox, untouched."""
+    root = new_root(tmp_path)
+    write_png(root / "inbox" / "early.png", digits[4])
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE)
+    time.sleep(after)
+    daemon.proc.send_signal(signal.SIGTERM)
+    assert daemon.proc.wait(timeout=60) == 0, daemon.text()
+    assert daemon.events("daemon.stopped"), daemon.text()
+    assert (root / "inbox" / "early.png").read_bytes() == png_bytes(digits[4])
+    assert records(root) == []
+
+
 def _gauge(text: str, name: str) -> float:
     """The value of an unlabelled metric in a /metrics page."""
     (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
