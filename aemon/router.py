@@ -102,6 +102,14 @@ def _companion(member: bytes, total: int | None, index: np.ndarray | None) -> by
     return _npy_bytes(array[index])
 
 
+def _naming(exc: OSError, path: Path | str) -> OSError:
+    """``exc`` naming the whole ``path`` meant: an error within an open folder names only the file (``'a.png'
+    -> 'a.png'``), which tells an operator nothing. One that already names an absolute path is kept."""
+    if exc.errno is None or (exc.filename and os.path.isabs(os.fspath(exc.filename))):
+        return exc
+    return OSError(exc.errno, exc.strerror, os.fspath(path))  # the same subclass (FileExistsError, ...)
+
+
 def png_name(rel: str) -> str:
     """The name of an image's PNG output: kept for ``.png``, ``.png`` appended otherwise."""
     return rel if rel.lower().endswith(".png") else rel + ".png"
@@ -227,9 +235,14 @@ class Router:
                 return
             except FileNotFoundError:
                 os.stat(src, dir_fd=src_dir_fd, follow_symlinks=False)  # gone itself: FileNotFoundError
+            except OSError as exc:
+                raise _naming(exc, dest) from exc
             self.ensure_parent(os.fspath(dest))  # the folder was removed under us
             dir_fd, name = folders.at(dest)
-            rename_noreplace(src, name, src_dir_fd=src_dir_fd, dest_dir_fd=dir_fd)
+            try:
+                rename_noreplace(src, name, src_dir_fd=src_dir_fd, dest_dir_fd=dir_fd)
+            except OSError as exc:
+                raise _naming(exc, dest) from exc
 
     def write_records(self, pairs: list[tuple[str, dict[str, Any]]], tmp_dir: Path | None = None) -> list[str]:
         """Write the records of a batch durably (``dest.json`` each, never replacing a file), one sync.
@@ -266,7 +279,5 @@ class Router:
                 finally:
                     self.release([dest])
         except OSError as exc:
-            if exc.errno is None or (exc.filename and os.path.isabs(os.fspath(exc.filename))):
-                raise
-            raise OSError(exc.errno, exc.strerror, os.path.join(self.root, folder, rel)) from exc
+            raise _naming(exc, os.path.join(self.root, folder, rel)) from exc
         return dest

@@ -610,6 +610,43 @@ def test_an_immutable_file_in_a_folder_waits_in_its_claim(tmp_path, digits):
     assert code == 0, daemon.text()
 
 
+def test_an_immutable_result_folder_is_named_in_the_error(tmp_path, digits):
+    """anomaly/ made immutable (chattr +i) while the daemon runs: the move of the next anomaly fails, the
+    daemon exits 1 (a supervisor restarts it) and the item stays claimed, as for any failing filesystem.
+    The error named no folder ("Operation not permitted: 'noise.png' -> 'noise.png'": a rename within open
+    folders), so an operator could not tell what to fix. It now names the path it could not write; once the
+    flag is cleared a restart places the item with its record."""
+    probe = tmp_path / "probe"
+    probe.write_bytes(b"")
+    if not _chattr("+i", probe):
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
+    _chattr("-i", probe)
+    root = new_root(tmp_path)
+    (root / "anomaly").mkdir(exist_ok=True)
+    log = tmp_path / "daemon.log"
+    daemon = Daemon(root, log, settle=SETTLE).wait_ready()
+    noise = np.random.default_rng(5).integers(0, 256, (28, 28), np.uint8)
+    try:
+        assert _chattr("+i", root / "anomaly")
+        write_png(tmp_path / "stage" / "noise.png", noise)
+        os.rename(tmp_path / "stage" / "noise.png", root / "inbox" / "noise.png")
+        assert daemon.proc.wait(timeout=60) == 1, daemon.text()
+    finally:
+        daemon.stop()
+        _chattr("-i", root / "anomaly")
+    (failed,) = daemon.events("commit.failed")
+    assert str(root / "anomaly" / "noise.png") in failed["error"], failed
+    assert "Operation not permitted" in failed["error"], failed
+    assert [p.read_bytes() for p in (root / ".aemon" / "claims").rglob("noise.png")] == [png_bytes(noise)]
+    again = Daemon(root, log, settle=SETTLE).wait_ready()
+    try:
+        (record,) = wait_records(root, 1, again)
+    finally:
+        assert again.stop() == 0, again.text()
+    assert record == root / "anomaly" / "noise.png.json"
+    assert (root / "anomaly" / "noise.png").read_bytes() == png_bytes(noise)
+
+
 def _wait_file(daemon: Daemon, path: Path, timeout: float = 15) -> None:
     """Wait until ``path`` exists (an adopted batch is first moved into the daemon's claims folder, then run)."""
     deadline = time.monotonic() + timeout
