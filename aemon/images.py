@@ -566,23 +566,27 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
 
 
 def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
-    """Pixel values as float32 in [0, 1], by the one rule for arrays and float images: integers
-    (0–255) and floats above 1 (up to 255) are divided by 255, floats in [0, 1] kept (and floats at most
-    :data:`UNIT_SLACK` above 1, a rounding error, clipped to 1).
+    """Pixel values as float32 in [0, 1], by the one rule for arrays and float images: ``uint16`` is
+    16-bit (divided by 65535, as a 16-bit PNG is), other integers (0–255) and floats above 1 (up to 255)
+    are divided by 255, floats in [0, 1] kept (and floats at most :data:`UNIT_SLACK` above 1, a rounding
+    error, clipped to 1).
 
     Raises:
-        Unreadable: NaN or infinite values, or values outside 0–255.
+        Unreadable: NaN or infinite values, or values outside 0–255 (other than in ``uint16``).
     """
     if raw.dtype == np.uint8:  # the common case, always in range: one pass
         return np.divide(raw, np.float32(255.0), dtype=np.float32)
+    if raw.dtype == np.uint16:  # always in range too
+        return np.divide(raw, np.float32(65535.0), dtype=np.float32)
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise Unreadable(f"{name} contains NaN or infinite values")
     low, high = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
     if low < 0 or high > 255:
-        raise Unreadable(f"{name} has values in [{low:g}, {high:g}]; expected 0–255 or [0, 1]")
+        raise Unreadable(f"{name} has values in [{low:g}, {high:g}]; expected 0–255 (uint16: 0–65535) or [0, 1]")
     pixels = raw.astype(np.float32)
-    if _in_0_255(raw.dtype, high):
-        pixels /= 255.0
+    scale = _full_scale(raw.dtype, high)
+    if scale != 1.0:
+        pixels /= scale
     elif high > 1.0:  # a rounding error above 1
         np.minimum(pixels, 1.0, out=pixels)
     return pixels
@@ -592,20 +596,24 @@ def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
 UNIT_SLACK = 1 / 510
 
 
-def _in_0_255(dtype: np.dtype, high: float) -> bool:
-    """Whether pixels of ``dtype`` whose largest value is ``high`` hold 0–255 values (else [0, 1])."""
-    return dtype.kind in "ui" or high > 1.0 + UNIT_SLACK
+def _full_scale(dtype: np.dtype, high: float) -> float:
+    """The value of white in pixels of ``dtype`` whose largest value is ``high``: 65535 for ``uint16``, 255
+    for other integers and floats above 1 (+ :data:`UNIT_SLACK`), else 1."""
+    if dtype == np.uint16:
+        return 65535.0
+    return 255.0 if dtype.kind in "ui" or high > 1.0 + UNIT_SLACK else 1.0
 
 
 def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:
     """Model-space pixels ``(N, H, W, C)`` in [0, 1] back to the shape, scale and dtype of ``like``.
 
-    The inverse of :func:`array_to_input`: integer arrays and floats above 1 get 0–255 values
-    (rounded for integers), floats in [0, 1] keep that range.
+    The inverse of :func:`array_to_input`: ``uint16`` arrays get 0–65535 values, other integer arrays and
+    floats above 1 0–255 values (rounded for integers), floats in [0, 1] keep that range.
     """
     out = np.clip(pixels.astype(np.float64), 0.0, 1.0)
-    if _in_0_255(like.dtype, float(like.max()) if like.size else 0.0):
-        out = out * 255.0
+    scale = _full_scale(like.dtype, float(like.max()) if like.size else 0.0)
+    if scale != 1.0:
+        out = out * scale
     if like.dtype.kind in "ui":  # rounded, and clipped to what the dtype holds (an int8's 128 wrapped to -128)
         info = np.iinfo(like.dtype)
         out = np.clip(np.rint(out), info.min, info.max)

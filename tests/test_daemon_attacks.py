@@ -423,6 +423,35 @@ def test_a_16_bit_png_scores_like_its_8_bit_twin(shared, tmp_path, digits):
 
 
 
+def test_a_16_bit_array_scores_like_its_8_bit_twin(shared, tmp_path, digits):
+    """Rows of a uint16 array over the full 16-bit range (a 16-bit camera's frames saved with numpy) were
+    refused as unreadable ("values in [0, 65535]; expected 0-255"), while the same pictures as 16-bit PNGs
+    were scored. A uint16 array is now 16-bit, as a 16-bit PNG is: each row scores like its 8-bit twin."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    staging = tmp_path / "stage"
+    staging.mkdir()
+    rows = digits[20:26]
+    np.save(staging / "r8.npy", rows)
+    np.save(staging / "r16.npy", rows.astype(np.uint16) * 257)
+    _publish(staging, inbox)
+    wait_records(root, before + 2, shared)
+    seen = by_item(root)
+    assert all(r["verdict"] != "rejected" for r in seen["r16.npy"]), seen["r16.npy"]
+
+    def scores(item: str) -> dict[int, float]:
+        return {row["index"]: row["score"] for part in seen[item] for row in part["rows"]}
+
+    s8, s16 = scores("r8.npy"), scores("r16.npy")
+    assert sorted(s16) == sorted(s8) == list(range(len(rows)))
+    for index, score in s8.items():
+        assert s16[index] == pytest.approx(score, rel=1e-3, abs=1e-5)
+    for part in seen["r16.npy"]:  # each part keeps the rows exactly, dtype included
+        kept = np.load(root / part["path"])
+        assert kept.dtype == np.uint16
+        assert np.array_equal(kept, rows[[row["index"] for row in part["rows"]]].astype(np.uint16) * 257)
+
+
 def test_an_animated_png_of_many_frames_is_scored_by_its_first(shared, tmp_path, digits):
     """An APNG of 600 frames was rejected as unreadable (each frame's two chunks counted as metadata, against a
     limit of 1,000): it is scored by its first frame, like a GIF of as many frames (helper's attack)."""

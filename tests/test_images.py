@@ -407,6 +407,21 @@ def test_reconstructions_go_back_to_a_signed_array_clipped_to_its_dtype() -> Non
     assert back.min() >= 0 and back.max() == 127
 
 
+def test_a_uint16_array_is_16_bit_both_ways() -> None:
+    """A uint16 array is read as 16-bit (0-65535 to [0, 1]) and a reconstruction goes back to 16-bit values;
+    values above 255 in other integer types are still refused."""
+    from aemon.images import input_to_array
+
+    like = (np.arange(2 * 28 * 28) % 256).astype(np.uint16).reshape(2, 28, 28) * 257
+    x = array_to_input(like)
+    assert x.dtype == np.float32 and x.max() == 1.0
+    assert np.allclose(x[..., 0] * 65535.0, like)
+    back = input_to_array(x, like)
+    assert back.dtype == np.uint16 and np.array_equal(back, like)
+    with pytest.raises(Unreadable, match=r"values in \[300, 300\]"):
+        array_to_input(np.full((1, 28, 28), 300, np.int32))
+
+
 def test_a_structured_array_is_refused_for_its_dtype_not_its_shape() -> None:
     """An array of records holding (28, 28) images was refused as bad_shape "has shape (5,)", which says
     nothing of what is wrong: it is refused for its dtype."""
