@@ -23,7 +23,7 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from aemon.bundle import Bundle, default_bundle_path, load_bundle
+from aemon.bundle import Bundle, default_bundle_path, find_bundle, load_bundle
 from aemon.claims import Claim, ClaimStore
 from aemon.commit import Batch, Committer
 from aemon.confine import confine_libraries
@@ -116,7 +116,8 @@ class Daemon:
         self.shared = shared_dir()
         self.agreement = ModelAgreement(self.shared, worker) if worker is not None and self.shared else None
         self.bundle = bundle
-        self.bundle_path = Path(settings.model) if settings.model else None
+        # A bundle folder, else a shipped bundle by name (AEMON_MODEL=mnist-denoise), as the verbs take one.
+        self.bundle_path = (find_bundle(settings.model) or Path(settings.model)) if settings.model else None
         self.router = Router(self.root)
         self.inbox = Inbox(self.root, settings.settle_seconds, settings.rescan_seconds, settings.polling,
                            share=(worker or 0, of or 1 + workers))

@@ -1118,6 +1118,21 @@ def test_an_npz_with_a_damaged_member_is_rejected_and_the_daemon_goes_on(shared,
 
 
 # -- denoise mode and reloads ----------------------------------------------------
+def test_aemon_model_takes_a_shipped_bundle_by_name(tmp_path, digits):
+    """`aemon score mnist-denoise ...` takes the shipped bundle by name, but AEMON_MODEL=mnist-denoise stopped
+    the daemon at start-up (exit 3, "no model bundle at mnist-denoise"). The daemon now takes a name as the
+    verbs do: a bundle folder of that name first, else the shipped bundle."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE,
+                    env={"AEMON_MODE": "denoise", "AEMON_MODEL": "mnist-denoise"}).wait_ready()
+    write_png(tmp_path / "stage" / "digit.png", digits[3])
+    os.rename(tmp_path / "stage" / "digit.png", root / "inbox" / "digit.png")
+    (record,) = wait_records(root, 1, daemon)
+    assert daemon.stop() == 0, daemon.text()
+    assert load(record)["model"]["name"] == "mnist-denoise"
+    assert (root / "denoised" / "digit.png").is_file()
+
+
 def test_denoise_mode_puts_every_original_in_ok(tmp_path, digits):
     """The contract: in denoise mode the original goes to ok/ with its record. An image far from the training
     data went to anomaly/ (with a map), routed as in detect mode; a reload to a detection bundle, which
