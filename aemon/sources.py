@@ -283,6 +283,7 @@ def _sample_elpv(options: dict[str, str], prep: Preprocessing, limits: Limits, s
     chosen = np.flatnonzero(keep)
     if len(chosen) == 0:
         raise SourceError(f"{src} selects no images")
+    chosen = chosen[: _limit(options, src)]  # ?limit=N decodes the first N only
     _check_room(len(chosen), prep, src)
     x = np.stack([decode_image(folder / paths[i], prep, limits) for i in chosen])
     return x, probs[chosen]

@@ -206,6 +206,22 @@ def test_sample_elpv_selects_by_type_defect_and_a_fixed_split() -> None:
             load_source(bad, prep)
 
 
+def test_sample_elpv_with_a_limit_decodes_only_those_images(monkeypatch) -> None:
+    """sample:elpv?limit=2 decoded every selected cell (all 2,624: 14 s and 1 GB) and kept the first two; the
+    limit now comes before decoding, and the two are the same first two."""
+    pytest.importorskip("elpv_dataset", reason="sample:elpv needs the elpv-dataset package (pip install 'aemon[elpv]')")
+    import aemon.sources
+    from aemon.images import Preprocessing
+
+    prep = Preprocessing(size=(16, 16))
+    first = load_source("sample:elpv?type=mono&defect=1", prep).x[:3]
+    decoded = []
+    real = aemon.sources.decode_image
+    monkeypatch.setattr(aemon.sources, "decode_image", lambda *a, **k: decoded.append(a[0]) or real(*a, **k))
+    some = load_source("sample:elpv?type=mono&defect=1&limit=3", prep)
+    assert len(decoded) == 3 and np.array_equal(some.x, first)
+
+
 @pytest.mark.parametrize("shape", [(40, 30, 30), (40, 6, 10), (40, 200, 200, 1)])
 def test_auto_size_of_an_array_is_its_own_and_it_trains(tmp_path, shape):
     """Arrays are never resized, so --size auto takes their rows' size as it is (it rounded 30x30 to 32x32,
