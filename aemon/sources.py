@@ -554,6 +554,7 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
     if base in ("sample:mnist",) or base.startswith("keras:"):
         return [(28, 28)], False, "size of every image of the data set"
     if base == "sample:elpv":
+        _elpv_labels(src)  # not installed: one line saying how to install it, before any choice is printed
         return [(300, 300)], False, "size of every image of the data set"
     path = Path(base)
     if path.suffix.lower() in (".npy", ".npz") and path.is_file():

@@ -1020,3 +1020,17 @@ def test_array_shape_errors_give_advice_that_works(capsys: pytest.CaptureFixture
                        "--arch", "pca", "--epochs", "1")
     assert code != 0 and "5-D" in err and "4x16" not in err, err
     _assert_one_error_line(err)
+
+
+def test_train_on_sample_elpv_without_its_package_is_one_line(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the elpv-dataset package, `aemon train --data sample:elpv...` first printed its size choice
+    ("auto: 128x128 from 300x300, the size of every image of the data set", data it never saw), then the
+    error. Now only the one line that says how to install it."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "elpv_dataset", None)  # import elpv_dataset raises ImportError
+    code, out, err = run(capsys, "train", "--data", "sample:elpv?type=mono&defect=0", "--out", str(tmp_path / "b"))
+    assert code == 1 and out == "", out
+    assert err.strip().count("\n") == 0 and "pip install" in err, err
+    assert not (tmp_path / "b").exists()
