@@ -44,6 +44,11 @@ def skip_unused_imports() -> list[str]:
     return skipped
 
 
+#: The libraries' folders under ``root/.aemon``, by the variable that points a library there.
+LIBRARY_FOLDERS = {"KERAS_HOME": "keras", "MPLCONFIGDIR": "matplotlib", "XDG_CACHE_HOME": "cache",
+                   "XDG_CONFIG_HOME": "config"}
+
+
 def confine_libraries(state: Path, temp: Path) -> Callable[[], None]:
     """Point library config, cache and temp folders of this process (and its children) into ``state``.
 
@@ -54,13 +59,7 @@ def confine_libraries(state: Path, temp: Path) -> Callable[[], None]:
     Returns:
         A function that restores the previous values (for a daemon run inside a longer process).
     """
-    folders = {
-        "KERAS_HOME": state / "keras",
-        "MPLCONFIGDIR": state / "matplotlib",
-        "XDG_CACHE_HOME": state / "cache",
-        "XDG_CONFIG_HOME": state / "config",
-        "TMPDIR": temp,
-    }
+    folders = {**{variable: state / name for variable, name in LIBRARY_FOLDERS.items()}, "TMPDIR": temp}
     before = {name: os.environ.get(name) for name in folders}
     tempdir_before = tempfile.tempdir
     for name, path in folders.items():

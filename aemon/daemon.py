@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry
 from aemon.bundle import Bundle, default_bundle_path, find_bundle, load_bundle
 from aemon.claims import Claim, ClaimStore
 from aemon.commit import Batch, Committer
-from aemon.confine import confine_libraries
+from aemon.confine import LIBRARY_FOLDERS, confine_libraries
 from aemon.errors import AemonError, BundleError, ItemRejected, StartupError
 from aemon.fsio import has_room
 from aemon.http import HttpServer, is_loopback
@@ -218,7 +218,11 @@ class Daemon:
         self._check_folders()
         self.claims.open()
         self._unconfine = confine_libraries(self.root / ".aemon", self.claims.temp)
+        if self.worker is None:  # from now on, while the model loads: /healthz 200, /readyz 503
+            self.heartbeat = time.monotonic()
+            self._serve_http()
         if self.bundle is None:
+            self._refuse_bundle_in_inbox()
             self.bundle = self._load(self.bundle_path or default_bundle_path(self.settings.mode), startup=True)
         self._check_task(self.bundle, StartupError)
         if self.agreement is not None:
@@ -234,22 +238,6 @@ class Daemon:
             self.recorder.ready(True)
             log.info("worker.ready", worker=self.worker, root=str(self.root), version=self.bundle.version)
             return
-        self.http = HttpServer(self.settings.metrics_host, self.settings.metrics_port, self.registry,
-                               self.healthy, self.is_ready)
-        try:
-            self.http.start()
-        except ValueError as exc:  # waitress: a host that is no address and resolves to none
-            self.http = None
-            raise StartupError(f"cannot serve HTTP on AEMON_METRICS_HOST={self.settings.metrics_host!r}: it is not "
-                               "an address of this machine; use 127.0.0.1, 0.0.0.0 or a local address") from exc
-        except OSError as exc:
-            self.http = None
-            raise StartupError(f"cannot serve HTTP on {self.settings.metrics_host}:{self.settings.metrics_port}: "
-                               f"{exc.strerror}; choose another AEMON_METRICS_HOST or AEMON_METRICS_PORT") from exc
-        if not is_loopback(self.settings.metrics_host):
-            log.warning("http.public", host=self.settings.metrics_host, port=self.http.port,
-                        hint="/metrics is served to the network without authentication; bind 127.0.0.1 "
-                             "or put it behind a firewall or proxy")
         self.inbox.start()
         self.heartbeat = time.monotonic()
         self.ready = True
@@ -266,14 +254,14 @@ class Daemon:
             raise StartupError(f"root folder {self.root} does not exist; create it or set AEMON_ROOT")
         if not self.root.is_dir():
             raise StartupError(f"root {self.root} is not a folder; set AEMON_ROOT to a folder")
+        state = (".aemon/claims", *(f".aemon/{name}" for name in LIBRARY_FOLDERS.values()))
         try:
-            for name in ("inbox", *FOLDERS, ".aemon"):
+            for name in ("inbox", *FOLDERS, ".aemon", *state):  # .aemon's own before its folders
                 path = self.root / name
                 if path.is_symlink() or (path.exists() and not path.is_dir()):
                     raise StartupError(f"{path} is a link or a file; aemon never follows links out of its root: "
                                        "make it a real folder")
                 path.mkdir(exist_ok=True)
-            (self.root / ".aemon" / "claims").mkdir(exist_ok=True)
             # Claims reach their folders by rename, which cannot cross filesystems.
             device = os.stat(self.root / ".aemon").st_dev
             other = [name for name in ("inbox", *FOLDERS) if os.stat(self.root / name).st_dev != device]
@@ -286,6 +274,19 @@ class Daemon:
             probe.unlink()
         except OSError as exc:
             raise StartupError.unusable_root(self.root, exc) from exc
+
+    def _refuse_bundle_in_inbox(self) -> None:
+        """A bundle inside the inbox would be taken as an entry (and then be gone at the next reload).
+
+        Raises:
+            StartupError: AEMON_MODEL lies in the inbox.
+        """
+        if self.bundle_path is None:
+            return
+        inbox = os.path.realpath(self.root / "inbox")
+        if os.path.commonpath([inbox, os.path.realpath(self.bundle_path)]) == inbox:
+            raise StartupError(f"the bundle {self.bundle_path} lies inside the inbox {self.root / 'inbox'}, where "
+                               "it would be taken as an item: move it out of the inbox and set AEMON_MODEL to it")
 
     def _check_task(self, bundle: Bundle, error: type[AemonError]) -> None:
         """Denoise mode needs a denoising bundle, at start-up and at every reload alike."""
@@ -305,6 +306,29 @@ class Daemon:
         log.info("bundle.loaded", path=str(path), name=bundle.name, version=bundle.version,
                  threshold=bundle.threshold)
         return bundle
+
+    def _serve_http(self) -> None:
+        """Start /metrics, /healthz and /readyz (503 until :meth:`is_ready`).
+
+        Raises:
+            StartupError: the host or port cannot be served.
+        """
+        self.http = HttpServer(self.settings.metrics_host, self.settings.metrics_port, self.registry,
+                               self.healthy, self.is_ready)
+        try:
+            self.http.start()
+        except ValueError as exc:  # waitress: a host that is no address and resolves to none
+            self.http = None
+            raise StartupError(f"cannot serve HTTP on AEMON_METRICS_HOST={self.settings.metrics_host!r}: it is not "
+                               "an address of this machine; use 127.0.0.1, 0.0.0.0 or a local address") from exc
+        except OSError as exc:
+            self.http = None
+            raise StartupError(f"cannot serve HTTP on {self.settings.metrics_host}:{self.settings.metrics_port}: "
+                               f"{exc.strerror}; choose another AEMON_METRICS_HOST or AEMON_METRICS_PORT") from exc
+        if not is_loopback(self.settings.metrics_host):
+            log.warning("http.public", host=self.settings.metrics_host, port=self.http.port,
+                        hint="/metrics is served to the network without authentication; bind 127.0.0.1 "
+                             "or put it behind a firewall or proxy")
 
     def _set_model_metrics(self) -> None:
         b = self.bundle

@@ -768,6 +768,41 @@ def test_bad_roots_and_configs_are_named_exactly(tmp_path):
     assert cfg.returncode == 2 and "is a folder" in cfg.stderr, cfg.stderr
 
 
+@pytest.mark.parametrize("name", ["claims", "keras", "cache"])
+def test_a_link_planted_in_the_state_folder_is_never_followed(tmp_path, name):
+    """A link at .aemon/claims (or a library folder under .aemon) was followed: the daemon locked, claimed and
+    journalled every item at the link's target, outside the root, and an item that could not be committed
+    stayed there for good. Only .aemon itself was checked. Every folder under .aemon is now, like .aemon: a
+    link stops the start (exit 3, one line naming it), before anything is written or claimed."""
+    root = new_root(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (root / ".aemon").mkdir(exist_ok=True)
+    os.symlink(outside, root / ".aemon" / name)
+    write_png(root / "inbox" / "waiting.png", np.zeros((28, 28), np.uint8))
+    run = _run_cli("run", env={"AEMON_ROOT": str(root), "AEMON_WORKERS": "1"})
+    assert run.returncode == 3, run.stderr
+    assert str(root / ".aemon" / name) in run.stderr and "is a link" in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr and run.stderr.strip().count("\n") == 0, run.stderr
+    assert os.listdir(outside) == []
+    assert os.listdir(root / "inbox") == ["waiting.png"] and not records(root)
+
+
+def test_a_bundle_inside_the_inbox_stops_the_start(tmp_path):
+    """AEMON_MODEL inside the daemon's own inbox was accepted: the daemon then took its bundle folder as a
+    batch (rejected/mybundle/...), the next reload failed, and a worker could not start at all. It is refused
+    at start-up (exit 3, one line), and the bundle is left where it is."""
+    from aemon.bundle import default_bundle_path
+
+    root = new_root(tmp_path)
+    bundle = root / "inbox" / "mybundle"
+    shutil.copytree(default_bundle_path("detect"), bundle)
+    run = _run_cli("run", env={"AEMON_ROOT": str(root), "AEMON_MODEL": str(bundle), "AEMON_WORKERS": "1"})
+    assert run.returncode == 3 and "inbox" in run.stderr and "Traceback" not in run.stderr, run.stderr
+    assert sorted(os.listdir(bundle)) == sorted(os.listdir(default_bundle_path("detect")))
+    assert not records(root)
+
+
 def test_a_bundle_or_host_that_cannot_work_stops_the_start_with_one_line(tmp_path, tiny_bundle):
     """A bundle.json whose input size disagrees with its model (it loaded, then killed the daemon on the
     first item and again after every restart), and metrics hosts that are not addresses: exit 3 with one
@@ -1210,6 +1245,29 @@ def _gauge(text: str, name: str) -> float:
     """The value of an unlabelled metric in a /metrics page."""
     (line,) = [line for line in text.splitlines() if line.startswith(name + " ")]
     return float(line.split()[1])
+
+
+def test_probes_answer_while_the_model_loads(tmp_path):
+    """/readyz promises 503 until the model is loaded; the HTTP server started only after the load, so for the
+    first seconds both probes were refused (no connection), and a liveness probe could not tell a slow start
+    from a dead process. The server now starts before the load: /readyz 503 and /healthz 200 meanwhile."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env={"AEMON_METRICS_PORT": str(port)})
+    daemon.port = port
+    seen = []
+    deadline = time.monotonic() + 60
+    while not seen or seen[-1][0] != 200:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        try:
+            seen.append((daemon.get("/readyz", timeout=2)[0], daemon.get("/healthz", timeout=2)[0]))
+        except OSError:  # not listening yet (Python is still importing)
+            time.sleep(0.01)
+    assert daemon.stop() == 0, daemon.text()
+    assert (503, 200) in seen, seen
+    assert all(health == 200 for _, health in seen), seen
 
 
 def test_a_long_batch_wait_keeps_the_daemon_alive_counted_and_stoppable(tmp_path, digits):
