@@ -362,13 +362,15 @@ class Inbox:
                 continue
             try:
                 claim = store.claim(name, self._fd, batch_dir, arrived)
-            except PermissionError as exc:  # stays in the inbox; tried again at each rescan, logged once
+            except OSError as exc:  # stays in the inbox; tried again at each rescan, logged once
+                if not isinstance(exc, PermissionError) and exc.errno != errno.EBUSY:
+                    raise
                 if name not in self._unmovable:
                     self._unmovable.add(name)
                     log.error("inbox.unmovable", item=name, error=str(exc),
                               hint="the entry cannot be moved out of the inbox (a read-only folder of another "
                                    "user, another user's file in a sticky inbox, an immutable or append-only file: "
-                                   "chattr +i/+a); make it movable or drop a copy")
+                                   "chattr +i/+a, or a mount point); make it movable or drop a copy")
                 continue
             self._unmovable.discard(name)
             if claim is not None:

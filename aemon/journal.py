@@ -19,6 +19,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -41,6 +42,29 @@ STEPS_PER_PROGRESS = 1024
 #: Record fields that name another file of the batch: ``map`` (a name beside the record's item, per row
 #: for arrays) and ``denoised`` (a path relative to the root).
 NAMING_FIELDS = ("map", "denoised")
+
+
+def _item_unmovable(exc: OSError, dest: str, batch_dir: Path) -> bool:
+    """Whether a failed move is the item's own doing, not the result folder's: an immutable file or one in a
+    sticky folder of another user (the destination is writable), or a file under a mount inside the dropped
+    folder (no rename crosses mounts, bind mounts of one filesystem included)."""
+    if exc.errno in (errno.EXDEV, errno.EBUSY):
+        return _mount_inside(batch_dir)
+    return isinstance(exc, PermissionError) and os.access(os.path.dirname(dest), os.W_OK)
+
+
+def _mount_inside(folder: Path) -> bool:
+    """Whether something is mounted below ``folder`` (``/proc/self/mountinfo``; False where it cannot be read).
+    Bind mounts of one filesystem share its device number, so ``st_dev`` cannot tell."""
+    prefix = os.fsencode(os.path.join(os.path.realpath(folder), ""))
+    try:
+        with open("/proc/self/mountinfo", "rb") as fp:
+            lines = fp.read().splitlines()
+    except OSError:
+        return False
+    octal = re.compile(rb"\\([0-7]{3})")  # a space in a mount point is written \040
+    return any(octal.sub(lambda m: bytes([int(m.group(1), 8)]), line.split()[4]).startswith(prefix)
+               for line in lines if len(line.split()) > 4)
 
 
 @dataclass
@@ -166,14 +190,16 @@ class Journal:
             except NotADirectoryError:  # a folder on the way is now a file or a link: a free name
                 dest = self._rename(index, router, batch_dir)
                 continue
-            except PermissionError as exc:
-                if not os.access(os.path.dirname(dest), os.W_OK):
-                    raise  # the result folder refuses writes: the daemon's problem, not the item's
-                # The item itself cannot be moved (immutable, or in a sticky folder of another user):
-                # it stays in the batch folder, which is kept, and the daemon goes on.
+            except OSError as exc:
+                if not _item_unmovable(exc, dest, batch_dir):
+                    raise  # e.g. the result folder refuses writes: the daemon's problem, not the item's
+                # The item itself cannot be moved (immutable, in a sticky folder of another user, or on a
+                # filesystem mounted inside the dropped folder): it stays in the batch folder, which is kept,
+                # and the daemon goes on.
                 get_logger().error("commit.unmovable", item=step.src, error=str(exc),
-                                   hint="the file cannot be moved (immutable or a sticky folder of another "
-                                        "user); it stays in .aemon/claims until it can be")
+                                   hint="the file cannot be moved (immutable, a sticky folder of another user, "
+                                        "or a mount inside the dropped folder); it stays in .aemon/claims "
+                                        "until it can be")
                 self.stuck.append(step)
             return dest
 

@@ -647,6 +647,84 @@ def test_an_immutable_result_folder_is_named_in_the_error(tmp_path, digits):
     assert (root / "anomaly" / "noise.png").read_bytes() == png_bytes(noise)
 
 
+def _bind(source: Path, target: Path) -> bool:
+    """Bind-mount ``source`` on ``target`` (a folder); False where mounting is not allowed (needs root)."""
+    return subprocess.run(["mount", "--bind", str(source), str(target)], capture_output=True,
+                          check=False).returncode == 0
+
+
+def _unmount_under(path: Path) -> None:
+    """Lazily unmount every mount point at or below ``path`` (wherever the daemon moved it), deepest first."""
+    with open("/proc/self/mountinfo") as fp:
+        points = [line.split()[4].encode().decode("unicode_escape") for line in fp]
+    for point in sorted((p for p in points if p == str(path) or p.startswith(f"{path}/")), key=len, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False)
+
+
+def test_a_mount_point_dropped_in_the_inbox_stays_there_and_the_daemon_goes_on(tmp_path, digits):
+    """A folder that is a mount point (a camera share bind-mounted into the inbox) cannot be renamed (EBUSY):
+    the claim's error stopped the daemon (exit 1) at every start, and every entry after it waited for ever.
+    It now stays in the inbox with one inbox.unmovable error, like an immutable entry, and the rest is
+    decided."""
+    share = tmp_path / "share"
+    write_png(share / "shot.png", digits[0])
+    root = new_root(tmp_path)
+    (root / "inbox" / "cam1").mkdir()
+    if not _bind(share, root / "inbox" / "cam1"):
+        pytest.skip("mount --bind is not possible here (needs root)")
+    try:
+        write_png(root / "inbox" / "zz.png", digits[1])
+        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+        try:
+            assert _wait_item(daemon, "zz.png")["verdict"] in ("ok", "anomaly")
+            deadline = time.monotonic() + 10
+            while not daemon.events("inbox.unmovable"):
+                assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+                time.sleep(0.1)
+            _drop_after(daemon, tmp_path, digits[2])
+            assert len(daemon.events("inbox.unmovable")) == 1, daemon.text()
+        finally:
+            code = daemon.stop()
+        assert code == 0, daemon.text()
+        assert (root / "inbox" / "cam1" / "shot.png").read_bytes() == png_bytes(digits[0])
+    finally:
+        _unmount_under(tmp_path)
+
+
+def test_a_mount_inside_a_dropped_folder_waits_in_its_claim(tmp_path, digits):
+    """A dropped folder holding a mount point (sub/ bind-mounted from elsewhere): moving sub/o.png out at the
+    commit failed (EXDEV: no rename crosses filesystems) after a.png was placed, exit 1, and again at every
+    restart, with a.png left in ok/ without its record and new entries never taken. Now a.png is decided with
+    its record, o.png stays in the claims folder (kept, one commit.unmovable error) and the daemon goes on."""
+    share = tmp_path / "share"
+    write_png(share / "o.png", digits[0])
+    stage = tmp_path / "stage"
+    write_png(stage / "b1" / "a.png", digits[1])
+    (stage / "b1" / "sub").mkdir()
+    if not _bind(share, stage / "b1" / "sub"):
+        pytest.skip("mount --bind is not possible here (needs root)")
+    root = new_root(tmp_path)
+    try:
+        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+        try:
+            _publish(stage / "b1", root / "inbox")
+            record = _wait_item(daemon, "b1/a.png")
+            assert record["verdict"] in ("ok", "anomaly")
+            assert (root / record["path"]).read_bytes() == png_bytes(digits[1])
+            deadline = time.monotonic() + 10
+            while not daemon.events("commit.unmovable"):
+                assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+                time.sleep(0.1)
+            _drop_after(daemon, tmp_path, digits[2])
+            kept = list((root / ".aemon" / "claims").rglob("o.png"))
+            assert len(kept) == 1 and kept[0].read_bytes() == png_bytes(digits[0]), kept
+        finally:
+            code = daemon.stop()
+        assert code == 0, daemon.text()
+    finally:
+        _unmount_under(tmp_path)
+
+
 def _wait_file(daemon: Daemon, path: Path, timeout: float = 15) -> None:
     """Wait until ``path`` exists (an adopted batch is first moved into the daemon's claims folder, then run)."""
     deadline = time.monotonic() + timeout
