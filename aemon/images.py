@@ -407,6 +407,9 @@ def npy_header(fp, name: str) -> tuple[tuple[int, ...], np.dtype]:
         else:
             shape, _, dtype = np.lib.format.read_array_header_2_0(fp)
     except (ValueError, OSError, SyntaxError, TypeError, OverflowError) as exc:
+        if "max_header_size" in str(exc):  # numpy's advice (a larger limit, allow_pickle) is not for our users
+            raise Unreadable(f"{name} is not a valid .npy array: its header is longer than numpy reads "
+                             "(10,000 bytes)") from exc
         raise Unreadable(f"{name} is not a valid .npy array: {exc}") from exc
     if not all(type(n) is int and 0 <= n < 1 << 63 for n in shape):  # numpy checks less: (True, 784), 2**64
         raise Unreadable(f"{name} is not a valid .npy array: its header gives the shape {shape}")

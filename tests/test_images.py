@@ -428,3 +428,20 @@ def test_a_structured_array_is_refused_for_its_dtype_not_its_shape() -> None:
     records = np.zeros(5, dtype=[("a", "u1", (28, 28)), ("b", "f4")])
     with pytest.raises(Unreadable, match=r"has dtype .*expected uint8 pixels or floats"):
         array_to_input(records)
+
+
+def test_an_npy_header_over_numpys_limit_is_refused_without_numpys_advice() -> None:
+    """A .npy whose header is over numpy's 10,000-byte limit (a shape 5,000 deep) was refused with numpy's
+    advice, "adjust max_header_size or fully trust the .npy file using allow_pickle=True": nothing a user can
+    do in the daemon, and an unsafe setting. The error says what is wrong, nothing more."""
+    import io
+
+    from aemon.images import npy_header
+
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_2_0(buf, {"descr": "<u1", "fortran_order": False, "shape": (1,) * 5000})
+    buf.seek(0)
+    with pytest.raises(Unreadable) as err:
+        npy_header(buf, "deep.npy")
+    assert "header is longer than numpy reads" in str(err.value)
+    assert "allow_pickle" not in str(err.value) and "max_header_size" not in str(err.value)
