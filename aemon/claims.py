@@ -11,10 +11,12 @@ at start-up and at every rescan, and finished or routed again (see :mod:`aemon.j
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
 import socket
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -112,7 +114,16 @@ class ClaimStore:
         self._lock_fd = None
 
     def new_batch(self, arrived: float) -> Path:
-        """A new, empty batch folder named after the first arrival time in it."""
+        """A new, empty batch folder named after the first arrival time in it.
+
+        Raises:
+            NotADirectoryError: the claims folder or this daemon's own folder in it was replaced by a link or a
+                file while the daemon ran (it is never followed: the daemon stops, and its next start says so).
+        """
+        for folder in (self.base, self.owner):
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                raise NotADirectoryError(errno.ENOTDIR, "replaced by a link or a file while the daemon ran; aemon "
+                                         "never follows links out of its root", os.fspath(folder))
         path = self.owner / f"{int(arrived * 1e6):016d}-{uuid.uuid4().hex[:12]}"
         path.mkdir()
         return path

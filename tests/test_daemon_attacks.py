@@ -788,6 +788,30 @@ def test_a_link_planted_in_the_state_folder_is_never_followed(tmp_path, name):
     assert os.listdir(root / "inbox") == ["waiting.png"] and not records(root)
 
 
+def test_a_claims_folder_swapped_for_a_link_while_running_is_never_followed(tmp_path, digits):
+    """The daemon's own folder under .aemon/claims replaced by a link while it ran: the next batch was made,
+    claimed and journalled at the link's target, outside the root. Now the daemon stops (exit 1, the folder
+    named) before it claims anything there; the entry stays in the inbox, and the next start refuses the
+    link."""
+    root = new_root(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        (owner,) = [p for p in (root / ".aemon" / "claims").iterdir() if p.is_dir()]
+        os.rename(owner, tmp_path / "owner.saved")
+        os.symlink(outside, owner)
+        write_png(tmp_path / "stage" / "late.png", digits[5])
+        os.rename(tmp_path / "stage" / "late.png", root / "inbox" / "late.png")
+        assert daemon.proc.wait(timeout=60) == 1, daemon.text()
+    finally:
+        daemon.stop()
+    (failed,) = daemon.events("daemon.failed")
+    assert str(owner) in failed["error"] and "link" in failed["error"], failed
+    assert os.listdir(outside) == []
+    assert os.listdir(root / "inbox") == ["late.png"] and not records(root)
+
+
 def test_a_bundle_inside_the_inbox_stops_the_start(tmp_path):
     """AEMON_MODEL inside the daemon's own inbox was accepted: the daemon then took its bundle folder as a
     batch (rejected/mybundle/...), the next reload failed, and a worker could not start at all. It is refused
