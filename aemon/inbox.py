@@ -482,8 +482,11 @@ class Inbox:
                 seen = time.time()
                 cand = self._candidates[name] = _Candidate(None, now, seen, listed_only=kind == _LISTED, seen=seen)
                 self._enqueue(name, seen)
-                if kind == _LISTED:  # there before the watch, or its events still on the way: open since?
+                # There before the watch, or its events still on the way, or polled (no open or close events
+                # at all): its files are looked up in /proc once it has settled.
+                if kind == _LISTED or not track_writes:
                     self._unlisted.add(name)
+                if kind == _LISTED:
                     cand.arrived = self._arrival(name, seen)  # it may have waited while no daemon ran
             elif kind != _LISTED:
                 cand.listed_only = False

@@ -325,6 +325,26 @@ def test_a_writer_pausing_mid_file_is_waited_for_where_proc_does_not_show_it(tmp
     assert daemon.proc.wait(timeout=60) == 0, daemon.text()
 
 
+def test_a_writer_pausing_mid_file_is_waited_for_when_polling(tmp_path, digits):
+    """AEMON_POLLING (or the fall-back when no inotify instance is left) sees no open or close events: a file
+    written in place and paused mid-file for longer than the settle time was taken half-written and rejected
+    as truncated, its writer's last bytes then landing in rejected/. A settled entry's files are now looked up
+    in /proc, which shows this writer: the file is taken whole once closed."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env={"AEMON_POLLING": "1"}).wait_ready()
+    data = png_bytes(digits[8])
+    with (root / "inbox" / "paused.png").open("wb") as fp:
+        fp.write(data[: len(data) // 2])
+        fp.flush()
+        time.sleep(SETTLE * 10 + 2)  # several polls and settle times
+        fp.write(data[len(data) // 2:])
+    (path,) = wait_records(root, 1, daemon)
+    rec = load(path)
+    assert rec["verdict"] in ("ok", "anomaly"), rec
+    assert (root / rec["path"]).read_bytes() == data
+    assert daemon.stop() == 0, daemon.text()
+
+
 def test_no_inotify_instance_left_falls_back_to_polling_and_decides(tmp_path, digits):
     """The user's inotify instances used up (fs.inotify.max_user_instances, 128 by default, shared by every
     process of the user): the daemon stopped at start-up with "inotify instance limit reached", and a worker
