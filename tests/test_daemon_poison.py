@@ -575,16 +575,21 @@ def _chattr(flag: str, path: Path) -> bool:
     return subprocess.run(["chattr", flag, str(path)], capture_output=True, check=False).returncode == 0
 
 
-def test_an_immutable_file_in_a_folder_waits_in_its_claim(tmp_path, digits):
-    """An immutable file (chattr +i) cannot be renamed, even by root. Inside a dropped folder it was claimed
-    with its folder, and moving it out at the commit failed after the journal: exit 1, and again on every
-    restart. Now the other images of the folder are decided, the immutable one stays where it is (in the
-    claims folder, kept) with one commit.unmovable error, and the daemon goes on."""
+def _skip_without_chattr(tmp_path: Path) -> None:
+    """Skip the test where ``chattr +i`` cannot be set (needs root and a filesystem with the flag)."""
     probe = tmp_path / "probe"
     probe.write_bytes(b"")
     if not _chattr("+i", probe):
         pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
     _chattr("-i", probe)
+
+
+def test_an_immutable_file_in_a_folder_waits_in_its_claim(tmp_path, digits):
+    """An immutable file (chattr +i) cannot be renamed, even by root. Inside a dropped folder it was claimed
+    with its folder, and moving it out at the commit failed after the journal: exit 1, and again on every
+    restart. Now the other images of the folder are decided, the immutable one stays where it is (in the
+    claims folder, kept) with one commit.unmovable error, and the daemon goes on."""
+    _skip_without_chattr(tmp_path)
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
     stage = tmp_path / "stage"
@@ -616,11 +621,7 @@ def test_an_immutable_result_folder_is_named_in_the_error(tmp_path, digits):
     The error named no folder ("Operation not permitted: 'noise.png' -> 'noise.png'": a rename within open
     folders), so an operator could not tell what to fix. It now names the path it could not write; once the
     flag is cleared a restart places the item with its record."""
-    probe = tmp_path / "probe"
-    probe.write_bytes(b"")
-    if not _chattr("+i", probe):
-        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
-    _chattr("-i", probe)
+    _skip_without_chattr(tmp_path)
     root = new_root(tmp_path)
     (root / "anomaly").mkdir(exist_ok=True)
     log = tmp_path / "daemon.log"
@@ -898,11 +899,7 @@ def test_an_immutable_file_is_decided_once_when_placed_however_often_the_daemon_
     stayed in the claims folder, and every restart routed the kept entries again (each image of the folder
     decided again, a new map drawn each time, the freed file placed at a new name beside a stale map). Now an
     item is reported by the run that writes its record, once; a kept batch waits whole for the next start."""
-    probe = tmp_path / "probe"
-    probe.write_bytes(b"")
-    if not _chattr("+i", probe):
-        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
-    _chattr("-i", probe)
+    _skip_without_chattr(tmp_path)
     root, log = new_root(tmp_path), tmp_path / "daemon.log"
     env = {"AEMON_MAPS": "all"}
     stage = tmp_path / "stage"
