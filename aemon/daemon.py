@@ -28,7 +28,7 @@ from aemon.claims import Claim, ClaimStore
 from aemon.commit import Batch, Committer
 from aemon.confine import LIBRARY_FOLDERS, confine_libraries
 from aemon.errors import AemonError, BundleError, ItemRejected, StartupError
-from aemon.fsio import has_room
+from aemon.fsio import has_room, mount_points
 from aemon.http import HttpServer, is_loopback
 from aemon.inbox import Inbox
 from aemon.logs import get_logger
@@ -262,13 +262,17 @@ class Daemon:
                     raise StartupError(f"{path} is a link or a file; aemon never follows links out of its root: "
                                        "make it a real folder")
                 path.mkdir(exist_ok=True)
-            # Claims reach their folders by rename, which cannot cross filesystems.
+            # Claims reach their folders by rename, which crosses neither filesystems nor mounts (a bind mount of
+            # one volume shares its st_dev: only the mount table tells).
             device = os.stat(self.root / ".aemon").st_dev
-            other = [name for name in ("inbox", *FOLDERS) if os.stat(self.root / name).st_dev != device]
+            mounted = set(mount_points())
+            other = [name for name in ("inbox", *FOLDERS, ".aemon", ".aemon/claims")
+                     if os.stat(self.root / name).st_dev != device
+                     or os.path.realpath(self.root / name) in mounted]
             if other:
-                raise StartupError(f"{', '.join(other)} under {self.root} lie on another filesystem than .aemon/: "
-                                   "items move by rename, which cannot cross filesystems; mount the whole root "
-                                   "as one volume")
+                raise StartupError(f"{', '.join(other)} under {self.root} lie on another filesystem or mount than "
+                                   "the rest: items move by rename, which cannot cross filesystems or mounts; "
+                                   "mount the whole root as one volume")
             probe = self.root / ".aemon" / f".probe-{os.getpid()}"
             probe.write_bytes(b"")
             probe.unlink()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "mount_points",
     "has_room",
     "utc_now",
     "iso_time",
@@ -516,3 +517,16 @@ def _libc_function(name: str, argtypes: list):
 _syncfs = _libc_function("syncfs", [ctypes.c_int])
 _renameat2 = _libc_function("renameat2", [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p,
                                           ctypes.c_uint])
+
+
+def mount_points() -> list[str]:
+    """Every mount point of this process (``/proc/self/mountinfo``; none where it cannot be read). No rename
+    crosses one, bind mounts of one filesystem included, and those share its ``st_dev``: only this tells."""
+    try:
+        with open("/proc/self/mountinfo", "rb") as fp:
+            lines = fp.read().splitlines()
+    except OSError:
+        return []
+    octal = re.compile(rb"\\([0-7]{3})")  # a space in a mount point is written \040
+    return [os.fsdecode(octal.sub(lambda m: bytes([int(m.group(1), 8)]), fields[4]))
+            for fields in (line.split() for line in lines) if len(fields) > 4]

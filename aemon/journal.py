@@ -19,14 +19,13 @@ import contextlib
 import errno
 import json
 import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from aemon.fsio import Folders, fsync_dir, rename_noreplace, write_durably
+from aemon.fsio import Folders, fsync_dir, mount_points, rename_noreplace, write_durably
 from aemon.logs import get_logger
 from aemon.records import encode_exact
 from aemon.router import FOLDERS, Router
@@ -49,22 +48,9 @@ def _item_unmovable(exc: OSError, dest: str, batch_dir: Path) -> bool:
     sticky folder of another user (the destination is writable), or a file under a mount inside the dropped
     folder (no rename crosses mounts, bind mounts of one filesystem included)."""
     if exc.errno in (errno.EXDEV, errno.EBUSY):
-        return _mount_inside(batch_dir)
+        inside = os.path.join(os.path.realpath(batch_dir), "")
+        return any(point.startswith(inside) for point in mount_points())
     return isinstance(exc, PermissionError) and os.access(os.path.dirname(dest), os.W_OK)
-
-
-def _mount_inside(folder: Path) -> bool:
-    """Whether something is mounted below ``folder`` (``/proc/self/mountinfo``; False where it cannot be read).
-    Bind mounts of one filesystem share its device number, so ``st_dev`` cannot tell."""
-    prefix = os.fsencode(os.path.join(os.path.realpath(folder), ""))
-    try:
-        with open("/proc/self/mountinfo", "rb") as fp:
-            lines = fp.read().splitlines()
-    except OSError:
-        return False
-    octal = re.compile(rb"\\([0-7]{3})")  # a space in a mount point is written \040
-    return any(octal.sub(lambda m: bytes([int(m.group(1), 8)]), line.split()[4]).startswith(prefix)
-               for line in lines if len(line.split()) > 4)
 
 
 @dataclass

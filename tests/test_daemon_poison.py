@@ -757,15 +757,20 @@ def test_a_destination_folder_that_became_a_file_gets_a_free_name(shared, tmp_pa
     _drop_after(shared, tmp_path, digits[5], "after-swap.png")
 
 
-def test_result_folders_on_another_filesystem_stop_the_start(tmp_path):
-    """ok/ mounted from another filesystem (a tmpfs volume): items move by rename, which cannot cross
-    filesystems, so the first commit failed after its journal (EXDEV), exit 1, at every restart. The start
-    is refused now (exit 3) with a message naming the folder."""
+@pytest.mark.parametrize("how", ["tmpfs", "bind"])
+def test_result_folders_on_another_filesystem_stop_the_start(tmp_path, how):
+    """ok/ mounted from another filesystem (a tmpfs volume), or bind-mounted from a folder of the same volume
+    (Kubernetes subPath mounts of one volume are such): items move by rename, which crosses neither, so the
+    first commit failed after its journal (EXDEV), exit 1, at every restart. A bind mount shares the volume's
+    st_dev and passed the start-up check. The start is refused now (exit 3) with a message naming the
+    folder."""
     root = new_root(tmp_path)
     (root / "ok").mkdir(exist_ok=True)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "aemon-test", str(root / "ok")],
-                      capture_output=True, check=False).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
+    (tmp_path / "elsewhere").mkdir()
+    mount = (["mount", "-t", "tmpfs", "-o", "size=1m", "aemon-test", str(root / "ok")] if how == "tmpfs" else
+             ["mount", "--bind", str(tmp_path / "elsewhere"), str(root / "ok")])
+    if subprocess.run(mount, capture_output=True, check=False).returncode != 0:
+        pytest.skip("mounting needs root")
     try:
         daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE)
         assert daemon.proc.wait(timeout=120) == 3, daemon.text()
