@@ -84,6 +84,8 @@ class Journal:
     remove: list[str] = field(default_factory=list)
     #: Steps whose file could not be moved by the last :meth:`run` (their batch folder is kept).
     stuck: list[Step] = field(default_factory=list)
+    #: Read back from its batch folder (a run after a stop), not planned by this process.
+    replayed: bool = False
 
     def write(self, batch_dir: Path) -> None:
         """Store the plan durably in ``batch_dir``: the decision point of the batch."""
@@ -163,7 +165,10 @@ class Journal:
                     self._finish_move(step, router, dests, dest)
                 return dest  # placed already (or its folder was swapped for a link: never followed)
             there = dests.lexists(dest)
-            if there and _same_file(src_info, dests, dest):  # stopped between link and unlink
+            # A run stopped between link and unlink (renameat2's fall-back) left the destination holding this
+            # very file. Only a replay can find that: in a first run, a destination of the same inode was placed
+            # by another process, for another entry (hard links of one file dropped under one name).
+            if there and self.replayed and _same_file(src_info, dests, dest):
                 os.unlink(src, dir_fd=src_fd)
                 return dest
             if there or dests.lexists(dest + ".json"):
@@ -252,7 +257,7 @@ def read_journal(batch_dir: Path) -> Journal | None:
     try:
         data = json.loads((batch_dir / JOURNAL_NAME).read_text())
         journal = Journal(entries=list(data["entries"]), steps=[Step(**s) for s in data["steps"]],
-                          remove=list(data.get("remove", [])))
+                          remove=list(data.get("remove", [])), replayed=True)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     stray = _stray_path(journal)

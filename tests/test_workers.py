@@ -22,6 +22,7 @@ from daemon_process import (
     full_tmpfs,
     full_tmpfs_fill,
     half_written,
+    items,
     new_root,
     records,
     wait_records,
@@ -140,6 +141,33 @@ def test_workers_share_the_work_and_the_metrics(tmp_path, digits):
     assert worker["worker"] == 1 and all(e["worker"] == 1 for e in daemon.events("item.decided") if "worker" in e)
     assert len(records(root)) == len(names)
     assert os.listdir(root / ".aemon" / "claims") == []
+
+
+def test_hard_links_dropped_under_one_name_stay_separate_drops(tmp_path, digits):
+    """Hard links of one file dropped one after another under one name, with two processes: a process whose
+    destination already held that inode (placed by the other process, for another drop) took it for its own
+    interrupted link-then-unlink, deleted its drop and counted it placed; the record clash then moved the
+    other's item away, leaving records that name no item (5 of 100 drops). Each drop now gets its own file
+    and its own record."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.2,
+                    env={"AEMON_WORKERS": "2", "AEMON_BATCH_WAIT_MS": "0"}).wait_ready()
+    _wait_event(daemon, "worker.ready")
+    source = write_png(tmp_path / "src" / "x.png", digits[3])
+    dropped, deadline = 0, time.monotonic() + 60
+    while dropped < 100:
+        assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+        with contextlib.suppress(FileExistsError):  # the previous link is still in the inbox
+            os.link(source, root / "inbox" / "a.png")
+            dropped += 1
+    found = wait_records(root, dropped, daemon)
+    time.sleep(1.0)
+    assert daemon.stop() == 0, daemon.text()
+    assert len(records(root)) == dropped, daemon.text()
+    placed = [p for p in items(root) if p.name != "x.png"]
+    assert len(placed) == dropped, sorted(p.name for p in placed)
+    for record in found:
+        assert (record.parent / record.name[: -len(".json")]).is_file(), f"{record} names no item"
 
 
 def test_workers_stop_when_the_main_process_is_killed(tmp_path, digits):
