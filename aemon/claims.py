@@ -171,7 +171,8 @@ class ClaimStore:
             return adopted
         for other in others:
             if not (other / LOCK_NAME).exists():
-                adopted += self._adopt(other)
+                if not _live_owner(other.name):  # a live daemon's lock removed (a cleaner of old files)
+                    adopted += self._adopt(other)
                 continue
             fd = _lock_if_dead(other)
             if fd is None:
@@ -291,6 +292,21 @@ def _count_try(batch_dir: Path, n: int) -> None:
 def _real_dir(path: Path) -> bool:
     """A folder itself, not a link to one (a link planted in ``claims/`` would lead adoption out of the root)."""
     return path.is_dir() and not path.is_symlink()
+
+
+def _live_owner(name: str) -> bool:
+    """Whether ``name`` is the claims folder of a daemon process of this machine that still runs (``HOST-PID-
+    HEX``), whatever became of its ``.lock``: never adopted then."""
+    host, _, pid = name.rpartition("-")[0].rpartition("-")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
 
 
 def _lock_if_dead(owner: Path) -> int | None:

@@ -170,6 +170,32 @@ def test_hard_links_dropped_under_one_name_stay_separate_drops(tmp_path, digits)
         assert (record.parent / record.name[: -len(".json")]).is_file(), f"{record} names no item"
 
 
+def test_a_live_daemons_claims_folder_without_its_lock_is_never_adopted(tmp_path, digits):
+    """The .lock of a running main process removed (a cleaner of old files in /tmp does that): its worker
+    took the live claims folder for a batch folder left by an older layout and adopted it, so the main
+    process's items were routed under a batch id (ok/1795.../big.npy), its temp file landed in rejected/,
+    and the main process died on its vanished folder (exit 1). A folder named for a process that still runs
+    is never adopted: every item keeps its path and the daemon goes on."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.2, env={"AEMON_WORKERS": "2"}).wait_ready()
+    _wait_event(daemon, "worker.ready")
+    (owner,) = [p for p in (root / ".aemon" / "claims").iterdir() if f"-{daemon.proc.pid}-" in p.name]
+    (owner / ".lock").unlink()
+    names = [f"d-{i:02d}.png" for i in range(30)]
+    for i, name in enumerate(names):
+        write_png(tmp_path / "stage" / name, digits[i])
+        os.rename(tmp_path / "stage" / name, root / "inbox" / name)
+        time.sleep(0.1)
+    time.sleep(3)  # past several rescans (1 s here), when orphans are adopted
+    wait_records(root, len(names), daemon)
+    seen = by_item(root)
+    assert sorted(seen) == names, sorted(seen)
+    for name, (record,) in seen.items():
+        assert record["path"] in (f"ok/{name}", f"anomaly/{name}"), record
+    assert daemon.events("claim.recovered") == [], daemon.text()
+    assert daemon.proc.poll() is None and daemon.stop() == 0, daemon.text()
+
+
 def test_workers_stop_when_the_main_process_is_killed(tmp_path, digits):
     """A SIGKILL of the main process stops its worker too; a new daemon finishes whatever was claimed."""
     root = new_root(tmp_path)
