@@ -74,7 +74,7 @@ class ClaimStore:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         self.base = self.root / ".aemon" / "claims"
-        self.owner = self.base / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = self.base / owner_name()
         self._lock_fd: int | None = None
         #: The try of each batch folder this process began after a death (its ``.tries-N``).
         self._begun: dict[Path, int] = {}
@@ -95,7 +95,7 @@ class ClaimStore:
             except FileNotFoundError:
                 pass
             os.close(fd)
-            self.owner = self.base / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            self.owner = self.base / owner_name()
         raise OSError(f"could not lock a claims folder under {self.base}")
 
     @property
@@ -171,7 +171,7 @@ class ClaimStore:
             return adopted
         for other in others:
             if not (other / LOCK_NAME).exists():
-                if not _live_owner(other.name):  # a live daemon's lock removed (a cleaner of old files)
+                if not owner_alive(other.name):  # a live daemon's lock removed (a cleaner of old files)
                     adopted += self._adopt(other)
                 continue
             fd = _lock_if_dead(other)
@@ -294,18 +294,23 @@ def _real_dir(path: Path) -> bool:
     return path.is_dir() and not path.is_symlink()
 
 
-def _live_owner(name: str) -> bool:
-    """Whether ``name`` is the claims folder of a daemon process of this machine that still runs (``HOST-PID-
-    HEX``), whatever became of its ``.lock``: never adopted then."""
+def owner_name() -> str:
+    """A folder name for this process: ``HOST-PID-HEX`` (claims and metrics folders alike)."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def owner_alive(name: str) -> bool | None:
+    """Whether the process that :func:`owner_name` named ``name`` still runs: None where that cannot be told
+    (another machine's, or not such a name)."""
     host, _, pid = name.rpartition("-")[0].rpartition("-")
     if host != socket.gethostname() or not pid.isdigit():
-        return False
+        return None
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:
         return False
     except PermissionError:  # another user's process: alive
-        return True
+        pass
     return True
 
 

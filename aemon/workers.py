@@ -18,13 +18,12 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
+from aemon.claims import owner_alive, owner_name
 from aemon.errors import StartupError
 from aemon.fsio import write_json_atomic
 from aemon.logs import get_logger
@@ -62,26 +61,13 @@ def metrics_dir(root: Path) -> Path:
             raise StartupError(f"{folder} is a link or a file; aemon never follows links out of its root: "
                                "make it a real folder")
     base = state / "metrics"
-    host = socket.gethostname()
     if base.is_dir():
         for old in base.iterdir():
-            owner, _, _ = old.name.rpartition("-")
-            owner_host, _, pid = owner.rpartition("-")
-            if owner_host == host and pid.isdigit() and not _alive(int(pid)):
+            if owner_alive(old.name) is False:
                 shutil.rmtree(old, ignore_errors=True)
-    path = base / f"{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    path = base / owner_name()
     path.mkdir(parents=True)
     return path
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def die_with_parent(parent: int) -> None:
