@@ -243,14 +243,23 @@ def _filter(x: np.ndarray, labels: np.ndarray | None, options: dict[str, str], s
     return x, labels
 
 
-def _elpv_labels(src: str) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
-    """The elpv-dataset package's folder, image paths, defect probabilities and module types."""
+def _elpv_folder(src: str) -> Path:
+    """The elpv-dataset package's data folder.
+
+    Raises:
+        SourceError: the package is not installed (one line saying how to install it).
+    """
     try:
         import elpv_dataset
     except ImportError as exc:
         raise SourceError(f"{src} needs the elpv-dataset package: pip install 'aemon[elpv]' "
                           "(or pip install elpv-dataset)") from exc
-    folder = Path(elpv_dataset.__file__).parent / "data"
+    return Path(elpv_dataset.__file__).parent / "data"
+
+
+def _elpv_labels(src: str) -> tuple[Path, np.ndarray, np.ndarray, np.ndarray]:
+    """The elpv-dataset package's folder, image paths, defect probabilities and module types."""
+    folder = _elpv_folder(src)
     data = np.genfromtxt(folder / "labels.csv", dtype=["|S19", "<f8", "|S4"], names=["path", "probability", "type"])
     return folder, np.char.decode(data["path"]), data["probability"], np.char.decode(data["type"])
 
@@ -554,7 +563,7 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
     if base in ("sample:mnist",) or base.startswith("keras:"):
         return [(28, 28)], False, "size of every image of the data set"
     if base == "sample:elpv":
-        _elpv_labels(src)  # not installed: one line saying how to install it, before any choice is printed
+        _elpv_folder(src)  # not installed: one line saying how to install it, before any choice is printed
         return [(300, 300)], False, "size of every image of the data set"
     path = Path(base)
     if path.suffix.lower() in (".npy", ".npz") and path.is_file():
