@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import sys
 import textwrap
@@ -544,7 +543,9 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
         return Daemon(settings, workers=settings.workers - 1).run()
     finally:
         if shared is not None:
-            shutil.rmtree(shared, ignore_errors=True)
+            from aemon.workers import remove_shared
+
+            remove_shared(shared)
 
 
 def _settings_flags(args: argparse.Namespace) -> dict:

@@ -25,12 +25,12 @@ from pathlib import Path
 
 from aemon.claims import owner_alive, owner_name
 from aemon.errors import StartupError
-from aemon.fsio import write_json_atomic
+from aemon.fsio import Folders, write_durably
 from aemon.logs import get_logger
 from aemon.settings import Settings
 
-__all__ = ["metrics_dir", "shared_dir", "die_with_parent", "send_beat", "WorkerPool", "announce", "announced",
-           "ModelAgreement"]
+__all__ = ["metrics_dir", "shared_dir", "remove_shared", "die_with_parent", "send_beat", "WorkerPool", "announce",
+           "announced", "ModelAgreement"]
 
 log = get_logger()
 
@@ -68,6 +68,48 @@ def metrics_dir(root: Path) -> Path:
     path = base / owner_name()
     path.mkdir(parents=True)
     return path
+
+
+def _reached(folder: Path) -> tuple[Folders, str]:
+    """``folder`` (``ROOT/.aemon/metrics/NAME``) opened one name at a time from its root, never through a link,
+    and its path relative to the root.
+
+    Raises:
+        NotADirectoryError: it, or a folder above it up to the root, was replaced by a link or a file while the
+            daemon ran (the daemon stops; its next start says so).
+    """
+    root = folder.parents[2]
+    folders = Folders(root)
+    rel = folders.relative(folder)
+    try:
+        folders.fd(rel)
+    except BaseException:
+        folders.close()
+        raise
+    return folders, rel
+
+
+def check_shared(folder: Path) -> None:
+    """Before anything is written in the shared ``folder`` by path (a worker's metrics files): it is still a
+    real folder under the root.
+
+    Raises:
+        NotADirectoryError: see :func:`_reached`.
+    """
+    folders, _ = _reached(folder)
+    folders.close()
+
+
+def remove_shared(folder: Path) -> None:
+    """Remove this daemon's shared ``folder`` at exit; one replaced by a link (or a link above it) is left
+    alone: nothing outside the root is removed."""
+    try:
+        folders, rel = _reached(folder)
+    except OSError:
+        return
+    with folders:
+        parent, _, name = rel.rpartition("/")
+        shutil.rmtree(name, ignore_errors=True, dir_fd=folders.fd(parent))
 
 
 def die_with_parent(parent: int) -> None:
@@ -142,6 +184,9 @@ class WorkerPool:
         beats, beat_end = os.pipe()
         os.set_blocking(beats, False)
         os.set_blocking(beat_end, False)
+        shared = shared_dir()
+        if shared is not None:  # the worker writes its metrics files there by path
+            check_shared(shared)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker",
@@ -233,8 +278,16 @@ def shared_dir() -> Path | None:
 
 def announce(folder: Path, identity: str) -> None:
     """Main process: store the bundle it serves (its :attr:`~aemon.bundle.Bundle.identity`, after each load)
-    in its daemon's shared ``folder``, before its workers load theirs."""
-    write_json_atomic(folder / SERVED_MODEL, {"identity": identity})
+    in its daemon's shared ``folder``, before its workers load theirs. Written through the open folders, never
+    through a link.
+
+    Raises:
+        NotADirectoryError: see :func:`_reached`.
+    """
+    folders, rel = _reached(folder)
+    with folders:
+        write_durably(folder / SERVED_MODEL, (json.dumps({"identity": identity}) + "\n").encode(), folders=folders)
+        folders.sync(rel)
 
 
 def announced(folder: Path) -> str | None:

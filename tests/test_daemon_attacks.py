@@ -1365,3 +1365,26 @@ def test_an_unreadable_config_or_a_read_only_root_is_a_usage_or_start_up_error(t
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
     assert done.returncode == 3 and f"root folder {mount / 'root'} is not usable" in done.stderr, done.stderr
+
+
+def test_the_shared_metrics_folder_swapped_for_a_link_while_running_is_never_followed(tmp_path):
+    """The daemon's folder under .aemon/metrics replaced by a link while it ran: a SIGHUP wrote
+    served-model.json at the link's target, outside the root (and a worker started again would have put its
+    metrics files there). Now the reload stops the daemon (exit 1, the folder named) before it writes
+    there, and nothing lands outside the root."""
+    root = new_root(tmp_path)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE, env={"AEMON_WORKERS": "2"}).wait_ready()
+    try:
+        (folder,) = [p for p in (root / ".aemon" / "metrics").iterdir() if p.is_dir()]
+        os.rename(folder, tmp_path / "metrics.saved")
+        os.symlink(outside, folder)
+        daemon.proc.send_signal(signal.SIGHUP)
+        assert daemon.proc.wait(timeout=60) == 1, daemon.text()
+    finally:
+        daemon.stop()
+    (failed,) = daemon.events("daemon.failed")
+    assert str(folder) in failed["error"] and "link" in failed["error"], failed
+    assert os.listdir(outside) == []
+    assert folder.is_symlink()  # the clean-up at exit did not go through it either
