@@ -447,22 +447,31 @@ def _check_members(archive: zipfile.ZipFile, name: str) -> None:
         raise Unreadable(f"{name}: its member {damaged} is damaged (bad checksum)")
 
 
-def _refuse_pickles(archive: zipfile.ZipFile, name: str) -> None:
-    """No member of an ``.npz`` holds Python objects: the other members travel into the item's parts and
-    outputs, so a pickle would be handed on to whoever reads them (members that are no arrays travel as they are).
+def _check_member_headers(archive: zipfile.ZipFile, name: str) -> None:
+    """Every array member of an ``.npz`` is safe to load: the other members travel into the item's parts and
+    outputs (split by row where they have one per image), so a pickle would be handed on to whoever reads
+    them, and a header that claims more data than the member holds would be allocated in full when the item
+    is split. Members that are no arrays travel as they are.
 
     Raises:
         UnsafeItem: an object (pickled) member.
+        Unreadable: a member whose header claims more bytes than it holds.
     """
     for info in archive.infolist():
+        label = f"{name}[{info.filename.removesuffix('.npy')}]"
         with archive.open(info) as member:
             try:
-                _, dtype = npy_header(member, f"{name}[{info.filename}]")
+                shape, dtype = npy_header(member, label)
             except Unreadable:
                 continue
+            held = info.file_size - member.tell()
         if dtype.hasobject:
-            raise UnsafeItem(f"{name}[{info.filename.removesuffix('.npy')}] holds Python objects (pickles); aemon "
-                             "never unpickles nor passes them on: save numeric arrays")
+            raise UnsafeItem(f"{label} holds Python objects (pickles); aemon never unpickles nor passes them "
+                             "on: save numeric arrays")
+        claimed = math.prod(shape) * dtype.itemsize  # Python integers: no overflow
+        if claimed > held:
+            raise Unreadable(f"{label} is damaged: its header gives the shape {shape} of {dtype}, {claimed} bytes, "
+                             f"but it holds {held}")
 
 
 def _listed(names: list[str], most: int = 10) -> str:
@@ -522,7 +531,7 @@ def _array_of(fp: BinaryIO, name: str, limits: Limits, key: str | None = None) -
                 if unpacked > limits.max_bytes:
                     raise TooLarge(f"{name} unpacks to {unpacked} bytes; the limit is {limits.max_bytes}")
                 _check_members(archive, name)
-                _refuse_pickles(archive, name)
+                _check_member_headers(archive, name)
                 with archive.open(info) as member:
                     shape, dtype = npy_header(member, f"{name}[{chosen}]")
                     _check_header(shape, dtype, f"{name}[{chosen}]", limits)

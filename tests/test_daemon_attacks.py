@@ -1196,6 +1196,37 @@ def test_an_npz_with_a_damaged_member_is_rejected_and_the_daemon_goes_on(shared,
     assert shared.proc.poll() is None, shared.text()
 
 
+def test_an_npz_member_whose_header_claims_more_data_than_it_holds_is_rejected(shared, tmp_path, digits):
+    """A 2 KB .npz whose images are fine but whose other member's header claims 2 TiB (same row count): only
+    the chosen member's header was checked, so the split into parts loaded the other one, and numpy's
+    MemoryError stopped the daemon ("out of memory"), again at every restart until the item was set aside as
+    crashed. It is rejected as unreadable at decoding, the member named, and the daemon goes on."""
+    import io
+    import zipfile
+
+    def npy(array: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        np.save(buf, array)
+        return buf.getvalue()
+
+    root = shared.root
+    liar = npy(np.zeros((4, 1), np.uint8)).replace(b"(4, 1)", b"(4, 1099511627776)")
+    staged = tmp_path / "liar.npz"
+    with zipfile.ZipFile(staged, "w") as archive:
+        archive.writestr("x.npy", npy(digits[:4]))
+        archive.writestr("y.npy", liar)
+    data = staged.read_bytes()
+    before = len(records(root))
+    os.rename(staged, root / "inbox" / "liar.npz")
+    write_png(tmp_path / "after.png", digits[1])
+    os.rename(tmp_path / "after.png", root / "inbox" / "after.png")
+    wait_records(root, before + 2, shared)
+    record = load(root / "rejected" / "liar.npz.json")
+    assert record["reason"] == "unreadable" and "y" in record["error"], record
+    assert (root / "rejected" / "liar.npz").read_bytes() == data
+    assert shared.proc.poll() is None, shared.text()
+
+
 # -- denoise mode and reloads ----------------------------------------------------
 def test_aemon_model_takes_a_shipped_bundle_by_name(tmp_path, digits):
     """`aemon score mnist-denoise ...` takes the shipped bundle by name, but AEMON_MODEL=mnist-denoise stopped
