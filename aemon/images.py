@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aemon.errors import BadShape, EmptyItem, TooLarge, Unreadable, UnsafeItem, UnsupportedType
+from aemon.structure import check_structure
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -217,94 +218,6 @@ def _image_pixels(fp: BinaryIO, name: str, prep: Preprocessing, limits: Limits) 
     if prep.channels == 3 and pixels.shape[2] == 1:
         pixels = np.repeat(pixels, 3, axis=2)
     return pixels, look
-
-
-#: Segments of a JPEG before its image data, chunks of a PNG other than image data: a camera's file has a
-#: few dozen. Pillow reads each in Python: 24 million empty APP5 segments took over a minute and 3 GB.
-MAX_METADATA_PARTS = 1_000
-#: Scans of a progressive JPEG times its pixels: each scan passes over the whole image again (about 7 ms
-#: per million pixels here), so 30,000 scans of a small image held the daemon for minutes. A camera's
-#: progressive JPEG has about 10 scans; this allows 25 at the 40-megapixel limit, 1,000 at one megapixel.
-MAX_SCAN_PIXELS = 1_000_000_000
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: PNG chunks of an animation's later frames (a control chunk and the data of each), after the image data:
-#: never parsed, since only the first frame is decoded; the size of the file bounds how many there are.
-_PNG_FRAME_CHUNKS = (b"fcTL", b"fdAT")
-#: The part of a JPEG read in one piece for its structure (the whole file, for any camera's).
-_JPEG_HEAD = 1 << 24
-
-
-def check_structure(fp: BinaryIO, name: str) -> None:
-    """Refuse a PNG or JPEG whose structure would cost far more to decode than its pixels: too many
-    metadata parts, or progressive scans. Read before Pillow parses the header; ``fp`` is left at 0.
-
-    Raises:
-        Unreadable: naming what is excessive.
-    """
-    head = fp.read(8)
-    try:
-        if head.startswith(b"\xff\xd8"):
-            _check_jpeg(fp, name)
-        elif head == _PNG_SIGNATURE:
-            _check_png(fp, name)
-    finally:
-        fp.seek(0)
-
-
-def _check_jpeg(fp: BinaryIO, name: str) -> None:
-    fp.seek(0)
-    data = fp.read(min(_JPEG_HEAD, os.fstat(fp.fileno()).st_size))  # the whole file, for any camera's
-    at, parts, width, height, progressive = 2, 0, 0, 0, False
-    while True:  # the segments before the first scan, each FF xx and a length
-        while data[at : at + 2] == b"\xff\xff":  # fill bytes
-            at += 1
-        if at + 4 > len(data) or data[at] != 0xFF or data[at + 1] == 0xD9:
-            return  # malformed, cut, or no image data: Pillow says what is wrong
-        marker, size = data[at + 1], int.from_bytes(data[at + 2 : at + 4], "big")
-        if marker == 0xDA:
-            break
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a frame header: the size
-            height, width = int.from_bytes(data[at + 5 : at + 7], "big"), int.from_bytes(data[at + 7 : at + 9], "big")
-            progressive = marker in (0xC2, 0xC6, 0xCA, 0xCE)
-        parts += 1
-        if parts > MAX_METADATA_PARTS:
-            raise Unreadable(f"{name} has more than {MAX_METADATA_PARTS} JPEG segments before its image data "
-                             "(a camera's has a few dozen); re-save it")
-        at += 2 + size
-    if not progressive:
-        return  # a sequential JPEG reads each component's scan once
-    scans = data.count(b"\xff\xda", at)  # a scan header is FF DA, which coded data never holds
-    carry = data[-1:]
-    while len(data) == _JPEG_HEAD and (chunk := fp.read(_JPEG_HEAD)):  # a file larger than that
-        scans += (carry + chunk).count(b"\xff\xda")
-        carry = chunk[-1:]
-    most = max(1, MAX_SCAN_PIXELS // max(1, width * height))
-    if scans > most:
-        raise Unreadable(f"{name} is a progressive JPEG of {scans} scans at {width}x{height} pixels; each scan "
-                         f"passes over the whole image, and at this size at most {most} are decoded (a camera's "
-                         "has about 10); re-save it")
-
-
-def _check_png(fp: BinaryIO, name: str) -> None:
-    size = os.fstat(fp.fileno()).st_size
-    most_chunks = 10_000 + size // 512  # image data comes in chunks of 8 KiB or more from any encoder
-    others = chunks = 0
-    pixels = False  # the image data began
-    while header := fp.read(8):
-        if len(header) < 8:
-            return
-        length, kind = int.from_bytes(header[:4], "big"), header[4:]
-        chunks += 1
-        pixels = pixels or kind == b"IDAT"
-        others += kind != b"IDAT" and not (pixels and kind in _PNG_FRAME_CHUNKS)
-        if others > MAX_METADATA_PARTS:
-            raise Unreadable(f"{name} has more than {MAX_METADATA_PARTS} PNG chunks besides its image data and "
-                             "animation frames (a camera's has a few); re-save it")
-        if chunks > most_chunks:
-            raise Unreadable(f"{name} has more than {most_chunks} PNG chunks for its {size} bytes; re-save it")
-        if kind == b"IEND":
-            return
-        fp.seek(length + 4, os.SEEK_CUR)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -1224,6 +1225,42 @@ def test_an_npz_member_whose_header_claims_more_data_than_it_holds_is_rejected(s
     record = load(root / "rejected" / "liar.npz.json")
     assert record["reason"] == "unreadable" and "y" in record["error"], record
     assert (root / "rejected" / "liar.npz").read_bytes() == data
+    assert shared.proc.poll() is None, shared.text()
+
+
+def _gif_with(extensions: bytes) -> bytes:
+    """A 28x28 grey GIF with ``extensions`` (raw extension blocks) before its first frame."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((28, 28), 200, np.uint8)).save(buf, "GIF")
+    gif = buf.getvalue()
+    at = 13 + (3 << ((gif[10] & 7) + 1) if gif[10] & 0x80 else 0)  # after the global colour table
+    return gif[:at] + extensions + gif[at:]
+
+
+def test_tiff_strips_and_gif_blocks_beyond_any_camera_are_rejected_before_decoding(shared, tmp_path):
+    """Pillow reads each TIFF strip and each GIF extension block in Python: a 9-million-strip TIFF (81 MB)
+    held a worker for 30 s until it was killed as stuck, then the main process for 43 s (/healthz 503), and
+    a GIF of 20 million comments took 17 s and 3.4 GB. Only PNG and JPEG structure was bounded. Such files
+    are now unreadable before Pillow parses them (here: 100,000 one-row strips, 5,000 comment blocks, one
+    comment of 70,000 sub-blocks), each error naming what is excessive; ordinary TIFFs and GIFs still score."""
+    root = shared.root
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    Image.fromarray(np.zeros((100_000, 1), np.uint8)).save(stage / "strips.tif", tiffinfo={278: 1})
+    (stage / "comments.gif").write_bytes(_gif_with(b"\x21\xfe\x01a\x00" * 5000))
+    (stage / "long.gif").write_bytes(_gif_with(b"\x21\xfe" + b"\x01a" * 70_000 + b"\x00"))
+    (stage / "fine.gif").write_bytes(_gif_with(b"\x21\xfe\x05hello\x00"))
+    Image.fromarray(np.full((28, 28), 90, np.uint8)).save(stage / "fine.tif", tiffinfo={278: 1})
+    before = len(records(root))
+    for path in sorted(stage.iterdir()):
+        os.rename(path, root / "inbox" / path.name)
+    wait_records(root, before + 5, shared)
+    for name, words in (("strips.tif", "100000 strips"), ("comments.gif", "GIF extension blocks"),
+                        ("long.gif", "blocks of metadata")):
+        record = load(root / "rejected" / f"{name}.json")
+        assert record["reason"] == "unreadable" and words in record["error"], record
+    for name in ("fine.gif", "fine.tif"):
+        assert any((root / folder / f"{name}.json").is_file() for folder in ("ok", "anomaly")), name
     assert shared.proc.poll() is None, shared.text()
 
 
