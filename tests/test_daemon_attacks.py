@@ -1264,6 +1264,28 @@ def test_tiff_strips_and_gif_blocks_beyond_any_camera_are_rejected_before_decodi
     assert shared.proc.poll() is None, shared.text()
 
 
+def test_an_array_draws_at_most_a_thousand_maps_those_of_its_highest_scores(shared, tmp_path):
+    """A 152 KB compressed array of 200,000 blank rows, every one anomalous, wrote 200,000 maps (814 MB) and
+    held its batch for two minutes. An item now gets at most 1,000 maps, those of its highest-scoring rows;
+    its part's record says how many rows went without (``maps_left_out``)."""
+    root = shared.root
+    rng = np.random.default_rng(0)
+    strength = np.linspace(0.3, 1.0, 2500)
+    noise = (rng.random((2500, 28, 28)) * strength[:, None, None] * 255).astype(np.uint8)
+    np.savez_compressed(tmp_path / "loud.npz", x=noise)
+    before = len(records(root))
+    os.rename(tmp_path / "loud.npz", root / "inbox" / "loud.npz")
+    wait_records(root, before + 1, shared, timeout=120)
+    record = load(root / "anomaly" / "loud.npz.json")
+    maps = sorted(root.joinpath("anomaly").glob("loud.npz.map-*.png"))
+    assert len(maps) == 1000, len(maps)
+    mapped = [row for row in record["rows"] if "map" in row]
+    assert len(mapped) == 1000 and record["maps_left_out"] == record["n_rows"] - 1000, record["maps_left_out"]
+    lowest_mapped = min(row["score"] for row in mapped)
+    assert all(row["score"] <= lowest_mapped for row in record["rows"] if "map" not in row)
+    assert shared.proc.poll() is None, shared.text()
+
+
 # -- denoise mode and reloads ----------------------------------------------------
 def test_aemon_model_takes_a_shipped_bundle_by_name(tmp_path, digits):
     """`aemon score mnist-denoise ...` takes the shipped bundle by name, but AEMON_MODEL=mnist-denoise stopped
