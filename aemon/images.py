@@ -493,8 +493,8 @@ def array_to_input(raw: np.ndarray, prep: Preprocessing = Preprocessing(), name:
 def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
     """Pixel values as float32 in [0, 1], by the one rule for arrays and float images: ``uint16`` is
     16-bit (divided by 65535, as a 16-bit PNG is), other integers (0–255) and floats above 1 (up to 255)
-    are divided by 255, floats in [0, 1] kept (and floats at most :data:`UNIT_SLACK` above 1, a rounding
-    error, clipped to 1).
+    are divided by 255, floats in [0, 1] kept (and floats at most :data:`UNIT_SLACK` above 1 or below 0, a
+    rounding error, clipped to 1 or 0).
 
     Raises:
         Unreadable: NaN or infinite values, or values outside 0–255 (other than in ``uint16``).
@@ -506,7 +506,7 @@ def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise Unreadable(f"{name} contains NaN or infinite values")
     low, high = (float(raw.min()), float(raw.max())) if raw.size else (0.0, 0.0)
-    if low < 0 or high > 255:
+    if low < (-UNIT_SLACK if raw.dtype.kind == "f" else 0) or high > 255:
         raise Unreadable(f"{name} has values in [{low:g}, {high:g}]; expected 0–255 (uint16: 0–65535) or [0, 1]")
     pixels = raw.astype(np.float32)
     scale = _full_scale(raw.dtype, high)
@@ -514,10 +514,13 @@ def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
         pixels /= scale
     elif high > 1.0:  # a rounding error above 1
         np.minimum(pixels, 1.0, out=pixels)
+    if low < 0:  # a rounding error below 0
+        np.maximum(pixels, 0.0, out=pixels)
     return pixels
 
 
-#: Floats up to 1 + this are [0, 1] pixels with a rounding error (half a step of 8 bits), not 0–255 values.
+#: Floats up to 1 + this are [0, 1] pixels with a rounding error (half a step of 8 bits), not 0–255 values;
+#: floats down to minus this are such pixels too (a float filter's result a little below black).
 UNIT_SLACK = 1 / 510
 
 

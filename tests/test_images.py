@@ -237,6 +237,20 @@ def test_array_out_of_range_refused(value: float) -> None:
         array_to_input(np.full((1, 28, 28), value, np.float32))
 
 
+def test_floats_a_rounding_error_outside_zero_to_one_are_clipped_alike() -> None:
+    """[0, 1] floats one rounding step above 1 were clipped, one step below 0 (-1e-7, a float filter's result)
+    refused the whole array as unreadable. Both sides are now clipped; a real negative value is still refused."""
+    raw = np.full((2, 28, 28), 0.5, np.float32)
+    raw[0, 0, 0], raw[1, 0, 0] = -1e-7, 1 + 1e-7
+    x = array_to_input(raw)
+    assert x[0, 0, 0, 0] == 0.0 and x[1, 0, 0, 0] == 1.0 and np.allclose(x[0, 1:], 0.5)
+    raw[0, 0, 0] = -0.01
+    with pytest.raises(Unreadable, match="values in"):
+        array_to_input(raw)
+    with pytest.raises(Unreadable, match="values in"):
+        array_to_input(np.full((1, 28, 28), -1, np.int8))
+
+
 def test_array_zero_rows_empty() -> None:
     """An array with no rows is refused as empty."""
     with pytest.raises(EmptyItem):
