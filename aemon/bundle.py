@@ -84,7 +84,7 @@ class BundleMeta(BaseModel):
     arch: str
     task: Literal["detect", "denoise"] = "detect"
     input_shape: list[int]
-    latent_dim: int | None = None
+    latent_dim: int | None = Field(None, ge=1, strict=True)
     preprocessing: dict[str, Any]
     score_fn: str
     threshold: _Number
@@ -101,6 +101,24 @@ class BundleMeta(BaseModel):
     score_state_sha256: str | None = None
     #: Bumped by every recalibration of the same model file.
     revision: int = Field(1, ge=1, strict=True)
+
+    @model_validator(mode="after")
+    def _provenance_has_its_types(self) -> BundleMeta:
+        """What the verbs read from the free-form sections has the types they were written with (a hand-edited
+        ``bundle.json`` is refused with one line, not a traceback in ``info``, ``evaluate`` or ``calibrate``)."""
+        choices = self.preprocessing.get("choices", {})
+        if not isinstance(choices, dict) or not all(isinstance(v, str) for v in choices.values()):
+            raise ValueError("preprocessing.choices must map each choice to a sentence")
+        source = self.training.get("source")
+        if source is not None and not isinstance(source, str):
+            raise ValueError(f"training.source must be a string, not {source!r}")
+        for key, value in self.training.items():
+            if key.startswith("n_") and not (type(value) is int and value >= 0):
+                raise ValueError(f"training.{key} must be a count, not {value!r}")
+        auto = getattr(self, "auto", None)
+        if auto is not None and not isinstance(auto, dict):
+            raise ValueError(f"auto must be an object, not {auto!r}")
+        return self
 
     @model_validator(mode="after")
     def _threshold_is_calibrated(self) -> BundleMeta:

@@ -251,3 +251,33 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next_bundle_beside_it
             w.kill()
             w.wait(30)
             w.stdout.close()
+
+
+@pytest.mark.parametrize(("field", "value"), [
+    ("preprocessing.choices", 5), ("preprocessing.choices", [1]), ("training.source", 5),
+    ("training.n_fit", "x"), ("latent_dim", -5), ("auto", [1])])
+def test_hand_edited_provenance_is_refused_in_one_line_by_every_verb(tiny_bundle: Path, tmp_path: Path,
+                                                                     mnist_digits: np.ndarray, field: str,
+                                                                     value: object) -> None:
+    """`info` with preprocessing.choices not an object, `evaluate` and `calibrate` with training.source not a
+    string ended in tracebacks; other wrong types (a count "x", latent -5) loaded and were shown as they were.
+    Every verb now refuses such a bundle with one line."""
+    import subprocess
+    import sys
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    meta = json.loads((bundle / META_FILE).read_text())
+    *parents, last = field.split(".")
+    target = meta
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    (bundle / META_FILE).write_text(json.dumps(meta))
+    data = tmp_path / "digits.npy"
+    np.save(data, mnist_digits[:120])
+    for verb in (["info", str(bundle)], ["evaluate", str(bundle), "--normal", str(data), "--anomalous", str(data)],
+                 ["calibrate", str(bundle), "--data", str(data), "--out", str(tmp_path / "cal")]):
+        run = subprocess.run([sys.executable, "-m", "aemon", *verb], capture_output=True, text=True, timeout=120)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+        assert run.returncode != 0 and len(errors) == 1 and last in errors[0], (verb, run.stderr[-2000:])
+        assert "Traceback" not in run.stderr, (verb, run.stderr[-2000:])
