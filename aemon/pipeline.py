@@ -118,13 +118,14 @@ MAX_MAPS_PER_ITEM = 1000
 
 def _rows_to_map(unit: Unit, maps: str) -> list[int]:
     """The rows of ``unit`` that get a map: each anomalous one (every one with ``all``), at most
-    :data:`MAX_MAPS_PER_ITEM` (the highest scores; ``unit.maps_wanted`` then keeps which wanted one)."""
+    :data:`MAX_MAPS_PER_ITEM` (the highest scores; ``unit.maps_left_out`` then marks the others)."""
     wanted = np.array([maps == "all" or verdict == "anomaly" for verdict in unit.verdicts], bool)
     rows = np.flatnonzero(wanted)
     if len(rows) <= MAX_MAPS_PER_ITEM:
         return rows.tolist()
-    unit.maps_wanted = wanted
     top = rows[np.argsort(-unit.scores[rows], kind="stable")[:MAX_MAPS_PER_ITEM]]
+    wanted[top] = False
+    unit.maps_left_out = wanted
     return np.sort(top).tolist()
 
 
@@ -208,8 +209,7 @@ def plan(unit: Unit, model: tuple[str | None, str | None], threshold: float | No
         )
         if unit.key:
             record["array_key"] = unit.key
-        left_out = 0 if unit.maps_wanted is None else int(np.count_nonzero(unit.maps_wanted[idx])) - sum(
-            int(j) in unit.maps for j in idx)
+        left_out = 0 if unit.maps_left_out is None else int(np.count_nonzero(unit.maps_left_out[idx]))
         if left_out:
             record["maps_left_out"] = left_out
         part = rows_bytes(raw[idx], unit.rel, unit.key, source=unit.source, index=idx)

@@ -66,8 +66,9 @@ class Unit:
     recon: np.ndarray | None = None
     #: Anomaly maps (PNG bytes) by row: row 0 for an image.
     maps: dict[int, bytes] = field(default_factory=dict)
-    #: The rows of an array that wanted a map, where more did than are drawn for one item (else None).
-    maps_wanted: np.ndarray | None = None
+    #: The rows of an array that wanted a map and got none, where more wanted one than are drawn for one item
+    #: (else None).
+    maps_left_out: np.ndarray | None = None
 
     def close_source(self) -> None:
         """Close the file kept open since decoding, if any."""

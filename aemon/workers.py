@@ -181,12 +181,12 @@ class WorkerPool:
     def _spawn(self, index: int) -> None:
         # The worker starts with SIGHUP held (the mask is inherited): a reload passed on while it is still
         # starting waits for its handler instead of ending it.
-        beats, beat_end = os.pipe()
-        os.set_blocking(beats, False)
-        os.set_blocking(beat_end, False)
         shared = shared_dir()
         if shared is not None:  # the worker writes its metrics files there by path
             check_shared(shared)
+        beats, beat_end = os.pipe()
+        os.set_blocking(beats, False)
+        os.set_blocking(beat_end, False)
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             proc = subprocess.Popen([sys.executable, "-m", "aemon", "run", "--worker",
