@@ -38,6 +38,7 @@ __all__ = [
     "read_meta",
     "load_bundle",
     "default_bundle_path",
+    "is_shipped",
     "shipped_bundle",
     "is_bundle",
     "replaceable",
@@ -422,6 +423,16 @@ def shipped_bundle(name: str) -> Path | None:
         if (candidate / META_FILE).is_file():
             return candidate
     return None
+
+
+def is_shipped(path: str | os.PathLike) -> bool:
+    """True when ``path`` is (or links to) a bundle shipped with aemon, given by its folder rather than its name."""
+    try:
+        where = Path(path).resolve()
+    except (OSError, RuntimeError):
+        return False
+    found = shipped_bundle(where.name)
+    return found is not None and found.resolve() == where
 
 
 def is_bundle(path: Path) -> bool:

@@ -251,19 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check_out(out: Path, force: bool, src: str) -> None:
-    """``--out`` may replace only a bundle (with ``--force``), and never be or hold the training data.
+    """``--out`` may replace only a bundle (with ``--force``), and never be, hold or lie inside the training data.
 
     Raises:
         UsageError: what is in the way.
     """
     from aemon.bundle import is_bundle, replaceable
-    from aemon.sources import local_path
+    from aemon.sources import local_path, refuse_output_inside
 
     local = local_path(src)
     if local is not None and (local.exists() or local.is_symlink()):
         data, dest = local.resolve(), out.resolve()
         if dest == data or dest in data.parents:
             raise UsageError(f"--out {out} is or holds the training data {src}; choose another --out")
+    refuse_output_inside(out, [src], "--out")
     if out.exists() or out.is_symlink():
         if not force:
             raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")
@@ -325,19 +326,20 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
 @_verb("calibrate")
 def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
-    from aemon.bundle import find_bundle, is_bundle, load_bundle
+    from aemon.bundle import find_bundle, is_shipped, load_bundle
     from aemon.evaluate import overlaps
     from aemon.recalibrate import recalibrate, refuse_taken_out
-    from aemon.sources import load_source, unlike_input
+    from aemon.sources import load_source, refuse_output_inside, unlike_input
 
     found = find_bundle(args.bundle)
-    if found is not None and not is_bundle(args.bundle):  # a shipped bundle, by name
+    if found is not None and is_shipped(found):  # a shipped bundle, by name or by its folder
         if args.out is None:
             raise UsageError(f"{args.bundle} is a bundle shipped with aemon: give --out DIR to write a recalibrated "
                              "copy (it is never changed in place)")
         args.bundle = found
-    if args.out is not None:
-        refuse_taken_out(args.out, args.bundle)  # before the bundle and the data are loaded
+    if args.out is not None:  # before the bundle and the data are loaded
+        refuse_taken_out(args.out, args.bundle)
+        refuse_output_inside(args.out, [args.data], "--out")
     bundle = load_bundle(args.bundle)
     data = load_source(args.data, bundle.preprocessing)
     unlike = unlike_input(args.data, bundle.preprocessing)

@@ -205,6 +205,26 @@ def test_calibrate_a_shipped_bundle_by_name_only_into_a_copy(capsys: pytest.Capt
     assert (shipped / "bundle.json").read_bytes() == original
 
 
+@pytest.mark.parametrize("how", ["path", "link"])
+def test_calibrate_a_shipped_bundle_by_path_is_never_changed_in_place(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                      how: str) -> None:
+    """The shipped bundle given by its folder (or a link to it) rather than its name is refused in place just
+    the same: before, the name check alone let 'aemon calibrate .../models/mnist-detect' rewrite it."""
+    from aemon.bundle import shipped_bundle
+
+    shipped = shipped_bundle("mnist-detect")
+    original = (shipped / "bundle.json").read_bytes()
+    arg = shipped
+    if how == "link":
+        arg = tmp_path / "mine"
+        arg.symlink_to(shipped)
+    code, _, err = run(capsys, "calibrate", str(arg), "--data", "sample:mnist?limit=200", "--target-fpr", "0.1")
+    assert code == 2, err
+    _assert_one_error_line(err)
+    assert "shipped" in err and "--out" in err
+    assert (shipped / "bundle.json").read_bytes() == original
+
+
 def _unseen(tmp_path: Path, digits: np.ndarray, n: int) -> str:
     """``n`` digits the tiny bundles never saw (they were fitted on the first 1,500), as an .npy source."""
     path = tmp_path / f"unseen-{n}.npy"
@@ -248,6 +268,24 @@ def test_calibrate_warns_when_the_data_do_not_look_like_the_bundles_input(capsys
                        "--target-fpr", "0.1", "--out", str(tmp_path / "fine"))
     assert code == 0, err
     assert "warning" not in err.lower(), err
+
+
+@pytest.mark.parametrize("verb", ["train", "calibrate"])
+def test_an_out_inside_the_data_folder_is_refused(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path,
+                                                   mnist_digits: np.ndarray, verb: str) -> None:
+    """A bundle written inside the folder of images it learns or calibrates from would be read with them by
+    the next run (its state.npz is an array): one error line, nothing written."""
+    data = tmp_path / "digits"
+    data.mkdir()
+    for i in range(120):
+        Image.fromarray(mnist_digits[i]).save(data / f"d{i:03d}.png")
+    out = data / "bundles" / "mine"
+    head = ["train", "--epochs", "1", "--arch", "dense"] if verb == "train" else ["calibrate", str(tiny_bundle)]
+    code, _, err = run(capsys, *head, "--data", str(data), "--target-fpr", "0.1", "--out", str(out))
+    assert code == 2, err
+    _assert_one_error_line(err)
+    assert "inside the input folder" in err, err
+    assert not (data / "bundles").exists()
 
 
 def test_train_cli_end_to_end(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
