@@ -60,9 +60,15 @@ def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
+#: Below this much free space (or this many free inodes) on the root, the daemon reports not ready: a few
+#: hundred records and maps still fit, so a balancer or operator hears of it before a write fails.
+ROOM_RESERVE_BYTES = 1 << 20
+ROOM_RESERVE_INODES = 64
+
+
 def has_room(path: str | os.PathLike) -> bool:
-    """False when the filesystem of ``path`` has no block (or, where it counts them, no inode) left that
-    this process may use; True when it cannot tell."""
+    """False when the filesystem of ``path`` has less than the reserve of space (or, where it counts them,
+    of inodes) left that this process may use; True when it cannot tell."""
     try:
         st = os.statvfs(path)
     except OSError:
@@ -70,7 +76,7 @@ def has_room(path: str | os.PathLike) -> bool:
     privileged = os.geteuid() == 0  # root may use the blocks reserved for it
     blocks = st.f_bfree if privileged else st.f_bavail
     inodes = st.f_ffree if privileged else st.f_favail
-    return blocks > 0 and (st.f_files == 0 or inodes > 0)
+    return blocks * st.f_frsize >= ROOM_RESERVE_BYTES and (st.f_files == 0 or inodes >= ROOM_RESERVE_INODES)
 
 
 def temp_name(folder: str | os.PathLike, suffix: str = "") -> str:

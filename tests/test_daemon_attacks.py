@@ -948,6 +948,37 @@ def test_an_item_that_waited_while_no_daemon_ran_counts_that_wait(tmp_path, digi
         assert daemon.stop() == 0, daemon.text()
 
 
+def test_readyz_is_503_while_the_root_has_almost_no_room_left(tmp_path):
+    """A root with a few KiB left: /readyz said 200 until a write failed and the daemon stopped (a helper's
+    attack). A balancer or an operator should hear of it before: 503 below the reserve, 200 again once
+    there is room; /healthz (liveness) stays 200 all along."""
+    from daemon_process import full_tmpfs
+
+    mount = tmp_path / "small"
+    if not full_tmpfs(mount, new_root):
+        pytest.skip("needs root to mount a small tmpfs")
+    root = mount / "root"
+    daemon = None
+    try:
+        (mount / "filler").unlink()
+        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+        assert daemon.get("/readyz")[0] == 200
+        free = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        with open(mount / "filler", "wb") as out:
+            out.write(b"\0" * (free - 16 * 1024))
+        left = os.statvfs(mount).f_bavail * os.statvfs(mount).f_frsize
+        assert 0 < left <= 64 * 1024, left
+        assert daemon.get("/readyz")[0] == 503
+        assert daemon.get("/healthz")[0] == 200
+        (mount / "filler").unlink()
+        assert daemon.get("/readyz")[0] == 200
+        assert daemon.stop() == 0, daemon.text()
+    finally:
+        if daemon is not None:
+            daemon.stop()
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def test_readyz_is_503_while_a_result_folder_is_not_a_folder(tmp_path):
     """ok/ replaced by a file: /readyz said 200 (the contract: 503 unless the folders are usable) and the next
     item's commit stopped the daemon (helper's attack, 2 of 2). It is 503 until ok/ is a folder again."""
