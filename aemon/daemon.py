@@ -453,7 +453,7 @@ class Daemon:
             arrived = datetime.fromisoformat(record["received_at"]).timestamp()
         except (KeyError, TypeError, ValueError):
             arrived = time.time()
-        self.recorder.decided(arrived, record)
+        self.recorder.finished(arrived, record)
 
     def _gather(self) -> list[Claim]:
         return self.inbox.gather(self.claims, self.settings.batch_size, self.settings.batch_wait_ms / 1000.0,

@@ -53,6 +53,16 @@ class Recorder:
         self.metrics.batches.inc()
         observe_many(self.metrics.reconstruction_error, scores)
 
+    def finished(self, arrived: float, record: dict[str, Any]) -> None:
+        """A decision of a stopped daemon, finished from its journal: its scores (observed by the process that
+        died) and the decision are counted here."""
+        rows = record.get("rows")
+        scores = [row.get("score") for row in rows if isinstance(row, dict)] if isinstance(rows, list) else [record.get("score")]
+        numbers = [s for s in scores if isinstance(s, (int, float)) and not isinstance(s, bool)]
+        if numbers and record.get("verdict") != "rejected":
+            observe_many(self.metrics.reconstruction_error, np.asarray(numbers, dtype=np.float64))
+        self.decided(arrived, record)
+
     def pending(self, n: int) -> None:
         """Entries waiting in the inbox or claimed and not committed."""
         self.metrics.inbox_pending.set(n)

@@ -1194,6 +1194,7 @@ def test_decisions_finished_after_a_crash_are_logged_and_counted(tmp_path, digit
             if counted >= 1500 - first or time.monotonic() > deadline:
                 break
             time.sleep(0.2)
+        scores = _gauge(text, "aemon_reconstruction_error_count")
         finished = again.events("claim.finished")
     finally:
         assert again.stop() == 0, again.text()
@@ -1201,6 +1202,8 @@ def test_decisions_finished_after_a_crash_are_logged_and_counted(tmp_path, digit
     decided = first + len(again.events("item.decided"))
     assert decided == 1500, (first, decided)
     assert counted == 1500 - first
+    # Their scores too: a dashboard of the score distribution missed every decision finished from a journal.
+    assert scores == counted, (scores, counted)
 
 
 def test_an_npz_with_a_damaged_member_is_rejected_and_the_daemon_goes_on(shared, tmp_path, digits):
