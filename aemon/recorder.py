@@ -57,7 +57,9 @@ class Recorder:
         """A decision of a stopped daemon, finished from its journal: its scores (observed by the process that
         died) and the decision are counted here."""
         rows = record.get("rows")
-        scores = [row.get("score") for row in rows if isinstance(row, dict)] if isinstance(rows, list) else [record.get("score")]
+        if not isinstance(rows, list):
+            rows = [record]
+        scores = [row.get("score") for row in rows if isinstance(row, dict)]
         numbers = [s for s in scores if isinstance(s, (int, float)) and not isinstance(s, bool)]
         if numbers and record.get("verdict") != "rejected":
             observe_many(self.metrics.reconstruction_error, np.asarray(numbers, dtype=np.float64))
