@@ -281,7 +281,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.sources import choose_input, load_source, local_path
 
     quiet_tensorflow()
-    from aemon.models import check_fits
+    from aemon.models import CODED, check_fits
     from aemon.train import TrainConfig, train_bundle
 
     cfg = TrainConfig(
@@ -300,6 +300,9 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     if args.latent_dim is not None and cfg.arch == "auto":
         raise UsageError("--latent-dim needs a fixed --arch: --arch auto chooses its PCA size itself "
                          "(it was ignored)")
+    if args.latent_dim is not None and cfg.arch not in CODED:
+        raise UsageError(f"--arch {cfg.arch} has no --latent-dim: its code is fixed (the seed's network); "
+                         f"use one of {', '.join(CODED)} to set a code size (it was ignored)")
     _check_out(args.out, args.force, args.data)
     prep, choices = choose_input(args.data, args.size, args.color)
     data = local_path(args.data)

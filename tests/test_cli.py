@@ -918,6 +918,9 @@ def test_a_code_size_that_cannot_work_is_refused_before_training(capsys: pytest.
     code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--latent-dim", "5",
                        "--out", str(tmp_path / "b"))
     assert code == 2 and "--latent-dim needs a fixed --arch" in err, err
+    code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--arch", "conv", "--latent-dim", "5",
+                       "--out", str(tmp_path / "b"))
+    assert code == 2 and "--arch conv" in err and "--latent-dim" in err, err  # the seed's code is fixed: ignored
     code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--arch", "pca", "--noise-factor", "3",
                        "--out", str(tmp_path / "b"))
     assert code == 2 and "--noise-factor needs --denoise" in err, err  # it was silently ignored
