@@ -108,13 +108,16 @@ class CalibrationPlan:
         return "cross_fit" if self.folds else "held_out"
 
 
-def calibration_plan(n: int, cfg: TrainConfig) -> CalibrationPlan:
+def calibration_plan(n: int, cfg: TrainConfig, repeats: int = 0) -> CalibrationPlan:
     """How ``n`` images give the calibration scores, and why.
 
     ``--calibration-split`` of them held out; when that is fewer than the target FPR needs, exactly as many
     as it needs, provided at least as many are left to train on; below that, cross-fitting: each image is
     scored by one of :data:`CROSS_FIT_FOLDS` models fitted without its fold, so every image gives a score
     from a model that never saw it, and the bundle's model is fitted on all of them.
+
+    Args:
+        repeats: Exact repeats already dropped from the images given (named in the refusal).
 
     Raises:
         CalibrationError: too few images for an honest threshold, with the number needed.
@@ -136,8 +139,10 @@ def calibration_plan(n: int, cfg: TrainConfig) -> CalibrationPlan:
             f"{CROSS_FIT_FOLDS} models fitted without its fifth of the data ({n} calibration scores); the bundle's "
             f"model is then fitted with none of the {n} held back"))
     least = min(holding, max(needed, MIN_CROSS_FIT))
+    counted = f"{n} distinct images ({n + repeats} given, {repeats} exact repeats of others used once)" if repeats \
+        else f"{n} images"
     raise CalibrationError(
-        f"{n} images are too few for a target FPR of {cfg.target_fpr}: an honest threshold needs at least {least} "
+        f"{counted} are too few for a target FPR of {cfg.target_fpr}: an honest threshold needs at least {least} "
         f"normal images; give more or raise --target-fpr"
     )
 
@@ -327,7 +332,7 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
                     hint="an image repeated in the fitted and the calibration part scores as if unseen and makes "
                          "the threshold too low; each image is used once")
     n = len(x)
-    plan = calibration_plan(n, cfg)
+    plan = calibration_plan(n, cfg, repeats)
     log.info("train.calibration", method=plan.method, held_out=plan.reason)
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

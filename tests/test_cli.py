@@ -927,6 +927,21 @@ def test_a_code_size_that_cannot_work_is_refused_before_training(capsys: pytest.
     assert not (tmp_path / "b").exists()
 
 
+def test_too_few_distinct_images_say_that_repeats_were_dropped(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                mnist_digits: np.ndarray) -> None:
+    """150 files holding 30 distinct digits: the refusal said only "30 images are too few", which reads as
+    wrong to a user who gave 150. It now says how many were given and that the exact repeats were dropped."""
+    data = tmp_path / "copies"
+    data.mkdir()
+    for i in range(150):
+        Image.fromarray(mnist_digits[i % 30]).save(data / f"d{i:03d}.png")
+    code, _, err = run(capsys, "train", "--data", str(data), "--arch", "pca", "--latent-dim", "4",
+                       "--out", str(tmp_path / "b"))
+    assert code != 0 and "Error: 30 distinct images" in err, err
+    assert "150 given" in err and "120 exact repeats" in err, err
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("argv", [
     ["train", "--data", "sample:mnist", "--out", "B", "--size", "0x0"],
     ["train", "--data", "sample:mnist", "--out", "B", "--size", "28x28x3"],
