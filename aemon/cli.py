@@ -477,6 +477,8 @@ def _samples(args: argparse.Namespace, settings: Settings) -> int:
         written = write_samples(args.out, args.count)
     except FileExistsError as exc:
         raise UsageError(f"{exc.filename} exists; choose an empty folder") from None
+    except OSError as exc:
+        raise AemonError(f"the samples could not be written into {args.out}: {exc.strerror or exc}") from exc
     for path in written:
         print(path)
     return 0

@@ -12,6 +12,8 @@ Every form becomes a :class:`Dataset` of model input ``(N, H, W, 1)`` in [0, 1],
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import math
 import os
 import sys
@@ -461,23 +463,38 @@ def write_samples(out: Path, count: int = 5) -> list[Path]:
     """Write ``count`` real digits from ``sample:mnist`` as PNGs, and one image that is not a digit.
 
     For a first try of the daemon: the digits should land in ``ok/``, the noise in ``anomaly/``.
-    Existing files are never replaced (the call fails instead).
+    All or nothing: existing files are never replaced (the call fails before writing any, naming the first
+    taken), each file appears whole under its name, and a failure removes those this call wrote.
+
+    Raises:
+        FileExistsError: a sample's name is taken in ``out``.
+        OSError: a write failed (nothing of this call is left).
     """
     from PIL import Image
 
+    from aemon.fsio import write_durably
+
     x, y = sample_mnist()
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     by_label = [np.flatnonzero(y == d) for d in range(10)]
     picks = [by_label[k % 10][k // 10] for k in range(count)]  # one of each digit, then the next of each
     images = {f"digit-{int(y[i])}-{k}.png": x[i] for k, i in enumerate(picks)}
     images["noise.png"] = rng.integers(0, 256, (28, 28), dtype=np.uint8)
-    written = []
-    for name, pixels in images.items():
-        path = out / name
-        with path.open("xb") as fp:  # never over an existing file
-            Image.fromarray(pixels).save(fp, format="PNG")
-        written.append(path)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in images:
+        if os.path.lexists(out / name):
+            raise FileExistsError(errno.EEXIST, "exists", str(out / name))
+    written: list[Path] = []
+    try:
+        for name, pixels in images.items():
+            png = io.BytesIO()
+            Image.fromarray(pixels).save(png, format="PNG")
+            write_durably(out / name, png.getvalue(), replace=False)  # never over a file made meanwhile
+            written.append(out / name)
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
     return written
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -382,6 +383,31 @@ def test_samples_writes_digits_and_noise_and_never_overwrites(capsys: pytest.Cap
     code, _, err = run(capsys, "samples", str(tmp_path / "s"))
     assert code == 2 and "exists" in err
     assert (tmp_path / "s" / "noise.png").read_bytes() == before
+    # Only the last name taken: the digits before it were written, then the call failed, leaving them behind.
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "noise.png").write_bytes(b"mine")
+    code, _, err = run(capsys, "samples", str(tmp_path / "t"))
+    assert code == 2 and "noise.png exists" in err, err
+    assert os.listdir(tmp_path / "t") == ["noise.png"] and (tmp_path / "t" / "noise.png").read_bytes() == b"mine"
+
+
+def test_samples_on_a_full_disk_leave_nothing_behind(capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """A write that fails (a full filesystem) left an empty digit-0-0.png behind; now one error line naming the
+    file, exit 1, and none of the samples."""
+    import subprocess
+
+    from daemon_process import full_tmpfs
+
+    mount = tmp_path / "small"
+    if not full_tmpfs(mount, lambda path: (path / "s").mkdir()):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        code, _, err = run(capsys, "samples", str(mount / "s"))
+        assert code == 1 and "No space left on device" in err and str(mount / "s") in err, err
+        _assert_one_error_line(err)
+        assert os.listdir(mount / "s") == []
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_evaluate_finds_a_shipped_bundle_by_name(capsys: pytest.CaptureFixture, tmp_path: Path,
