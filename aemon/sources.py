@@ -24,7 +24,7 @@ from urllib.parse import parse_qs
 
 import numpy as np
 
-from aemon.errors import ItemRejected, SourceError, Unreadable, UsageError
+from aemon.errors import ItemRejected, SourceError, UsageError
 from aemon.images import (
     Limits,
     Preprocessing,
@@ -33,6 +33,7 @@ from aemon.images import (
     displayed_size,
     is_array_name,
     is_image_name,
+    open_file,
     open_image,
     over_black,
     read_array,
@@ -351,7 +352,9 @@ def _keras_dataset(name: str, split: str, src: str) -> tuple[np.ndarray, np.ndar
 def list_images(folder: Path, *, arrays: bool = False) -> list[Path]:
     """Image files (and with ``arrays``, array files) under ``folder``, recursively, sorted.
 
-    Hidden names (and anything inside hidden folders) are skipped.
+    Hidden names (and anything inside hidden folders) are skipped. Every other entry with such a name but a
+    folder is listed, links, FIFOs and the like too, so that reading it names what it is instead of it being
+    left out without a word.
     """
 
     def wanted(path: Path) -> bool:
@@ -359,7 +362,8 @@ def list_images(folder: Path, *, arrays: bool = False) -> list[Path]:
 
     return sorted(
         p for p in folder.rglob("*")
-        if p.is_file() and wanted(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        if wanted(p) and (p.is_symlink() or not p.is_dir())
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
     )
 
 
@@ -618,7 +622,8 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
     picked = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, min(len(files), _INSPECT)).astype(int))]
     for file in picked:
         try:
-            with open_image(file) as img:
+            # Opened as an item is (no link followed, a FIFO never waited on), then by Pillow.
+            with open_file(file, Limits()) as fp, open_image(fp, file.name) as img:
                 width, height = displayed_size(img)
                 sizes.append((height, width))
                 if not colourful and img.mode not in ("1", "L", "LA", "I", "F") and not img.mode.startswith("I;16"):
@@ -626,7 +631,7 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
                     rgb = np.asarray(over_black(img).convert("RGB").resize((32, 32)), dtype=np.int16)
                     colourful = bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() > 8
                                      or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 8)
-        except (OSError, Unreadable) as exc:  # named with every other one when the folder is read
+        except (OSError, ItemRejected) as exc:  # named with every other one when the folder is read
             unreadable.append(f"{file.name} is not a readable image: {exc}")
     if not sizes:
         if path.is_dir():  # names every file that cannot be read, as reading the folder would

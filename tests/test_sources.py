@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -329,6 +330,27 @@ def test_every_unreadable_file_of_a_folder_is_named_at_once(tmp_path: Path) -> N
         (tmp_path / f"zz{i}.png").write_bytes(b"")
     with pytest.raises(SourceError, match=r"9 of 13 files cannot be read .*; \.\.\.\); remove or fix them"):
         load_source(str(tmp_path), prep)
+
+
+def test_a_fifo_and_a_dangling_link_in_a_folder_are_named_like_any_unreadable_file(tmp_path: Path) -> None:
+    """A FIFO and a dangling link with image names were skipped without a word, while a link to an image was
+    refused by name: training went on without files the user meant it to read. All three are named now (the
+    FIFO opened without blocking)."""
+    from aemon.images import Preprocessing
+    from aemon.sources import choose_input
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / f"good{i}.png")
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "good0.png")
+    with pytest.raises(SourceError, match=r"3 of 7 files cannot be read") as info:
+        load_source(str(tmp_path), Preprocessing(size=(28, 28)))
+    assert all(name in str(info.value) for name in ("pipe.png", "gone.png", "link.png")), info.value
+    choose_input(str(tmp_path))  # judged by the files it can read, without blocking on the FIFO
+    with pytest.raises(SourceError, match=r"pipe\.png is not a regular file"):
+        choose_input(str(tmp_path / "pipe.png"))  # given alone, it waited for a writer forever
 
 
 def test_a_folder_of_nothing_but_unreadable_files_names_them_all(tmp_path: Path) -> None:
