@@ -569,10 +569,22 @@ def _trailing_paths(extra: list[str]) -> tuple[list[str], list[str]]:
     return ([], unknown) if unknown else ([*before, *after], [])
 
 
+def _error_prefix(argv: list[str]) -> str:
+    """``Error: ``, or ``Error (worker N): `` in a worker process of ``aemon run`` (its lines share the
+    daemon's output, so each names who failed)."""
+    for i, arg in enumerate(argv):
+        value = arg.partition("=")[2] if arg.startswith("--worker=") else \
+            argv[i + 1] if arg == "--worker" and i + 1 < len(argv) else None
+        if value and value.partition(":")[0].isdigit():
+            return f"Error (worker {value.partition(':')[0]}): "
+    return "Error: "
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the process exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    error = _error_prefix(argv)
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
@@ -595,7 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (AemonError, ItemRejected) as exc:
         if debug:
             traceback.print_exc()
-        print(f"Error: {exc}", file=sys.stderr)
+        print(f"{error}{exc}", file=sys.stderr)
         return exc.exit_code
     except BrokenPipeError:
         # The reader went away (`aemon score ... | head -1`): stop quietly, as a pipe's writer does.
@@ -604,15 +616,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MemoryError:  # numpy's (e.g. a --size far beyond the images) is a MemoryError
         if debug:
             traceback.print_exc()
-        print("Error: out of memory; use a smaller --size, fewer images (?limit=N) or a smaller model",
+        print(f"{error}out of memory; use a smaller --size, fewer images (?limit=N) or a smaller model",
               file=sys.stderr)
         return 1
     except OSError as exc:  # an output the filesystem refuses: read-only, below a file, full
         if debug:
             traceback.print_exc()
         where = f": {exc.filename}" if exc.filename else ""
-        print(f"Error: {exc.strerror or exc}{where}", file=sys.stderr)
+        print(f"{error}{exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("Error: interrupted", file=sys.stderr)
+        print(f"{error}interrupted", file=sys.stderr)
         return 130

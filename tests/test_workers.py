@@ -437,6 +437,28 @@ def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_and_leaves_no_fi
     assert daemon.stop() == 0, daemon.text()
 
 
+def test_a_workers_error_line_names_the_worker(tmp_path):
+    """A worker that fails printed the same "Error: ..." line as the main process would: on a full disk both
+    printed one, and the journal showed one failure twice with nothing to tell them apart. A worker's line
+    names it; the main process, still running, prints none."""
+    from aemon.bundle import default_bundle_path
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(default_bundle_path("detect"), bundle)
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": "2", "AEMON_MODEL": str(bundle)})
+    daemon.wait_ready()
+    (first,) = _wait_event(daemon, "worker.started")
+    _wait_event(daemon, "worker.ready")
+    shutil.rmtree(bundle)
+    os.kill(first["pid"], signal.SIGKILL)
+    _wait_event(daemon, "worker.exited", 2, timeout=60)  # killed, then the next one failed to load the bundle
+    errors = [line for line in daemon.text().splitlines() if line.startswith("Error")]
+    assert daemon.stop() == 0, daemon.text()
+    assert errors and all(line.startswith("Error (worker 1): ") for line in errors), errors
+    assert str(bundle) in errors[0], errors
+
+
 def test_a_worker_that_stops_making_progress_is_killed_and_its_entries_adopted(tmp_path, digits):
     """A worker frozen (SIGSTOP) while it holds claimed entries: alive, so never restarted before, and its
     claims locked, so no other process could adopt them; nothing was logged and /healthz said 200 while
