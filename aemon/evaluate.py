@@ -203,7 +203,7 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
         from aemon.sources import check_output_folder
 
         check_output_folder(report_dir, [args.normal, args.anomalous], "--report")
-        check_report_folder(report_dir)
+        check_report_folder(report_dir, [args.normal, args.anomalous])
     bundles = [load_bundle(find_bundle(p) or p) for p in args.bundles]
     shapes = {tuple(b.meta.input_shape) for b in bundles}
     if len(shapes) > 1:

@@ -7,9 +7,12 @@ the report opens from disk and can be copied or archived as one folder.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import os
 import re
+import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +20,11 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from aemon.errors import UsageError
-from aemon.fsio import utc_now, write_durably, write_with
+from aemon.fsio import fsync_dir, temp_name, utc_now, write_with
 from aemon.logs import get_logger
 from aemon.maps import strengths, tinted
 from aemon.ranking import precision_recall_curve, roc_curve
+from aemon.sources import local_path
 
 __all__ = ["DPI", "FIGURE_PIXELS", "INDEX", "ReportFile", "write_report"]
 
@@ -298,16 +302,23 @@ scored above each bundle's own threshold.</p>
 """
 
 
-def check_report_folder(out: Path) -> None:
+def check_report_folder(out: Path, sources: Iterable[str] = ()) -> None:
     """A report may go into a new or empty folder, or over an earlier report: it replaces files named like
-    its own (``roc.png``, ``index.html``...), so a folder of other files is refused.
+    its own (``roc.png``, ``index.html``...), so a folder of other files is refused, and so is a source read
+    from inside the folder.
 
     Raises:
-        UsageError: ``out`` holds files and no earlier report, or lies below a file.
+        UsageError: ``out`` holds files and no earlier report, holds a source, or lies below a file.
     """
     for above in Path(os.path.abspath(out)).parents:  # a file on the way: the folder could never be made
         if above.exists() and not above.is_dir():
             raise UsageError(f"--report {out}: {above} is a file, not a folder")
+    folder = Path(out).resolve()
+    for src in sources:
+        local = local_path(str(src))
+        if local is not None and folder in local.resolve().parents:
+            raise UsageError(f"--report {out}: the source {src} is inside the report folder, where a report "
+                             "replaces its own files; move the data out or choose another folder")
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:
@@ -319,12 +330,27 @@ def check_report_folder(out: Path) -> None:
                          "named like its own (roc.png, index.html, ...): choose a new or empty folder")
 
 
-def _remove_earlier(out: Path) -> None:
-    """Remove the files of an earlier report in ``out`` (a plot of a bundle no longer evaluated would stay,
-    unlinked, beside the new report); anything else in the folder is kept."""
-    for entry in out.iterdir():
-        if _REPORT_FILE.fullmatch(entry.name) and entry.is_file() and not entry.is_symlink():
-            entry.unlink()
+#: The figures an index.html shows and links.
+_LISTED = re.compile(r'(?:src|href)="([^"/:]+)"')
+
+
+def _earlier_files(out: Path) -> set[str]:
+    """The files of an earlier report in ``out``: those its index.html lists (never a file of the user's that
+    only looks like one)."""
+    try:
+        page = (out / INDEX).read_text(errors="replace")
+    except OSError:
+        return set()
+    if _TITLE not in page:
+        return set()
+    return {name for name in _LISTED.findall(page) if _REPORT_FILE.fullmatch(name)}
+
+
+def _regular_or_missing(path: Path) -> bool:
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return True
 
 
 def _planned_files(results) -> tuple[list[ReportFile], dict[int, list[ReportFile]]]:
@@ -366,22 +392,46 @@ def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, 
     Returns:
         The path of ``index.html``.
     """
-    log = get_logger()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_earlier(out)
     shared, files = _planned_files(results)
-    total = len(shared) + sum(len(v) for v in files.values())
-    done = 0
+    planned = [f.name for f in shared] + [f.name for i in files for f in files[i]] + [INDEX]
+    for name in planned:
+        if not _regular_or_missing(out / name):
+            raise UsageError(f"--report {out}: {name} there is not a file (a folder or a link); move it away")
+    # Every figure is drawn under a temp name first: the earlier report stays whole until the new one is
+    # complete, and a failure (a full disk, ^C) leaves nothing half-made.
+    temps = {name: temp_name(out, ".png") for name in planned[:-1]}
+    temps[INDEX] = temp_name(out, ".html")
+    try:
+        _draw(temps, results, (shared, files), (normal, anomalous), (n_examples, n_top, n_latent))
+        for name in _earlier_files(out) - set(planned):  # plots of bundles no longer evaluated
+            if _regular_or_missing(out / name):
+                (out / name).unlink(missing_ok=True)
+        for name in planned:  # the index last: it shows the new figures only once they are all in place
+            os.replace(temps[name], out / name)
+    finally:
+        for tmp in temps.values():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    fsync_dir(out)
+    return out / INDEX
+
+
+def _draw(temps: dict[str, str], results, planned: tuple[list[ReportFile], dict[int, list[ReportFile]]],
+          sources: tuple, counts: tuple[int, int, int]) -> None:
+    """Draw every figure and the page into their temp names (``temps``), logging progress per figure."""
+    (shared, files), (normal, anomalous), (n_examples, n_top, n_latent) = planned, sources, counts
+    log, total, done = get_logger(), len(temps) - 1, 0
 
     def progress(name: str) -> None:
         nonlocal done
         done += 1
         log.info("report.figure", file=name, step=done, of=total)
 
-    _roc(out / shared[0].name, results)
+    _roc(Path(temps[shared[0].name]), results)
     progress(shared[0].name)
-    _pr(out / shared[1].name, results)
+    _pr(Path(temps[shared[1].name]), results)
     progress(shared[1].name)
     draw = {"hist": lambda path, r: _hist(path, r),
             "reconstructions": lambda path, r: _reconstructions(path, r, normal.x, anomalous.x, n_examples),
@@ -389,11 +439,12 @@ def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, 
             "latent": lambda path, r: _latent(path, r, normal.x, anomalous.x, n_latent)}
     for i, r in enumerate(results, 1):
         for f in files[i]:
-            caption = draw[f.kind](out / f.name, r)
+            caption = draw[f.kind](Path(temps[f.name]), r)
             if f.kind == "latent":
                 f.caption = caption
             progress(f.name)
-    index = out / INDEX
     page = _html(results, files, shared, normal, anomalous).encode()
-    write_durably(index, page)
-    return index
+    with open(temps[INDEX], "xb") as fp:
+        fp.write(page)
+        fp.flush()
+        os.fsync(fp.fileno())

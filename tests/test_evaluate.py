@@ -151,6 +151,64 @@ def test_a_report_never_replaces_files_it_did_not_write(capsys, tmp_path: Path, 
     assert {p: p.read_bytes() for p in [*normal.iterdir(), *mine.iterdir()]} == before
 
 
+def test_a_report_removes_only_the_files_of_its_earlier_report(capsys, tmp_path: Path, tiny_bundle: Path,
+                                                              data_files) -> None:
+    """The earlier report's files were found by their name's shape, so a user's 9-vacation-hist.png in the
+    folder was deleted by the next report, and so was an input given from the folder. Only the files the
+    earlier index.html lists go; an input inside the report folder is refused before anything is scored."""
+    normal_npy, anomalous_npy = data_files
+    report = tmp_path / "report"
+    argv = ["evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy, "--report", report]
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    (report / "9-vacation-hist.png").write_bytes(b"mine")
+    (report / "7-x-latent.png").write_bytes(b"mine too")
+    code, _, err = run(capsys, *argv)
+    assert code == 0, err
+    assert (report / "9-vacation-hist.png").read_bytes() == b"mine"
+    assert (report / "7-x-latent.png").read_bytes() == b"mine too"
+    (report / "roc.png").unlink()
+    np.save(report / "roc.npy", np.load(anomalous_npy))
+    code, out, err = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", report / "roc.npy",
+                         "--report", report)
+    assert code == 2 and not out and "inside the report folder" in err, err
+    _assert_one_error_line(err)
+    assert (report / "roc.npy").exists()
+
+
+def test_a_report_that_fails_half_way_keeps_the_earlier_one(capsys, tmp_path: Path, tiny_bundle: Path,
+                                                            data_files) -> None:
+    """The earlier report's files were removed first and the new index written last: a full disk (or ^C) in
+    between left loose plots and no index, the earlier report was lost, and the folder was refused for good
+    ("holds files and no earlier aemon report"). Now the earlier report stays whole until the new one is
+    drawn, nothing half-made is left, and the next run writes into the folder."""
+    import subprocess
+
+    from daemon_process import full_tmpfs, full_tmpfs_fill
+
+    normal_npy, anomalous_npy = data_files
+    mount = tmp_path / "small"
+    if not full_tmpfs(mount):
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        (mount / "filler").unlink()
+        report = mount / "report"
+        argv = ["evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy, "--report", report]
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+        before = {p.name: p.read_bytes() for p in report.iterdir()}
+        full_tmpfs_fill(mount)
+        code, _, err = run(capsys, *argv)
+        assert code == 1 and "No space left on device" in err, err
+        assert {p.name: p.read_bytes() for p in report.iterdir()} == before
+        (mount / "filler").unlink()
+        code, _, err = run(capsys, *argv)
+        assert code == 0, err
+        assert {p.name for p in report.iterdir()} == set(before)
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
 def test_overlap_with_training_data_is_warned(capsys, tiny_bundle: Path, data_files) -> None:
     """Normal data from the bundle's own training source is flagged in the JSON and the table."""
     _, anomalous_npy = data_files
