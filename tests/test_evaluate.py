@@ -174,6 +174,11 @@ def test_a_report_removes_only_the_files_of_its_earlier_report(capsys, tmp_path:
     assert code == 2 and not out and "inside the report folder" in err, err
     _assert_one_error_line(err)
     assert (report / "roc.npy").exists()
+    (report / "roc.npy").unlink()
+    (report / "roc.png").mkdir()  # a folder at a figure's name: the error named a temp file
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "roc.png there is not a file" in err and ".t-" not in err, err
+    assert not [p.name for p in report.iterdir() if p.name.startswith(".")]
 
 
 def test_a_report_that_fails_half_way_keeps_the_earlier_one(capsys, tmp_path: Path, tiny_bundle: Path,
