@@ -400,7 +400,7 @@ def _score(args: argparse.Namespace, settings: Settings) -> int:
     bundle_path, paths = _split_bundle_arg(args.paths)
     bundle = load_bundle(bundle_path)
     if args.maps is not None:
-        check_output_folder(args.maps, paths, "--maps", by_name=True)
+        check_output_folder(args.maps, paths, "--maps", by_name=True, bundles=[bundle_path])
         make_output_folder(args.maps, "--maps")
     return _print_records(score_paths(bundle, paths, settings.limits, args.maps), "scored")
 
@@ -414,7 +414,7 @@ def _denoise(args: argparse.Namespace, settings: Settings) -> int:
     bundle_path, paths = _split_bundle_arg(args.paths, task="denoise")
     if any(isinstance(p, str) for p in paths):
         raise UsageError("denoise takes files and folders, not named datasets")
-    check_output_folder(args.out, paths, "--out", by_name=True)
+    check_output_folder(args.out, paths, "--out", by_name=True, bundles=[bundle_path])
     bundle = load_bundle(bundle_path)
     if bundle.meta.task != "denoise":
         raise UsageError(f"{bundle_path} is a {bundle.meta.task} bundle; denoise needs one trained with --denoise "

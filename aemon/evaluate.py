@@ -202,7 +202,8 @@ def evaluate_command(args: argparse.Namespace, settings: Settings) -> int:
         from aemon.report import check_report_folder
         from aemon.sources import check_output_folder
 
-        check_output_folder(report_dir, [args.normal, args.anomalous], "--report")
+        check_output_folder(report_dir, [args.normal, args.anomalous], "--report",
+                            bundles=[found for p in args.bundles if (found := find_bundle(p)) is not None])
         check_report_folder(report_dir, [args.normal, args.anomalous])
     bundles = [load_bundle(find_bundle(p) or p) for p in args.bundles]
     shapes = {tuple(b.meta.input_shape) for b in bundles}

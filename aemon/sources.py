@@ -144,18 +144,28 @@ def local_path(src: str) -> Path | None:
     return None if is_named(base) else Path(base)
 
 
-def check_output_folder(out: Path, inputs: Iterable[str | Path], flag: str, by_name: bool = False) -> None:
-    """An output folder (``--maps``, ``--out``) must be a folder, or nothing yet, outside every input folder.
+def check_output_folder(out: Path, inputs: Iterable[str | Path], flag: str, by_name: bool = False,
+                        bundles: Iterable[Path] = ()) -> None:
+    """An output folder (``--maps``, ``--out``, ``--report``) must be a folder, or nothing yet, outside every
+    input folder and every bundle used.
 
     Args:
         by_name: The outputs of an input folder go to ``out/<its name>/`` (``score``, ``denoise``), which
             must not be nor overlap an input folder either.
+        bundles: The bundles used: outputs inside one would change it (a shipped one too), and ``train
+            --force`` would then refuse to replace it.
 
     Raises:
         UsageError: what is wrong with it.
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} exists and is not a folder")
+    dest = out.resolve()
+    for bundle in bundles:
+        held = Path(bundle).resolve()
+        if dest == held or held in dest.parents:
+            raise UsageError(f"{flag} {out} is inside the bundle {bundle}: its files would change the bundle; "
+                             "choose a folder outside it")
     inputs = list(inputs)
     refuse_output_inside(out, inputs, flag)
     if not by_name:

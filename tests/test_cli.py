@@ -410,6 +410,29 @@ def test_samples_on_a_full_disk_leave_nothing_behind(capsys: pytest.CaptureFixtu
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_outputs_are_never_written_into_a_bundle(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                mnist_digits: np.ndarray) -> None:
+    """score --maps, denoise --out and evaluate --report into the bundle folder were accepted: they changed the
+    bundle (the shipped one too, given by name), and train --force then refused to replace it. Refused in one
+    line, nothing written."""
+    from aemon.bundle import shipped_bundle
+
+    Image.fromarray(mnist_digits[0]).save(tmp_path / "d.png")
+    np.save(tmp_path / "n.npy", mnist_digits[:20])
+    np.save(tmp_path / "a.npy", 255 - mnist_digits[:20])
+    detect, denoise = shipped_bundle("mnist-detect"), shipped_bundle("mnist-denoise")
+    before = {p: p.read_bytes() for b in (detect, denoise) for p in b.iterdir()}
+    for argv in (["score", "mnist-detect", str(tmp_path / "d.png"), "--maps", str(detect)],
+                 ["score", str(detect), str(tmp_path / "d.png"), "--maps", str(detect / "maps")],
+                 ["denoise", "mnist-denoise", str(tmp_path / "d.png"), "--out", str(denoise / "out")],
+                 ["evaluate", "mnist-detect", "--normal", str(tmp_path / "n.npy"), "--anomalous",
+                  str(tmp_path / "a.npy"), "--report", str(detect / "report")]):
+        code, out, err = run(capsys, *argv)
+        assert code == 2 and not out and "inside the bundle" in err, (argv, err)
+        _assert_one_error_line(err)
+    assert {p: p.read_bytes() for b in (detect, denoise) for p in b.iterdir()} == before
+
+
 def test_evaluate_finds_a_shipped_bundle_by_name(capsys: pytest.CaptureFixture, tmp_path: Path,
                                                  mnist_digits: np.ndarray) -> None:
     """`aemon evaluate mnist-detect ...` loads the shipped bundle; the table names every column in full."""
