@@ -222,7 +222,7 @@ def verified_model_file(path: Path, meta: BundleMeta) -> Path:
     """
     model_path = _own_file(Path(path), meta.model_file, "model file")
     if not model_path.is_file():
-        raise BundleError(f"{path} is incomplete: {meta.model_file} is missing")
+        raise BundleError(f"{path} is incomplete: {meta.model_file} {_absence(model_path)}")
     actual = sha256_of(model_path)
     if actual != meta.model_sha256:
         raise BundleError(
@@ -231,6 +231,12 @@ def verified_model_file(path: Path, meta: BundleMeta) -> Path:
             "restore it or retrain"
         )
     return model_path
+
+
+def _absence(path: Path) -> str:
+    """Why a bundle file that is not a regular file cannot be read: missing, or something else in its place."""
+    return "is not a regular file (a folder, a FIFO or a device)" if path.exists() or path.is_symlink() \
+        else "is missing"
 
 
 def read_meta(path: Path) -> BundleMeta:
@@ -244,11 +250,13 @@ def read_meta(path: Path) -> BundleMeta:
     if not path.is_dir():
         raise BundleError(f"no model bundle at {path} (expected a directory with {META_FILE} and {MODEL_FILE})")
     if not meta_path.is_file():
-        raise BundleError(f"{path} is not a model bundle: {META_FILE} is missing")
+        raise BundleError(f"{path} is not a model bundle: {META_FILE} {_absence(meta_path)}")
     try:
         raw = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{meta_path} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:  # nested deeper than any bundle.json aemon writes
+        raise BundleError(f"{meta_path} is not valid JSON: nested too deeply") from exc
     if not isinstance(raw, dict):
         raise BundleError(f"{meta_path} is not a JSON object")
     version = raw.get("format_version")
@@ -392,7 +400,7 @@ def _read_state(path: Path, meta: BundleMeta) -> dict[str, np.ndarray]:
         return {}
     state_path = _own_file(path, meta.score_state_file, "score state")
     if not state_path.is_file():
-        raise BundleError(f"{path} is incomplete: {meta.score_state_file} is missing")
+        raise BundleError(f"{path} is incomplete: {meta.score_state_file} {_absence(state_path)}")
     if not meta.score_state_sha256:
         raise BundleError(f"{path}: bundle.json names {meta.score_state_file} but no score_state_sha256 to check it "
                           "against")
@@ -446,7 +454,7 @@ def replaceable(path: Path) -> str | None:
     files, so that nothing of the user's is lost with it."""
     try:
         meta = json.loads((Path(path) / META_FILE).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         meta = None
     if not isinstance(meta, dict) or "format_version" not in meta or "model_sha256" not in meta:
         return f"holds a {META_FILE} that is not an aemon bundle's"

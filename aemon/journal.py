@@ -258,7 +258,7 @@ def read_journal(batch_dir: Path) -> Journal | None:
         data = json.loads((batch_dir / JOURNAL_NAME).read_text())
         journal = Journal(entries=list(data["entries"]), steps=[Step(**s) for s in data["steps"]],
                           remove=list(data.get("remove", [])), replayed=True)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
     stray = _stray_path(journal)
     if stray is not None:

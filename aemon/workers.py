@@ -294,7 +294,7 @@ def announced(folder: Path) -> str | None:
     """The identity of the bundle the main process serves, or None where it has not said."""
     try:
         return str(json.loads((folder / SERVED_MODEL).read_text())["identity"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
 

@@ -410,6 +410,34 @@ def test_samples_on_a_full_disk_leave_nothing_behind(capsys: pytest.CaptureFixtu
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.parametrize("how", ["nested", "fifo", "folder"])
+def test_a_bundle_json_that_cannot_be_read_is_named_for_what_it_is(capsys: pytest.CaptureFixture, tmp_path: Path,
+                                                                    tiny_bundle: Path, how: str) -> None:
+    """bundle.json nested 200,000 levels deep ended info, score and evaluate in a RecursionError traceback; a
+    FIFO or a folder in its place was reported as missing. One line that says what it is."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    meta = bundle / "bundle.json"
+    if how == "nested":
+        meta.write_text(meta.read_text().rstrip().removesuffix("}") + ', "zz": ' + "[" * 200_000 + "]" * 200_000
+                        + "}")
+    else:
+        meta.unlink()
+        os.mkfifo(meta) if how == "fifo" else meta.mkdir()
+    code, _, err = run(capsys, "info", str(bundle))
+    assert code != 0, err
+    _assert_one_error_line(err)
+    words = {"nested": "is not valid JSON", "fifo": "is not a regular file", "folder": "is not a regular file"}
+    assert words[how] in err and "missing" not in err, err
+    if how == "fifo":  # the model file too
+        shutil.rmtree(bundle)
+        shutil.copytree(tiny_bundle, bundle)
+        (bundle / "model.keras").unlink()
+        os.mkfifo(bundle / "model.keras")
+        code, _, err = run(capsys, "score", str(bundle), str(tiny_bundle / "bundle.json"))
+        assert code != 0 and "model.keras is not a regular file" in err, err
+
+
 def test_outputs_are_never_written_into_a_bundle(capsys: pytest.CaptureFixture, tmp_path: Path,
                                                 mnist_digits: np.ndarray) -> None:
     """score --maps, denoise --out and evaluate --report into the bundle folder were accepted: they changed the

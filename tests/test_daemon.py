@@ -790,6 +790,9 @@ def test_journals_keep_their_naming_fields_and_refuse_planted_shapes(tmp_path):
         bad["steps"][1 if "map_suffix" in change or "named_in" in change else 0].update(change)
         (tmp_path / JOURNAL_NAME).write_text(json.dumps(bad))
         assert read_journal(tmp_path) is None, change
+    # Nested past Python's recursion limit: json raised RecursionError, which recovery did not catch.
+    (tmp_path / JOURNAL_NAME).write_text('{"entries": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    assert read_journal(tmp_path) is None
 
 
 def test_denoise_mode_refuses_a_detection_bundle(root, make_daemon):
