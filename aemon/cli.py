@@ -596,6 +596,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return 2
+        if sys.stdout is None and args.verb != "run":  # started with >&-: every result would be lost
+            raise UsageError(f"standard output is closed; aemon {args.verb} writes its results there "
+                             "(redirect it to a file or /dev/null instead)")
         quiet_tensorflow()  # before any verb may import TensorFlow: no start-up banners on any output
         settings = load_settings(args.config, **_settings_flags(args))
         log_stream = sys.stdout if args.verb == "run" else sys.stderr

@@ -410,6 +410,24 @@ def test_samples_on_a_full_disk_leave_nothing_behind(capsys: pytest.CaptureFixtu
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.parametrize("verb", ["score", "info", "evaluate"])
+def test_a_closed_standard_output_is_one_error_line(tmp_path: Path, mnist_digits: np.ndarray, verb: str) -> None:
+    """Run with stdout closed (``>&-``): score ended in an AttributeError traceback, info and evaluate exited 0
+    having printed nothing, the results lost without a word. Now one error line and exit 2, before any work."""
+    import subprocess
+    import sys
+
+    Image.fromarray(mnist_digits[0]).save(tmp_path / "d.png")
+    np.save(tmp_path / "n.npy", mnist_digits[:20])
+    argv = {"score": ["mnist-detect", str(tmp_path / "d.png")], "info": ["mnist-detect"],
+            "evaluate": ["mnist-detect", "--normal", str(tmp_path / "n.npy"), "--anomalous", str(tmp_path / "n.npy")]}
+    done = subprocess.run([sys.executable, "-m", "aemon", verb, *argv[verb]], stdin=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=120, preexec_fn=lambda: os.close(1))
+    assert done.returncode == 2, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and "standard output is closed" in lines[0], lines
+
+
 @pytest.mark.parametrize("how", ["nested", "fifo", "folder"])
 def test_a_bundle_json_that_cannot_be_read_is_named_for_what_it_is(capsys: pytest.CaptureFixture, tmp_path: Path,
                                                                     tiny_bundle: Path, how: str) -> None:
