@@ -74,6 +74,14 @@ class _Group(InotifyWatchGroup):
         super().on_queue_overflow()
         self.overflowed()
 
+    def _remove_watch_internally(self, wd) -> None:
+        # watchdog's own pops both maps unconditionally. A folder moved out of the tree keeps its watch under
+        # its old path, and a new folder under that name gets another: the path is then met twice, and the
+        # second pop raised KeyError, on the reader thread (ending it) or in deactivate (at stop).
+        path = self._active_callbacks_by_watch.pop(wd, None)
+        if path is not None and self._active_callbacks_by_path.get(path) == wd:
+            del self._active_callbacks_by_path[path]
+
     def _add_callback(self, path: bytes) -> None:
         # watchdog swallows a failure to watch a folder below the root (it may have gone meanwhile); a
         # folder still there was refused a watch (fs.inotify.max_user_watches): its files make no events.

@@ -56,3 +56,32 @@ def test_events_below_new_folders_renames_and_closes(tmp_path: Path) -> None:
     (tmp_path / "w" / "after.png").write_bytes(b"x")
     time.sleep(0.2)
     assert len(seen) == count, "events after stop"
+
+
+def test_two_folders_that_had_one_name_leave_the_watch_working_and_stoppable(tmp_path: Path) -> None:
+    """A folder moved out of the watched tree keeps its watch (a folder rejected whole lies in rejected/), and a
+    new folder under the same name gets another for the same path. When the second went and then the first was
+    deleted, watchdog's book-keeping met the path twice: a KeyError killed the reader thread (no event after
+    it: the daemon was left to its rescans) and stop() raised it too (the daemon's SIGTERM ended in a
+    traceback, exit 1). Found by a helper's attack on the daemon."""
+    for name in ("w", "kept", "gone"):
+        (tmp_path / name).mkdir()
+    seen, on_event = _collect(tmp_path)
+    watch = TreeWatch(tmp_path / "w", on_event, lambda: None)
+    watch.start()
+    try:
+        for target in ("kept", "gone"):
+            (tmp_path / "w" / "ee").mkdir()
+            assert not _wait_for(seen, {("create", "ee")})
+            seen.clear()
+            (tmp_path / "w" / "ee").rename(tmp_path / target / "ee")
+            time.sleep(0.2)
+        (tmp_path / "gone" / "ee").rmdir()
+        time.sleep(0.2)
+        (tmp_path / "kept" / "ee").rmdir()  # an operator clears rejected/
+        time.sleep(0.2)
+        (tmp_path / "w" / "later.png").write_bytes(b"x")
+        assert not _wait_for(seen, {("close_write", "later.png")}), seen
+    finally:
+        watch.stop()  # raised KeyError
+        watch.join(5)
