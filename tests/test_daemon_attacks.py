@@ -948,6 +948,54 @@ def test_an_item_that_waited_while_no_daemon_ran_counts_that_wait(tmp_path, digi
         assert daemon.stop() == 0, daemon.text()
 
 
+def test_a_subfolder_name_with_no_room_for_a_free_name_is_kept_whole_not_fatal(tmp_path, digits):
+    """Only file names were held to 224 bytes: a subfolder of 254 whose place in ok/ was taken by a file needed
+    the free name NAME-1, 256 bytes, and the filesystem's ENAMETOOLONG stopped the daemon (exit 1), again at
+    each restart, until the folder was rejected as 'crashed' with its valid images unscored (a helper's attack).
+    A subfolder name over the limit keeps the folder whole (name_too_long), as a file name does; the daemon
+    goes on."""
+    root = new_root(tmp_path)
+    long = "L" * 254
+    (root / "ok" / "cb").mkdir(parents=True)
+    (root / "ok" / "cb" / long).write_bytes(b"a file of the operator's")
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        write_png(tmp_path / "stage" / "cb" / long / "a.png", digits[0])
+        write_png(tmp_path / "stage" / "cb" / "good.png", digits[1])
+        os.rename(tmp_path / "stage" / "cb", root / "inbox" / "cb")
+        (record,) = [load(p) for p in wait_records(root, 1, daemon)]
+        assert record["verdict"] == "rejected" and record["reason"] == "name_too_long", record
+        write_png(root / "inbox" / "after.png", digits[2])
+        wait_records(root, 2, daemon)
+        assert daemon.proc.poll() is None, daemon.text()
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+    assert (root / "ok" / "cb" / long).read_bytes() == b"a file of the operator's"
+    assert (root / "rejected" / "cb" / long / "a.png").exists() and (root / "rejected" / "cb" / "good.png").exists()
+
+
+@pytest.mark.slow
+def test_a_folder_rejected_whole_then_dropped_again_under_its_name_lets_the_daemon_stop_cleanly(tmp_path, digits):
+    """An empty folder is rejected whole after a minute and keeps its inotify watch from rejected/; a new
+    folder dropped under the same name got a second one for the same path, and at SIGTERM watchdog's clean-up
+    met the path twice: a KeyError traceback, exit 1, so every later stop looked like a failure to systemd (a
+    helper's attack). Slow (the minute an empty folder waits); tests/test_watch.py has the fast case."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        (tmp_path / "stage" / "ee").mkdir(parents=True)
+        os.rename(tmp_path / "stage" / "ee", root / "inbox" / "ee")
+        wait_records(root, 1, daemon, timeout=120)
+        write_png(tmp_path / "stage" / "ee" / "x.png", digits[0])
+        os.rename(tmp_path / "stage" / "ee", root / "inbox" / "ee")
+        wait_records(root, 2, daemon)
+        time.sleep(1.0)
+    finally:
+        code = daemon.stop()
+    assert code == 0 and "Traceback" not in daemon.text(), daemon.text()
+    assert daemon.events("daemon.stopped"), daemon.text()
+
+
 def test_readyz_is_503_while_the_root_has_almost_no_room_left(tmp_path):
     """A root with a few KiB left: /readyz said 200 until a write failed and the daemon stopped (a helper's
     attack). A balancer or an operator should hear of it before: 503 below the reserve, 200 again once
