@@ -220,9 +220,11 @@ _CAP_FOWNER = 3
 
 
 def _too_long(path: str, rel: str, longest: int) -> bool:
-    """Whether a unit at ``path``, routed to ``rel`` inside a result folder, could not be: the name it is routed
-    under leaves no room for ``-N`` and a record's ``.json``, or a path is near PATH_MAX."""
-    return _nbytes(os.path.basename(rel)) > MAX_NAME_BYTES or _nbytes(path) >= _PATH_MAX - 1 or _nbytes(rel) > longest
+    """Whether a unit at ``path``, routed to ``rel`` inside a result folder, could not be: a name it is routed
+    under (its own or a subfolder's) leaves no room for ``-N`` and a record's ``.json``, or a path is near
+    PATH_MAX."""
+    return (any(_nbytes(part) > MAX_NAME_BYTES for part in rel.split(os.sep)) or _nbytes(path) >= _PATH_MAX - 1
+            or _nbytes(rel) > longest)
 
 
 def _name_over_limit(name: str) -> NameTooLong:
