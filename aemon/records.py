@@ -25,7 +25,7 @@ def encode(record: dict[str, Any]) -> bytes:
     try:
         return orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
-        return (json.dumps(_readable(record)) + "\n").encode()
+        return orjson.dumps(_readable(record), option=orjson.OPT_APPEND_NEWLINE)  # the same compact form
 
 
 def encode_exact(data: dict[str, Any]) -> bytes:

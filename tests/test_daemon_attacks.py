@@ -1106,6 +1106,7 @@ def test_names_that_are_not_utf8_are_scored_and_keep_their_bytes(tmp_path, digit
     for record in records(root):
         data = json.loads(record.read_bytes().decode("utf-8"))  # strict: no lone surrogate either
         json.dumps(data, ensure_ascii=False).encode("utf-8")
+        assert b'": ' not in record.read_bytes(), record.read_bytes()  # compact, as every other record
         exact = os.fsencode(root) + b"/" + urllib.parse.unquote_to_bytes(data.get("exact_names", data)["path"])
         assert exact == os.fsencode(record)[: -len(".json")], data
         if data["item"] != "after.png":
