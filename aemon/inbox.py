@@ -649,14 +649,17 @@ def _signature(path: Path) -> tuple | None:
     files = 0
     for dirpath, dirnames, filenames in os.walk(path, onerror=unread.append):
         files += len(filenames)
-        for entry in (*dirnames, *filenames):
-            try:
-                est = os.lstat(os.path.join(dirpath, entry))
-            except OSError:
-                continue
-            count += 1
-            size += est.st_size
-            newest = max(newest, est.st_mtime_ns)
+        for names, as_folders in ((dirnames, True), (filenames, False)):
+            for entry in names:
+                try:
+                    est = os.lstat(os.path.join(dirpath, entry))
+                except OSError:
+                    continue
+                count += 1
+                size += est.st_size
+                newest = max(newest, est.st_mtime_ns)
+                if as_folders and not stat.S_ISDIR(est.st_mode):  # a link to a folder: an entry, not a folder
+                    files += 1
     return (count, size, newest, files + len(unread))
 
 

@@ -948,6 +948,24 @@ def test_an_item_that_waited_while_no_daemon_ran_counts_that_wait(tmp_path, digi
         assert daemon.stop() == 0, daemon.text()
 
 
+def test_a_folder_holding_only_a_link_to_a_folder_is_not_held_as_empty(tmp_path):
+    """A link to a folder was counted as a folder, so a folder holding only such a link waited the minute an
+    empty folder waits ("inbox.taken_empty") before the link was rejected as unsafe (a helper's attack)."""
+    root = new_root(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        (tmp_path / "stage" / "kx").mkdir(parents=True)
+        (tmp_path / "stage" / "kx" / "sub").symlink_to(tmp_path / "elsewhere")
+        os.rename(tmp_path / "stage" / "kx", root / "inbox" / "kx")
+        (record,) = [load(p) for p in wait_records(root, 1, daemon, timeout=20)]
+        assert record["verdict"] == "rejected" and record["reason"] == "unsafe", record
+        assert not daemon.events("inbox.taken_empty"), daemon.text()
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+    assert os.listdir(tmp_path / "elsewhere") == []
+
+
 def test_a_subfolder_name_with_no_room_for_a_free_name_is_kept_whole_not_fatal(tmp_path, digits):
     """Only file names were held to 224 bytes: a subfolder of 254 whose place in ok/ was taken by a file needed
     the free name NAME-1, 256 bytes, and the filesystem's ENAMETOOLONG stopped the daemon (exit 1), again at
