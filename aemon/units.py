@@ -248,5 +248,7 @@ def check_file(unit: Unit) -> None:
     if stat.S_ISLNK(mode):
         raise UnsafeItem(f"{unit.rel} is a symbolic link; drop the file itself")
     if not stat.S_ISREG(mode):
-        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a special file"
+        kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                 (stat.S_ISBLK, "a block device"))
+        kind = next((name for test, name in kinds if test(mode)), "a special file")
         raise UnsupportedType(f"{unit.rel} is {kind}, not a file; drop regular files only")

@@ -16,6 +16,7 @@ import resource
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -240,16 +241,23 @@ def test_nothing_inside_a_folder_is_deleted(shared, tmp_path, digits):
     (batch / "backup~").write_bytes(b"backup")
     os.mkfifo(batch / "pipe")
     (batch / "empty" / "deeper").mkdir(parents=True)
+    inner = [".hidden.png", "x.png.part", "backup~", "pipe", "empty/deeper"]
+    if os.geteuid() == 0:  # a device node ("a special file" said nothing of what it was)
+        os.mknod(batch / "zero.png", 0o600 | stat.S_IFCHR, os.makedev(1, 5))
+        inner.append("zero.png")
     os.rename(batch, inbox / "odd")
-    wait_records(root, before + 6, shared)
+    wait_records(root, before + 1 + len(inner), shared)
     time.sleep(0.5)
     seen = by_item(root)
     assert seen["odd/good.png"][0]["verdict"] in ("ok", "anomaly")
-    for inner in (".hidden.png", "x.png.part", "backup~", "pipe", "empty/deeper"):
-        (rec,) = seen[f"odd/{inner}"]
+    for name in inner:
+        (rec,) = seen[f"odd/{name}"]
         assert rec["verdict"] == "rejected" and rec["batch"] == "odd" and rec["error"], rec
-        assert rec["path"] == f"rejected/odd/{inner}"
+        assert rec["path"] == f"rejected/odd/{name}"
         assert os.path.lexists(root / rec["path"])
+    assert "is a FIFO" in seen["odd/pipe"][0]["error"]
+    if "zero.png" in inner:
+        assert "is a character device" in seen["odd/zero.png"][0]["error"], seen["odd/zero.png"]
     assert (root / "rejected" / "odd" / "x.png.part").read_bytes() == b"partial"
     assert (root / "rejected" / "odd" / "empty" / "deeper").is_dir()
 
