@@ -377,8 +377,8 @@ def _split_bundle_arg(paths: list[str], task: str = "detect") -> tuple[Path, lis
                          "shipped name such as mnist-detect)")
     if not rest:
         raise UsageError(f"give at least one PATH to {verb} after the bundle")
-    for arg in rest:
-        if is_bundle(Path(arg)):
+    for arg in rest:  # a bundle folder, or a shipped bundle's name where no such path exists
+        if is_bundle(Path(arg)) or (not os.path.lexists(arg) and find_bundle(arg) is not None):
             raise UsageError(f"{arg} is a model bundle, not an input; give one bundle, first: "
                              f"aemon {verb} BUNDLE PATH...")
     return bundle, [_score_target(p) for p in rest]

@@ -456,6 +456,18 @@ def test_a_bundle_json_that_cannot_be_read_is_named_for_what_it_is(capsys: pytes
         assert code != 0 and "model.keras is not a regular file" in err, err
 
 
+@pytest.mark.parametrize("later", ["folder", "name"])
+def test_a_bundle_later_among_the_inputs_is_refused(capsys: pytest.CaptureFixture, tiny_bundle: Path,
+                                                    tmp_path: Path, mnist_digits: np.ndarray, later: str) -> None:
+    """The README promises that a bundle given later among the inputs is refused (nothing is scored with a model
+    that was not named first); a shipped bundle's name there gave a 'no such file' record instead."""
+    Image.fromarray(mnist_digits[0]).save(tmp_path / "d.png")
+    second = str(tiny_bundle) if later == "folder" else "mnist-denoise"
+    code, out, err = run(capsys, "score", "mnist-detect", str(tmp_path / "d.png"), second)
+    assert code == 2 and not out and "is a model bundle, not an input" in err, err
+    _assert_one_error_line(err)
+
+
 def test_outputs_are_never_written_into_a_bundle(capsys: pytest.CaptureFixture, tmp_path: Path,
                                                 mnist_digits: np.ndarray) -> None:
     """score --maps, denoise --out and evaluate --report into the bundle folder were accepted: they changed the
