@@ -153,6 +153,20 @@ def shared_images_warning(normal, anomalous) -> str | None:
             f"{normal.source}): they count as both, so AUROC, FPR and TPR mean little")
 
 
+#: Fewer normal or anomalous images than this: the numbers are said to be rough (one image moves FPR or TPR
+#: by more than 3 points).
+FEW_IMAGES = 30
+
+
+def few_images_warning(normal, anomalous) -> str | None:
+    """A warning when either set is too small for the numbers to mean much."""
+    if min(len(normal), len(anomalous)) >= FEW_IMAGES:
+        return None
+    return (f"only {len(normal)} normal and {len(anomalous)} anomalous images: AUROC, FPR and TPR from so few are "
+            f"rough (each image moves FPR by 1/{len(normal)} and TPR by 1/{len(anomalous)}); evaluate on "
+            f"{FEW_IMAGES} or more of each")
+
+
 def evaluate_bundles(bundles: list, normal, anomalous) -> list[Evaluation]:
     """Score both data sets with every bundle; one :class:`Evaluation` per bundle, in order.
 
@@ -163,13 +177,13 @@ def evaluate_bundles(bundles: list, normal, anomalous) -> list[Evaluation]:
     """
     log = get_logger()
     results = []
-    shared = shared_images_warning(normal, anomalous)
+    shared = [w for w in (shared_images_warning(normal, anomalous), few_images_warning(normal, anomalous)) if w]
     for i, bundle in enumerate(bundles, 1):
         start = time.perf_counter()
         s_normal = bundle.score(normal.x)
         s_anomalous = bundle.score(anomalous.x)
         q = quality(bundle.name, s_normal, s_anomalous, bundle.threshold)
-        q.warnings = overlap_warnings(normal.source, bundle.meta) + ([shared] if shared else [])
+        q.warnings = overlap_warnings(normal.source, bundle.meta) + shared
         for warning in q.warnings:
             log.warning("evaluate.overlap", bundle=bundle.name, message=warning)
         log.info("evaluate.scored", bundle=bundle.name, step=i, of=len(bundles), images=len(normal) + len(anomalous),

@@ -214,6 +214,22 @@ def test_a_report_that_fails_half_way_keeps_the_earlier_one(capsys, tmp_path: Pa
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_numbers_from_a_handful_of_images_are_warned(capsys, tmp_path: Path, tiny_bundle: Path, data_files) -> None:
+    """One normal and one anomalous image gave AUROC 1.0 and nothing else: numbers from so few images are
+    said to be rough, in the table, the JSON and the log; hundreds of images get no such line."""
+    normal_npy, anomalous_npy = data_files
+    np.save(tmp_path / "one-n.npy", np.load(normal_npy)[:1])
+    np.save(tmp_path / "one-a.npy", np.load(anomalous_npy)[:1])
+    code, out, err = run(capsys, "evaluate", tiny_bundle, "--normal", tmp_path / "one-n.npy", "--anomalous",
+                         tmp_path / "one-a.npy", "--json")
+    assert code == 0, err
+    (row,) = json.loads(out)
+    assert any("1 normal and 1 anomalous" in w for w in row["warnings"]), row
+    code, out, _ = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy, "--json")
+    (row,) = json.loads(out)
+    assert not any("rough" in w for w in row["warnings"]), row
+
+
 def test_overlap_with_training_data_is_warned(capsys, tiny_bundle: Path, data_files) -> None:
     """Normal data from the bundle's own training source is flagged in the JSON and the table."""
     _, anomalous_npy = data_files
