@@ -453,7 +453,7 @@ class Daemon:
             arrived = datetime.fromisoformat(record["received_at"]).timestamp()
         except (KeyError, TypeError, ValueError):
             arrived = time.time()
-        self.recorder.finished(arrived, record)
+        self.recorder.decided(arrived, record)
 
     def _gather(self) -> list[Claim]:
         return self.inbox.gather(self.claims, self.settings.batch_size, self.settings.batch_wait_ms / 1000.0,
@@ -481,8 +481,9 @@ class Daemon:
                     unit.error = exc
                 self._deciding()
             if good:
-                self.recorder.scored(*decide(good, bundle, reconstruct=self.settings.mode == "denoise",
-                                             maps=self.settings.maps, progress=self._deciding))
+                calls, _ = decide(good, bundle, reconstruct=self.settings.mode == "denoise", maps=self.settings.maps,
+                                  progress=self._deciding)
+                self.recorder.scored(calls)
         except _OutOfGrace:
             log.warning("batch.left_claimed", batch=claims[0].batch_dir.name, entries=len(claims),
                         grace_seconds=self.settings.shutdown_grace_seconds,

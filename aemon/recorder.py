@@ -45,32 +45,19 @@ class Recorder:
         """A SIGHUP reload ended."""
         self.metrics.reloads.labels(result="ok" if ok else "failed").inc()
 
-    def scored(self, calls: list[float], scores: np.ndarray) -> None:
-        """One batch was scored: ``scores``, by model calls of these durations (seconds; one per slice of a large
-        batch)."""
+    def scored(self, calls: list[float]) -> None:
+        """One batch was scored, by model calls of these durations (seconds; one per slice of a large batch)."""
         for seconds in calls:
             self.metrics.scoring_duration.observe(seconds)
         self.metrics.batches.inc()
-        observe_many(self.metrics.reconstruction_error, scores)
-
-    def finished(self, arrived: float, record: dict[str, Any]) -> None:
-        """A decision of a stopped daemon, finished from its journal: its scores (observed by the process that
-        died) and the decision are counted here."""
-        rows = record.get("rows")
-        if not isinstance(rows, list):
-            rows = [record]
-        scores = [row.get("score") for row in rows if isinstance(row, dict)]
-        numbers = [s for s in scores if isinstance(s, (int, float)) and not isinstance(s, bool)]
-        if numbers and record.get("verdict") != "rejected":
-            observe_many(self.metrics.reconstruction_error, np.asarray(numbers, dtype=np.float64))
-        self.decided(arrived, record)
 
     def pending(self, n: int) -> None:
         """Entries waiting in the inbox or claimed and not committed."""
         self.metrics.inbox_pending.set(n)
 
     def decided(self, arrived: float, record: dict[str, Any]) -> None:
-        """One record was committed."""
+        """One record was committed (or finished from a stopped process's journal): its decision, its
+        scores (every row's for an array part) and the log line."""
         now = time.time()
         verdict = record["verdict"]
         rows = record.get("n_rows") or 1
@@ -78,6 +65,8 @@ class Recorder:
         m.items.labels(verdict=verdict).inc(rows)
         if verdict == "rejected":
             m.errors.labels(reason=record["reason"]).inc()
+        else:  # with the decision, not at scoring: a batch finished from a dead process's journal counts once
+            observe_many(m.reconstruction_error, _scores(record))
         m.item_latency.observe(max(0.0, now - arrived))
         m.last_decision.set(now)
         with self._lock:
@@ -88,3 +77,11 @@ class Recorder:
         if "n_rows" in record:
             fields["rows"] = record["n_rows"]
         (log.warning if verdict == "rejected" else log.info)("item.decided", **fields)
+
+
+def _scores(record: dict[str, Any]) -> np.ndarray:
+    """The scores of a record: its rows' for an array part, else its own."""
+    rows = record.get("rows")
+    found = [row.get("score") for row in rows if isinstance(row, dict)] if isinstance(rows, list) \
+        else [record.get("score")]
+    return np.asarray([s for s in found if isinstance(s, (int, float)) and not isinstance(s, bool)], np.float64)

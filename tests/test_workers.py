@@ -496,6 +496,11 @@ def test_a_worker_that_stops_making_progress_is_killed_and_its_entries_adopted(t
         assert len(seen) == 600 and all(len(v) == 1 for v in seen.values())
         assert held > 0
         _wait_event(daemon, "worker.started", 2, timeout=60)  # started again
+        # Each decision's score once: the frozen worker's scores of the batch it held were kept (its metric
+        # files outlive it), and the batch decided again counted them a second time.
+        _, text = daemon.get("/metrics")
+        decided = sum(_metric(text, "aemon_items_total", f'{{verdict="{v}"}}') for v in ("ok", "anomaly"))
+        assert _metric(text, "aemon_reconstruction_error_count") == decided == 600, text
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(started["pid"], signal.SIGCONT)
