@@ -569,6 +569,10 @@ def _trailing_paths(extra: list[str]) -> tuple[list[str], list[str]]:
     return ([], unknown) if unknown else ([*before, *after], [])
 
 
+#: Verbs whose results are printed on standard output (the others write files, and log on stderr).
+_RESULTS_ON_STDOUT = ("score", "denoise", "info", "evaluate", "samples")
+
+
 def _error_prefix(argv: list[str]) -> str:
     """``Error: ``, or ``Error (worker N): `` in a worker process of ``aemon run`` (its lines share the
     daemon's output, so each names who failed)."""
@@ -596,12 +600,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return 2
-        if sys.stdout is None and args.verb != "run":  # started with >&-: every result would be lost
+        if sys.stdout is None and args.verb in _RESULTS_ON_STDOUT and not getattr(args, "report", None):
             raise UsageError(f"standard output is closed; aemon {args.verb} writes its results there "
-                             "(redirect it to a file or /dev/null instead)")
+                             "(redirect it to a file or /dev/null instead)")  # started with >&-: all would be lost
         quiet_tensorflow()  # before any verb may import TensorFlow: no start-up banners on any output
         settings = load_settings(args.config, **_settings_flags(args))
-        log_stream = sys.stdout if args.verb == "run" else sys.stderr
+        log_stream = sys.stdout if args.verb == "run" and sys.stdout is not None else sys.stderr
         configure(settings.log_format, settings.log_level, stream=log_stream)
         for name in unknown_env_names():
             get_logger().warning("settings.unknown_variable", name=name,

@@ -428,6 +428,31 @@ def test_a_closed_standard_output_is_one_error_line(tmp_path: Path, mnist_digits
     assert len(lines) == 1 and lines[0].startswith("Error: ") and "standard output is closed" in lines[0], lines
 
 
+def test_verbs_that_print_nothing_on_standard_output_run_with_it_closed(tmp_path: Path) -> None:
+    """train writes a bundle and logs on stderr: with stdout closed it must still run (the refusal above is
+    for verbs whose results go there); run, which logs on stdout, logs on stderr instead of a traceback."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "aemon", "train", "--data", "sample:mnist?limit=300", "--arch", "pca",
+                           "--latent-dim", "4", "--out", str(tmp_path / "b")], stdin=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True, timeout=300, preexec_fn=lambda: os.close(1))
+    assert done.returncode == 0 and (tmp_path / "b" / "bundle.json").exists(), done.stderr
+    (tmp_path / "root" / "inbox").mkdir(parents=True)
+    env = {**os.environ, "AEMON_ROOT": str(tmp_path / "root"), "AEMON_METRICS_PORT": "0", "AEMON_WORKERS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "aemon", "run"], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True, env=env, preexec_fn=lambda: os.close(1))
+    try:
+        ready = ""
+        while "daemon.ready" not in ready and proc.poll() is None:
+            ready = proc.stderr.readline()
+        assert "daemon.ready" in ready, proc.stderr.read()
+    finally:
+        proc.terminate()
+        rest = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 0 and "Traceback" not in rest, rest
+
+
 @pytest.mark.parametrize("how", ["nested", "fifo", "folder"])
 def test_a_bundle_json_that_cannot_be_read_is_named_for_what_it_is(capsys: pytest.CaptureFixture, tmp_path: Path,
                                                                     tiny_bundle: Path, how: str) -> None:
