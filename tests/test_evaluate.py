@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +181,16 @@ def test_a_report_removes_only_the_files_of_its_earlier_report(capsys, tmp_path:
     code, _, err = run(capsys, *argv)
     assert code == 2 and "roc.png there is not a file" in err and ".t-" not in err, err
     assert not [p.name for p in report.iterdir() if p.name.startswith(".")]
+    # A report killed while drawing (SIGKILL, the OOM killer) leaves its temp files: a new folder holding only
+    # those was refused for good ("holds files and no earlier aemon report"); they are its own, and go.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / ".t-0123456789ab.png").write_bytes(b"half a figure")
+    os.utime(fresh / ".t-0123456789ab.png", (time.time() - 3600, time.time() - 3600))
+    code, _, err = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy,
+                       "--report", fresh)
+    assert code == 0, err
+    assert not (fresh / ".t-0123456789ab.png").exists()
 
 
 def test_a_report_that_fails_half_way_keeps_the_earlier_one(capsys, tmp_path: Path, tiny_bundle: Path,
