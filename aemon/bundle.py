@@ -235,8 +235,9 @@ def verified_model_file(path: Path, meta: BundleMeta) -> Path:
 
 def _absence(path: Path) -> str:
     """Why a bundle file that is not a regular file cannot be read: missing, or something else in its place."""
-    return "is not a regular file (a folder, a FIFO or a device)" if path.exists() or path.is_symlink() \
-        else "is missing"
+    if path.is_symlink() and not path.exists():
+        return "is a link to nothing"
+    return "is not a regular file (a folder, a FIFO or a device)" if path.exists() else "is missing"
 
 
 def read_meta(path: Path) -> BundleMeta:

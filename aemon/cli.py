@@ -332,7 +332,7 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.bundle import find_bundle, is_shipped, load_bundle
     from aemon.evaluate import overlaps
     from aemon.recalibrate import recalibrate, refuse_taken_out
-    from aemon.sources import load_source, refuse_output_inside, unlike_input
+    from aemon.sources import load_source, refuse_output_in_bundles, refuse_output_inside, unlike_input
 
     found = find_bundle(args.bundle)
     if found is not None and is_shipped(found):  # a shipped bundle, by name or by its folder
@@ -343,6 +343,7 @@ def _calibrate(args: argparse.Namespace, settings: Settings) -> int:
     if args.out is not None:  # before the bundle and the data are loaded
         refuse_taken_out(args.out, args.bundle)
         refuse_output_inside(args.out, [args.data], "--out")
+        refuse_output_in_bundles(args.out, [args.bundle], "--out")
     bundle = load_bundle(args.bundle)
     data = load_source(args.data, bundle.preprocessing)
     unlike = unlike_input(args.data, bundle.preprocessing)

@@ -177,15 +177,19 @@ def evaluate_bundles(bundles: list, normal, anomalous) -> list[Evaluation]:
     """
     log = get_logger()
     results = []
-    shared = [w for w in (shared_images_warning(normal, anomalous), few_images_warning(normal, anomalous)) if w]
+    shared = shared_images_warning(normal, anomalous)
+    few = few_images_warning(normal, anomalous)
+    if few:
+        log.warning("evaluate.few_images", normal=len(normal), anomalous=len(anomalous), message=few)
     for i, bundle in enumerate(bundles, 1):
         start = time.perf_counter()
         s_normal = bundle.score(normal.x)
         s_anomalous = bundle.score(anomalous.x)
         q = quality(bundle.name, s_normal, s_anomalous, bundle.threshold)
-        q.warnings = overlap_warnings(normal.source, bundle.meta) + shared
+        q.warnings = overlap_warnings(normal.source, bundle.meta) + ([shared] if shared else [])
         for warning in q.warnings:
             log.warning("evaluate.overlap", bundle=bundle.name, message=warning)
+        q.warnings += [few] if few else []
         log.info("evaluate.scored", bundle=bundle.name, step=i, of=len(bundles), images=len(normal) + len(anomalous),
                  seconds=round(time.perf_counter() - start, 2), auroc=round(q.auroc, 4))
         results.append(Evaluation(bundle, q, s_normal, s_anomalous))

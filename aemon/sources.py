@@ -41,7 +41,7 @@ from aemon.images import (
 
 __all__ = ["Dataset", "load_source", "local_path", "provenance", "is_named", "parse_source", "list_images",
            "choose_input", "unlike_input", "sample_mnist", "MAX_AUTO_SIDE", "check_output_folder",
-           "make_output_folder", "refuse_output_inside"]
+           "make_output_folder", "refuse_output_inside", "refuse_output_in_bundles"]
 
 #: Unreadable files of a folder named in one error, at most.
 MAX_NAMED = 5
@@ -160,12 +160,7 @@ def check_output_folder(out: Path, inputs: Iterable[str | Path], flag: str, by_n
     """
     if out.exists() and not out.is_dir():
         raise UsageError(f"{flag} {out} exists and is not a folder")
-    dest = out.resolve()
-    for bundle in bundles:
-        held = Path(bundle).resolve()
-        if dest == held or held in dest.parents:
-            raise UsageError(f"{flag} {out} is inside the bundle {bundle}: its files would change the bundle; "
-                             "choose a folder outside it")
+    refuse_output_in_bundles(out, bundles, flag)
     inputs = list(inputs)
     refuse_output_inside(out, inputs, flag)
     if not by_name:
@@ -179,6 +174,21 @@ def check_output_folder(out: Path, inputs: Iterable[str | Path], flag: str, by_n
                 raise UsageError(f"{flag} {out}: the outputs of {src} go to {written}, which "
                                  f"{'is' if written == into else 'overlaps'} the input folder {other}; "
                                  "choose a folder outside the inputs")
+
+
+def refuse_output_in_bundles(out: Path, bundles: Iterable[Path], flag: str) -> None:
+    """An output may not be, or lie inside, a bundle used: its files would change the bundle (a shipped one
+    too), and ``train --force`` would then refuse to replace it.
+
+    Raises:
+        UsageError: which bundle holds ``out``.
+    """
+    dest = out.resolve()
+    for bundle in bundles:
+        held = Path(bundle).resolve()
+        if dest == held or held in dest.parents:
+            raise UsageError(f"{flag} {out} is inside the bundle {bundle}: its files would change the bundle; "
+                             "choose a folder outside it")
 
 
 def make_output_folder(out: Path, flag: str) -> None:

@@ -453,7 +453,7 @@ def test_verbs_that_print_nothing_on_standard_output_run_with_it_closed(tmp_path
     assert proc.returncode == 0 and "Traceback" not in rest, rest
 
 
-@pytest.mark.parametrize("how", ["nested", "fifo", "folder"])
+@pytest.mark.parametrize("how", ["nested", "fifo", "folder", "dangling"])
 def test_a_bundle_json_that_cannot_be_read_is_named_for_what_it_is(capsys: pytest.CaptureFixture, tmp_path: Path,
                                                                     tiny_bundle: Path, how: str) -> None:
     """bundle.json nested 200,000 levels deep ended info, score and evaluate in a RecursionError traceback; a
@@ -466,11 +466,12 @@ def test_a_bundle_json_that_cannot_be_read_is_named_for_what_it_is(capsys: pytes
                         + "}")
     else:
         meta.unlink()
-        os.mkfifo(meta) if how == "fifo" else meta.mkdir()
+        {"fifo": os.mkfifo, "folder": Path.mkdir, "dangling": lambda p: p.symlink_to(tmp_path / "nowhere")}[how](meta)
     code, _, err = run(capsys, "info", str(bundle))
     assert code != 0, err
     _assert_one_error_line(err)
-    words = {"nested": "is not valid JSON", "fifo": "is not a regular file", "folder": "is not a regular file"}
+    words = {"nested": "is not valid JSON", "fifo": "is not a regular file", "folder": "is not a regular file",
+             "dangling": "is a link to nothing"}
     assert words[how] in err and "missing" not in err, err
     if how == "fifo":  # the model file too
         shutil.rmtree(bundle)
@@ -509,7 +510,8 @@ def test_outputs_are_never_written_into_a_bundle(capsys: pytest.CaptureFixture, 
                  ["score", str(detect), str(tmp_path / "d.png"), "--maps", str(detect / "maps")],
                  ["denoise", "mnist-denoise", str(tmp_path / "d.png"), "--out", str(denoise / "out")],
                  ["evaluate", "mnist-detect", "--normal", str(tmp_path / "n.npy"), "--anomalous",
-                  str(tmp_path / "a.npy"), "--report", str(detect / "report")]):
+                  str(tmp_path / "a.npy"), "--report", str(detect / "report")],
+                 ["calibrate", "mnist-detect", "--data", str(tmp_path / "n.npy"), "--out", str(detect / "v2")]):
         code, out, err = run(capsys, *argv)
         assert code == 2 and not out and "inside the bundle" in err, (argv, err)
         _assert_one_error_line(err)

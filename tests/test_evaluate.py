@@ -237,6 +237,7 @@ def test_numbers_from_a_handful_of_images_are_warned(capsys, tmp_path: Path, tin
     assert code == 0, err
     (row,) = json.loads(out)
     assert any("1 normal and 1 anomalous" in w for w in row["warnings"]), row
+    assert "evaluate.few_images" in err and "evaluate.overlap" not in err, err
     code, out, _ = run(capsys, "evaluate", tiny_bundle, "--normal", normal_npy, "--anomalous", anomalous_npy, "--json")
     (row,) = json.loads(out)
     assert not any("rough" in w for w in row["warnings"]), row
