@@ -156,13 +156,13 @@ def open_file(path: Path, limits: Limits) -> BinaryIO:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise UnsafeItem(f"{path.name} is a symbolic link; drop the file itself") from exc
+            raise UnsafeItem(f"{path.name} is a symbolic link, never followed; use the file itself") from exc
         raise Unreadable(f"cannot read {path.name}: {exc.strerror}") from exc
     fp = os.fdopen(fd, "rb")
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise UnsupportedType(f"{path.name} is not a regular file; drop regular files only")
+            raise UnsupportedType(f"{path.name} is not a regular file; only regular files are read")
         if info.st_size == 0:
             raise EmptyItem(f"{path.name} is empty (0 bytes)")
         if info.st_size > limits.max_bytes:

@@ -246,9 +246,9 @@ def check_file(unit: Unit) -> None:
     """
     mode = os.lstat(unit.path).st_mode
     if stat.S_ISLNK(mode):
-        raise UnsafeItem(f"{unit.rel} is a symbolic link; drop the file itself")
+        raise UnsafeItem(f"{unit.rel} is a symbolic link, never followed; use the file itself")
     if not stat.S_ISREG(mode):
         kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
                  (stat.S_ISBLK, "a block device"))
         kind = next((name for test, name in kinds if test(mode)), "a special file")
-        raise UnsupportedType(f"{unit.rel} is {kind}, not a file; drop regular files only")
+        raise UnsupportedType(f"{unit.rel} is {kind}, not a file; only regular files are read")
