@@ -633,7 +633,7 @@ def _inspect(src: str) -> tuple[list[tuple[int, int]], bool, str]:
                           "keras:fashion_mnist")
     if not path.exists():
         raise SourceError(f"{src}: no such file or directory")
-    files = list_images(path) if path.is_dir() else [path]
+    files = list_images(path)[: _limit(options, src)] if path.is_dir() else [path]  # the images that are used
     if not files:
         raise SourceError(f"{src}: no images found (looked for PNG, JPEG, BMP, TIFF, WebP, GIF recursively)")
     sizes, colourful, unreadable = [], False, []

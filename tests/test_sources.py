@@ -354,6 +354,23 @@ def test_a_fifo_and_a_dangling_link_in_a_folder_are_named_like_any_unreadable_fi
         choose_input(str(tmp_path / "pipe.png"))  # given alone, it waited for a writer forever
 
 
+def test_auto_size_and_colour_come_from_the_images_a_limit_keeps(tmp_path: Path) -> None:
+    """?limit=N trains on the first N images, but size and colour were chosen from the whole folder: 150 grey
+    32x32 images followed by 300 colour 96x64 ones trained as 96x64 RGB, the choice line naming 450 images."""
+    from aemon.sources import choose_input
+
+    rng = np.random.default_rng(0)
+    for i in range(15):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(tmp_path / f"a{i:03d}.png")
+    for i in range(30):
+        Image.fromarray(rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)).save(tmp_path / f"b{i:03d}.png")
+    prep, why = choose_input(f"{tmp_path}?limit=15")
+    assert prep.size == (32, 32) and prep.color_mode == "grayscale", (prep, why)
+    assert "15 images" in why["size"], why
+    prep, _ = choose_input(str(tmp_path))
+    assert prep.size == (64, 96) and prep.color_mode == "rgb"
+
+
 def test_a_folder_of_nothing_but_unreadable_files_names_them_all(tmp_path: Path) -> None:
     """When no inspected file was readable, choosing the size named the first broken file only (helper's
     attack): every one is named, with their number, as reading the folder does."""
