@@ -6,10 +6,11 @@ import shutil
 from pathlib import Path
 
 from aemon.bundle import Bundle, BundleMeta, read_meta, staged_dir, write_meta
-from aemon.errors import BundleError, UsageError
+from aemon.errors import BundleError, CalibrationError, UsageError
 from aemon.fsio import folder_lock, naming
+from aemon.logs import get_logger
 from aemon.sources import Dataset, provenance
-from aemon.train import calibration_payload
+from aemon.train import calibration_payload, distinct
 
 __all__ = ["recalibrate", "refuse_taken_out"]
 
@@ -42,7 +43,17 @@ def recalibrate(bundle: Bundle, data: Dataset, target_fpr: float | None = None, 
     if out is not None:
         refuse_taken_out(Path(out), bundle.path)
     fpr = bundle.meta.target_fpr if target_fpr is None else target_fpr
-    threshold, calibration = calibration_payload(bundle.score(data.x), fpr, provenance(data.source))
+    x, repeats = distinct(data.x)  # as in training: copies of one image are one sample, not many
+    if repeats:
+        get_logger().warning("calibrate.repeats_dropped", dropped=repeats, kept=len(x),
+                             hint="an image given many times would count as many normal samples; each is used once")
+    try:
+        threshold, calibration = calibration_payload(bundle.score(x), fpr, provenance(data.source))
+    except CalibrationError as exc:
+        if not repeats:
+            raise
+        raise CalibrationError(f"{exc} (distinct images: {len(data.x)} given, {repeats} exact repeats of others "
+                               "used once)") from exc
     if out is None:
         return _update_in_place(bundle, threshold, fpr, calibration)
     meta = _next_revision(bundle.meta, threshold, fpr, calibration)

@@ -233,6 +233,22 @@ def _unseen(tmp_path: Path, digits: np.ndarray, n: int) -> str:
     return str(path)
 
 
+def test_calibrate_uses_each_image_once(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path,
+                                        mnist_digits: np.ndarray) -> None:
+    """200 copies of one image calibrated a threshold "from 200 samples" (one distinct score; 40 % of fresh
+    normal images then flagged at a 1 % target), while train refused the same folder. Repeats count once:
+    too few distinct images are refused, naming the repeats; a few repeats among enough are dropped."""
+    copies = tmp_path / "copies.npy"
+    np.save(copies, np.repeat(mnist_digits[-1:], 200, axis=0))
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", str(copies), "--out", str(tmp_path / "c"))
+    assert code != 0 and "199 exact repeats" in err and not (tmp_path / "c").exists(), err
+    some = tmp_path / "some.npy"
+    np.save(some, np.concatenate([mnist_digits[-150:], mnist_digits[-10:]]))
+    code, _, err = run(capsys, "calibrate", str(tiny_bundle), "--data", str(some), "--target-fpr", "0.05",
+                       "--out", str(tmp_path / "d"))
+    assert code == 0 and read_meta(tmp_path / "d").calibration.n == 150, err
+
+
 def test_calibrate_too_few_samples(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path,
                                    mnist_digits: np.ndarray) -> None:
     """Calibrating on too few samples exits non-zero and names how many are needed."""
