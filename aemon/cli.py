@@ -256,7 +256,7 @@ def _check_out(out: Path, force: bool, src: str) -> None:
     Raises:
         UsageError: what is in the way.
     """
-    from aemon.bundle import is_bundle, replaceable
+    from aemon.bundle import is_bundle, is_shipped, replaceable
     from aemon.sources import local_path, refuse_output_inside
 
     local = local_path(src)
@@ -265,6 +265,8 @@ def _check_out(out: Path, force: bool, src: str) -> None:
         if dest == data or dest in data.parents:
             raise UsageError(f"--out {out} is or holds the training data {src}; choose another --out")
     refuse_output_inside(out, [src], "--out")
+    if is_shipped(out):
+        raise UsageError(f"{out} is a bundle shipped with aemon; it is never replaced: choose another --out")
     if out.exists() or out.is_symlink():
         if not force:
             raise UsageError(f"{out} already exists; choose another --out or pass --force to replace it")

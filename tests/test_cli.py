@@ -224,6 +224,12 @@ def test_calibrate_a_shipped_bundle_by_path_is_never_changed_in_place(capsys: py
     _assert_one_error_line(err)
     assert "shipped" in err and "--out" in err
     assert (shipped / "bundle.json").read_bytes() == original
+    # train --force over it by its folder replaced the default model (found by an attack helper)
+    code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=200", "--arch", "pca", "--latent-dim", "4",
+                       "--target-fpr", "0.1", "--out", str(arg), "--force")
+    assert code == 2 and "shipped" in err, err
+    _assert_one_error_line(err)
+    assert (shipped / "bundle.json").read_bytes() == original
 
 
 def _unseen(tmp_path: Path, digits: np.ndarray, n: int) -> str:
