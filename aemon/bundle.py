@@ -133,7 +133,8 @@ class BundleMeta(BaseModel):
         if self.threshold != expected:
             raise ValueError(f"threshold {self.threshold!r} is not the one its {self.calibration.n} calibration "
                              f"scores give at target FPR {self.target_fpr} ({expected!r}); bundle.json was edited: "
-                             "restore it, or set a threshold with aemon calibrate")
+                             "restore it or train again (thresholds come from normal images: aemon calibrate on "
+                             "the restored bundle, with --target-fpr for another rate)")
         return self
 
     @property

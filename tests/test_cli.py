@@ -255,6 +255,20 @@ def test_calibrate_uses_each_image_once(capsys: pytest.CaptureFixture, tiny_bund
     assert code == 0 and read_meta(tmp_path / "d").calibration.n == 150, err
 
 
+def test_an_edited_threshold_points_to_a_way_back_that_works(capsys: pytest.CaptureFixture, tiny_bundle: Path,
+                                                               tmp_path: Path) -> None:
+    """A hand-edited threshold is refused by every verb with "set a threshold with aemon calibrate", but
+    calibrate refused the bundle with the same words: a dead end (found by an attack helper)."""
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    meta = json.loads((bundle / "bundle.json").read_text())
+    meta["threshold"] = meta["threshold"] * 2
+    (bundle / "bundle.json").write_text(json.dumps(meta))
+    code, _, err = run(capsys, "calibrate", str(bundle), "--data", "sample:mnist?limit=300")
+    assert code != 0 and "was edited" in err and "restore it" in err, err
+    assert "set a threshold with aemon calibrate" not in err, err
+
+
 def test_calibrate_too_few_samples(capsys: pytest.CaptureFixture, tiny_bundle: Path, tmp_path: Path,
                                    mnist_digits: np.ndarray) -> None:
     """Calibrating on too few samples exits non-zero and names how many are needed."""
