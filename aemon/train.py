@@ -63,6 +63,10 @@ class TrainConfig:
         """Raise :class:`UsageError` for impossible values."""
         if self.arch not in ARCHS and self.arch != "auto":
             raise UsageError(f"unknown --arch {self.arch!r}; choose auto or one of {', '.join(ARCHS)}")
+        if self.name is not None and (not self.name.strip() or "/" in self.name
+                                      or any((ch.isspace() and ch != " ") or not ch.isprintable() for ch in self.name)):
+            raise UsageError(f"--name {self.name!r}: a bundle name is one line of printable text without '/' (it "
+                             "shows in records, logs and metric labels)")
         if self.epochs < 1:
             raise UsageError("--epochs must be at least 1")
         if self.batch_size < 1:

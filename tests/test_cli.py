@@ -1088,6 +1088,10 @@ def test_a_code_size_that_cannot_work_is_refused_before_training(capsys: pytest.
     code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--latent-dim", "5",
                        "--out", str(tmp_path / "b"))
     assert code == 2 and "--latent-dim needs a fixed --arch" in err, err
+    for name in ("a/b\nc", "tab\there", " "):  # stored as given, it split info's lines and records' names
+        code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--arch", "pca", "--name", name,
+                           "--out", str(tmp_path / "b"))
+        assert code == 2 and "a bundle name is one line" in err, (name, err)
     code, _, err = run(capsys, "train", "--data", "sample:mnist?limit=300", "--arch", "conv", "--latent-dim", "5",
                        "--out", str(tmp_path / "b"))
     assert code == 2 and "--arch conv" in err and "--latent-dim" in err, err  # the seed's code is fixed: ignored
