@@ -65,7 +65,9 @@ class Recorder:
         m.items.labels(verdict=verdict).inc(rows)
         if verdict == "rejected":
             m.errors.labels(reason=record["reason"]).inc()
-        else:  # with the decision, not at scoring: a batch finished from a dead process's journal counts once
+        elif isinstance(score := record.get("score"), float) and "rows" not in record:  # one image: the quick way
+            m.reconstruction_error.observe(score)  # with the decision, not at scoring (see below)
+        else:  # an array part's rows; with the decision: a batch finished from a dead process's journal counts once
             observe_many(m.reconstruction_error, _scores(record))
         m.item_latency.observe(max(0.0, now - arrived))
         m.last_decision.set(now)
