@@ -413,7 +413,9 @@ def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_and_leaves_no_fi
     """The bundle folder removed (a careless redeploy), then the worker killed (the OOM killer): every new
     worker fails to load. It is started again after 5, 10, 20... seconds (the test waits for 5 and 10), not
     every 5 s forever (which burnt most of a core and left 320 KiB of metric files per try, 1.7 MiB a
-    minute); a failed worker's value files go with it, and the main process goes on deciding."""
+    minute); a failed worker's value files go with it, and the main process goes on deciding. Each failed
+    worker's error line names it: it printed the same "Error: ..." line as the main process would (on a full
+    disk both printed one, one failure shown twice with nothing to tell them apart)."""
     from aemon.bundle import default_bundle_path
 
     bundle = tmp_path / "bundle"
@@ -434,28 +436,9 @@ def test_a_worker_that_cannot_start_is_retried_ever_more_slowly_and_leaves_no_fi
     write_png(root / "inbox" / "still.png", digits[0])
     wait_records(root, 1, daemon)
     assert len(daemon.events("worker.started")) in (2, 3)  # the first and one try (a second after 10 s)
-    assert daemon.stop() == 0, daemon.text()
-
-
-def test_a_workers_error_line_names_the_worker(tmp_path):
-    """A worker that fails printed the same "Error: ..." line as the main process would: on a full disk both
-    printed one, and the journal showed one failure twice with nothing to tell them apart. A worker's line
-    names it; the main process, still running, prints none."""
-    from aemon.bundle import default_bundle_path
-
-    bundle = tmp_path / "bundle"
-    shutil.copytree(default_bundle_path("detect"), bundle)
-    root = new_root(tmp_path)
-    daemon = Daemon(root, tmp_path / "daemon.log", env={"AEMON_WORKERS": "2", "AEMON_MODEL": str(bundle)})
-    daemon.wait_ready()
-    (first,) = _wait_event(daemon, "worker.started")
-    _wait_event(daemon, "worker.ready")
-    shutil.rmtree(bundle)
-    os.kill(first["pid"], signal.SIGKILL)
-    _wait_event(daemon, "worker.exited", 2, timeout=60)  # killed, then the next one failed to load the bundle
     errors = [line for line in daemon.text().splitlines() if line.startswith("Error")]
     assert daemon.stop() == 0, daemon.text()
-    assert errors and all(line.startswith("Error (worker 1): ") for line in errors), errors
+    assert errors and all(line.startswith("Error (worker 1): ") for line in errors), errors  # none of the main's
     assert str(bundle) in errors[0], errors
 
 
