@@ -40,6 +40,8 @@ __all__ = [
     "Folders",
     "staged_dir",
     "remove_stale_staging",
+    "remove_stale_temp_files",
+    "is_temp_name",
     "naming",
 ]
 
@@ -472,6 +474,22 @@ def staged_dir(out: Path, *, overwrite: bool = False, exists_error: Callable[[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def is_temp_name(name: str, suffixes: tuple[str, ...] = ("",)) -> bool:
+    """Whether ``name`` is one :func:`temp_name` gives, with one of ``suffixes``."""
+    return any(name.endswith(suffix) and _TEMP_NAME.fullmatch(name[: len(name) - len(suffix)])
+               for suffix in suffixes)
+
+
+def remove_stale_temp_files(folder: Path, suffixes: tuple[str, ...]) -> None:
+    """Remove the temp files (:func:`temp_name`, with one of ``suffixes``) that writers killed meanwhile left in
+    ``folder``: those unchanged for :data:`STALE_STAGING_SECONDS` (a live writer's are newer)."""
+    for entry in os.scandir(folder):
+        with contextlib.suppress(OSError):
+            if is_temp_name(entry.name, suffixes) and entry.is_file(follow_symlinks=False) and \
+                    time.time() - entry.stat(follow_symlinks=False).st_mtime > STALE_STAGING_SECONDS:
+                os.unlink(entry.path)
 
 
 def remove_stale_staging(folder: Path) -> None:

@@ -12,7 +12,6 @@ import html
 import os
 import re
 import stat
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from aemon.errors import UsageError
-from aemon.fsio import fsync_dir, temp_name, utc_now, write_with
+from aemon.fsio import fsync_dir, is_temp_name, remove_stale_temp_files, temp_name, utc_now, write_with
 from aemon.logs import get_logger
 from aemon.maps import strengths, tinted
 from aemon.ranking import precision_recall_curve, roc_curve
@@ -320,7 +319,7 @@ def check_report_folder(out: Path, sources: Iterable[str] = ()) -> None:
         if local is not None and folder in local.resolve().parents:
             raise UsageError(f"--report {out}: the source {src} is inside the report folder, where a report "
                              "replaces its own files; move the data out or choose another folder")
-    if not out.is_dir() or not any(not _REPORT_TEMP.fullmatch(entry.name) for entry in out.iterdir()):
+    if not out.is_dir() or not any(not is_temp_name(entry.name, _TEMP_SUFFIXES) for entry in out.iterdir()):
         return
     try:
         earlier = _TITLE in (out / INDEX).read_text(errors="replace")
@@ -331,19 +330,8 @@ def check_report_folder(out: Path, sources: Iterable[str] = ()) -> None:
                          "named like its own (roc.png, index.html, ...): choose a new or empty folder")
 
 
-#: The temp names a report draws its figures and page under (:func:`aemon.fsio.temp_name`).
-_REPORT_TEMP = re.compile(r"\.t-[0-9a-f]{12}\.(png|html)")
-#: A temp file of a report unchanged this long was left by a writer that was killed.
-_STALE_TEMP_SECONDS = 60.0
-
-
-def _remove_stale_temps(out: Path) -> None:
-    """Remove the temp files that a report killed while drawing (SIGKILL, the OOM killer) left in ``out``."""
-    for entry in os.scandir(out):
-        with contextlib.suppress(OSError):
-            if _REPORT_TEMP.fullmatch(entry.name) and entry.is_file(follow_symlinks=False) and \
-                    time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_TEMP_SECONDS:
-                os.unlink(entry.path)
+#: The suffixes of the temp names a report draws its figures and page under (:func:`aemon.fsio.temp_name`).
+_TEMP_SUFFIXES = (".png", ".html")
 
 
 #: The figures an index.html shows and links.
@@ -410,7 +398,7 @@ def write_report(out: Path, results, normal, anomalous, *, n_examples: int = 8, 
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temps(out)
+    remove_stale_temp_files(out, _TEMP_SUFFIXES)  # left by a report killed while drawing
     shared, files = _planned_files(results)
     planned = [f.name for f in shared] + [f.name for i in files for f in files[i]] + [INDEX]
     for name in planned:
