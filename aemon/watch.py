@@ -74,6 +74,27 @@ class _Group(InotifyWatchGroup):
         super().on_queue_overflow()
         self.overflowed()
 
+    def on_event(self, event: InotifyEvent) -> None:
+        super().on_event(event)
+        if event.is_moved_from and event.is_directory:
+            self._unwatch_moved_out(event)
+
+    def _unwatch_moved_out(self, event: InotifyEvent) -> None:
+        # A folder renamed away (claimed into .aemon/, rejected whole, moved out by a person) keeps its watches,
+        # which follow the inode: its later events came under its old inbox path, and folders kept in rejected/
+        # held watches for good (fs.inotify.max_user_watches). They go now; a folder renamed within the tree
+        # gets new ones at its IN_MOVED_TO, as any folder renamed in does.
+        with self._lock:
+            parent = self._active_callbacks_by_watch.get(event.wd)
+            if parent is None or not self.is_active:
+                return
+            path = os.path.join(parent, event.name)
+            below = path + b"/"
+            gone = [wd for wd, watched in self._active_callbacks_by_watch.items()
+                    if watched == path or watched.startswith(below)]
+            if gone:
+                self._remove_callbacks(gone)
+
     def _remove_watch_internally(self, wd) -> None:
         # watchdog's own pops both maps unconditionally. A folder moved out of the tree keeps its watch under
         # its old path, and a new folder under that name gets another: the path is then met twice, and the

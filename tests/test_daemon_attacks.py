@@ -1589,3 +1589,38 @@ def test_the_shared_metrics_folder_swapped_for_a_link_while_running_is_never_fol
     assert str(folder) in failed["error"] and "link" in failed["error"], failed
     assert os.listdir(outside) == []
     assert folder.is_symlink()  # the clean-up at exit did not go through it either
+
+
+def _inotify_watches(pid: int) -> int:
+    """inotify watches held by process ``pid`` and its descendants, from /proc/PID/fdinfo."""
+    count = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                count += _inotify_watches(int(child))
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+                count += Path(f"/proc/{pid}/fdinfo/{fd}").read_text().count("inotify wd:")
+    return count
+
+
+def test_folders_kept_whole_in_rejected_do_not_keep_inotify_watches(tmp_path, digits):
+    """A watch follows its folder's inode: every folder batch kept its watches after its claim moved it into
+    .aemon/, and a folder rejected whole kept them from rejected/ for the daemon's life, until
+    fs.inotify.max_user_watches ran out and new folders in the inbox made no events."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        before = _inotify_watches(daemon.proc.pid)
+        for i in range(10):
+            write_png(tmp_path / "stage" / f"cb{i}" / ("L" * 230) / "a.png", digits[0])
+            write_png(tmp_path / "stage" / f"cb{i}" / "good.png", digits[1])
+            os.rename(tmp_path / "stage" / f"cb{i}", root / "inbox" / f"cb{i}")
+        found = [load(p) for p in wait_records(root, 10, daemon)]
+        assert {r["reason"] for r in found} == {"name_too_long"}, found
+        time.sleep(1)
+        assert _inotify_watches(daemon.proc.pid) == before
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+    assert len(os.listdir(root / "rejected")) == 20  # ten folders and their records

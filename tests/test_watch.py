@@ -85,3 +85,49 @@ def test_two_folders_that_had_one_name_leave_the_watch_working_and_stoppable(tmp
     finally:
         watch.stop()  # raised KeyError
         watch.join(5)
+
+
+def _watches() -> int:
+    """inotify watches held by this process (every instance), from /proc/self/fdinfo."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
+                count += Path(f"/proc/self/fdinfo/{fd}").read_text().count("inotify wd:")
+        except OSError:
+            continue
+    return count
+
+
+def test_folders_renamed_away_lose_their_watches_and_renamed_within_keep_working(tmp_path: Path) -> None:
+    """A watch follows its folder's inode: a folder claimed into .aemon/, rejected whole or moved out by a person
+    kept its watches (and reported its later events under its old inbox path), so folders kept in rejected/
+    used up fs.inotify.max_user_watches over a daemon's life."""
+    (tmp_path / "w").mkdir()
+    (tmp_path / "out").mkdir()
+    seen, on_event = _collect(tmp_path)
+    before = _watches()
+    watch = TreeWatch(tmp_path / "w", on_event, lambda: None)
+    watch.start()
+    try:
+        assert _watches() == before + 1
+        for i in range(5):
+            (tmp_path / "w" / f"f{i}" / "sub").mkdir(parents=True)
+        assert not _wait_for(seen, {("create", f"f{i}") for i in range(5)})
+        time.sleep(0.3)
+        assert _watches() == before + 11
+        for i in range(4):
+            (tmp_path / "w" / f"f{i}").rename(tmp_path / "out" / f"f{i}")
+        (tmp_path / "w" / "f4").rename(tmp_path / "w" / "renamed")
+        time.sleep(0.3)
+        assert _watches() == before + 3  # the root, and the folder renamed within the tree with its subfolder
+        seen.clear()
+        (tmp_path / "out" / "f0" / "sub" / "late.png").write_bytes(b"x")
+        (tmp_path / "w" / "renamed" / "sub" / "new.png").write_bytes(b"x")
+        assert not _wait_for(seen, {("close_write", "renamed/sub/new.png")}), seen
+        time.sleep(0.2)
+        assert not [path for _, path in seen if path.startswith("f0")], seen
+    finally:
+        watch.stop()
+        watch.join(5)
+    assert _watches() == before
