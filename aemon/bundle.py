@@ -355,6 +355,7 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
     except Exception as exc:  # Keras raises many types for a bad file
         raise BundleError(f"{model_path} could not be loaded by Keras: {exc}") from exc
     _check_input(path, meta, tuple(model.input_shape[1:]))
+    _check_model(path, meta, model)
     state = _read_state(path, meta)
     try:
         if state and lookup(meta.score_fn).fit is None:
@@ -385,6 +386,28 @@ def _check_input(path: Path, meta: BundleMeta, model_shape: tuple) -> None:
         if shape != model_shape:
             raise BundleError(f"{path}: bundle.json {what} {'x'.join(map(str, shape))} does not match the model's "
                               f"input {'x'.join(map(str, model_shape))}; restore bundle.json or retrain")
+
+
+def _check_model(path: Path, meta: BundleMeta, model) -> None:
+    """``arch``, ``latent_dim`` and ``task`` in ``bundle.json`` must describe the model file (``info``, the
+    ``aemon_model_info`` metric and ``denoise`` read them).
+
+    Raises:
+        BundleError: a value unlike the model's or the training's (bundle.json was edited).
+    """
+    held = model.name.removesuffix("_autoencoder")
+    problem = None
+    if held != meta.arch:
+        problem = f"arch {meta.arch!r}, but {meta.model_file} holds a {held!r} network"
+    elif meta.latent_dim is not None and any(layer.name == "encoder" for layer in model.layers):
+        code = int(np.prod(model.get_layer("encoder").output.shape[1:]))
+        if code != meta.latent_dim:
+            problem = f"latent_dim {meta.latent_dim}, but the model's code has {code} numbers"
+    denoised = meta.training.get("denoise")
+    if problem is None and isinstance(denoised, bool) and denoised != (meta.task == "denoise"):
+        problem = f"task {meta.task!r}, but the model was trained {'to denoise' if denoised else 'to detect'}"
+    if problem is not None:
+        raise BundleError(f"{path}: bundle.json says {problem}; bundle.json was edited: restore it or retrain")
 
 
 def _own_file(path: Path, name: str, what: str) -> Path:

@@ -281,3 +281,32 @@ def test_hand_edited_provenance_is_refused_in_one_line_by_every_verb(tiny_bundle
         errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
         assert run.returncode != 0 and len(errors) == 1 and last in errors[0], (verb, run.stderr[-2000:])
         assert "Traceback" not in run.stderr, (verb, run.stderr[-2000:])
+
+
+@pytest.mark.parametrize(("field", "value"), [("arch", "deep"), ("latent_dim", 16), ("task", "denoise")])
+def test_hand_edits_that_misdescribe_the_model_are_refused_on_loading(tiny_bundle: Path, tmp_path: Path,
+                                                                      mnist_digits: np.ndarray, field: str,
+                                                                      value: object) -> None:
+    """`arch`, `latent_dim` and `task` edited in bundle.json loaded without complaint: `info` and the
+    aemon_model_info metric named another network, and a detect model edited to `denoise` was served by
+    `aemon denoise` and the daemon's denoise mode."""
+    import subprocess
+    import sys
+
+    bundle = _copy(tiny_bundle, tmp_path)
+    meta = json.loads((bundle / META_FILE).read_text())
+    assert meta[field] != value
+    meta[field] = value
+    (bundle / META_FILE).write_text(json.dumps(meta))
+    image = tmp_path / "in" / "a.npy"
+    image.parent.mkdir()
+    np.save(image, mnist_digits[:2])
+    verbs = [["score", str(bundle), str(image)]]
+    if field == "task":
+        verbs.append(["denoise", str(bundle), str(image), "--out", str(tmp_path / "out")])
+    for verb in verbs:
+        run = subprocess.run([sys.executable, "-m", "aemon", *verb], capture_output=True, text=True, timeout=120)
+        errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
+        assert run.returncode != 0 and len(errors) == 1 and f"says {field}" in errors[0], (verb, run.stderr[-2000:])
+        assert "edited" in errors[0] and not run.stdout, (verb, run.stdout[-500:])
+    assert not (tmp_path / "out").exists()
