@@ -258,13 +258,10 @@ def test_a_killed_writers_staging_folder_is_removed_by_the_next_bundle_beside_it
     ("training.n_fit", "x"), ("latent_dim", -5), ("auto", [1])])
 def test_hand_edited_provenance_is_refused_in_one_line_by_every_verb(tiny_bundle: Path, tmp_path: Path,
                                                                      mnist_digits: np.ndarray, field: str,
-                                                                     value: object) -> None:
+                                                                     value: object, capsys) -> None:
     """`info` with preprocessing.choices not an object, `evaluate` and `calibrate` with training.source not a
     string ended in tracebacks; other wrong types (a count "x", latent -5) loaded and were shown as they were.
-    Every verb now refuses such a bundle with one line."""
-    import subprocess
-    import sys
-
+    Every verb now refuses such a bundle with one line (the command line's own ``main``, in this process)."""
     bundle = _copy(tiny_bundle, tmp_path)
     meta = json.loads((bundle / META_FILE).read_text())
     *parents, last = field.split(".")
@@ -277,22 +274,19 @@ def test_hand_edited_provenance_is_refused_in_one_line_by_every_verb(tiny_bundle
     np.save(data, mnist_digits[:120])
     for verb in (["info", str(bundle)], ["evaluate", str(bundle), "--normal", str(data), "--anomalous", str(data)],
                  ["calibrate", str(bundle), "--data", str(data), "--out", str(tmp_path / "cal")]):
-        run = subprocess.run([sys.executable, "-m", "aemon", *verb], capture_output=True, text=True, timeout=120)
-        errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
-        assert run.returncode != 0 and len(errors) == 1 and last in errors[0], (verb, run.stderr[-2000:])
-        assert "Traceback" not in run.stderr, (verb, run.stderr[-2000:])
+        code, _, err = _main(capsys, verb)
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert code != 0 and len(errors) == 1 and last in errors[0], (verb, err[-2000:])
+        assert "Traceback" not in err, (verb, err[-2000:])
 
 
 @pytest.mark.parametrize(("field", "value"), [("arch", "deep"), ("latent_dim", 16), ("task", "denoise")])
 def test_hand_edits_that_misdescribe_the_model_are_refused_on_loading(tiny_bundle: Path, tmp_path: Path,
                                                                       mnist_digits: np.ndarray, field: str,
-                                                                      value: object) -> None:
+                                                                      value: object, capsys) -> None:
     """`arch`, `latent_dim` and `task` edited in bundle.json loaded without complaint: `info` and the
     aemon_model_info metric named another network, and a detect model edited to `denoise` was served by
     `aemon denoise` and the daemon's denoise mode."""
-    import subprocess
-    import sys
-
     bundle = _copy(tiny_bundle, tmp_path)
     meta = json.loads((bundle / META_FILE).read_text())
     assert meta[field] != value
@@ -305,8 +299,18 @@ def test_hand_edits_that_misdescribe_the_model_are_refused_on_loading(tiny_bundl
     if field == "task":
         verbs.append(["denoise", str(bundle), str(image), "--out", str(tmp_path / "out")])
     for verb in verbs:
-        run = subprocess.run([sys.executable, "-m", "aemon", *verb], capture_output=True, text=True, timeout=120)
-        errors = [line for line in run.stderr.splitlines() if line.startswith("Error:")]
-        assert run.returncode != 0 and len(errors) == 1 and f"says {field}" in errors[0], (verb, run.stderr[-2000:])
-        assert "edited" in errors[0] and not run.stdout, (verb, run.stdout[-500:])
+        code, out, err = _main(capsys, verb)
+        errors = [line for line in err.splitlines() if line.startswith("Error:")]
+        assert code != 0 and len(errors) == 1 and f"says {field}" in errors[0], (verb, err[-2000:])
+        assert "edited" in errors[0] and not out, (verb, out[-500:])
     assert not (tmp_path / "out").exists()
+
+
+def _main(capsys: pytest.CaptureFixture, argv: list[str]) -> tuple[int, str, str]:
+    """``aemon ARGV`` through the command line's ``main`` in this process: (exit status, stdout, stderr)."""
+    from aemon.cli import main
+
+    capsys.readouterr()
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
