@@ -501,7 +501,7 @@ def unit_pixels(raw: np.ndarray, name: str) -> np.ndarray:
     """
     if raw.dtype == np.uint8:  # the common case, always in range: one pass
         return np.divide(raw, np.float32(255.0), dtype=np.float32)
-    if raw.dtype == np.uint16:  # always in range too
+    if _is_16_bit(raw.dtype):  # always in range too
         return np.divide(raw, np.float32(65535.0), dtype=np.float32)
     if raw.dtype.kind == "f" and not np.isfinite(raw).all():
         raise Unreadable(f"{name} contains NaN or infinite values")
@@ -527,9 +527,14 @@ UNIT_SLACK = 1 / 510
 def _full_scale(dtype: np.dtype, high: float) -> float:
     """The value of white in pixels of ``dtype`` whose largest value is ``high``: 65535 for ``uint16``, 255
     for other integers and floats above 1 (+ :data:`UNIT_SLACK`), else 1."""
-    if dtype == np.uint16:
+    if _is_16_bit(dtype):
         return 65535.0
     return 255.0 if dtype.kind in "ui" or high > 1.0 + UNIT_SLACK else 1.0
+
+
+def _is_16_bit(dtype: np.dtype) -> bool:
+    """``uint16`` in either byte order (``>u2`` is not ``== np.uint16``: an array saved on a big-endian machine)."""
+    return dtype.kind == "u" and dtype.itemsize == 2
 
 
 def input_to_array(pixels: np.ndarray, like: np.ndarray) -> np.ndarray:

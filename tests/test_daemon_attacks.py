@@ -481,6 +481,36 @@ def test_a_16_bit_array_scores_like_its_8_bit_twin(shared, tmp_path, digits):
         assert np.array_equal(kept, rows[[row["index"] for row in part["rows"]]].astype(np.uint16) * 257)
 
 
+def test_a_big_endian_16_bit_array_scores_like_its_little_endian_twin(shared, tmp_path, digits):
+    """The 16-bit rule compared dtypes with uint16, which a big-endian ``>u2`` array (saved on another
+    machine, or by a camera's SDK) is not: over the full range it was refused as unreadable, and with small
+    values it was divided by 255 instead of 65535 (another score, another verdict; a helper's attack)."""
+    root, inbox = shared.root, shared.root / "inbox"
+    before = len(records(root))
+    staging = tmp_path / "stage"
+    staging.mkdir()
+    full = digits[30:34].astype(np.uint16) * 257
+    dark = digits[30:34].astype(np.uint16)  # values 0-255 in a 16-bit array: very dark pictures
+    for name, rows in (("le.npy", full.astype("<u2")), ("be.npy", full.astype(">u2")),
+                       ("le-dark.npy", dark.astype("<u2")), ("be-dark.npy", dark.astype(">u2"))):
+        np.save(staging / name, rows)
+    _publish(staging, inbox)
+    wait_records(root, before + 4, shared)
+    seen = by_item(root)
+    for name in ("be.npy", "be-dark.npy"):
+        assert all(r["verdict"] != "rejected" for r in seen[name]), seen[name]
+
+    def scores(item: str) -> dict[int, float]:
+        return {row["index"]: row["score"] for part in seen[item] for row in part["rows"]}
+
+    assert scores("be.npy") == pytest.approx(scores("le.npy"), rel=1e-6)
+    assert scores("be-dark.npy") == pytest.approx(scores("le-dark.npy"), rel=1e-6)
+    for part in seen["be.npy"]:  # each part keeps the rows exactly, byte order included
+        kept = np.load(root / part["path"])
+        assert kept.dtype == np.dtype(">u2")
+        assert np.array_equal(kept, full[[row["index"] for row in part["rows"]]])
+
+
 def test_an_animated_png_of_many_frames_is_scored_by_its_first(shared, tmp_path, digits):
     """An APNG of 600 frames was rejected as unreadable (each frame's two chunks counted as metadata, against a
     limit of 1,000): it is scored by its first frame, like a GIF of as many frames (helper's attack)."""
