@@ -254,10 +254,13 @@ def open_image(source: Path | BinaryIO, name: str | None = None) -> Image.Image:
 
 
 def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1–8) as Pillow's ``exif_transpose`` applies it: a tag that is no number (text, a
+    list) is ignored there, and so here, or the displayed size would be turned while the pixels are not."""
     try:
-        return int(img.getexif().get(0x0112, 1))
+        value = img.getexif().get(0x0112, 1)
     except (ValueError, TypeError, SyntaxError, OSError):  # a broken EXIF block: keep the pixels as stored
         return 1
+    return value if type(value) is int and 1 <= value <= 8 else 1
 
 
 def upright(img: Image.Image) -> Image.Image:
