@@ -329,10 +329,14 @@ def score_paths(bundle, paths: Iterable[Path | str], limits: Limits, maps: Path 
     and named in its record's ``map``.
     """
     router = Router(Path(os.path.abspath(maps))) if maps is not None else None
+    paths = list(paths)
+    # Named datasets (sample:..., keras:...) load first: one that cannot be used (an unknown option, another
+    # shape, offline) stops the run before any record, not after some inputs with the rest never scored.
+    named = {arg: load_source(arg, bundle.preprocessing, limits).x for arg in paths if isinstance(arg, str)}
     for arg in paths:
-        if isinstance(arg, str):  # a named dataset (sample:..., keras:...): its images are rows
+        if isinstance(arg, str):  # a named dataset: its images are rows
             units = [Unit(Path(arg), arg, arrived=time.time())]
-            units[0].x = load_source(arg, bundle.preprocessing, limits).x
+            units[0].x = named[arg]
             yield from _score_records(bundle, units, router, maps, rows=True)
             continue
         for batch in _decoded_batches([arg], bundle.preprocessing, limits):

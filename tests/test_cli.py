@@ -1286,3 +1286,19 @@ def test_train_on_sample_elpv_without_its_package_is_one_line(capsys: pytest.Cap
     assert code == 1 and out == "", out
     assert err.strip().count("\n") == 0 and "pip install" in err, err
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("named", ["sample:mnist?digit=1", "sample:nothing"])
+def test_a_named_dataset_that_cannot_be_scored_stops_score_before_any_record(capsys: pytest.CaptureFixture,
+                                                                              tiny_bundle: Path, tmp_path: Path,
+                                                                              mnist_digits: np.ndarray,
+                                                                              named: str) -> None:
+    """A named dataset that cannot be used among other inputs stopped `score` where it stood: the inputs
+    before it had records and those after it none, with the exit status of a run whose items were only
+    rejected (a helper's attack). Named datasets load first, so such a run prints no record at all."""
+    for name in ("a.png", "b.png"):
+        Image.fromarray(mnist_digits[0]).save(tmp_path / name)
+    code, out, err = run(capsys, "score", str(tiny_bundle), str(tmp_path / "a.png"), named, str(tmp_path / "b.png"))
+    assert code != 0 and out == "", out
+    errors = [line for line in err.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and named.split("?")[0] in errors[0], err
