@@ -61,6 +61,14 @@ def configure(fmt: str | None = None, level: str = "INFO", stream=None, **fields
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=False,
     )
+    warnings.showwarning = _log_warning
+
+
+def _log_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A library's warning (Pillow's about a file's metadata) as one ``library.warning`` event, not the two
+    plain lines Python prints on stderr, which would break a JSON log."""
+    get_logger().warning("library.warning", category=category.__name__, message=str(message),
+                         where=f"{filename}:{lineno}")
 
 
 def readable(text: str) -> str:

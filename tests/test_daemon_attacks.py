@@ -1654,3 +1654,27 @@ def test_folders_kept_whole_in_rejected_do_not_keep_inotify_watches(tmp_path, di
     finally:
         assert daemon.stop() == 0, daemon.text()
     assert len(os.listdir(root / "rejected")) == 20  # ten folders and their records
+
+
+def test_a_library_warning_is_one_log_event_not_raw_lines(tmp_path, digits):
+    """Pillow's warnings (here an EXIF orientation with two values) went to stderr as Python prints them, two
+    lines of plain text in a JSON log (stdout and stderr are one stream under systemd and in containers; a
+    helper's attack). A warning is now one event, `library.warning`, in the log's own format."""
+    import struct
+
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        exif = (b"Exif\0\0II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHI", 0x0112, 3, 2)
+                + struct.pack("<HH", 6, 1) + struct.pack("<I", 0))
+        staging = tmp_path / "stage"
+        staging.mkdir()
+        Image.fromarray(digits[0]).save(staging / "two-values.jpg", exif=exif)
+        os.rename(staging / "two-values.jpg", root / "inbox" / "two-values.jpg")
+        wait_records(root, 1, daemon)
+    finally:
+        assert daemon.stop() == 0, daemon.text()
+    lines = (tmp_path / "daemon.log").read_text().splitlines()
+    assert lines and all(line.startswith("{") and json.loads(line) for line in lines), lines[-5:]
+    (warning,) = [e for e in map(json.loads, lines) if e["event"] == "library.warning"]
+    assert "tag 274" in warning["message"] and warning["category"] == "UserWarning", warning
