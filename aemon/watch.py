@@ -15,6 +15,7 @@ every event: see the README ("The daemon", "Measured"). The stand-in relies on w
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,6 +32,9 @@ __all__ = ["EVENT_MASK", "TreeWatch"]
 # with id ... already exists"), lines that would break a JSON log.
 warnings.filterwarnings("ignore", message="Callback with id .* already exists", category=RuntimeWarning,
                         module="watchdog")
+
+#: Seconds a folder renamed away keeps its watches: time for its IN_MOVED_TO to show it was renamed within the tree.
+LEAVE_SECONDS = 1.0
 
 #: What the taking rule needs: entries made, renamed in or out, written to, closed after writing, deleted.
 EVENT_MASK = (InotifyConstants.IN_CREATE | InotifyConstants.IN_MOVE | InotifyConstants.IN_MODIFY
@@ -68,6 +72,7 @@ class _Group(InotifyWatchGroup):
 
     def __post_init__(self) -> None:
         self._move_event_grouper = _PassOn(self.forward)  # before the watches exist: no event is missed
+        self._leaving: dict[int, float] = {}  # watch -> when its folder was renamed away (monotonic seconds)
         super().__post_init__()
 
     def on_queue_overflow(self) -> None:
@@ -77,22 +82,36 @@ class _Group(InotifyWatchGroup):
     def on_event(self, event: InotifyEvent) -> None:
         super().on_event(event)
         if event.is_moved_from and event.is_directory:
-            self._unwatch_moved_out(event)
+            self._moved_away(event)
+        if self._leaving:
+            self._unwatch_left()
 
-    def _unwatch_moved_out(self, event: InotifyEvent) -> None:
-        # A folder renamed away (claimed into .aemon/, rejected whole, moved out by a person) keeps its watches,
-        # which follow the inode: its later events came under its old inbox path, and folders kept in rejected/
-        # held watches for good (fs.inotify.max_user_watches). They go now; a folder renamed within the tree
-        # gets new ones at its IN_MOVED_TO, as any folder renamed in does.
+    def _moved_away(self, event: InotifyEvent) -> None:
+        # A watch follows its folder's inode: a folder renamed out of the tree (claimed into .aemon/, rejected
+        # whole, moved out by a person) kept its watches, its later events came under its old inbox path, and
+        # folders kept in rejected/ held watches for good (fs.inotify.max_user_watches). Its watches are marked
+        # here and removed a little later, unless the folder is met again below the root first: a folder
+        # renamed within the tree gets its own watches back at its IN_MOVED_TO (``_add_callback``), so its
+        # events never stop, not even between the two halves of the rename.
         with self._lock:
             parent = self._active_callbacks_by_watch.get(event.wd)
-            if parent is None or not self.is_active:
+            if parent is None:
                 return
             path = os.path.join(parent, event.name)
             below = path + b"/"
-            gone = [wd for wd, watched in self._active_callbacks_by_watch.items()
-                    if watched == path or watched.startswith(below)]
-            if gone:
+            now = time.monotonic()
+            for wd, watched in self._active_callbacks_by_watch.items():
+                if watched == path or watched.startswith(below):
+                    self._leaving.setdefault(wd, now)
+
+    def _unwatch_left(self) -> None:
+        """Remove the watches of folders renamed away over :data:`LEAVE_SECONDS` ago and not met again."""
+        with self._lock:
+            due = time.monotonic() - LEAVE_SECONDS
+            gone = [wd for wd, since in self._leaving.items() if since <= due]
+            for wd in gone:
+                del self._leaving[wd]
+            if gone and self.is_active:
                 self._remove_callbacks(gone)
 
     def _remove_watch_internally(self, wd) -> None:
@@ -107,6 +126,9 @@ class _Group(InotifyWatchGroup):
         # watchdog swallows a failure to watch a folder below the root (it may have gone meanwhile); a
         # folder still there was refused a watch (fs.inotify.max_user_watches): its files make no events.
         super()._add_callback(path)
+        wd = self._active_callbacks_by_path.get(path)
+        if wd is not None:
+            self._leaving.pop(wd, None)  # the same inode, met again below the root: renamed within the tree
         if path not in self._active_callbacks_by_path and os.path.isdir(path) and not os.path.islink(path):
             self.unwatched(path)
 

@@ -1649,11 +1649,17 @@ def test_folders_kept_whole_in_rejected_do_not_keep_inotify_watches(tmp_path, di
             os.rename(tmp_path / "stage" / f"cb{i}", root / "inbox" / f"cb{i}")
         found = [load(p) for p in wait_records(root, 10, daemon)]
         assert {r["reason"] for r in found} == {"name_too_long"}, found
-        time.sleep(1)
+        time.sleep(1.5)  # a folder renamed away keeps its watches a second (a rename within the inbox ends first)
+        write_png(root / "inbox" / "later.png", digits[2])  # any later event removes them
+        wait_records(root, 11, daemon)
+        deadline = time.monotonic() + 10
+        while _inotify_watches(daemon.proc.pid) != before and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert _inotify_watches(daemon.proc.pid) == before
     finally:
         assert daemon.stop() == 0, daemon.text()
     assert len(os.listdir(root / "rejected")) == 20  # ten folders and their records
+    assert (root / "ok" / "later.png").exists() or (root / "anomaly" / "later.png").exists()
 
 
 def test_a_library_warning_is_one_log_event_not_raw_lines(tmp_path, digits):
