@@ -188,9 +188,11 @@ def decode_image(path: Path, prep: Preprocessing = Preprocessing(), limits: Limi
         return _image_pixels(fp, path.name, prep, limits)[0]
 
 
-#: A side shrunk more than twice this many times is first reduced by whole steps (``Image.reduce``, averages of
-#: blocks), then resized: the bilinear filter's table grows with the shrinking, 0.7 GB for a 1x40,000,000 line
-#: PNG of 78 KB (within the pixel limit) shrunk to 28. Images shrunk less, every camera frame, are untouched.
+#: An image with a side longer than this is first reduced by whole steps (``Image.reduce``, averages of blocks)
+#: to within :data:`RESIZE_GAP` times the bundle's size, then resized: the bilinear filter's table takes about
+#: 16 bytes per pixel of the side, 0.7 GB for a 1x40,000,000 line PNG of 78 KB (within the pixel limit).
+#: No camera frame has such a side: those decode exactly as they always did.
+LONG_SIDE = 1 << 16
 RESIZE_GAP = 64.0
 
 
@@ -213,8 +215,8 @@ def _image_pixels(fp: BinaryIO, name: str, prep: Preprocessing, limits: Limits) 
     except (OSError, ValueError, SyntaxError, EOFError) as exc:
         raise Unreadable(f"{name} could not be decoded: {exc}") from exc
     if converted.size != (prep.size[1], prep.size[0]):
-        converted = converted.resize((prep.size[1], prep.size[0]), Image.Resampling.BILINEAR,
-                                     reducing_gap=RESIZE_GAP)
+        gap = RESIZE_GAP if max(converted.size) > LONG_SIDE else None
+        converted = converted.resize((prep.size[1], prep.size[0]), Image.Resampling.BILINEAR, reducing_gap=gap)
     pixels = np.asarray(converted, dtype=np.float32)
     if converted.mode in ("L", "RGB"):
         pixels /= 255.0  # in [0, 1] already
@@ -262,12 +264,15 @@ def open_image(source: Path | BinaryIO, name: str | None = None) -> Image.Image:
 
 def _orientation(img: Image.Image) -> int:
     """The EXIF orientation (1–8) as Pillow's ``exif_transpose`` applies it: a tag that is no number (text, a
-    list) is ignored there, and so here, or the displayed size would be turned while the pixels are not."""
+    list) is ignored there, and so here, or the displayed size would be turned while the pixels are not;
+    a rational or float 6 is 6 there, and here."""
     try:
-        value = img.getexif().get(0x0112, 1)
+        return _ORIENTATIONS.get(img.getexif().get(0x0112, 1), 1)  # a lookup, as Pillow's: 6.0 is 6, "6" none
     except (ValueError, TypeError, SyntaxError, OSError):  # a broken EXIF block: keep the pixels as stored
         return 1
-    return value if type(value) is int and 1 <= value <= 8 else 1
+
+
+_ORIENTATIONS = {value: value for value in range(1, 9)}
 
 
 def upright(img: Image.Image) -> Image.Image:

@@ -1021,26 +1021,32 @@ def test_a_camera_photo_is_scored_and_denoised_as_displayed(capsys: pytest.Captu
         assert img.size == (28, 56)
 
 
-def test_an_orientation_tag_that_viewers_ignore_is_ignored_for_sizes_too(capsys: pytest.CaptureFixture,
-                                                                           tiny_denoise_bundle: Path,
-                                                                           tmp_path: Path) -> None:
+@pytest.mark.parametrize(("kind", "stored", "shown"), [("text", "6", (64, 48)), ("rational", 6.0, (48, 64))])
+def test_an_orientation_tag_is_applied_to_sizes_exactly_as_to_pixels(capsys: pytest.CaptureFixture,
+                                                                      tiny_denoise_bundle: Path, tmp_path: Path,
+                                                                      kind: str, stored: object,
+                                                                      shown: tuple[int, int]) -> None:
     """An EXIF orientation stored as text ("6", not a number) was read as a quarter turn for the displayed
     size, while Pillow (like viewers) leaves the pixels unturned: the denoised output and the map came out
-    48x64 for a 64x48 photo, the picture squeezed (a helper's attack). Such a tag is ignored throughout."""
+    48x64 for a 64x48 photo, the picture squeezed (a helper's attack). Such a tag is ignored throughout; a
+    rational 6, which Pillow applies, turns both (a reviewer's catch in the first fix)."""
     import struct
 
     photo = np.zeros((48, 64, 3), np.uint8)
     photo[5:20, 5:30] = 255
-    exif = (b"Exif\0\0II*\0" + struct.pack("<IH", 8, 1) + struct.pack("<HHI", 0x0112, 2, 2) + b"6\0\0\0"
-            + struct.pack("<I", 0))
-    Image.fromarray(photo).save(tmp_path / "text-tag.jpg", exif=exif, quality=95)
-    with Image.open(tmp_path / "text-tag.jpg") as img:
-        assert img.getexif().get(0x0112) == "6"
-    code, _, err = run(capsys, "denoise", str(tiny_denoise_bundle), str(tmp_path / "text-tag.jpg"),
+    head = b"Exif\0\0II*\0" + struct.pack("<IH", 8, 1)
+    if kind == "text":
+        exif = head + struct.pack("<HHI", 0x0112, 2, 2) + b"6\0\0\0" + struct.pack("<I", 0)
+    else:  # RATIONAL 6/1, stored after the directory
+        exif = head + struct.pack("<HHII", 0x0112, 5, 1, 26) + struct.pack("<I", 0) + struct.pack("<II", 6, 1)
+    Image.fromarray(photo).save(tmp_path / "tagged.jpg", exif=exif, quality=95)
+    with Image.open(tmp_path / "tagged.jpg") as img:
+        assert img.getexif().get(0x0112) == stored
+    code, _, err = run(capsys, "denoise", str(tiny_denoise_bundle), str(tmp_path / "tagged.jpg"),
                        "--out", str(tmp_path / "out"))
     assert code == 0, err
-    with Image.open(tmp_path / "out" / "text-tag.jpg.png") as img:
-        assert img.size == (64, 48)
+    with Image.open(tmp_path / "out" / "tagged.jpg.png") as img:
+        assert img.size == shown
 
 
 def test_floats_a_rounding_error_above_one_are_not_taken_as_0_to_255(capsys: pytest.CaptureFixture,
