@@ -332,11 +332,12 @@ def score_paths(bundle, paths: Iterable[Path | str], limits: Limits, maps: Path 
     paths = list(paths)
     # Named datasets (sample:..., keras:...) load first: one that cannot be used (an unknown option, another
     # shape, offline) stops the run before any record, not after some inputs with the rest never scored.
-    named = {arg: load_source(arg, bundle.preprocessing, limits).x for arg in paths if isinstance(arg, str)}
+    # Each is let go once scored (one given twice is loaded twice).
+    named = [load_source(arg, bundle.preprocessing, limits).x for arg in paths if isinstance(arg, str)]
     for arg in paths:
         if isinstance(arg, str):  # a named dataset: its images are rows
             units = [Unit(Path(arg), arg, arrived=time.time())]
-            units[0].x = named[arg]
+            units[0].x = named.pop(0)
             yield from _score_records(bundle, units, router, maps, rows=True)
             continue
         for batch in _decoded_batches([arg], bundle.preprocessing, limits):

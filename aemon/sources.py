@@ -258,9 +258,9 @@ def _filter(x: np.ndarray, labels: np.ndarray | None, options: dict[str, str], s
         keep = np.isin(labels, digits)
         x, labels = x[keep], labels[keep]
     limit = _limit(options, src)
-    if limit is not None:
-        x = x[:limit]
-        labels = None if labels is None else labels[:limit]
+    if limit is not None and limit < len(x):  # a copy: a view would keep the whole set in memory
+        x = x[:limit].copy()
+        labels = None if labels is None else labels[:limit].copy()
     if len(x) == 0:
         raise SourceError(f"{src} holds no images after filtering")
     return x, labels
