@@ -65,6 +65,10 @@ _MOVED_IN, _CREATED, _WRITING, _CLOSED, _CHANGED = "moved_in", "created", "writi
 _FOLDER_MOVED_IN = "folder_moved_in"
 # An entry of the inbox itself renamed out or deleted (claimed by another process, moved away by a user).
 _GONE = "gone"
+# A folder renamed away (told apart from files by the watch: inside an entry it becomes _RELIST).
+_FOLDER_GONE = "folder_gone"
+# A folder renamed inside a folder entry: the paths of its files changed, those seen open among them too.
+_RELIST = "relist"
 # Listed by a scan, not told by inotify.
 _LISTED = "listed"
 #: An entry only listed by a scan waits this long before it may be taken: after a stall of the process
@@ -187,8 +191,12 @@ class Inbox:
         name, _, inner = rel.partition("/")
         if not name or is_ignored(name):
             return
-        if kind in (_MOVED_IN, _FOLDER_MOVED_IN, _GONE) and inner:
+        if inner and kind in (_FOLDER_MOVED_IN, _FOLDER_GONE):
+            kind = _RELIST
+        elif inner and kind in (_MOVED_IN, _GONE):
             kind = _CHANGED  # a file moved into or out of a folder entry: the folder still settles
+        elif kind == _FOLDER_GONE:
+            kind = _GONE
         self._events.put((name, kind, rel))
         self._wakeup.set()
 
@@ -216,7 +224,9 @@ class Inbox:
         """One raw inotify event (on watchdog's reader thread): its kind, as :class:`_Handler` tells them."""
         if event.is_moved_to:
             kind = _FOLDER_MOVED_IN if event.is_directory else _MOVED_IN
-        elif event.is_moved_from or event.is_delete:
+        elif event.is_moved_from:
+            kind = _FOLDER_GONE if event.is_directory else _GONE
+        elif event.is_delete:
             kind = _GONE
         elif event.is_directory:
             if not event.is_create:
@@ -501,6 +511,13 @@ class Inbox:
                 cand.open_files.add(rel)
             elif kind == _CLOSED:
                 cand.open_files.discard(rel)
+            elif kind == _RELIST:
+                # The files seen open below the folder's old path are known by that path no more, and one of
+                # them may be written on under its new one (where /proc shows its writer): the entry's files
+                # are listed again and looked up in /proc before it is taken.
+                below = rel + "/"
+                cand.open_files = {f for f in cand.open_files if not f.startswith(below)}
+                self._unlisted.add(name)
 
     def _written(self, cand: _Candidate) -> bool | None:
         """Whether a process still holds one of ``cand``'s open files for writing: True (seen in a ``/proc`` that

@@ -429,6 +429,32 @@ def test_files_still_written_under_another_name_or_in_a_folder_renamed_in_wait_f
     assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
 
 
+def test_a_file_written_on_after_its_subfolder_was_renamed_waits_for_its_writer(tmp_path, digits):
+    """A helper's attack: a file being written in a subfolder that is renamed (``x/.up`` to ``x/sub``, an upload
+    made visible inside a folder) kept its old path among the files the inbox saw open, so the /proc check
+    looked for a writer of ``x/.up/f.png``, found none (the writer holds ``x/sub/f.png``) and the folder was
+    taken: the file was rejected as truncated while its writer wrote on. The same for a folder renamed in
+    whose subfolder is renamed while a file in it is written."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
+    whole = write_png(tmp_path / "whole.png", digits[2]).read_bytes()
+    inbox = root / "inbox"
+    write_png(inbox / "x" / "keep.png", digits[3])
+    (inbox / "x" / ".up").mkdir()
+    in_place = half_written(inbox / "x" / ".up" / "f.png", whole)
+    write_png(tmp_path / "c" / "a.png", digits[4])
+    (tmp_path / "c" / ".s").mkdir()
+    renamed_in = half_written(tmp_path / "c" / ".s" / "g.png", whole)
+    time.sleep(0.2)
+    (inbox / "x" / ".up").rename(inbox / "x" / "sub")
+    (tmp_path / "c").rename(inbox / "c")
+    time.sleep(0.5)
+    (inbox / "c" / ".s").rename(inbox / "c" / "s")
+    found = finish_and_stop(daemon, [in_place, renamed_in], whole[len(whole) // 2 :], 4)
+    assert sorted(found) == ["c/a.png", "c/s/g.png", "x/keep.png", "x/sub/f.png"], found
+    assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
+
+
 def test_a_folder_made_in_the_inbox_and_filled_later_is_scored_not_rejected_as_empty(tmp_path, digits):
     """Found by attacking a daemon: ``rsync --temp-dir`` (and ``mkdir`` then ``cp``) makes the folder first and
     fills it later. The empty folder was taken once settled and rejected as empty, and the files written
