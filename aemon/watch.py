@@ -80,6 +80,12 @@ class _Group(InotifyWatchGroup):
         self.overflowed()
 
     def on_event(self, event: InotifyEvent) -> None:
+        if event.wd in self._leaving:
+            # Of a folder renamed away, whose watch still maps to its old path below the root, which another
+            # folder may have taken since: passed on, its events spoke for that folder (a close hid a file it
+            # had open; a subfolder renamed in the old copy marked the new one's as gone).
+            self._unwatch_left()
+            return
         super().on_event(event)
         if event.is_moved_from and event.is_directory:
             self._moved_away(event)

@@ -145,3 +145,37 @@ def test_folders_renamed_away_lose_their_watches_and_renamed_within_keep_working
         watch.stop()
         watch.join(5)
     assert _watches() == before
+
+
+def test_events_of_a_folder_renamed_away_never_speak_for_a_new_folder_of_its_name(tmp_path: Path) -> None:
+    """A folder renamed away keeps its watches a second, still under its old path, which a new folder may
+    take at once (a folder claimed, and another dropped under its name). Its events then spoke for the new
+    one: the close of a file in the old copy hid an open file of the new (taken half written), and a
+    subfolder renamed in the old copy marked the new folder's own subfolder as gone, whose watch was then
+    removed for good: its files made no events (a helper's attack, in 5 of 5 and 10 of 10 tries)."""
+    (tmp_path / "w" / "c" / "s").mkdir(parents=True)
+    (tmp_path / "out").mkdir()
+    seen, on_event = _collect(tmp_path)
+    watch = TreeWatch(tmp_path / "w", on_event, lambda: None)
+    watch.start()
+    try:
+        old = open(tmp_path / "w" / "c" / "f.png", "wb")  # noqa: SIM115 - closed below, after the move
+        old.write(b"x")
+        old.flush()
+        assert not _wait_for(seen, {("modify", "c/f.png")})
+        (tmp_path / "w" / "c").rename(tmp_path / "out" / "c")
+        (tmp_path / "w" / "c" / "s").mkdir(parents=True)
+        assert not _wait_for(seen, {("create", "c"), ("create", "c/s")})
+        seen.clear()
+        old.close()  # the old copy's file, outside the tree now
+        (tmp_path / "out" / "c" / "s").rename(tmp_path / "out" / "c" / "t")  # the old copy's subfolder
+        time.sleep(0.3)
+        assert not [e for e in seen if e[1].startswith("c")], seen
+        time.sleep(1.0)  # past the second a folder renamed away keeps its watches
+        (tmp_path / "w" / "poke").write_bytes(b"x")
+        time.sleep(0.3)
+        (tmp_path / "w" / "c" / "s" / "new.png").write_bytes(b"x")
+        assert not _wait_for(seen, {("close_write", "c/s/new.png")}), seen
+    finally:
+        watch.stop()
+        watch.join(5)
