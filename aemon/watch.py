@@ -131,6 +131,10 @@ class _Group(InotifyWatchGroup):
     def _add_callback(self, path: bytes) -> None:
         # watchdog swallows a failure to watch a folder below the root (it may have gone meanwhile); a
         # folder still there was refused a watch (fs.inotify.max_user_watches): its files make no events.
+        if self._active_callbacks_by_path.get(path) in self._leaving:
+            # The path's entry is a folder renamed away: if the add below fails (a folder made and removed at
+            # once under its name), the look-up after it must not take that folder for one met again.
+            del self._active_callbacks_by_path[path]
         super()._add_callback(path)
         wd = self._active_callbacks_by_path.get(path)
         if wd is not None:

@@ -179,3 +179,37 @@ def test_events_of_a_folder_renamed_away_never_speak_for_a_new_folder_of_its_nam
     finally:
         watch.stop()
         watch.join(5)
+
+
+def test_a_name_made_and_removed_at_once_never_keeps_a_folder_renamed_away(tmp_path: Path) -> None:
+    """A folder made and removed at once under the name of one just renamed away: by the time the reader
+    added its watch it was gone, and the look-up of the path met watchdog's stale entry, the old folder's
+    watch, which was then kept for good: its events spoke for the next folder of that name (a close hid a
+    file the new one had open) and it leaked (a helper's attack: 10 of 10 tries)."""
+    (tmp_path / "w").mkdir()
+    (tmp_path / "out").mkdir()
+    seen, on_event = _collect(tmp_path)
+    before = _watches()
+    watch = TreeWatch(tmp_path / "w", on_event, lambda: None)
+    watch.start()
+    try:
+        for i in range(5):
+            (tmp_path / "w" / f"c{i}").mkdir()
+        assert not _wait_for(seen, {("create", f"c{i}") for i in range(5)})
+        assert _wait_watches(before + 6) == before + 6
+        old = [open(tmp_path / "w" / f"c{i}" / "f.png", "wb") for i in range(5)]  # noqa: SIM115 - closed below
+        assert not _wait_for(seen, {("create", f"c{i}/f.png") for i in range(5)})
+        for i in range(5):
+            (tmp_path / "w" / f"c{i}").rename(tmp_path / "out" / f"c{i}")
+            (tmp_path / "w" / f"c{i}").mkdir()
+            (tmp_path / "w" / f"c{i}").rmdir()
+        time.sleep(0.3)
+        seen.clear()
+        for fp in old:
+            fp.close()  # in the old copies, outside the tree
+        time.sleep(1.2)  # past the second a folder renamed away keeps its watches
+        assert _wait_watches(before + 1, poke=tmp_path / "w" / "poke") == before + 1
+        assert not [e for e in seen if e[1].startswith("c")], seen
+    finally:
+        watch.stop()
+        watch.join(5)
