@@ -131,6 +131,22 @@ class Daemon:
         return self.proc.returncode
 
 
+def inotify_watches(pid: int | str = "self", descendants: bool = False) -> int:
+    """inotify watches held by process ``pid`` (every instance), and by its descendants if asked, from
+    /proc/PID/fdinfo."""
+    count = 0
+    if descendants:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
+                    count += inotify_watches(int(child), descendants=True)
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
+                count += Path(f"/proc/{pid}/fdinfo/{fd}").read_text().count("inotify wd:")
+    return count
+
+
 def half_written(path: Path, data: bytes):
     """``path`` opened for writing with the first half of ``data`` written and flushed: a writer paused
     mid-file, held open by the caller (finished by :func:`finish_and_stop`)."""

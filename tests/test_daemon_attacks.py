@@ -27,7 +27,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon_process import Daemon, by_item, items, load, new_root, png_bytes, records, wait_records, write_png
+from daemon_process import (
+    Daemon,
+    by_item,
+    inotify_watches,
+    items,
+    load,
+    new_root,
+    png_bytes,
+    records,
+    wait_records,
+    write_png,
+)
 from PIL import Image
 
 SETTLE = 0.3
@@ -1621,20 +1632,6 @@ def test_the_shared_metrics_folder_swapped_for_a_link_while_running_is_never_fol
     assert folder.is_symlink()  # the clean-up at exit did not go through it either
 
 
-def _inotify_watches(pid: int) -> int:
-    """inotify watches held by process ``pid`` and its descendants, from /proc/PID/fdinfo."""
-    count = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split():
-                count += _inotify_watches(int(child))
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        with contextlib.suppress(OSError):
-            if os.readlink(f"/proc/{pid}/fd/{fd}") == "anon_inode:inotify":
-                count += Path(f"/proc/{pid}/fdinfo/{fd}").read_text().count("inotify wd:")
-    return count
-
-
 def test_folders_kept_whole_in_rejected_do_not_keep_inotify_watches(tmp_path, digits):
     """A watch follows its folder's inode: every folder batch kept its watches after its claim moved it into
     .aemon/, and a folder rejected whole kept them from rejected/ for the daemon's life, until
@@ -1642,7 +1639,7 @@ def test_folders_kept_whole_in_rejected_do_not_keep_inotify_watches(tmp_path, di
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
     try:
-        before = _inotify_watches(daemon.proc.pid)
+        before = inotify_watches(daemon.proc.pid, descendants=True)
         for i in range(10):
             write_png(tmp_path / "stage" / f"cb{i}" / ("L" * 230) / "a.png", digits[0])
             write_png(tmp_path / "stage" / f"cb{i}" / "good.png", digits[1])
@@ -1653,9 +1650,9 @@ def test_folders_kept_whole_in_rejected_do_not_keep_inotify_watches(tmp_path, di
         write_png(root / "inbox" / "later.png", digits[2])  # any later event removes them
         wait_records(root, 11, daemon)
         deadline = time.monotonic() + 10
-        while _inotify_watches(daemon.proc.pid) != before and time.monotonic() < deadline:
+        while inotify_watches(daemon.proc.pid, descendants=True) != before and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _inotify_watches(daemon.proc.pid) == before
+        assert inotify_watches(daemon.proc.pid, descendants=True) == before
     finally:
         assert daemon.stop() == 0, daemon.text()
     assert len(os.listdir(root / "rejected")) == 20  # ten folders and their records

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+
+from daemon_process import inotify_watches
 
 from aemon.watch import TreeWatch
 
@@ -87,27 +91,31 @@ def test_two_folders_that_had_one_name_leave_the_watch_working_and_stoppable(tmp
         watch.join(5)
 
 
-def _watches() -> int:
-    """inotify watches held by this process (every instance), from /proc/self/fdinfo."""
-    count = 0
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:inotify":
-                count += Path(f"/proc/self/fdinfo/{fd}").read_text().count("inotify wd:")
-        except OSError:
-            continue
-    return count
-
-
 def _wait_watches(expected: int, poke: Path | None = None, timeout: float = 10.0) -> int:
     """Poll the watch count until it is ``expected`` (writing ``poke`` now and then: watches of folders
     renamed away go at a later event); return the last count."""
     deadline = time.monotonic() + timeout
-    while (count := _watches()) != expected and time.monotonic() < deadline:
+    while (count := inotify_watches()) != expected and time.monotonic() < deadline:
         if poke is not None:
             poke.write_bytes(b"x")
         time.sleep(0.1)
     return count
+
+
+@contextlib.contextmanager
+def _watching(tmp_path: Path) -> Iterator[list[tuple[str, str]]]:
+    """A :class:`TreeWatch` on ``tmp_path/w`` (made if missing, with ``tmp_path/out`` beside it to move folders
+    to) for the ``with`` block: yields the events it passes on, ``(kind, path below w)``."""
+    (tmp_path / "w").mkdir(exist_ok=True)
+    (tmp_path / "out").mkdir(exist_ok=True)
+    seen, on_event = _collect(tmp_path)
+    watch = TreeWatch(tmp_path / "w", on_event, lambda: None)
+    watch.start()
+    try:
+        yield seen
+    finally:
+        watch.stop()
+        watch.join(5)
 
 
 def test_folders_renamed_away_lose_their_watches_and_renamed_within_keep_working(tmp_path: Path) -> None:
@@ -115,14 +123,9 @@ def test_folders_renamed_away_lose_their_watches_and_renamed_within_keep_working
     kept its watches (and reported its later events under its old inbox path), so folders kept in rejected/
     used up fs.inotify.max_user_watches over a daemon's life. A folder renamed within the tree keeps its
     watches throughout (a first version dropped them until the rename's second half: a helper's attack)."""
-    (tmp_path / "w").mkdir()
-    (tmp_path / "out").mkdir()
-    seen, on_event = _collect(tmp_path)
-    before = _watches()
-    watch = TreeWatch(tmp_path / "w", on_event, lambda: None)
-    watch.start()
-    try:
-        assert _watches() == before + 1
+    before = inotify_watches()
+    with _watching(tmp_path) as seen:
+        assert inotify_watches() == before + 1
         for i in range(5):
             (tmp_path / "w" / f"f{i}" / "sub").mkdir(parents=True)
         assert not _wait_for(seen, {("create", f"f{i}") for i in range(5)})
@@ -141,10 +144,7 @@ def test_folders_renamed_away_lose_their_watches_and_renamed_within_keep_working
         assert not _wait_for(seen, {("close_write", "renamed/sub/later.png")}), seen
         time.sleep(0.2)
         assert not [path for _, path in seen if path.startswith("f0")], seen
-    finally:
-        watch.stop()
-        watch.join(5)
-    assert _watches() == before
+    assert inotify_watches() == before
 
 
 def test_events_of_a_folder_renamed_away_never_speak_for_a_new_folder_of_its_name(tmp_path: Path) -> None:
@@ -154,11 +154,7 @@ def test_events_of_a_folder_renamed_away_never_speak_for_a_new_folder_of_its_nam
     subfolder renamed in the old copy marked the new folder's own subfolder as gone, whose watch was then
     removed for good: its files made no events (a helper's attack, in 5 of 5 and 10 of 10 tries)."""
     (tmp_path / "w" / "c" / "s").mkdir(parents=True)
-    (tmp_path / "out").mkdir()
-    seen, on_event = _collect(tmp_path)
-    watch = TreeWatch(tmp_path / "w", on_event, lambda: None)
-    watch.start()
-    try:
+    with _watching(tmp_path) as seen:
         old = open(tmp_path / "w" / "c" / "f.png", "wb")  # noqa: SIM115 - closed below, after the move
         old.write(b"x")
         old.flush()
@@ -176,9 +172,6 @@ def test_events_of_a_folder_renamed_away_never_speak_for_a_new_folder_of_its_nam
         time.sleep(0.3)
         (tmp_path / "w" / "c" / "s" / "new.png").write_bytes(b"x")
         assert not _wait_for(seen, {("close_write", "c/s/new.png")}), seen
-    finally:
-        watch.stop()
-        watch.join(5)
 
 
 def test_a_name_made_and_removed_at_once_never_keeps_a_folder_renamed_away(tmp_path: Path) -> None:
@@ -186,13 +179,8 @@ def test_a_name_made_and_removed_at_once_never_keeps_a_folder_renamed_away(tmp_p
     added its watch it was gone, and the look-up of the path met watchdog's stale entry, the old folder's
     watch, which was then kept for good: its events spoke for the next folder of that name (a close hid a
     file the new one had open) and it leaked (a helper's attack: 10 of 10 tries)."""
-    (tmp_path / "w").mkdir()
-    (tmp_path / "out").mkdir()
-    seen, on_event = _collect(tmp_path)
-    before = _watches()
-    watch = TreeWatch(tmp_path / "w", on_event, lambda: None)
-    watch.start()
-    try:
+    before = inotify_watches()
+    with _watching(tmp_path) as seen:
         for i in range(5):
             (tmp_path / "w" / f"c{i}").mkdir()
         assert not _wait_for(seen, {("create", f"c{i}") for i in range(5)})
@@ -210,6 +198,3 @@ def test_a_name_made_and_removed_at_once_never_keeps_a_folder_renamed_away(tmp_p
         time.sleep(1.2)  # past the second a folder renamed away keeps its watches
         assert _wait_watches(before + 1, poke=tmp_path / "w" / "poke") == before + 1
         assert not [e for e in seen if e[1].startswith("c")], seen
-    finally:
-        watch.stop()
-        watch.join(5)
