@@ -29,7 +29,7 @@ from aemon.journal import drop_undecided, prune_empty, read_journal, remove_batc
 from aemon.logs import get_logger
 from aemon.router import Router
 
-__all__ = ["Claim", "ClaimStore"]
+__all__ = ["Claim", "ClaimStore", "Identity", "Replaced", "identity"]
 
 log = get_logger()
 
@@ -41,6 +41,20 @@ TRIES_PREFIX = ".tries-"
 MAX_TRIES_ALONE = 2
 #: A daemon's own temp folder inside its claims folder (removed with it).
 TEMP_NAME = ".tmp"
+
+
+#: What tells one inbox entry from another of its name: ``(st_dev, st_ino, st_ctime_ns)``.
+Identity = tuple[int, int, int]
+
+
+def identity(st: os.stat_result) -> Identity:
+    """The identity of the entry ``st`` describes (its ``lstat``): a change of its inode or status changes it."""
+    return st.st_dev, st.st_ino, st.st_ctime_ns
+
+
+class Replaced(Exception):
+    """The entry under a name is not the one judged complete: another came under the name, or it changed,
+    since (a second process claimed the first, and its writer made a new one at once). It is left in the inbox."""
 
 
 @dataclass
@@ -128,16 +142,23 @@ class ClaimStore:
         path.mkdir()
         return path
 
-    def claim(self, name: str, inbox_fd: int, batch_dir: Path, arrived: float) -> Claim | None:
+    def claim(self, name: str, inbox_fd: int, batch_dir: Path, arrived: float, judged: Identity) -> Claim | None:
         """Rename entry ``name`` of the open inbox folder ``inbox_fd`` into ``batch_dir`` (never over a name
         there); None if it is gone (another daemon took it). The folder is the one opened at start-up,
         even if a link has been put at its path since: nothing is taken from outside the root.
 
+        Only the entry judged complete is taken (``judged``: its identity then). Another under its name (one
+        that came the moment another process claimed the first) is left in the inbox, or given back to it if it
+        came between the look and the rename.
+
         Raises:
+            Replaced: the entry under ``name`` is not the one judged.
             PermissionError: a read-only folder of another owner (it cannot be moved; it stays in the inbox).
         """
         target = batch_dir / name
         try:
+            if identity(os.lstat(name, dir_fd=inbox_fd)) != judged:
+                raise Replaced(name)
             try:
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
             except PermissionError:  # a read-only folder cannot change parents: open it up if it is ours
@@ -146,6 +167,15 @@ class ClaimStore:
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
         except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
             return None
+        if identity(os.lstat(target))[:2] != judged[:2]:
+            try:
+                rename_noreplace(target, name, dest_dir_fd=inbox_fd)
+            except FileExistsError:  # a third entry took the name meanwhile: this one stays, decided as it is
+                log.warning("claim.raced", item=name, batch=batch_dir.name,
+                            hint="three entries of one name within a moment; this one may have been taken while "
+                                 "still being written")
+            else:
+                raise Replaced(name)
         return Claim(name, target, batch_dir, arrived)
 
     @staticmethod

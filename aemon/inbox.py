@@ -32,6 +32,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from watchdog.events import (
     DirCreatedEvent,
@@ -45,12 +46,12 @@ from watchdog.events import (
 )
 from watchdog.observers.polling import PollingObserver
 
-from aemon.claims import Claim, ClaimStore
+from aemon.claims import Claim, ClaimStore, Identity, Replaced, identity
 from aemon.logs import get_logger
 from aemon.watch import TreeWatch
 from aemon.writers import writers_of
 
-__all__ = ["EVENT_GRACE_SECONDS", "IGNORED_SUFFIXES", "is_ignored", "Inbox"]
+__all__ = ["EVENT_GRACE_SECONDS", "IGNORED_SUFFIXES", "is_ignored", "Inbox", "Taken"]
 
 #: Endings of names that are still being written and are never taken.
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
@@ -86,9 +87,32 @@ def is_ignored(name: str) -> bool:
     return name.startswith(".") or name.endswith("~") or name.lower().endswith(IGNORED_SUFFIXES)
 
 
+class Taken(NamedTuple):
+    """An entry judged complete, to be claimed."""
+
+    name: str
+    #: When it was first seen in the inbox (epoch seconds).
+    arrived: float
+    #: The entry judged: only it is claimed, not another put under its name since.
+    identity: Identity
+
+
+class _Signature(NamedTuple):
+    """What changes while an entry is written: a file or a whole folder."""
+
+    entries: int
+    size: int
+    #: Newest modification time in ns.
+    newest: int
+    #: Entries that are not folders (files, links).
+    files: int
+    #: The entry itself (a new one under its name is another entry).
+    identity: Identity
+
+
 @dataclass
 class _Candidate:
-    sig: tuple | None
+    sig: _Signature | None
     since: float
     arrived: float
     moved_in: bool = False
@@ -351,27 +375,35 @@ class Inbox:
         taken = self.take(size)
         if not taken:
             return []
-        batch_dir = store.new_batch(min(arrived for _, arrived in taken))
+        batch_dir = store.new_batch(min(t.arrived for t in taken))
         names: set[str] = set()
-        claims = self._claim(store, taken, batch_dir, names, claimed)
+        claims = self.claim(store, taken, batch_dir, names, claimed)
         deadline = time.monotonic() + wait
         while len(claims) < size and time.monotonic() < deadline and not stop():
             self.wait(min(WAIT_SLICE, max(0.0, deadline - time.monotonic())))
-            claims += self._claim(store, self.take(size - len(claims)), batch_dir, names, claimed)
+            claims += self.claim(store, self.take(size - len(claims)), batch_dir, names, claimed)
             waiting()
         if not claims:
             batch_dir.rmdir()
         return claims
 
-    def _claim(self, store: ClaimStore, taken: list[tuple[str, float]], batch_dir: Path, names: set[str],
-               claimed: Callable[[int], None]) -> list[Claim]:
+    def claim(self, store: ClaimStore, taken: list[Taken], batch_dir: Path, names: set[str],
+              claimed: Callable[[int], None]) -> list[Claim]:
+        """Claim the ``taken`` entries into ``batch_dir``, whose names are ``names`` (added to); call ``claimed``
+        with how many were. An entry gone meanwhile is dropped; one replaced or changed since it was judged is
+        tracked again from the start."""
         claims = []
-        for name, arrived in taken:
+        for name, arrived, judged in taken:
             if name in names:  # the same name dropped again: never rename over the first
                 self.put_back(name, arrived)
                 continue
             try:
-                claim = store.claim(name, self._fd, batch_dir, arrived)
+                claim = store.claim(name, self._fd, batch_dir, arrived, judged)
+            except Replaced:
+                log.info("inbox.replaced", item=name, hint="another entry came under its name, or it changed, "
+                                                          "after it was judged complete: it settles again")
+                self._track_again(name)
+                continue
             except OSError as exc:  # stays in the inbox; tried again at each rescan, logged once
                 if not isinstance(exc, PermissionError) and exc.errno != errno.EBUSY:
                     raise
@@ -394,6 +426,13 @@ class Inbox:
         self._candidates[name] = _Candidate(None, time.monotonic(), arrived, moved_in=True)
         self._enqueue(name, arrived)
 
+    def _track_again(self, name: str) -> None:
+        """Track ``name`` as if just seen: it settles from now, and its files are looked up in ``/proc``."""
+        seen = time.time()
+        self._candidates[name] = _Candidate(None, time.monotonic(), seen, seen=seen)
+        self._unlisted.add(name)
+        self._enqueue(name, seen)
+
     def pending(self) -> int:
         """Entries seen in the inbox and not yet taken, those that cannot be moved out of it included."""
         return len(self._candidates) + sum(name not in self._candidates for name in self._unmovable)
@@ -414,7 +453,7 @@ class Inbox:
             if not is_ignored(name):
                 self._events.put((name, _LISTED, name))
 
-    def take(self, limit: int) -> list[tuple[str, float]]:
+    def take(self, limit: int) -> list[Taken]:
         """Up to ``limit`` complete entries, first seen first, as ``(name, arrival epoch)``.
 
         They are no longer tracked: the caller claims them (or finds them gone).
@@ -434,14 +473,15 @@ class Inbox:
             self.scan()
         self._drain(now)
         self._writers = None  # walked at most once in this take, when an entry needs it
-        out: list[tuple[str, float]] = []
+        out: list[Taken] = []
         looked: list[tuple[int, float, str]] = []
         try:
             while self._queue and len(out) < limit:
                 entry = heapq.heappop(self._queue)
                 looked.append(entry)
                 if entry[2] in self._candidates and self._complete(entry[2], now):
-                    out.append((entry[2], self._candidates.pop(entry[2]).arrived))
+                    cand = self._candidates.pop(entry[2])
+                    out.append(Taken(entry[2], cand.arrived, cand.sig.identity))
         finally:  # entries still waiting go back in the queue, whatever happened
             for entry in looked:
                 if entry[2] in self._candidates:
@@ -597,13 +637,13 @@ class Inbox:
                     unchanged_seconds=round(now - cand.since, 1))
         return True
 
-    def _empty_waits(self, name: str, cand: _Candidate, sig: tuple, now: float) -> bool:
+    def _empty_waits(self, name: str, cand: _Candidate, sig: _Signature, now: float) -> bool:
         """Whether ``name`` is a folder with no file in it that has not yet been unchanged for the stuck-open
         time. A folder is made before it is filled (``rsync --temp-dir``, ``mkdir`` then ``cp``), and taken
         empty it was rejected while its files were still to come (they then landed in ``rejected/`` with no
         record); waiting for an empty folder delays no image."""
-        if sig[3] or now - cand.since >= self.stuck_open_seconds:
-            if not sig[3]:
+        if sig.files or now - cand.since >= self.stuck_open_seconds:
+            if not sig.files:
                 log.info("inbox.taken_empty", item=name, unchanged_seconds=round(now - cand.since, 1))
             return False
         return True
@@ -653,14 +693,14 @@ class Inbox:
         return self._stuck_open(name, cand, now)
 
 
-def _signature(path: Path) -> tuple | None:
-    """(entries, total size, newest mtime in ns, non-folder entries) of a file or a whole folder; None if gone."""
+def _signature(path: Path) -> _Signature | None:
+    """The signature of a file or a whole folder; None if gone."""
     try:
         st = path.lstat()
     except OSError:
         return None
     if not stat.S_ISDIR(st.st_mode):  # a link to a folder too: never followed
-        return (1, st.st_size, st.st_mtime_ns, 1)
+        return _Signature(1, st.st_size, st.st_mtime_ns, 1, identity(st))
     count, size, newest = 0, 0, st.st_mtime_ns
     unread: list[OSError] = []  # a folder it may not list (mode 000) may hold files: never counted empty
     files = 0
@@ -677,7 +717,7 @@ def _signature(path: Path) -> tuple | None:
                 newest = max(newest, est.st_mtime_ns)
                 if as_folders and not stat.S_ISDIR(est.st_mode):  # a link to a folder: an entry, not a folder
                     files += 1
-    return (count, size, newest, files + len(unread))
+    return _Signature(count, size, newest, files + len(unread), identity(st))
 
 
 def _files_of(inbox: Path, name: str) -> list[str]:

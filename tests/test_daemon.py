@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from daemon_process import png_bytes, wait_until_ready
+from daemon_process import half_written, png_bytes, wait_until_ready
 from PIL import Image
 from structlog.testing import capture_logs
 
@@ -268,7 +268,7 @@ def test_settling_waits_for_files_written_in_place(root, digits):
     time.sleep(0.3)
     assert inbox.take(10) == []  # an hour-old time does not make it settled
     time.sleep(0.4)
-    assert [name for name, _ in inbox.take(10)] == ["new.png"]
+    assert [t.name for t in inbox.take(10)] == ["new.png"]
     assert inbox.pending() == 0 and path.exists()  # taking is not claiming
 
 
@@ -285,10 +285,10 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     assert inbox.take(10) == []  # a first look: each settles from now
     time.sleep(settle + 0.05)
     os.utime(root / "inbox" / "005.png", (1, 1))  # just changed: settling again
-    taken = [name for _ in range(4) for name, _ in inbox.take(10)]
+    taken = [t.name for _ in range(4) for t in inbox.take(10)]
     assert taken == [n for n in names if n != "005.png"] and inbox.pending() == 1
     time.sleep(settle + 0.05)
-    assert [name for name, _ in inbox.take(10)] == ["005.png"] and inbox.pending() == 0
+    assert [t.name for t in inbox.take(10)] == ["005.png"] and inbox.pending() == 0
 
     _png(root / "inbox" / "late.png", digits[1])
     inbox.notify(str(root / "inbox" / "late.png"))  # seen (as an event would tell), not taken yet
@@ -299,7 +299,7 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     with pytest.raises(ZeroDivisionError):
         inbox.take(10)
     inbox._complete = complete
-    assert [name for name, _ in inbox.take(10)] == ["late.png"]
+    assert [t.name for t in inbox.take(10)] == ["late.png"]
     (root / "inbox" / "late.png").unlink()
 
     for name in ("y.png", "b.png", "a.png"):  # seen one after another: first seen, first taken, whatever the name
@@ -307,7 +307,7 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
         inbox.notify(str(root / "inbox" / name))
         assert inbox.take(10) == []
     time.sleep(settle + 0.05)
-    assert [name for name, _ in inbox.take(10)] == ["y.png", "b.png", "a.png"]
+    assert [t.name for t in inbox.take(10)] == ["y.png", "b.png", "a.png"]
     for name in ("y.png", "b.png", "a.png"):
         (root / "inbox" / name).unlink()
 
@@ -315,7 +315,7 @@ def test_entries_are_taken_in_order_whatever_waits(root, digits):
     assert inbox.take(10) == []
     time.sleep(settle + 0.05)
     mine = [n for n in names if zlib.crc32(n.encode()) % 3 == 1]
-    taken = [name for _ in range(5) for name, _ in inbox.take(9)]
+    taken = [t.name for _ in range(5) for t in inbox.take(9)]
     assert taken[: len(mine)] == mine and sorted(taken) == names and len(taken) == len(names)
 
 
@@ -324,7 +324,7 @@ def _take_within(inbox: Inbox, seconds: float) -> list[str]:
     while time.monotonic() < deadline:
         taken = inbox.take(10)
         if taken:
-            return [name for name, _ in taken]
+            return [t.name for t in taken]
         inbox.wait(0.05)
     return []
 
@@ -381,7 +381,7 @@ def test_an_entry_only_listed_waits_for_the_events_of_its_writer(root, digits):
         assert inbox.take(10) == [] and inbox.pending() == 1  # open for writing: /proc says so
     inbox.notify(str(path), "closed")
     time.sleep(0.35)
-    assert [name for name, _ in inbox.take(10)] == ["held.png"]
+    assert [t.name for t in inbox.take(10)] == ["held.png"]
 
 
 def test_a_file_made_in_a_taken_folder_and_still_written_is_left_for_the_inbox(tmp_path, digits):
@@ -432,14 +432,14 @@ def test_walks_of_proc_take_at_most_a_fifth_of_a_core(root, digits, monkeypatch)
     _png(root / "inbox" / "first.png", digits[0])
     inbox.take(10)
     time.sleep(EVENT_GRACE_SECONDS + 0.05)
-    assert [name for name, _ in inbox.take(10)] == ["first.png"] and walks == [1]  # found by a scan: asked
+    assert [t.name for t in inbox.take(10)] == ["first.png"] and walks == [1]  # found by a scan: asked
     for folder in ("a", "b"):
         _png(root / "staging" / folder / "x.png", digits[2])
         (root / "staging" / folder).rename(root / "inbox" / folder)
         inbox.notify(str(root / "inbox" / folder), "folder_moved_in")
     assert inbox.take(10) == [] and walks == [1]  # the walk 0.1 s ago allows the next 0.5 s after it
     time.sleep(0.5)
-    assert sorted(name for name, _ in inbox.take(10)) == ["a", "b"] and walks == [1, 2]  # one walk for both
+    assert sorted(t.name for t in inbox.take(10)) == ["a", "b"] and walks == [1, 2]  # one walk for both
 
 
 def test_one_walk_of_proc_answers_for_every_open_entry(root, digits, monkeypatch):
@@ -470,7 +470,7 @@ def test_one_walk_of_proc_answers_for_every_open_entry(root, digits, monkeypatch
             for fp in held:
                 fp.close()
         time.sleep(0.3)
-        assert len([name for _ in range(3) for name, _ in inbox.take(10)]) == 30
+        assert len([t.name for _ in range(3) for t in inbox.take(10)]) == 30
     finally:
         inbox.stop()
 
@@ -671,9 +671,72 @@ def test_daemon_process_end_to_end(root, tmp_path, digits):
     assert lines[-1]["event"] == "daemon.stopped"
 
 
+@pytest.mark.parametrize("when", ["before", "during"])
+def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_written(tmp_path, digits, when):
+    """Two processes on one inbox both judged a folder complete; one claimed it, and the writer made a new folder
+    of that name at once and began a file in it. The other then claimed the new folder by its name, half written:
+    the file was rejected as unreadable and the writer's next file failed (ENOENT); a helper's attack, 1 to 3
+    files of 23 with two workers. A claim now takes only the entry that was judged (its inode and change time),
+    and a new entry under the name is tracked again from the start. ``during``: the name is reused between the
+    claimer's look and its rename (the rename is given back)."""
+    import aemon.claims
+    from aemon.claims import ClaimStore
+    from aemon.fsio import rename_noreplace
+
+    (tmp_path / "inbox").mkdir()
+    one, other = Inbox(tmp_path, settle_seconds=0.2), Inbox(tmp_path, settle_seconds=0.2)
+    mine, theirs = ClaimStore(tmp_path), ClaimStore(tmp_path)
+    mine.open()
+    theirs.open()
+    entry = tmp_path / "inbox" / "lot"
+    _png(entry / "keep.png", digits[0])
+    one.take(10), other.take(10)
+    time.sleep(0.3)
+    judged, also = one.take(10), other.take(10)
+    assert [t.name for t in judged] == [t.name for t in also] == ["lot"]
+    held = None
+
+    def reuse() -> None:  # the other process claims the folder; its writer makes a new one at once
+        nonlocal held
+        assert other.claim(theirs, also, theirs.new_batch(time.time()), set(), lambda n: None)
+        entry.mkdir()
+        held = half_written(entry / "late.png", png_bytes(digits[1]))
+
+    try:
+        if when == "before":
+            reuse()
+        else:  # between this process's look at the name and its rename
+            real = rename_noreplace
+
+            def late(*args, **kwargs):
+                aemon.claims.rename_noreplace = real
+                reuse()
+                return real(*args, **kwargs)
+
+            aemon.claims.rename_noreplace = late
+        try:
+            batch = mine.new_batch(time.time())
+            assert one.claim(mine, judged, batch, set(), lambda n: None) == []
+        finally:
+            aemon.claims.rename_noreplace = rename_noreplace
+        assert sorted(os.listdir(entry)) == ["late.png"] and os.listdir(batch) == []  # left where it is written
+        assert one.pending() == 1  # tracked again: it settles from now, and its open file is looked up
+        held.write(png_bytes(digits[1])[len(png_bytes(digits[1])) // 2:])
+        held.close()
+        deadline = time.monotonic() + 10
+        while not (taken := one.take(10)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [t.name for t in taken] == ["lot"]
+    finally:
+        if held is not None:
+            held.close()
+        mine.close()
+        theirs.close()
+
+
 def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
     """Daemon B adopts daemon A's batch folder only once A no longer holds its lock."""
-    from aemon.claims import ClaimStore
+    from aemon.claims import ClaimStore, identity
 
     (tmp_path / "inbox").mkdir()
     a, b = ClaimStore(tmp_path), ClaimStore(tmp_path)
@@ -682,7 +745,7 @@ def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
     _png(tmp_path / "inbox" / "x.png", digits[0])
     inbox_fd = os.open(tmp_path / "inbox", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        claim = a.claim("x.png", inbox_fd, batch, time.time())
+        claim = a.claim("x.png", inbox_fd, batch, time.time(), identity(os.lstat(tmp_path / "inbox" / "x.png")))
     finally:
         os.close(inbox_fd)
     assert claim is not None and claim.path.exists()
