@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from aemon.errors import Crashed, ItemRejected
 from aemon.fsio import fsync_dir, iso_time, own_folder_usable, rename_noreplace, write_durably
@@ -43,18 +44,33 @@ MAX_TRIES_ALONE = 2
 TEMP_NAME = ".tmp"
 
 
-#: What tells one inbox entry from another of its name: ``(st_dev, st_ino, st_ctime_ns)``.
-Identity = tuple[int, int, int]
+class Identity(NamedTuple):
+    """What tells an inbox entry from another put under its name, or from itself changed since."""
+
+    dev: int
+    ino: int
+    #: Its status change time: any write, rename, chmod or new link changes it.
+    ctime_ns: int
+
+    def same_inode(self, other: Identity) -> bool:
+        """Whether ``other`` is this entry, changed or not."""
+        return (self.dev, self.ino) == (other.dev, other.ino)
 
 
 def identity(st: os.stat_result) -> Identity:
-    """The identity of the entry ``st`` describes (its ``lstat``): a change of its inode or status changes it."""
-    return st.st_dev, st.st_ino, st.st_ctime_ns
+    """The identity of the entry that ``st`` (its ``lstat``) describes."""
+    return Identity(st.st_dev, st.st_ino, st.st_ctime_ns)
 
 
 class Replaced(Exception):
-    """The entry under a name is not the one judged complete: another came under the name, or it changed,
-    since (a second process claimed the first, and its writer made a new one at once). It is left in the inbox."""
+    """The entry under a name is not the one judged complete: another entry came under the name since (a second
+    process claimed the first, and its writer made a new one at once), or the entry changed. It is left in the
+    inbox."""
+
+    def __init__(self, name: str, same_inode: bool) -> None:
+        super().__init__(name)
+        #: The entry changed, and is still the one that arrived (not another under its name).
+        self.same_inode = same_inode
 
 
 @dataclass
@@ -157,8 +173,9 @@ class ClaimStore:
         """
         target = batch_dir / name
         try:
-            if identity(os.lstat(name, dir_fd=inbox_fd)) != judged:
-                raise Replaced(name)
+            now = identity(os.lstat(name, dir_fd=inbox_fd))
+            if now != judged:
+                raise Replaced(name, now.same_inode(judged))
             try:
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
             except PermissionError:  # a read-only folder cannot change parents: open it up if it is ours
@@ -167,16 +184,23 @@ class ClaimStore:
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
         except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
             return None
-        if identity(os.lstat(target))[:2] != judged[:2]:
-            try:
-                rename_noreplace(target, name, dest_dir_fd=inbox_fd)
-            except FileExistsError:  # a third entry took the name meanwhile: this one stays, decided as it is
-                log.warning("claim.raced", item=name, batch=batch_dir.name,
-                            hint="three entries of one name within a moment; this one may have been taken while "
-                                 "still being written")
-            else:
-                raise Replaced(name)
+        if not judged.same_inode(identity(os.lstat(target))):
+            self._give_back(name, target, inbox_fd)
         return Claim(name, target, batch_dir, arrived)
+
+    @staticmethod
+    def _give_back(name: str, target: Path, inbox_fd: int) -> None:
+        """Rename an entry claimed in place of the one judged back into the inbox, and raise :class:`Replaced`;
+        if the name was taken again meanwhile (a third entry), it is kept, with a warning."""
+        try:
+            rename_noreplace(target, name, dest_dir_fd=inbox_fd)
+        except OSError as exc:
+            log.warning("claim.raced", item=name, batch=target.parent.name, error=str(exc),
+                        hint="an entry that came under the name of one just claimed by another process could not be "
+                             "given back to the inbox (a third entry of that name within a moment): it is decided "
+                             "as it is, and may have been taken while still being written")
+            return
+        raise Replaced(name, same_inode=False)
 
     @staticmethod
     def entries(batch_dir: Path) -> list[Claim]:

@@ -76,6 +76,10 @@ _LISTED = "listed"
 #: (a pause, CPU starvation) the scan can run before the reader thread has passed on the events that came
 #: meanwhile, and a file written in place and paused looked settled and closed (taken half written).
 EVENT_GRACE_SECONDS = 0.25
+#: An entry renamed back into the inbox this soon after it left with files open for writing is the one its writer
+#: still writes: a claim given back (its name was reused the moment another process claimed the first entry). It
+#: keeps its open files and waits for them; it is not complete by the rename.
+RETURN_SECONDS = 2.0
 #: A walk of ``/proc`` is followed by a pause this many times as long before the next: walks never take more
 #: than a fifth of a core (40,000 open files elsewhere on the machine made each take 0.15 s, and 300 folders
 #: renamed in one by one cost 46 CPU-seconds instead of 3).
@@ -205,6 +209,8 @@ class Inbox:
         #: make no events, so they are taken only after a long quiet time.
         self._unwatched: set[str] = set()
         self._unwatched_logged = float("-inf")
+        #: Entries that left the inbox with files open for writing: ``name -> (monotonic time, open files)``.
+        self._left_open: dict[str, tuple[float, set[str]]] = {}
 
     # -- watchdog thread -------------------------------------------------
     def notify(self, path: str, kind: str = _CHANGED) -> None:
@@ -377,17 +383,17 @@ class Inbox:
             return []
         batch_dir = store.new_batch(min(t.arrived for t in taken))
         names: set[str] = set()
-        claims = self.claim(store, taken, batch_dir, names, claimed)
+        claims = self.claim_taken(store, taken, batch_dir, names, claimed)
         deadline = time.monotonic() + wait
         while len(claims) < size and time.monotonic() < deadline and not stop():
             self.wait(min(WAIT_SLICE, max(0.0, deadline - time.monotonic())))
-            claims += self.claim(store, self.take(size - len(claims)), batch_dir, names, claimed)
+            claims += self.claim_taken(store, self.take(size - len(claims)), batch_dir, names, claimed)
             waiting()
         if not claims:
             batch_dir.rmdir()
         return claims
 
-    def claim(self, store: ClaimStore, taken: list[Taken], batch_dir: Path, names: set[str],
+    def claim_taken(self, store: ClaimStore, taken: list[Taken], batch_dir: Path, names: set[str],
               claimed: Callable[[int], None]) -> list[Claim]:
         """Claim the ``taken`` entries into ``batch_dir``, whose names are ``names`` (added to); call ``claimed``
         with how many were. An entry gone meanwhile is dropped; one replaced or changed since it was judged is
@@ -399,10 +405,12 @@ class Inbox:
                 continue
             try:
                 claim = store.claim(name, self._fd, batch_dir, arrived, judged)
-            except Replaced:
-                log.info("inbox.replaced", item=name, hint="another entry came under its name, or it changed, "
-                                                          "after it was judged complete: it settles again")
-                self._track_again(name)
+            except Replaced as exc:
+                log.info("inbox.entry_replaced", item=name, changed=exc.same_inode,
+                         hint="it changed after it was judged complete" if exc.same_inode else
+                         "another entry came under its name after the first was judged complete (and claimed by "
+                         "another process)")
+                self._track_again(name, arrived if exc.same_inode else time.time())
                 continue
             except OSError as exc:  # stays in the inbox; tried again at each rescan, logged once
                 if not isinstance(exc, PermissionError) and exc.errno != errno.EBUSY:
@@ -426,12 +434,11 @@ class Inbox:
         self._candidates[name] = _Candidate(None, time.monotonic(), arrived, moved_in=True)
         self._enqueue(name, arrived)
 
-    def _track_again(self, name: str) -> None:
-        """Track ``name`` as if just seen: it settles from now, and its files are looked up in ``/proc``."""
-        seen = time.time()
-        self._candidates[name] = _Candidate(None, time.monotonic(), seen, seen=seen)
+    def _track_again(self, name: str, arrived: float) -> None:
+        """Track ``name`` anew: it settles from now, and its files are looked up in ``/proc``."""
+        self._candidates[name] = _Candidate(None, time.monotonic(), arrived, seen=time.time())
         self._unlisted.add(name)
-        self._enqueue(name, seen)
+        self._enqueue(name, arrived)
 
     def pending(self) -> int:
         """Entries seen in the inbox and not yet taken, those that cannot be moved out of it included."""
@@ -454,9 +461,9 @@ class Inbox:
                 self._events.put((name, _LISTED, name))
 
     def take(self, limit: int) -> list[Taken]:
-        """Up to ``limit`` complete entries, first seen first, as ``(name, arrival epoch)``.
+        """Up to ``limit`` complete entries, first seen first.
 
-        They are no longer tracked: the caller claims them (or finds them gone).
+        They are no longer tracked: the caller claims them (:meth:`claim_taken`).
         """
         self._open()
         if not self.intact() and not self._reopen():
@@ -522,7 +529,7 @@ class Inbox:
             if kind == _GONE:
                 # Forgotten at once: a name written again in place must wait for its writer, not count as
                 # the copy renamed in before (its queue entry is dropped when it comes up, or reused).
-                self._candidates.pop(name, None)
+                self._left(name, self._candidates.pop(name, None), now)
                 self._unmovable.discard(name)
                 self._unwatched.discard(name)
                 self._unlisted.discard(name)
@@ -540,7 +547,9 @@ class Inbox:
                     cand.arrived = self._arrival(name, seen)  # it may have waited while no daemon ran
             elif kind != _LISTED:
                 cand.listed_only = False
-            if kind in (_MOVED_IN, _FOLDER_MOVED_IN):
+            if kind in (_MOVED_IN, _FOLDER_MOVED_IN) and self._returned(name, cand, now):
+                self._unlisted.add(name)  # and not complete by the rename
+            elif kind in (_MOVED_IN, _FOLDER_MOVED_IN):
                 cand.moved_in = True
                 if kind == _FOLDER_MOVED_IN:
                     self._unlisted.add(name)
@@ -558,6 +567,23 @@ class Inbox:
                 below = rel + "/"
                 cand.open_files = {f for f in cand.open_files if not f.startswith(below)}
                 self._unlisted.add(name)
+
+    def _left(self, name: str, cand: _Candidate | None, now: float) -> None:
+        """Remember for :data:`RETURN_SECONDS` the files an entry that left the inbox still had open."""
+        while self._left_open and now - next(iter(self._left_open.values()))[0] > RETURN_SECONDS:
+            del self._left_open[next(iter(self._left_open))]  # oldest first: they were added in time order
+        self._left_open.pop(name, None)
+        if cand is not None and cand.open_files:
+            self._left_open[name] = (now, cand.open_files)
+
+    def _returned(self, name: str, cand: _Candidate, now: float) -> bool:
+        """Whether ``name``, renamed in, left a moment ago with files open (a claim given back): it then takes
+        those files back, to wait for their writers."""
+        left = self._left_open.pop(name, None)
+        if left is None or now - left[0] > RETURN_SECONDS:
+            return False
+        cand.open_files |= left[1]
+        return True
 
     def _written(self, cand: _Candidate) -> bool | None:
         """Whether a process still holds one of ``cand``'s open files for writing: True (seen in a ``/proc`` that

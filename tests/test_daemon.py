@@ -671,14 +671,16 @@ def test_daemon_process_end_to_end(root, tmp_path, digits):
     assert lines[-1]["event"] == "daemon.stopped"
 
 
+@pytest.mark.parametrize("kind", ["folder", "file"])
 @pytest.mark.parametrize("when", ["before", "during"])
-def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_written(tmp_path, digits, when):
-    """Two processes on one inbox both judged a folder complete; one claimed it, and the writer made a new folder
-    of that name at once and began a file in it. The other then claimed the new folder by its name, half written:
-    the file was rejected as unreadable and the writer's next file failed (ENOENT); a helper's attack, 1 to 3
-    files of 23 with two workers. A claim now takes only the entry that was judged (its inode and change time),
-    and a new entry under the name is tracked again from the start. ``during``: the name is reused between the
-    claimer's look and its rename (the rename is given back)."""
+def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_written(tmp_path, digits, when, kind):
+    """Two processes on one inbox both judged an entry complete; one claimed it, and the writer made a new entry
+    of that name at once and began writing it. The other then claimed the new one by its name, half written: a
+    file was rejected as unreadable and the writer's next file failed (ENOENT); a helper's attack, 1 to 3 files
+    of 23 with two workers. A claim now takes only the entry that was judged (its inode and change time), and a
+    new entry under the name is tracked again from the start. ``during``: the name is reused between the
+    claimer's look and its rename, and the entry is given back; that return must not read as a rename in
+    (complete at once) to either process while the writer still writes (a reviewer's catch: taken 20 ms later)."""
     import aemon.claims
     from aemon.claims import ClaimStore
     from aemon.fsio import rename_noreplace
@@ -686,52 +688,56 @@ def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_writ
     (tmp_path / "inbox").mkdir()
     one, other = Inbox(tmp_path, settle_seconds=0.2), Inbox(tmp_path, settle_seconds=0.2)
     mine, theirs = ClaimStore(tmp_path), ClaimStore(tmp_path)
-    mine.open()
-    theirs.open()
-    entry = tmp_path / "inbox" / "lot"
-    _png(entry / "keep.png", digits[0])
-    one.take(10), other.take(10)
-    time.sleep(0.3)
-    judged, also = one.take(10), other.take(10)
-    assert [t.name for t in judged] == [t.name for t in also] == ["lot"]
+    entry = tmp_path / "inbox" / ("lot" if kind == "folder" else "lot.png")
+    _png(entry / "keep.png" if kind == "folder" else entry, digits[0])
+    data = png_bytes(digits[1])
     held = None
 
-    def reuse() -> None:  # the other process claims the folder; its writer makes a new one at once
+    def reuse() -> None:  # the other process claims the entry; its writer makes a new one at once
         nonlocal held
-        assert other.claim(theirs, also, theirs.new_batch(time.time()), set(), lambda n: None)
-        entry.mkdir()
-        held = half_written(entry / "late.png", png_bytes(digits[1]))
+        assert other.claim_taken(theirs, also, theirs.new_batch(time.time()), set(), lambda n: None)
+        if kind == "folder":
+            entry.mkdir()
+        held = half_written(entry / "late.png" if kind == "folder" else entry, data)
+
+    def late_rename(*args, **kwargs):
+        aemon.claims.rename_noreplace = rename_noreplace
+        reuse()
+        return rename_noreplace(*args, **kwargs)
 
     try:
+        for inbox, store in ((one, mine), (other, theirs)):
+            inbox.start()
+            store.open()
+        deadline = time.monotonic() + 10
+        while not (judged := one.take(10)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        while not (also := other.take(10)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert [t.name for t in judged] == [t.name for t in also] == [entry.name]
         if when == "before":
             reuse()
         else:  # between this process's look at the name and its rename
-            real = rename_noreplace
-
-            def late(*args, **kwargs):
-                aemon.claims.rename_noreplace = real
-                reuse()
-                return real(*args, **kwargs)
-
-            aemon.claims.rename_noreplace = late
-        try:
-            batch = mine.new_batch(time.time())
-            assert one.claim(mine, judged, batch, set(), lambda n: None) == []
-        finally:
-            aemon.claims.rename_noreplace = rename_noreplace
-        assert sorted(os.listdir(entry)) == ["late.png"] and os.listdir(batch) == []  # left where it is written
-        assert one.pending() == 1  # tracked again: it settles from now, and its open file is looked up
-        held.write(png_bytes(digits[1])[len(png_bytes(digits[1])) // 2:])
+            aemon.claims.rename_noreplace = late_rename
+        batch = mine.new_batch(time.time())
+        assert one.claim_taken(mine, judged, batch, set(), lambda n: None) == []
+        assert os.listdir(batch) == [] and one.pending() == 1  # left where it is written, tracked again
+        for _ in range(20):  # while its writer holds it, neither process takes it
+            assert one.take(10) == [] and other.take(10) == []
+            time.sleep(0.05)
+        held.write(data[len(data) // 2 :])
         held.close()
         deadline = time.monotonic() + 10
-        while not (taken := one.take(10)) and time.monotonic() < deadline:
+        while not (taken := one.take(10) + other.take(10)) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert [t.name for t in taken] == ["lot"]
+        assert {t.name for t in taken} == {entry.name}  # complete now: taken (the claim decides which process)
     finally:
+        aemon.claims.rename_noreplace = rename_noreplace
         if held is not None:
             held.close()
-        mine.close()
-        theirs.close()
+        for inbox, store in ((one, mine), (other, theirs)):
+            inbox.stop()
+            store.close()
 
 
 def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
