@@ -105,7 +105,8 @@ def _wait_watches(expected: int, poke: Path | None = None, timeout: float = 10.0
 @contextlib.contextmanager
 def _watching(tmp_path: Path) -> Iterator[list[tuple[str, str]]]:
     """A :class:`TreeWatch` on ``tmp_path/w`` (made if missing, with ``tmp_path/out`` beside it to move folders
-    to) for the ``with`` block: yields the events it passes on, ``(kind, path below w)``."""
+    to) for the ``with`` block: yields the events it passes on, ``(kind, path below w)``. At the block's end, the
+    watch's sorted index of its watches (which finds a folder's subtree) must still mirror watchdog's map."""
     (tmp_path / "w").mkdir(exist_ok=True)
     (tmp_path / "out").mkdir(exist_ok=True)
     seen, on_event = _collect(tmp_path)
@@ -113,6 +114,9 @@ def _watching(tmp_path: Path) -> Iterator[list[tuple[str, str]]]:
     watch.start()
     try:
         yield seen
+        group = watch._group
+        with group._lock:
+            assert group._sorted == sorted((path, wd) for wd, path in group._active_callbacks_by_watch.items())
     finally:
         watch.stop()
         watch.join(5)
