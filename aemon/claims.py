@@ -45,32 +45,26 @@ TEMP_NAME = ".tmp"
 
 
 class Identity(NamedTuple):
-    """What tells an inbox entry from another put under its name, or from itself changed since."""
+    """What tells an inbox entry from another put under its name since (not from itself changed: a chmod, or the
+    claim of another hard link to it, changes its status, and it is still the entry)."""
 
     dev: int
     ino: int
-    #: Its status change time: any write, rename, chmod or new link changes it.
-    ctime_ns: int
-
-    def same_inode(self, other: Identity) -> bool:
-        """Whether ``other`` is this entry, changed or not."""
-        return (self.dev, self.ino) == (other.dev, other.ino)
 
 
 def identity(st: os.stat_result) -> Identity:
     """The identity of the entry that ``st`` (its ``lstat``) describes."""
-    return Identity(st.st_dev, st.st_ino, st.st_ctime_ns)
+    return Identity(st.st_dev, st.st_ino)
 
 
 class Replaced(Exception):
-    """The entry under a name is not the one judged complete: another entry came under the name since (a second
-    process claimed the first, and its writer made a new one at once), or the entry changed. It is left in the
-    inbox."""
+    """The entry under a name is not the one judged complete: another came under the name since (a second process
+    claimed the first, and its writer made a new one at once). It is left in the inbox, or given back to it."""
 
-    def __init__(self, name: str, same_inode: bool) -> None:
+    def __init__(self, name: str, given_back: bool) -> None:
         super().__init__(name)
-        #: The entry changed, and is still the one that arrived (not another under its name).
-        self.same_inode = same_inode
+        #: It came between the look and the rename, and was renamed back into the inbox.
+        self.given_back = given_back
 
 
 @dataclass
@@ -165,7 +159,7 @@ class ClaimStore:
 
         Only the entry judged complete is taken (``judged``: its identity then). Another under its name (one
         that came the moment another process claimed the first) is left in the inbox, or given back to it if it
-        came between the look and the rename.
+        came between the look and the rename (the inbox must not read that return as a publish).
 
         Raises:
             Replaced: the entry under ``name`` is not the one judged.
@@ -173,9 +167,8 @@ class ClaimStore:
         """
         target = batch_dir / name
         try:
-            now = identity(os.lstat(name, dir_fd=inbox_fd))
-            if now != judged:
-                raise Replaced(name, now.same_inode(judged))
+            if identity(os.lstat(name, dir_fd=inbox_fd)) != judged:
+                raise Replaced(name, given_back=False)
             try:
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
             except PermissionError:  # a read-only folder cannot change parents: open it up if it is ours
@@ -184,7 +177,7 @@ class ClaimStore:
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
         except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
             return None
-        if not judged.same_inode(identity(os.lstat(target))):
+        if identity(os.lstat(target)) != judged:
             self._give_back(name, target, inbox_fd)
         return Claim(name, target, batch_dir, arrived)
 
@@ -200,7 +193,7 @@ class ClaimStore:
                              "given back to the inbox (a third entry of that name within a moment): it is decided "
                              "as it is, and may have been taken while still being written")
             return
-        raise Replaced(name, same_inode=False)
+        raise Replaced(name, given_back=True)
 
     @staticmethod
     def entries(batch_dir: Path) -> list[Claim]:

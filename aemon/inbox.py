@@ -76,9 +76,9 @@ _LISTED = "listed"
 #: (a pause, CPU starvation) the scan can run before the reader thread has passed on the events that came
 #: meanwhile, and a file written in place and paused looked settled and closed (taken half written).
 EVENT_GRACE_SECONDS = 0.25
-#: An entry renamed back into the inbox this soon after it left with files open for writing is the one its writer
-#: still writes: a claim given back (its name was reused the moment another process claimed the first entry). It
-#: keeps its open files and waits for them; it is not complete by the rename.
+#: An entry renamed back into the inbox this soon after it left unfinished (settling, or with files open for
+#: writing) is the one its writer still writes: a claim given back (its name was reused the moment another
+#: process claimed the first entry). It keeps its open files and settles; it is not complete by the rename.
 RETURN_SECONDS = 2.0
 #: A walk of ``/proc`` is followed by a pause this many times as long before the next: walks never take more
 #: than a fifth of a core (40,000 open files elsewhere on the machine made each take 0.15 s, and 300 folders
@@ -209,8 +209,8 @@ class Inbox:
         #: make no events, so they are taken only after a long quiet time.
         self._unwatched: set[str] = set()
         self._unwatched_logged = float("-inf")
-        #: Entries that left the inbox with files open for writing: ``name -> (monotonic time, open files)``.
-        self._left_open: dict[str, tuple[float, set[str]]] = {}
+        #: Entries that left the inbox unfinished: ``name -> (monotonic time, open files)``.
+        self._left_unfinished: dict[str, tuple[float, set[str]]] = {}
 
     # -- watchdog thread -------------------------------------------------
     def notify(self, path: str, kind: str = _CHANGED) -> None:
@@ -406,11 +406,10 @@ class Inbox:
             try:
                 claim = store.claim(name, self._fd, batch_dir, arrived, judged)
             except Replaced as exc:
-                log.info("inbox.entry_replaced", item=name, changed=exc.same_inode,
-                         hint="it changed after it was judged complete" if exc.same_inode else
-                         "another entry came under its name after the first was judged complete (and claimed by "
-                         "another process)")
-                self._track_again(name, arrived if exc.same_inode else time.time())
+                log.info("inbox.entry_replaced", item=name, given_back=exc.given_back,
+                         hint="another entry came under its name after the first was judged complete (and claimed "
+                              "by another process): it settles from now")
+                self._track_again(name)
                 continue
             except OSError as exc:  # stays in the inbox; tried again at each rescan, logged once
                 if not isinstance(exc, PermissionError) and exc.errno != errno.EBUSY:
@@ -434,11 +433,12 @@ class Inbox:
         self._candidates[name] = _Candidate(None, time.monotonic(), arrived, moved_in=True)
         self._enqueue(name, arrived)
 
-    def _track_again(self, name: str, arrived: float) -> None:
+    def _track_again(self, name: str) -> None:
         """Track ``name`` anew: it settles from now, and its files are looked up in ``/proc``."""
-        self._candidates[name] = _Candidate(None, time.monotonic(), arrived, seen=time.time())
+        seen = time.time()
+        self._candidates[name] = _Candidate(None, time.monotonic(), seen, seen=seen)
         self._unlisted.add(name)
-        self._enqueue(name, arrived)
+        self._enqueue(name, seen)
 
     def pending(self) -> int:
         """Entries seen in the inbox and not yet taken, those that cannot be moved out of it included."""
@@ -569,17 +569,18 @@ class Inbox:
                 self._unlisted.add(name)
 
     def _left(self, name: str, cand: _Candidate | None, now: float) -> None:
-        """Remember for :data:`RETURN_SECONDS` the files an entry that left the inbox still had open."""
-        while self._left_open and now - next(iter(self._left_open.values()))[0] > RETURN_SECONDS:
-            del self._left_open[next(iter(self._left_open))]  # oldest first: they were added in time order
-        self._left_open.pop(name, None)
-        if cand is not None and cand.open_files:
-            self._left_open[name] = (now, cand.open_files)
+        """Remember for :data:`RETURN_SECONDS` an entry that left the inbox unfinished (not renamed in, or with
+        files open for writing), with its open files. An entry taken complete has no candidate left."""
+        while self._left_unfinished and now - next(iter(self._left_unfinished.values()))[0] > RETURN_SECONDS:
+            del self._left_unfinished[next(iter(self._left_unfinished))]  # oldest first: they were added in time order
+        self._left_unfinished.pop(name, None)
+        if cand is not None and (not cand.moved_in or cand.open_files):
+            self._left_unfinished[name] = (now, cand.open_files)
 
     def _returned(self, name: str, cand: _Candidate, now: float) -> bool:
-        """Whether ``name``, renamed in, left a moment ago with files open (a claim given back): it then takes
-        those files back, to wait for their writers."""
-        left = self._left_open.pop(name, None)
+        """Whether ``name``, renamed in, left unfinished a moment ago (a claim given back): it then takes back the
+        files it had open, to wait for their writers, and settles like an entry written in place."""
+        left = self._left_unfinished.pop(name, None)
         if left is None or now - left[0] > RETURN_SECONDS:
             return False
         cand.open_files |= left[1]

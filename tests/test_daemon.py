@@ -272,6 +272,19 @@ def test_settling_waits_for_files_written_in_place(root, digits):
     assert inbox.pending() == 0 and path.exists()  # taking is not claiming
 
 
+def test_a_finished_file_whose_mode_keeps_changing_is_taken_once_settled(root, digits):
+    """Only writes count as change: a finished file whose mode or times a tool keeps setting (chmod, touch of
+    its status) is taken once settled, as before its inode's status time was part of what settles."""
+    inbox = Inbox(root, settle_seconds=0.3, rescan_seconds=0.01)
+    path = _png(root / "inbox" / "fixed.png", digits[0])
+    taken, deadline = [], time.monotonic() + 3
+    while not taken and time.monotonic() < deadline:
+        path.chmod(0o600 if path.stat().st_mode & 0o044 else 0o644)  # its status time changes
+        taken = inbox.take(10)
+        time.sleep(0.05)
+    assert [t.name for t in taken] == ["fixed.png"]
+
+
 def test_entries_are_taken_in_order_whatever_waits(root, digits):
     """Complete entries go first seen first (entries seen together, as by a scan, in name order), batch after
     batch; one still settling keeps its place and is taken once settled; with a share, this process's own
@@ -671,24 +684,29 @@ def test_daemon_process_end_to_end(root, tmp_path, digits):
     assert lines[-1]["event"] == "daemon.stopped"
 
 
+@pytest.mark.parametrize("writer", ["held", "closed"])
 @pytest.mark.parametrize("kind", ["folder", "file"])
 @pytest.mark.parametrize("when", ["before", "during"])
-def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_written(tmp_path, digits, when, kind):
+def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_written(tmp_path, digits, when, kind,
+                                                                                   writer):
     """Two processes on one inbox both judged an entry complete; one claimed it, and the writer made a new entry
     of that name at once and began writing it. The other then claimed the new one by its name, half written: a
     file was rejected as unreadable and the writer's next file failed (ENOENT); a helper's attack, 1 to 3 files
-    of 23 with two workers. A claim now takes only the entry that was judged (its inode and change time), and a
-    new entry under the name is tracked again from the start. ``during``: the name is reused between the
-    claimer's look and its rename, and the entry is given back; that return must not read as a rename in
-    (complete at once) to either process while the writer still writes (a reviewer's catch: taken 20 ms later)."""
+    of 23 with two workers. A claim now takes only the entry that was judged (its inode), and a new entry under
+    the name is tracked again from the start. ``during``: the name is reused between the claimer's look and its
+    rename, and the entry is given back; that return must not read as a rename in (complete at once) to either
+    process while the writer still writes, whether it holds its file open (a reviewer's catch: taken 20 ms later)
+    or closes it between its parts (a helper's attack, 3 of 3 runs)."""
     import aemon.claims
     from aemon.claims import ClaimStore
     from aemon.fsio import rename_noreplace
 
+    settle = 0.5
     (tmp_path / "inbox").mkdir()
-    one, other = Inbox(tmp_path, settle_seconds=0.2), Inbox(tmp_path, settle_seconds=0.2)
+    one, other = Inbox(tmp_path, settle_seconds=settle), Inbox(tmp_path, settle_seconds=settle)
     mine, theirs = ClaimStore(tmp_path), ClaimStore(tmp_path)
     entry = tmp_path / "inbox" / ("lot" if kind == "folder" else "lot.png")
+    written = entry / "late.png" if kind == "folder" else entry
     _png(entry / "keep.png" if kind == "folder" else entry, digits[0])
     data = png_bytes(digits[1])
     held = None
@@ -698,7 +716,9 @@ def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_writ
         assert other.claim_taken(theirs, also, theirs.new_batch(time.time()), set(), lambda n: None)
         if kind == "folder":
             entry.mkdir()
-        held = half_written(entry / "late.png" if kind == "folder" else entry, data)
+        held = half_written(written, data)
+        if writer == "closed":
+            held.close()
 
     def late_rename(*args, **kwargs):
         aemon.claims.rename_noreplace = rename_noreplace
@@ -722,15 +742,18 @@ def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_writ
         batch = mine.new_batch(time.time())
         assert one.claim_taken(mine, judged, batch, set(), lambda n: None) == []
         assert os.listdir(batch) == [] and one.pending() == 1  # left where it is written, tracked again
-        for _ in range(20):  # while its writer holds it, neither process takes it
+        for _ in range(6):  # while its writer is at it (within a settle time), neither process takes it
             assert one.take(10) == [] and other.take(10) == []
             time.sleep(0.05)
+        if writer == "closed":
+            held = open(written, "ab")  # noqa: SIM115 - closed at once below
         held.write(data[len(data) // 2 :])
         held.close()
         deadline = time.monotonic() + 10
         while not (taken := one.take(10) + other.take(10)) and time.monotonic() < deadline:
             time.sleep(0.05)
         assert {t.name for t in taken} == {entry.name}  # complete now: taken (the claim decides which process)
+        assert written.read_bytes() == data
     finally:
         aemon.claims.rename_noreplace = rename_noreplace
         if held is not None:

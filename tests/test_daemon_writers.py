@@ -494,6 +494,25 @@ def test_every_link_of_a_half_written_file_waits_for_its_writer(tmp_path, digits
     assert all(len(rs) == 1 and rs[0]["verdict"] != "rejected" for rs in found.values()), found
 
 
+def test_hard_links_of_one_file_under_many_names_are_claimed_in_one_go(tmp_path, digits):
+    """Thirty hard links of one finished file dropped under thirty names: the claim of each link changed the
+    file's status time, which a claim took for another entry under the others' names, so each of them settled
+    again, one settle time per link (a helper's attack: 30 links took 18 s instead of 3, with 435
+    ``inbox.entry_replaced`` events; 100 links 52 s and 4,284 events). A claim now tells entries apart by
+    inode alone."""
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=0.3).wait_ready()
+    source = write_png(tmp_path / "writer" / "one.png", digits[2])
+    names = [f"link-{i:02d}.png" for i in range(30)]
+    for name in names:
+        os.link(source, root / "inbox" / name)
+    wait_records(root, len(names), daemon)
+    time.sleep(0.5)
+    assert daemon.stop() == 0, daemon.text()
+    assert sorted(by_item(root)) == names
+    assert daemon.events("inbox.entry_replaced") == []
+
+
 def test_a_writer_pausing_mid_file_is_waited_for_when_the_root_is_reached_through_a_link(tmp_path, digits):
     """``AEMON_ROOT`` through a symbolic link (``/data`` -> ``/mnt/vol``): /proc shows a writer's file by its
     resolved path, which never matched the inbox path as given, so a writer pausing mid-file was not seen
