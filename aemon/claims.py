@@ -167,19 +167,26 @@ class ClaimStore:
         """
         target = batch_dir / name
         try:
-            if identity(os.lstat(name, dir_fd=inbox_fd)) != judged:
-                raise Replaced(name, given_back=False)
+            self._check(name, inbox_fd, judged)
             try:
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
             except PermissionError:  # a read-only folder cannot change parents: open it up if it is ours
+                self._check(name, inbox_fd, judged)  # never another's, come meanwhile
                 if not own_folder_usable(name, dir_fd=inbox_fd):
                     raise
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
+            claimed = identity(os.lstat(target))
         except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
             return None
-        if identity(os.lstat(target)) != judged:
+        if claimed != judged:
             self._give_back(name, target, inbox_fd)
         return Claim(name, target, batch_dir, arrived)
+
+    @staticmethod
+    def _check(name: str, inbox_fd: int, judged: Identity) -> None:
+        """Raise :class:`Replaced` if the entry under ``name`` is not the one judged."""
+        if identity(os.lstat(name, dir_fd=inbox_fd)) != judged:
+            raise Replaced(name, given_back=False)
 
     @staticmethod
     def _give_back(name: str, target: Path, inbox_fd: int) -> None:

@@ -184,7 +184,8 @@ class Inbox:
         self.polling = polling
         self.stuck_open_seconds = stuck_open_seconds or max(60.0, 10 * settle_seconds)
         self.share = share if share and share[1] > 1 else None
-        self._events: queue.Queue[tuple[str, str, str]] = queue.Queue()
+        #: ``(entry name, kind, path below the inbox, monotonic time it was read)``.
+        self._events: queue.Queue[tuple[str, str, str, float]] = queue.Queue()
         self._candidates: dict[str, _Candidate] = {}
         #: Candidate names in taking order, ``(share rank, arrival, name)``: a heap, each name once
         #: (``_queued``); an entry whose candidate is gone is dropped when it comes up. Sorting every
@@ -227,7 +228,7 @@ class Inbox:
             kind = _CHANGED  # a file moved into or out of a folder entry: the folder still settles
         elif kind == _FOLDER_GONE:
             kind = _GONE
-        self._events.put((name, kind, rel))
+        self._events.put((name, kind, rel, time.monotonic()))
         self._wakeup.set()
 
     def wait(self, timeout: float) -> None:
@@ -394,10 +395,10 @@ class Inbox:
         return claims
 
     def claim_taken(self, store: ClaimStore, taken: list[Taken], batch_dir: Path, names: set[str],
-              claimed: Callable[[int], None]) -> list[Claim]:
+                    claimed: Callable[[int], None]) -> list[Claim]:
         """Claim the ``taken`` entries into ``batch_dir``, whose names are ``names`` (added to); call ``claimed``
-        with how many were. An entry gone meanwhile is dropped; one replaced or changed since it was judged is
-        tracked again from the start."""
+        with how many were. An entry gone meanwhile is dropped; another entry found under the name of one that
+        was judged is tracked again from the start."""
         claims = []
         for name, arrived, judged in taken:
             if name in names:  # the same name dropped again: never rename over the first
@@ -458,7 +459,7 @@ class Inbox:
         self._unmovable &= set(names)  # an unmovable entry removed meanwhile waits no more
         for name in sorted(names):  # entries first seen together are taken in name order
             if not is_ignored(name):
-                self._events.put((name, _LISTED, name))
+                self._events.put((name, _LISTED, name, self._last_scan))
 
     def take(self, limit: int) -> list[Taken]:
         """Up to ``limit`` complete entries, first seen first.
@@ -523,13 +524,13 @@ class Inbox:
         track_writes = not self.polling
         while True:
             try:
-                name, kind, rel = self._events.get_nowait()
+                name, kind, rel, when = self._events.get_nowait()
             except queue.Empty:
                 return
             if kind == _GONE:
                 # Forgotten at once: a name written again in place must wait for its writer, not count as
                 # the copy renamed in before (its queue entry is dropped when it comes up, or reused).
-                self._left(name, self._candidates.pop(name, None), now)
+                self._left(name, self._candidates.pop(name, None), when)
                 self._unmovable.discard(name)
                 self._unwatched.discard(name)
                 self._unlisted.discard(name)
@@ -547,7 +548,7 @@ class Inbox:
                     cand.arrived = self._arrival(name, seen)  # it may have waited while no daemon ran
             elif kind != _LISTED:
                 cand.listed_only = False
-            if kind in (_MOVED_IN, _FOLDER_MOVED_IN) and self._returned(name, cand, now):
+            if kind in (_MOVED_IN, _FOLDER_MOVED_IN) and self._returned(name, cand, when):
                 self._unlisted.add(name)  # and not complete by the rename
             elif kind in (_MOVED_IN, _FOLDER_MOVED_IN):
                 cand.moved_in = True
@@ -568,20 +569,21 @@ class Inbox:
                 cand.open_files = {f for f in cand.open_files if not f.startswith(below)}
                 self._unlisted.add(name)
 
-    def _left(self, name: str, cand: _Candidate | None, now: float) -> None:
+    def _left(self, name: str, cand: _Candidate | None, when: float) -> None:
         """Remember for :data:`RETURN_SECONDS` an entry that left the inbox unfinished (not renamed in, or with
-        files open for writing), with its open files. An entry taken complete has no candidate left."""
-        while self._left_unfinished and now - next(iter(self._left_unfinished.values()))[0] > RETURN_SECONDS:
-            del self._left_unfinished[next(iter(self._left_unfinished))]  # oldest first: they were added in time order
+        files open for writing), with its open files; ``when``: the time its event was read (the events of one
+        reader come in order). An entry taken complete has no candidate left."""
+        while self._left_unfinished and when - next(iter(self._left_unfinished.values()))[0] > RETURN_SECONDS:
+            del self._left_unfinished[next(iter(self._left_unfinished))]  # oldest first: added in time order
         self._left_unfinished.pop(name, None)
         if cand is not None and (not cand.moved_in or cand.open_files):
-            self._left_unfinished[name] = (now, cand.open_files)
+            self._left_unfinished[name] = (when, cand.open_files)
 
-    def _returned(self, name: str, cand: _Candidate, now: float) -> bool:
+    def _returned(self, name: str, cand: _Candidate, when: float) -> bool:
         """Whether ``name``, renamed in, left unfinished a moment ago (a claim given back): it then takes back the
         files it had open, to wait for their writers, and settles like an entry written in place."""
         left = self._left_unfinished.pop(name, None)
-        if left is None or now - left[0] > RETURN_SECONDS:
+        if left is None or when - left[0] > RETURN_SECONDS:
             return False
         cand.open_files |= left[1]
         return True

@@ -77,6 +77,7 @@ class _Group(InotifyWatchGroup):
         # watchdog's watch -> path map as sorted (path, watch) pairs, to find a folder's subtree without a scan
         # of every watch (8,000 folders renamed in at once spent a quarter of the daemon's time in those scans).
         self._sorted: list[tuple[bytes, int]] = []
+        # Each watch's path as indexed: watchdog overwrites a re-added watch's path before ours is told.
         self._path_of: dict[int, bytes] = {}
         super().__post_init__()
 

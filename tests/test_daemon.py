@@ -278,10 +278,13 @@ def test_a_finished_file_whose_mode_keeps_changing_is_taken_once_settled(root, d
     inbox = Inbox(root, settle_seconds=0.3, rescan_seconds=0.01)
     path = _png(root / "inbox" / "fixed.png", digits[0])
     taken, deadline = [], time.monotonic() + 3
-    while not taken and time.monotonic() < deadline:
-        path.chmod(0o600 if path.stat().st_mode & 0o044 else 0o644)  # its status time changes
-        taken = inbox.take(10)
-        time.sleep(0.05)
+    try:
+        while not taken and time.monotonic() < deadline:
+            path.chmod(0o600 if path.stat().st_mode & 0o044 else 0o644)  # its status time changes
+            taken = inbox.take(10)
+            time.sleep(0.05)
+    finally:
+        inbox.stop()
     assert [t.name for t in taken] == ["fixed.png"]
 
 
@@ -701,7 +704,7 @@ def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_writ
     from aemon.claims import ClaimStore
     from aemon.fsio import rename_noreplace
 
-    settle = 0.5
+    settle = 1.0
     (tmp_path / "inbox").mkdir()
     one, other = Inbox(tmp_path, settle_seconds=settle), Inbox(tmp_path, settle_seconds=settle)
     mine, theirs = ClaimStore(tmp_path), ClaimStore(tmp_path)
@@ -709,14 +712,14 @@ def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_writ
     written = entry / "late.png" if kind == "folder" else entry
     _png(entry / "keep.png" if kind == "folder" else entry, digits[0])
     data = png_bytes(digits[1])
-    held = None
+    held, began = None, 0.0
 
     def reuse() -> None:  # the other process claims the entry; its writer makes a new one at once
-        nonlocal held
+        nonlocal held, began
         assert other.claim_taken(theirs, also, theirs.new_batch(time.time()), set(), lambda n: None)
         if kind == "folder":
             entry.mkdir()
-        held = half_written(written, data)
+        held, began = half_written(written, data), time.monotonic()
         if writer == "closed":
             held.close()
 
@@ -740,9 +743,11 @@ def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_writ
         else:  # between this process's look at the name and its rename
             aemon.claims.rename_noreplace = late_rename
         batch = mine.new_batch(time.time())
-        assert one.claim_taken(mine, judged, batch, set(), lambda n: None) == []
+        with capture_logs() as logs:
+            assert one.claim_taken(mine, judged, batch, set(), lambda n: None) == []
+        assert [e["given_back"] for e in logs if e["event"] == "inbox.entry_replaced"] == [when == "during"]
         assert os.listdir(batch) == [] and one.pending() == 1  # left where it is written, tracked again
-        for _ in range(6):  # while its writer is at it (within a settle time), neither process takes it
+        while time.monotonic() - began < settle / 2:  # while its writer is at it, neither process takes it
             assert one.take(10) == [] and other.take(10) == []
             time.sleep(0.05)
         if writer == "closed":
@@ -761,6 +766,33 @@ def test_a_name_reused_after_another_process_claimed_it_is_not_claimed_half_writ
         for inbox, store in ((one, mine), (other, theirs)):
             inbox.stop()
             store.close()
+
+
+def test_a_return_counts_from_when_its_events_came_not_when_they_were_read(tmp_path, digits):
+    """An entry given back a moment after it left unfinished settles; the moment was measured between the takes
+    that read the two events, so a return read by a take more than two seconds after the one that read the
+    departure counted as a publish, and the half-written file was taken (a reviewer's repro). The events'
+    own times count now."""
+    from aemon.inbox import RETURN_SECONDS
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "out").mkdir()
+    inbox = Inbox(tmp_path, settle_seconds=5.0)
+    inbox.start()
+    data = png_bytes(digits[1])
+    held = half_written(tmp_path / "inbox" / "a.png", data)
+    try:
+        time.sleep(0.2)
+        assert inbox.take(10) == []  # seen created and written: settling
+        os.rename(tmp_path / "inbox" / "a.png", tmp_path / "out" / "a.png")
+        time.sleep(0.2)
+        assert inbox.take(10) == []  # its departure read
+        os.rename(tmp_path / "out" / "a.png", tmp_path / "inbox" / "a.png")  # back at once
+        time.sleep(RETURN_SECONDS + 0.3)
+        assert inbox.take(10) == []  # read late: still the entry its writer writes
+    finally:
+        held.close()
+        inbox.stop()
 
 
 def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
