@@ -45,16 +45,20 @@ TEMP_NAME = ".tmp"
 
 
 class Identity(NamedTuple):
-    """What tells an inbox entry from another put under its name since (not from itself changed: a chmod, or the
-    claim of another hard link to it, changes its status, and it is still the entry)."""
+    """What tells an inbox entry from another put under its name since: its inode, and what writing it changes.
+    An inode number is reused at once (a file removed and written again in place gets the same number), so
+    the number alone does not tell; the status time does not either, as it changes without a write (a chmod,
+    the claim of another hard link to the same file)."""
 
     dev: int
     ino: int
+    mtime_ns: int
+    size: int
 
 
 def identity(st: os.stat_result) -> Identity:
     """The identity of the entry that ``st`` (its ``lstat``) describes."""
-    return Identity(st.st_dev, st.st_ino)
+    return Identity(st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
 
 
 class Replaced(Exception):

@@ -78,8 +78,9 @@ _LISTED = "listed"
 EVENT_GRACE_SECONDS = 0.25
 #: An entry renamed back into the inbox this soon after it left unfinished (settling, or with files open for
 #: writing) is the one its writer still writes: a claim given back (its name was reused the moment another
-#: process claimed the first entry). It keeps its open files and settles; it is not complete by the rename.
-RETURN_SECONDS = 2.0
+#: process claimed the first entry). It keeps its open files and settles; it is not complete by the rename. Ample
+#: for a claimer paused between its rename out and its rename back (2.5 s in a helper's attack took a file).
+RETURN_SECONDS = 10.0
 #: A walk of ``/proc`` is followed by a pause this many times as long before the next: walks never take more
 #: than a fifth of a core (40,000 open files elsewhere on the machine made each take 0.15 s, and 300 folders
 #: renamed in one by one cost 46 CPU-seconds instead of 3).
@@ -688,6 +689,8 @@ class Inbox:
             return False
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
+            if self.polling:  # no event tells of a file begun in it: its files are listed again
+                self._unlisted.add(name)
         if self._empty_waits(name, cand, sig, now):
             return False
         if cand.moved_in:

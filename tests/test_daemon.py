@@ -795,6 +795,80 @@ def test_a_return_counts_from_when_its_events_came_not_when_they_were_read(tmp_p
         inbox.stop()
 
 
+def test_a_file_removed_and_written_again_in_place_is_not_claimed_for_the_one_judged(tmp_path, digits):
+    """A finished file judged complete, then removed and written again in place before the claim (the same take
+    judged a big folder meanwhile): the new file had the freed inode number, so a claim that told entries apart
+    by inode number alone took it half written (a helper's attack, 8 to 11 of 15). What writing changes (time
+    and size) counts too."""
+    from aemon.claims import ClaimStore
+
+    (tmp_path / "inbox").mkdir()
+    inbox, store = Inbox(tmp_path, settle_seconds=0.2), ClaimStore(tmp_path)
+    entry = _png(tmp_path / "inbox" / "x.png", digits[0])
+    data = png_bytes(digits[1])
+    held = None
+    try:
+        inbox.start()
+        store.open()
+        deadline = time.monotonic() + 10
+        while not (judged := inbox.take(10)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        number = entry.stat().st_ino
+        entry.unlink()
+        for i in range(200):  # a file of the freed number, half written, under the name (found at once on ext4)
+            spare = tmp_path / "inbox" / f".spare-{i}"
+            held = half_written(spare, data)
+            if spare.stat().st_ino == number:
+                spare.rename(entry)
+                break
+            held.close()
+            held = None
+        if held is None:
+            pytest.skip("this filesystem does not reuse a freed inode number at once")
+        batch = store.new_batch(time.time())
+        assert inbox.claim_taken(store, judged, batch, set(), lambda n: None) == []
+        assert os.listdir(batch) == [] and entry.stat().st_size < len(data)
+    finally:
+        if held is not None:
+            held.close()
+        inbox.stop()
+        store.close()
+
+
+def test_a_polled_folder_waits_for_a_file_begun_in_it_after_it_was_seen(tmp_path, digits):
+    """With polling (no open or close events), a folder's files were listed once, when it was first seen: a
+    file begun in it later and paused mid-write was never looked up in /proc, and the folder was taken once
+    it had settled, the file half written (a helper's attack, 3 of 3). Each polled change lists them again."""
+    (tmp_path / "inbox").mkdir()
+    inbox = Inbox(tmp_path, settle_seconds=0.3, polling=True)
+    folder = tmp_path / "inbox" / "d"
+    folder.mkdir()
+    first, second = png_bytes(digits[0]), png_bytes(digits[1])
+    held = half_written(folder / "p0.png", first)
+    try:
+        inbox.start()
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:  # settled, listed, its writer seen in /proc
+            assert inbox.take(10) == []
+            time.sleep(0.1)
+        held.write(first[len(first) // 2 :])
+        held.close()
+        held = half_written(folder / "p1.png", second)  # at once: the next file, paused mid-write
+        deadline = time.monotonic() + 3
+        while time.monotonic() < deadline:
+            assert inbox.take(10) == []
+            time.sleep(0.1)
+        held.write(second[len(second) // 2 :])
+        held.close()
+        deadline = time.monotonic() + 10
+        while not (taken := inbox.take(10)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [t.name for t in taken] == ["d"]
+    finally:
+        held.close()
+        inbox.stop()
+
+
 def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
     """Daemon B adopts daemon A's batch folder only once A no longer holds its lock."""
     from aemon.claims import ClaimStore, identity
