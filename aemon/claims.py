@@ -179,10 +179,10 @@ class ClaimStore:
                 if not own_folder_usable(name, dir_fd=inbox_fd):
                     raise
                 rename_noreplace(name, target, src_dir_fd=inbox_fd)
-            claimed = identity(os.lstat(target))
+            claimed = os.lstat(target)
         except (FileNotFoundError, FileExistsError):  # gone, or taken at the next rescan
             return None
-        if claimed != judged:
+        if not _moved_unchanged(claimed, judged):
             self._give_back(name, target, inbox_fd)
         return Claim(name, target, batch_dir, arrived)
 
@@ -331,6 +331,15 @@ class ClaimStore:
         except FileNotFoundError:  # another daemon adopted it first
             return []
         return [target]
+
+
+def _moved_unchanged(moved: os.stat_result, judged: Identity) -> bool:
+    """Whether the entry just renamed into a batch folder (``moved``, its ``lstat`` there) is the one judged. A
+    folder's own size or time may change as it moves (XFS stores its parent's inode number in it, in 4 or 8
+    bytes; f2fs sets its modification time): only its inode is compared."""
+    if stat.S_ISDIR(moved.st_mode):
+        return (moved.st_dev, moved.st_ino) == (judged.dev, judged.ino)
+    return identity(moved) == judged
 
 
 def _tries(batch_dir: Path) -> int:

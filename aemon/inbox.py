@@ -132,6 +132,8 @@ class _Candidate:
     writer_seen: bool = False
     #: ``inbox.held_open`` was logged for it.
     held_said: bool = False
+    #: Polled and changed since its files were listed: they are listed again once it has settled.
+    relist: bool = False
 
 
 class _Handler(FileSystemEventHandler):
@@ -409,8 +411,8 @@ class Inbox:
                 claim = store.claim(name, self._fd, batch_dir, arrived, judged)
             except Replaced as exc:
                 log.info("inbox.entry_replaced", item=name, given_back=exc.given_back,
-                         hint="another entry came under its name after the first was judged complete (and claimed "
-                              "by another process): it settles from now")
+                         hint="not the entry judged complete (another came under its name, one that another process "
+                              "claimed, or it was written to since): it settles from now")
                 self._track_again(name)
                 continue
             except OSError as exc:  # stays in the inbox; tried again at each rescan, logged once
@@ -689,8 +691,7 @@ class Inbox:
             return False
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
-            if self.polling:  # no event tells of a file begun in it: its files are listed again
-                self._unlisted.add(name)
+            cand.relist = self.polling  # no event tells of a file begun in it: its files are listed again
         if self._empty_waits(name, cand, sig, now):
             return False
         if cand.moved_in:
@@ -701,6 +702,9 @@ class Inbox:
         if quiet < self.settle_seconds or (cand.listed_only and not self.polling
                                            and time.time() - cand.seen < EVENT_GRACE_SECONDS):
             return False
+        if cand.relist:  # once settled: a folder being filled is not listed again at each change
+            cand.relist = False
+            self._unlisted.add(name)
         if name in self._unwatched:
             # Folders without a watch make no events at all, and /proc may not show the writer (another
             # user under ProtectProc, another container): only a long quiet time tells.
