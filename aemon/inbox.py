@@ -416,14 +416,15 @@ class Inbox:
                 self._track_again(name)
                 continue
             except OSError as exc:  # stays in the inbox; tried again at each rescan, logged once
-                if not isinstance(exc, PermissionError) and exc.errno != errno.EBUSY:
+                if not isinstance(exc, PermissionError) and exc.errno not in (errno.EBUSY, errno.EXDEV):
                     raise
                 if name not in self._unmovable:
                     self._unmovable.add(name)
                     log.error("inbox.unmovable", item=name, error=str(exc),
                               hint="the entry cannot be moved out of the inbox (a read-only folder of another "
                                    "user, another user's file in a sticky inbox, an immutable or append-only file: "
-                                   "chattr +i/+a, or a mount point); make it movable or drop a copy")
+                                   "chattr +i/+a, a mount point, or a folder of an overlay's lower layer, as in a "
+                                   "container image); make it movable or drop a copy")
                 continue
             self._unmovable.discard(name)
             if claim is not None:

@@ -726,6 +726,38 @@ def test_a_mount_inside_a_dropped_folder_waits_in_its_claim(tmp_path, digits):
         _unmount_under(tmp_path)
 
 
+def test_a_folder_of_an_overlays_lower_layer_stays_in_the_inbox_and_the_daemon_goes_on(tmp_path, digits):
+    """A root on an overlay (a container's) whose inbox holds a folder of the image's lower layer: renaming such
+    a folder fails with EXDEV (overlayfs without redirect_dir), which the claim passed up and the daemon
+    stopped (a reviewer's finding). It stays in the inbox with one inbox.unmovable error, and the rest
+    (a file of the lower layer too, copied up by its rename) is decided."""
+    lower, upper, work, root = (tmp_path / name for name in ("lower", "upper", "work", "root"))
+    write_png(lower / "inbox" / "lot" / "shot.png", digits[0])
+    write_png(lower / "inbox" / "zz.png", digits[1])
+    for folder in (upper, work, root):
+        folder.mkdir()
+    options = f"lowerdir={lower},upperdir={upper},workdir={work},redirect_dir=off"
+    if subprocess.run(["mount", "-t", "overlay", "overlay", "-o", options, str(root)], capture_output=True,
+                      check=False).returncode != 0:
+        pytest.skip("an overlay cannot be mounted here (needs root)")
+    try:
+        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+        try:
+            assert _wait_item(daemon, "zz.png")["verdict"] in ("ok", "anomaly")
+            deadline = time.monotonic() + 10
+            while not daemon.events("inbox.unmovable"):
+                assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+                time.sleep(0.1)
+            _drop_after(daemon, root, digits[2])  # staged on the overlay: a rename does not cross filesystems
+            assert len(daemon.events("inbox.unmovable")) == 1, daemon.text()
+        finally:
+            code = daemon.stop()
+        assert code == 0, daemon.text()
+        assert (root / "inbox" / "lot" / "shot.png").read_bytes() == png_bytes(digits[0])
+    finally:
+        _unmount_under(tmp_path)
+
+
 def _wait_file(daemon: Daemon, path: Path, timeout: float = 15) -> None:
     """Wait until ``path`` exists (an adopted batch is first moved into the daemon's claims folder, then run)."""
     deadline = time.monotonic() + timeout
