@@ -440,10 +440,16 @@ class Inbox:
 
     def _track_again(self, name: str) -> None:
         """Track ``name`` anew: it settles from now, and its files are looked up in ``/proc``."""
+        self._enqueue(name, self._start_over(name).arrived)
+
+    def _start_over(self, name: str) -> _Candidate:
+        """A new candidate for ``name``, whatever was known of an entry under that name before (another inode: the
+        events that told of the old may be all that came, those of the new still on their way): it settles from
+        now, and its files are looked up in ``/proc``."""
         seen = time.time()
-        self._candidates[name] = _Candidate(None, time.monotonic(), seen, seen=seen)
+        cand = self._candidates[name] = _Candidate(None, time.monotonic(), seen, seen=seen)
         self._unlisted.add(name)
-        self._enqueue(name, seen)
+        return cand
 
     def pending(self) -> int:
         """Entries seen in the inbox and not yet taken, those that cannot be moved out of it included."""
@@ -681,15 +687,28 @@ class Inbox:
             return False
         return True
 
+    def _too_soon(self, name: str, cand: _Candidate, now: float) -> bool:
+        """Whether no look at the entry now could find it complete: written in place and changed less than a
+        settle time ago, or renamed in and waiting for its next look in ``/proc``. Its files are then not walked
+        (a folder of 10,000 files being filled was walked by both processes at each event: most of a core)."""
+        if cand.sig is None:
+            return False
+        if cand.moved_in:
+            return (name in self._unlisted or bool(cand.open_files)) and now < cand.next_check
+        return now - cand.since < self.settle_seconds
+
     def _complete(self, name: str, now: float) -> bool:
         cand = self._candidates[name]
-        path = self.dir / name
-        sig = _signature(path)
+        if self._too_soon(name, cand, now):
+            return False
+        sig = _signature(self.dir / name)
         if sig is None:
-            del self._candidates[name]
+            self._left(name, self._candidates.pop(name), now)
             self._unlisted.discard(name)
             self._unwatched.discard(name)
             return False
+        if cand.sig is not None and sig.identity[:2] != cand.sig.identity[:2]:
+            cand = self._start_over(name)
         if sig != cand.sig:
             cand.sig, cand.since = sig, now
             cand.relist = self.polling  # no event tells of a file begun in it: its files are listed again

@@ -897,6 +897,34 @@ def test_a_folder_is_the_one_judged_whatever_its_own_size_and_time_after_the_mov
         assert not _moved_unchanged(os.stat_result(fields, times), judged)
 
 
+def test_a_new_entry_under_a_name_never_inherits_what_was_known_of_the_old(tmp_path, digits):
+    """A process whose events lag (a starved reader) still tracked an entry that another process had claimed;
+    the writer made a new file of that name in place at once, and the process took the new file for the old
+    (closed, settled) half written: only its signature had changed, and the events of the new file were still
+    on their way (a helper's attack, with the reader's reads delayed 0.8 s: 3 files in 2 runs). An entry
+    under a name with another inode starts over: it settles, and its files are looked up in /proc."""
+    from aemon.inbox import _CLOSED, _CREATED
+
+    (tmp_path / "inbox").mkdir()
+    (tmp_path / "out").mkdir()
+    inbox = Inbox(tmp_path, settle_seconds=0.2, rescan_seconds=3600)  # not started: no event comes unless told
+    inbox.take(10)  # the start-up scan, of an empty inbox
+    entry = _png(tmp_path / "inbox" / "y.png", digits[0])
+    inbox.notify(str(entry), _CREATED)
+    inbox.notify(str(entry), _CLOSED)  # written in place and closed, as its events told
+    assert inbox.take(10) == []  # seen: settling
+    os.rename(entry, tmp_path / "out" / "y.png")  # claimed by another process: its event not read yet
+    data = png_bytes(digits[1])
+    held = half_written(entry, data)
+    try:
+        for _ in range(8):
+            assert inbox.take(10) == []
+            time.sleep(0.1)
+    finally:
+        held.close()
+        inbox.stop()
+
+
 def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
     """Daemon B adopts daemon A's batch folder only once A no longer holds its lock."""
     from aemon.claims import ClaimStore, identity
