@@ -134,6 +134,9 @@ class _Candidate:
     held_said: bool = False
     #: Polled and changed since its files were listed: they are listed again once it has settled.
     relist: bool = False
+    #: Another entry was under its name before (another inode): events of that one may still come (a close, a
+    #: rename in) and speak for this one, so ``/proc`` is asked at every look that could find it complete.
+    started_over: bool = False
 
 
 class _Handler(FileSystemEventHandler):
@@ -447,7 +450,7 @@ class Inbox:
         events that told of the old may be all that came, those of the new still on their way): it settles from
         now, and its files are looked up in ``/proc``."""
         seen = time.time()
-        cand = self._candidates[name] = _Candidate(None, time.monotonic(), seen, seen=seen)
+        cand = self._candidates[name] = _Candidate(None, time.monotonic(), seen, seen=seen, started_over=True)
         self._unlisted.add(name)
         return cand
 
@@ -714,6 +717,8 @@ class Inbox:
             cand.relist = self.polling  # no event tells of a file begun in it: its files are listed again
         if self._empty_waits(name, cand, sig, now):
             return False
+        if cand.started_over:
+            self._unlisted.add(name)
         if cand.moved_in:
             return self._moved_in_complete(name, cand, now)
         # Only time seen unchanged counts, never the files' own times: rsync -a, cp -p and tar set them to the
