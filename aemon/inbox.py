@@ -554,8 +554,10 @@ class Inbox:
                 cand = self._candidates[name] = _Candidate(None, now, seen, listed_only=kind == _LISTED, seen=seen)
                 self._enqueue(name, seen)
                 # There before the watch, or its events still on the way, or polled (no open or close events
-                # at all): its files are looked up in /proc once it has settled.
-                if kind == _LISTED or not track_writes:
+                # at all), or first told of by an event that is not its beginning (a late close of an entry
+                # already taken, under whose name a new one is being written): its files are looked up in
+                # /proc once it has settled.
+                if kind not in (_CREATED, _MOVED_IN, _FOLDER_MOVED_IN) or not track_writes:
                     self._unlisted.add(name)
                 if kind == _LISTED:
                     cand.arrived = self._arrival(name, seen)  # it may have waited while no daemon ran

@@ -930,6 +930,28 @@ def test_a_new_entry_under_a_name_never_inherits_what_was_known_of_the_old(tmp_p
         inbox.stop()
 
 
+def test_an_entry_first_told_of_by_a_late_close_is_looked_up_before_it_is_taken(tmp_path, digits):
+    """A process whose events lagged took a finished file, and then read that file's close event: it tracked the
+    name as a new entry with nothing open, and took the next file of that name, being written in place, once
+    settled, half written (a helper's attack with the reader's reads delayed 0.8 s). An entry first told of
+    by an event that is not its beginning has its files looked up in /proc."""
+    from aemon.inbox import _CLOSED
+
+    (tmp_path / "inbox").mkdir()
+    inbox = Inbox(tmp_path, settle_seconds=0.2, rescan_seconds=3600)  # not started: no event comes unless told
+    inbox.take(10)  # the start-up scan, of an empty inbox
+    entry = tmp_path / "inbox" / "y.png"
+    held = half_written(entry, png_bytes(digits[1]))  # the next file of the name; its events still on the way
+    try:
+        inbox.notify(str(entry), _CLOSED)  # the late close of the file taken before
+        for _ in range(8):
+            assert inbox.take(10) == []
+            time.sleep(0.1)
+    finally:
+        held.close()
+        inbox.stop()
+
+
 def test_claims_of_a_running_daemon_are_never_adopted(tmp_path, digits):
     """Daemon B adopts daemon A's batch folder only once A no longer holds its lock."""
     from aemon.claims import ClaimStore, identity
