@@ -662,6 +662,24 @@ def _unmount_under(path: Path) -> None:
         subprocess.run(["umount", "-l", point], capture_output=True, check=False)
 
 
+def _decided_around_one_unmovable(root: Path, tmp_path: Path, stage: Path, digits: np.ndarray) -> None:
+    """Run a daemon on ``root`` whose inbox holds ``zz.png`` and one entry that cannot be moved: zz.png is
+    decided, the other entry is said unmovable once, an image dropped after it (staged under ``stage``) is
+    decided too, and the daemon stops with exit 0."""
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    try:
+        assert _wait_item(daemon, "zz.png")["verdict"] in ("ok", "anomaly")
+        deadline = time.monotonic() + 10
+        while not daemon.events("inbox.unmovable"):
+            assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
+            time.sleep(0.1)
+        _drop_after(daemon, stage, digits[2])
+        assert len(daemon.events("inbox.unmovable")) == 1, daemon.text()
+    finally:
+        code = daemon.stop()
+    assert code == 0, daemon.text()
+
+
 def test_a_mount_point_dropped_in_the_inbox_stays_there_and_the_daemon_goes_on(tmp_path, digits):
     """A folder that is a mount point (a camera share bind-mounted into the inbox) cannot be renamed (EBUSY):
     the claim's error stopped the daemon (exit 1) at every start, and every entry after it waited for ever.
@@ -675,18 +693,7 @@ def test_a_mount_point_dropped_in_the_inbox_stays_there_and_the_daemon_goes_on(t
         pytest.skip("mount --bind is not possible here (needs root)")
     try:
         write_png(root / "inbox" / "zz.png", digits[1])
-        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
-        try:
-            assert _wait_item(daemon, "zz.png")["verdict"] in ("ok", "anomaly")
-            deadline = time.monotonic() + 10
-            while not daemon.events("inbox.unmovable"):
-                assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
-                time.sleep(0.1)
-            _drop_after(daemon, tmp_path, digits[2])
-            assert len(daemon.events("inbox.unmovable")) == 1, daemon.text()
-        finally:
-            code = daemon.stop()
-        assert code == 0, daemon.text()
+        _decided_around_one_unmovable(root, tmp_path, tmp_path, digits)
         assert (root / "inbox" / "cam1" / "shot.png").read_bytes() == png_bytes(digits[0])
     finally:
         _unmount_under(tmp_path)
@@ -741,18 +748,7 @@ def test_a_folder_of_an_overlays_lower_layer_stays_in_the_inbox_and_the_daemon_g
                       check=False).returncode != 0:
         pytest.skip("an overlay cannot be mounted here (needs root)")
     try:
-        daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
-        try:
-            assert _wait_item(daemon, "zz.png")["verdict"] in ("ok", "anomaly")
-            deadline = time.monotonic() + 10
-            while not daemon.events("inbox.unmovable"):
-                assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
-                time.sleep(0.1)
-            _drop_after(daemon, root, digits[2])  # staged on the overlay: a rename does not cross filesystems
-            assert len(daemon.events("inbox.unmovable")) == 1, daemon.text()
-        finally:
-            code = daemon.stop()
-        assert code == 0, daemon.text()
+        _decided_around_one_unmovable(root, tmp_path, root, digits)  # staged on the overlay: no rename across
         assert (root / "inbox" / "lot" / "shot.png").read_bytes() == png_bytes(digits[0])
     finally:
         _unmount_under(tmp_path)
