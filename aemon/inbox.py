@@ -216,6 +216,11 @@ class Inbox:
         #: make no events, so they are taken only after a long quiet time.
         self._unwatched: set[str] = set()
         self._unwatched_logged = float("-inf")
+        #: Entries this process claimed whose departure event has not been read yet: ``name -> (claims, monotonic
+        #: time of the last)``. inotify keeps order, so every event of the name read before it is of the entry that
+        #: left (a late close), and is dropped: it would speak for a new entry of that name (inotify only).
+        self._departing: dict[str, tuple[int, float]] = {}
+        self._overflowed = False
         #: Entries that left the inbox unfinished: ``name -> (monotonic time, open files)``.
         self._left_unfinished: dict[str, tuple[float, set[str]]] = {}
 
@@ -282,6 +287,7 @@ class Inbox:
     def _on_overflow(self) -> None:
         """The kernel dropped events: scan the whole inbox at the next take."""
         log.warning("inbox.overflow", hint="inotify dropped events; the inbox is scanned again")
+        self._overflowed = True  # a departure event may be among those dropped
         self._last_scan = float("-inf")
         self._wakeup.set()
 
@@ -433,6 +439,8 @@ class Inbox:
             if claim is not None:
                 names.add(name)
                 claims.append(claim)
+                if not self.polling:
+                    self._departing[name] = (self._departing.get(name, (0, 0.0))[0] + 1, time.monotonic())
         claimed(len(claims))
         return claims
 
@@ -535,11 +543,16 @@ class Inbox:
 
     def _drain(self, now: float) -> None:
         track_writes = not self.polling
+        if self._overflowed:  # a departure event may be among those dropped
+            self._overflowed = False
+            self._departing.clear()
         while True:
             try:
                 name, kind, rel, when = self._events.get_nowait()
             except queue.Empty:
                 return
+            if name in self._departing and kind != _LISTED and self._before_departure(name, kind, when):
+                continue
             if kind == _GONE:
                 # Forgotten at once: a name written again in place must wait for its writer, not count as
                 # the copy renamed in before (its queue entry is dropped when it comes up, or reused).
@@ -583,6 +596,21 @@ class Inbox:
                 below = rel + "/"
                 cand.open_files = {f for f in cand.open_files if not f.startswith(below)}
                 self._unlisted.add(name)
+
+    def _before_departure(self, name: str, kind: str, when: float) -> bool:
+        """Whether an event of ``name``, which this process claimed, is the claim's own departure or came before
+        it (of the entry claimed, not of a new one under its name). A claim is forgotten after an overflow, or
+        :data:`RETURN_SECONDS` without its departure event."""
+        count, since = self._departing[name]
+        if when - since > RETURN_SECONDS:
+            del self._departing[name]
+            return False
+        if kind == _GONE:
+            if count > 1:
+                self._departing[name] = (count - 1, since)
+            else:
+                del self._departing[name]
+        return True
 
     def _left(self, name: str, cand: _Candidate | None, when: float) -> None:
         """Remember for :data:`RETURN_SECONDS` an entry that left the inbox unfinished (not renamed in, or with
