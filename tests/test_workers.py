@@ -52,6 +52,22 @@ def _metric(text: str, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
+def _wait_stopped(pid: int, timeout: float = 5.0) -> None:
+    """Wait until every thread of ``pid`` is stopped (a SIGSTOP is delivered asynchronously)."""
+    deadline = time.monotonic() + timeout
+
+    def running() -> bool:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/task/{task}/stat").read_text().split(") ")[1][0] not in "tT":
+                    return True
+        return False
+
+    while running():
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.001)
+
+
 def _mapped_packages(pid: int) -> set[str]:
     """Top-level packages under a site-packages folder with a file mapped into process ``pid`` (its extensions)."""
     found = set()
@@ -466,6 +482,7 @@ def test_a_worker_that_stops_making_progress_is_killed_and_its_entries_adopted(t
     try:
         for _ in range(200):  # freeze it while it holds entries (between two batches it holds none)
             os.kill(started["pid"], signal.SIGSTOP)
+            _wait_stopped(started["pid"])  # a stop lands a moment later: it may have placed and reported by then
             held = sum(len(os.listdir(batch)) for batch in owner.iterdir() if batch.is_dir())
             if held:
                 break
