@@ -21,7 +21,7 @@ import numpy as np
 from aemon.logs import get_logger
 from aemon.models import fit_pca, pca_reconstruct
 from aemon.ranking import roc_auc
-from aemon.scoring import fit_state, reconstruction_error
+from aemon.scoring import fit_state, lookup, reconstruction_error
 from aemon.synthetic import FAMILIES, damage
 
 __all__ = ["AUTO_COMPONENTS", "AUTO_SCORES", "Choice", "choose_pca", "choose_score", "split_for_selection"]
@@ -29,7 +29,7 @@ __all__ = ["AUTO_COMPONENTS", "AUTO_SCORES", "Choice", "choose_pca", "choose_sco
 #: Components tried by ``--arch auto`` (those below the number of fitted images).
 AUTO_COMPONENTS = (32, 64, 128, 256)
 #: Scores tried by ``--score auto``.
-AUTO_SCORES = ("mse", "topk", "zmax", "zmax+mean")
+AUTO_SCORES = ("mse", "topk", "zmax", "zmax+mean", "nearest")
 #: Share of the training images set aside to rank candidates (at least :data:`MIN_SELECTION`, at most
 #: :data:`MAX_SELECTION`: each is damaged once per family).
 SELECTION_SHARE = 0.2
@@ -83,16 +83,21 @@ def _auroc(normal: np.ndarray, damaged: np.ndarray) -> float:
 
 def choose_score(reconstruct: Callable[[np.ndarray], np.ndarray], x_fit: np.ndarray, x_sel: np.ndarray,
                  x_damaged: np.ndarray, scores: tuple[str, ...] = AUTO_SCORES,
-                 r_fit: np.ndarray | None = None) -> list[dict]:
+                 r_fit: np.ndarray | None = None, x_all: np.ndarray | None = None) -> list[dict]:
     """Synthetic AUROC of every score for one fitted model (``reconstruct``), in ``scores`` order.
 
     ``r_fit``: the reconstructions of ``x_fit`` that local scores learn from (default: ``reconstruct``'s).
+    ``x_all``: every fitted image (default ``x_fit``), which a score of the image alone learns from, as the
+    bundle's will (``nearest`` keeps them as its neighbours).
     """
     r_fit = reconstruct(x_fit) if r_fit is None else r_fit
     r_sel, r_dmg = reconstruct(x_sel), reconstruct(x_damaged)
     rows = []
     for kind in scores:
-        state = fit_state(kind, x_fit, r_fit)
+        if lookup(kind).uses_reconstruction or x_all is None:
+            state = fit_state(kind, x_fit, r_fit)
+        else:
+            state = fit_state(kind, x_all, x_all)  # its fit does not read the reconstructions
         auroc = _auroc(reconstruction_error(x_sel, r_sel, kind, state),
                        reconstruction_error(x_damaged, r_dmg, kind, state))
         rows.append({"score_fn": kind, "synthetic_auroc": round(auroc, 4)})
@@ -125,6 +130,8 @@ def choose_pca(x: np.ndarray, seed: int, scores: tuple[str, ...] = AUTO_SCORES) 
         def reconstruct(images: np.ndarray, k: int = k) -> np.ndarray:
             return pca_reconstruct(images, mean, comps[:k])
 
+        # A score of the image alone is the same with every model: ranked with the first (the smallest) only.
+        ranked = [kind for kind in scores if k == sizes[0] or lookup(kind).uses_reconstruction]
         rows += [{"arch": "pca", "latent_dim": k, **row}
-                 for row in choose_score(reconstruct, x_state, x_sel, x_damaged, scores)]
+                 for row in choose_score(reconstruct, x_state, x_sel, x_damaged, tuple(ranked), x_all=x_fit)]
     return pick(rows, len(x_sel), "pca")

@@ -18,7 +18,7 @@ from aemon.errors import CalibrationError, UsageError
 from aemon.images import Preprocessing
 from aemon.logs import get_logger
 from aemon.models import ARCHS, build, fit_pca, set_pca_weights
-from aemon.scoring import SCORE_FUNCTIONS, Scorer, fit_state
+from aemon.scoring import SCORE_FUNCTIONS, Scorer, fit_state, lookup
 from aemon.sources import Dataset, provenance
 from aemon.synthetic import damage
 
@@ -305,9 +305,11 @@ def _score_state(cfg: TrainConfig, scorer: Scorer, x_fit: np.ndarray, x_sel: np.
     choice = None
     if x_sel is not None:
         damaged, _ = damage(x_sel, cfg.seed)
-        choice = pick(choose_score(scorer.reconstruct, x_state, x_sel, damaged), len(x_sel), cfg.arch)
+        choice = pick(choose_score(scorer.reconstruct, x_state, x_sel, damaged, x_all=x_fit), len(x_sel), cfg.arch)
         choice.latent_dim = cfg.latent_dim if cfg.arch != "conv" else None
         cfg.score_fn = choice.score_fn
+    if not lookup(cfg.score_fn).uses_reconstruction:  # learns from every fitted image (up to its own limit)
+        return fit_state(cfg.score_fn, x_fit, x_fit), choice
     return fit_state(cfg.score_fn, x_state, scorer.reconstruct(x_state)), choice
 
 

@@ -1,0 +1,157 @@
+"""Gradient-orientation histograms and the ``nearest`` score built on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from aemon.gradients import BINS, features, features_tf, grid_of
+from aemon.scoring import fit_state, lookup, reconstruction_error
+
+
+def _bins_of(f: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The histogram summed over every cell: ``(BINS,)``."""
+    gh, gw, _, _ = grid_of(*shape)
+    return f.reshape(gh, gw, BINS).sum(axis=(0, 1))
+
+
+@pytest.mark.parametrize(("image", "expected"), [
+    # A vertical edge: the gradient points across it (0°), all in bin 0.
+    (np.tile((np.arange(28) >= 14).astype(np.float32), (28, 1)), {0: 1.0}),
+    # A horizontal edge: 90°, exactly between bins 4 (80°) and 5 (100°).
+    (np.tile((np.arange(28) >= 14).astype(np.float32)[:, None], (1, 28)), {4: 0.5, 5: 0.5}),
+])
+def test_edges_fall_in_their_orientation_bins(image: np.ndarray, expected: dict[int, float]) -> None:
+    """An edge's gradients land in the bins of its orientation, shared equally when it lies between two."""
+    share = _bins_of(features(image[None, :, :, None])[0], (28, 28))
+    share /= share.sum()
+    want = np.zeros(BINS)
+    for j, value in expected.items():
+        want[j] = value
+    np.testing.assert_allclose(share, want, atol=1e-5)
+
+
+def test_an_angle_between_bins_is_shared_in_proportion() -> None:
+    """A diagonal ramp (45°, a quarter of the way from bin 2 at 40° to bin 3 at 60°) puts three times as much
+    in bin 2 as in bin 3; only the border rows and columns, with one of the two differences 0, fall elsewhere."""
+    ramp = np.add.outer(np.arange(28), np.arange(28)).astype(np.float32) / 54
+    share = _bins_of(features(ramp[None, :, :, None])[0], (28, 28))
+    share /= share.sum()
+    assert share[2] == pytest.approx(3 * share[3], rel=1e-5)
+    assert share[2] + share[3] > 0.85
+    assert share[[1, 6, 7, 8]].sum() == 0
+
+
+def test_features_are_unit_length_whatever_the_contrast() -> None:
+    """Features have length 1, do not change when the contrast is halved, and are 0 for a blank image."""
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 28, 28, 1)).astype(np.float32)
+    f = features(x)
+    np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(features(0.5 * x), f, atol=1e-5)
+    assert not features(np.full((1, 28, 28, 1), 0.7, np.float32)).any()
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 1), (28, 28, 1), (37, 53, 3), (300, 300, 1)])
+def test_numpy_and_tensorflow_features_agree(shape: tuple[int, int, int]) -> None:
+    """Both forms agree on every size, down to images too small to have a gradient."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(1).random((4, *shape)).astype(np.float32)
+    x[0] = 0.25
+    got = features_tf(tf.constant(x)).numpy()
+    assert got.shape == (4, min(7, shape[0]) * min(7, shape[1]) * BINS)
+    np.testing.assert_allclose(got, features(x), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    """The MNIST digits that ship with aemon, as model input, and their labels."""
+    from aemon.sources import load_source
+
+    data = load_source("sample:mnist")
+    return data.x, data.labels
+
+
+def test_nearest_scores_other_shapes_far_from_the_normal_images(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """Fitted on 1s: a fitted 1 scores 0, unseen 1s score low, and 0s, and 1s turned or shifted, score higher."""
+    x, y = digits
+    ones, zeros = x[y == 1], x[y == 0]
+    state = fit_state("nearest", ones[:400], ones[:400])
+
+    def score(images: np.ndarray) -> np.ndarray:
+        return reconstruction_error(images, images, "nearest", state)
+
+    assert score(ones[:5]).max() < 1e-3
+    unseen = score(ones[400:600])
+    assert np.median(score(zeros[:200])) > np.percentile(unseen, 95)
+    turned = np.rot90(ones[400:600], k=1, axes=(1, 2))
+    shifted = np.roll(ones[400:600], 8, axis=2)
+    assert np.mean(score(turned) > unseen) > 0.95
+    assert np.mean(score(shifted) > unseen) > 0.9
+
+
+def test_nearest_map_points_at_the_change(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """The map of a 7 with a bar added across its lower left is highest in the cells of the bar."""
+    x, y = digits
+    sevens = x[y == 7]
+    state = fit_state("nearest", sevens[1:], sevens[1:])
+    marked = sevens[:1].copy()
+    marked[0, 20:23, 2:12] = 1.0
+    where = lookup("nearest").where(marked, marked, state)[0]
+    assert where.shape == (7, 7)
+    row, col = np.unravel_index(np.argmax(where), where.shape)
+    assert row in (4, 5) and col <= 3, (row, col)
+
+
+def test_nearest_keeps_at_most_its_limit_of_neighbours() -> None:
+    """A state of more images than the limit keeps a seeded subset of them (the same at each fit)."""
+    from aemon import scoring
+
+    x = np.random.default_rng(2).random((50, 8, 8, 1)).astype(np.float32)
+    limit = scoring.MAX_NEIGHBOURS
+    try:
+        scoring.MAX_NEIGHBOURS = 20
+        first, again = fit_state("nearest", x, x), fit_state("nearest", x, x)
+    finally:
+        scoring.MAX_NEIGHBOURS = limit
+    assert first["neighbours"].shape == (20, 7 * 7 * BINS)
+    np.testing.assert_array_equal(first["neighbours"], again["neighbours"])
+
+
+def test_daemon_decides_and_maps_with_a_nearest_bundle(digits: tuple[np.ndarray, np.ndarray], tmp_path) -> None:
+    """`aemon train --score nearest` on 300 PNGs of 0s, then a real daemon: unseen 0s go to ok/, 1s to anomaly/
+    with a map named in their records."""
+    import contextlib
+    import io
+
+    from PIL import Image
+
+    from aemon.cli import main
+    from tests.daemon_process import Daemon, by_item, new_root, wait_records, write_png
+
+    x, y = digits
+    zeros, ones = (np.round(x[y == d][..., 0] * 255).astype(np.uint8) for d in (0, 1))
+    for i in range(300):
+        write_png(tmp_path / "normal" / f"{i:03d}.png", zeros[i])
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["train", "--data", str(tmp_path / "normal"), "--out", str(tmp_path / "bundle"),
+                     "--arch", "pca", "--score", "nearest"])
+    assert code == 0, err.getvalue()
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "log", env={"AEMON_MODEL": str(tmp_path / "bundle")}).wait_ready()
+    try:
+        for i in range(5):
+            write_png(tmp_path / "stage" / f"zero-{i}.png", zeros[300 + i]).rename(root / "inbox" / f"zero-{i}.png")
+            write_png(tmp_path / "stage" / f"one-{i}.png", ones[i]).rename(root / "inbox" / f"one-{i}.png")
+        wait_records(root, 10, daemon)
+    finally:
+        assert daemon.stop() == 0
+    found = {name: recs[0] for name, recs in by_item(root).items()}
+    assert [found[f"zero-{i}.png"]["verdict"] for i in range(5)].count("ok") >= 4
+    for i in range(5):
+        record = found[f"one-{i}.png"]
+        assert record["verdict"] == "anomaly", record
+        with Image.open(root / "anomaly" / record["map"]) as drawn:
+            assert drawn.mode == "RGB" and drawn.size[0] >= 28
