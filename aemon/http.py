@@ -19,7 +19,8 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 from waitress.channel import HTTPChannel
 from waitress.server import TcpWSGIServer
 
@@ -148,7 +149,10 @@ class HttpServer:
         path = environ.get("PATH_INFO", "")
         ctype = "text/plain; charset=utf-8"
         if path == "/metrics":
-            code, body, ctype = 200, generate_latest(self.registry), CONTENT_TYPE_LATEST
+            # The format the scraper asks for: Prometheus asks for OpenMetrics, the only one with an info type
+            # (aemon_model_info); the classic text format (curl, no Accept) calls it a gauge.
+            encode, ctype = choose_encoder(environ.get("HTTP_ACCEPT", ""))
+            code, body = 200, encode(self.registry)
         elif path == "/healthz":
             ok = self.health()
             code, body = (200, b"ok\n") if ok else (503, b"loop stalled\n")

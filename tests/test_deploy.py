@@ -234,6 +234,29 @@ def test_prometheus_counts_every_item(prometheus, live_daemon):
     assert len(info) == 1 and info[0]["metric"]["name"] == "tiny"
 
 
+#: The contract's metric types (in OpenMetrics a counter's family is named without ``_total``, an info's
+#: without ``_info``; the series keep the names).
+CONTRACT_TYPES = {"aemon_items_total": "counter", "aemon_batches_total": "counter", "aemon_errors_total": "counter",
+                  "aemon_reconstruction_error": "histogram", "aemon_anomaly_threshold": "gauge",
+                  "aemon_item_latency_seconds": "histogram", "aemon_scoring_duration_seconds": "histogram",
+                  "aemon_inbox_pending": "gauge", "aemon_last_decision_timestamp_seconds": "gauge",
+                  "aemon_model_info": "info", "aemon_reloads_total": "counter"}
+
+
+def test_prometheus_sees_the_contract_types(prometheus):
+    """Prometheus' metadata gives each contract metric its type: aemon_model_info is an info (it was a gauge: the
+    classic text format, served whatever the scraper asked for, has no info type)."""
+    deadline = time.monotonic() + 20
+    while True:
+        metadata = json.loads(_get(prometheus + "/api/v1/metadata")[1])["data"]
+        seen = {name: (metadata.get(name) or metadata.get(name.removesuffix("_total").removesuffix("_info"))
+                       or [{}])[0].get("type") for name in CONTRACT_TYPES}
+        if seen == CONTRACT_TYPES or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert seen == CONTRACT_TYPES
+
+
 def test_every_dashboard_query_returns_series(prometheus):
     """Each Grafana panel query (variables substituted) returns at least one series from the live daemon."""
     exprs = _panel_exprs()
