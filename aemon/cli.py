@@ -185,7 +185,8 @@ def _run_parser(sub) -> None:
         AEMON_ROOT=/srv/aemon AEMON_METRICS_PORT=9108 aemon run
         aemon run --config /etc/aemon.toml --mode denoise --polling
     """)
-    p.add_argument("--root", type=Path, help="folder holding inbox/, ok/, anomaly/, rejected/ (default: $AEMON_ROOT)")
+    # Strings, checked by the settings: Path("") would be ".", and an empty root never means the current folder.
+    p.add_argument("--root", help="folder holding inbox/, ok/, anomaly/, rejected/ (default: $AEMON_ROOT)")
     p.add_argument("--model", type=Path, help="bundle directory (default: $AEMON_MODEL or the shipped bundle)")
     p.add_argument("--mode", choices=["detect", "denoise"], help="detect, or denoise as well (default: detect)")
     p.add_argument("--metrics-host", help="address of /metrics, /healthz, /readyz (default: 127.0.0.1)")
@@ -284,7 +285,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
     quiet_tensorflow()
     from aemon.models import CODED, check_fits
-    from aemon.train import TrainConfig, train_bundle
+    from aemon.train import TrainConfig, calibration_plan, train_bundle
 
     cfg = TrainConfig(
         arch=args.arch, epochs=args.epochs, batch_size=args.train_batch_size,
@@ -309,9 +310,10 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     prep, choices = choose_input(args.data, args.size, args.color)
     data = local_path(args.data)
     check_fits(cfg.arch, prep.input_shape, cfg.latent_dim, resizable=data is None or not is_array_name(data.name))
+    data = load_source(args.data, prep)
+    calibration_plan(len(data), cfg)  # too few images: the one error line, before anything is said
     for what, why in choices.items():
         print(f"{what}: {why}", file=sys.stderr)
-    data = load_source(args.data, prep)
     path = train_bundle(data, cfg, args.out, overwrite=args.force, prep=prep, choices=choices)
     from aemon.bundle import read_meta
 
@@ -550,7 +552,8 @@ def _run(args: argparse.Namespace, settings: Settings) -> int:
     from aemon.daemon import Daemon
 
     try:
-        return Daemon(settings, workers=settings.workers - 1).run()
+        return Daemon(settings, workers=settings.workers - 1,
+                      reread=lambda: load_settings(args.config, **_settings_flags(args))).run()
     finally:
         if shared is not None:
             from aemon.workers import remove_shared

@@ -91,8 +91,10 @@ class Daemon:
 
     def __init__(self, settings: Settings, registry: CollectorRegistry | None = None,
                  bundle: Bundle | None = None, workers: int = 0, worker: int | None = None, of: int = 0,
-                 beat_fd: int | None = None) -> None:
+                 beat_fd: int | None = None, reread: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        #: Reads the settings again as at start (the config file and flags): a SIGHUP takes a new model path.
+        self._reread = reread
         self.root = Path(os.path.abspath(settings.root))
         self.registry = registry or CollectorRegistry()
         self.worker = worker
@@ -228,7 +230,7 @@ class Daemon:
         if self.agreement is not None:
             self.bundle = self.agreement.choose(self.bundle)
         elif self.pool is not None and self.shared:
-            announce(self.shared, self.bundle.identity)
+            announce(self.shared, self.bundle.identity, self.bundle_path or default_bundle_path(self.settings.mode))
         self._set_model_metrics()
         freeze_heap()
         if self.worker is not None:
@@ -411,11 +413,17 @@ class Daemon:
         """Load the bundle again (SIGHUP); on failure keep the old one. The main process passes a reload
         it made on to the workers, which then load the same version (:class:`ModelAgreement`)."""
         self.reload_requested = False
+        before = (self.settings.model, self.bundle_path)
+        if self.worker is None:
+            self._reread_model()
+        elif self.agreement is not None:  # the main process's path: it may have been changed by a reload
+            self.bundle_path = self.agreement.path() or self.bundle_path
         path = self.bundle_path or default_bundle_path(self.settings.mode)
         try:
             bundle = self._load(path)
         except AemonError as exc:
             log.error("bundle.reload_failed", path=str(path), error=str(exc), kept=self.bundle.version)
+            self.settings.model, self.bundle_path = before  # serving the old bundle, from where it came
             ok = False
         else:
             self.bundle = bundle if self.agreement is None else self.agreement.choose(bundle, self.bundle)
@@ -425,8 +433,28 @@ class Daemon:
         if self.worker is None:  # one SIGHUP counts once, not once per process
             self.recorder.reload(ok=ok)
         if ok and self.pool is not None and self.shared:
-            announce(self.shared, self.bundle.identity)
+            announce(self.shared, self.bundle.identity, path)
             self.pool.signal(signal.SIGHUP)
+
+    def _reread_model(self) -> None:
+        """Main process: read the settings again (the config file and flags given at start; a process's
+        environment cannot change) and take a new ``model`` path. Other settings need a restart: named."""
+        if self._reread is None:
+            return
+        try:
+            fresh = self._reread()
+        except AemonError as exc:
+            log.error("reload.settings_failed", error=str(exc), hint="the bundle is loaded again from where it was")
+            return
+        changed = sorted(name for name in type(fresh).model_fields
+                         if name != "model" and getattr(fresh, name) != getattr(self.settings, name))
+        if changed:
+            log.warning("reload.needs_restart", settings=changed,
+                        hint="a reload takes a new model path only; restart the daemon to apply these")
+        if fresh.model != self.settings.model:
+            log.info("reload.model_path", before=self.settings.model, after=fresh.model)
+            self.settings.model = fresh.model  # worker processes started from now on get it too
+            self.bundle_path = (find_bundle(fresh.model) or Path(fresh.model)) if fresh.model else None
 
     def drain(self) -> None:
         """Log the stop: the loop commits each batch before it looks at the stop flag, so none is in hand."""

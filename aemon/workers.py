@@ -276,17 +276,18 @@ def shared_dir() -> Path | None:
     return Path(folder) if folder else None
 
 
-def announce(folder: Path, identity: str) -> None:
+def announce(folder: Path, identity: str, path: Path) -> None:
     """Main process: store the bundle it serves (its :attr:`~aemon.bundle.Bundle.identity`, after each load)
-    in its daemon's shared ``folder``, before its workers load theirs. Written through the open folders, never
-    through a link.
+    and the folder it loaded it from in its daemon's shared ``folder``, before its workers load theirs.
+    Written through the open folders, never through a link.
 
     Raises:
         NotADirectoryError: see :func:`_reached`.
     """
     folders, rel = _reached(folder)
     with folders:
-        write_durably(folder / SERVED_MODEL, (json.dumps({"identity": identity}) + "\n").encode(), folders=folders)
+        served = {"identity": identity, "path": os.fspath(os.path.abspath(path))}
+        write_durably(folder / SERVED_MODEL, (json.dumps(served) + "\n").encode(), folders=folders)
         folders.sync(rel)
 
 
@@ -294,6 +295,14 @@ def announced(folder: Path) -> str | None:
     """The identity of the bundle the main process serves, or None where it has not said."""
     try:
         return str(json.loads((folder / SERVED_MODEL).read_text())["identity"])
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return None
+
+
+def announced_path(folder: Path) -> Path | None:
+    """The bundle folder the main process loaded last, or None where it has not said."""
+    try:
+        return Path(json.loads((folder / SERVED_MODEL).read_text())["path"])
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return None
 
@@ -314,6 +323,10 @@ class ModelAgreement:
     def __init__(self, folder: Path, worker: int) -> None:
         self.folder, self.worker = folder, worker
         self._nudged = self._retried = float("-inf")
+
+    def path(self) -> Path | None:
+        """Where the main process loaded the bundle it serves (a reload may have taken a new path)."""
+        return announced_path(self.folder)
 
     def behind(self, serving) -> bool:
         """Whether this worker, serving ``serving``, should load the bundle again: it serves another version

@@ -1308,3 +1308,17 @@ def test_a_named_dataset_that_cannot_be_scored_stops_score_before_any_record(cap
     assert code != 0 and out == "", out
     errors = [line for line in err.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and named.split("?")[0] in errors[0], err
+
+
+@pytest.mark.parametrize("data", ["sample:mnist?digits=x", "sample:elpv?type=foo", "sample:mnist?limit=10"])
+def test_train_on_bad_data_says_one_line(tmp_path: Path, data: str) -> None:
+    """A bad source or too few images is one error line: the size and colour lines (said before the data was
+    read) made it three."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "aemon", "train", "--data", data, "--out", str(tmp_path / "b")],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert done.returncode != 0 and len(lines) == 1 and lines[0].startswith("Error: "), done.stderr
+    assert not (tmp_path / "b").exists()

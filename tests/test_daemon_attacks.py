@@ -823,6 +823,10 @@ def test_bad_roots_and_configs_are_named_exactly(tmp_path):
     empty = _run_cli("run", env={"AEMON_ROOT": ""}, cwd=tmp_path)
     assert empty.returncode == 2 and "AEMON_ROOT" in empty.stderr and "empty" in empty.stderr, empty.stderr
     assert os.listdir(tmp_path) == [], "an empty root never means the current folder"
+    # The flag too (a script's `--root "$UNSET"`): Path("") is ".", which the daemon took as its root.
+    flag = _run_cli("run", "--root", "", env={"AEMON_ROOT": str(tmp_path / "elsewhere")}, cwd=tmp_path)
+    assert flag.returncode == 2 and "empty" in flag.stderr and len(flag.stderr.strip().splitlines()) == 1, flag.stderr
+    assert os.listdir(tmp_path) == [], "an empty --root never means the current folder"
     (tmp_path / "afile").write_text("x")
     as_file = _run_cli("run", env={"AEMON_ROOT": str(tmp_path / "afile")})
     assert as_file.returncode == 3 and "not a folder" in as_file.stderr, as_file.stderr

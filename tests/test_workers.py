@@ -624,3 +624,42 @@ def test_two_daemons_with_workers_on_one_root_serving_different_bundles_do_not_r
     reloads = [_metric(d.get("/metrics")[1], "aemon_reloads_total", '{result="ok"}') for d in daemons]
     assert [d.stop() for d in daemons] == [0, 0], daemons[0].text() + daemons[1].text()
     assert churn == {"bundle.diverged": [0, 0], "bundle.behind": [0, 0]} and reloads == [0, 0], (churn, reloads)
+
+
+def test_a_reload_takes_the_model_path_from_the_changed_config_file(tmp_path, digits):
+    """The config file's `model` pointed at another bundle, then SIGHUP: the daemon loaded the old path again
+    and counted the reload as ok, so every record still named the old model. Now the main process and its
+    worker load the new path; a changed setting that needs a restart is named."""
+    from aemon.bundle import default_bundle_path, read_meta
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    shutil.copytree(default_bundle_path("detect"), old)
+    shutil.copytree(default_bundle_path("detect"), new)
+    np.save(tmp_path / "cal.npy", digits[-200:])
+    done = subprocess.run([sys.executable, "-m", "aemon", "calibrate", str(new), "--data", str(tmp_path / "cal.npy"),
+                           "--target-fpr", "0.05"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    versions = read_meta(old).version, read_meta(new).version
+    assert versions[0] != versions[1]
+    config = tmp_path / "aemon.toml"
+    config.write_text(f'model = "{old}"\nbatch_size = 64\n')
+    root = new_root(tmp_path)
+    env = {"AEMON_WORKERS": "2", "AEMON_CONFIG": str(config)}
+    daemon = Daemon(root, tmp_path / "daemon.log", env=env).wait_ready()
+    _wait_event(daemon, "worker.ready")
+    config.write_text(f'model = "{new}"\nbatch_size = 8\n')
+    os.kill(daemon.proc.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 60
+    while {e.get("worker") for e in daemon.events("bundle.loaded") if e.get("version") == versions[1]} != {None, 1}:
+        assert time.monotonic() < deadline, daemon.text()
+        time.sleep(0.2)
+    for i in range(40):
+        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
+    wait_records(root, 40, daemon)
+    named = {json.loads(p.read_text())["model"]["version"] for p in records(root)}
+    _, text = daemon.get("/metrics")
+    assert daemon.stop() == 0, daemon.text()
+    assert named == {versions[1]}, (named, versions)
+    assert f'version="{versions[1]}"' in text and f'version="{versions[0]}"' not in text
+    (warned,) = daemon.events("reload.needs_restart")
+    assert warned["settings"] == ["batch_size"]
