@@ -53,6 +53,13 @@ def _item_unmovable(exc: OSError, dest: str, batch_dir: Path) -> bool:
     return isinstance(exc, PermissionError) and os.access(os.path.dirname(dest), os.W_OK)
 
 
+def _subfolder_refuses(dest: str, router: Router) -> bool:
+    """Whether ``dest``'s folder is a folder inside a result folder (``ok/cam``, not ``ok`` itself) that refuses
+    this process's writes: the router then passes it over for a free name (:meth:`Router.destination`)."""
+    folder = os.path.dirname(dest)
+    return "/" in router.relative(Path(folder)) and not os.access(folder, os.W_OK | os.X_OK)
+
+
 @dataclass
 class Step:
     """Place ``src`` (relative to the batch folder) at ``dest`` (relative to the root), then write ``record``."""
@@ -182,6 +189,9 @@ class Journal:
                 dest = self._rename(index, router, batch_dir)
                 continue
             except OSError as exc:
+                if isinstance(exc, PermissionError) and _subfolder_refuses(dest, router):
+                    dest = self._rename(index, router, batch_dir)  # a free folder name beside it: cam-1/
+                    continue
                 if not _item_unmovable(exc, dest, batch_dir):
                     raise  # e.g. the result folder refuses writes: the daemon's problem, not the item's
                 # The item itself cannot be moved (immutable, in a sticky folder of another user, or on a

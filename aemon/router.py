@@ -25,6 +25,7 @@ import numpy as np
 from aemon.errors import Unreadable
 from aemon.fsio import Folders, rename_noreplace, write_all_durably, write_durably
 from aemon.images import PNG_LEVEL, npy_header
+from aemon.logs import get_logger
 from aemon.records import encode
 
 __all__ = ["FOLDERS", "DERIVED", "Router", "png_bytes", "png_name", "rows_bytes"]
@@ -135,6 +136,8 @@ class Router:
         self.root = Path(root)
         self._prefix = os.path.join(os.fspath(self.root), "")
         self._reserved: set[str] = set()
+        #: Result folders found refusing writes (logged once each).
+        self._refused: set[str] = set()
         self._lock = threading.Lock()
         self._local = threading.local()  # the folders each thread holds open
 
@@ -184,15 +187,37 @@ class Router:
         return rel
 
     def _subdir(self, folders: Folders, parent: str, name: str) -> str:
-        """A real folder ``parent/name`` (made if missing), or ``name-N`` if that name is a file or a link."""
+        """A real folder ``parent/name`` (made if missing), or ``name-N`` if that name is a file or a link, or a
+        folder that refuses this process's writes (read-only for its user, immutable)."""
         rel, n = f"{parent}/{name}" if parent else name, 0
         while True:
-            if self._prefix + rel not in self._reserved:
-                with contextlib.suppress(NotADirectoryError):
-                    folders.ensure(rel)
-                    return rel
+            if self._prefix + rel not in self._reserved and self._usable(folders, rel):
+                return rel
             n += 1
             rel = f"{parent}/{name}-{n}" if parent else f"{name}-{n}"
+
+    def _usable(self, folders: Folders, rel: str) -> bool:
+        """Whether ``rel`` is (or is now made) a folder this process can place files in.
+
+        Raises:
+            PermissionError: its parent refuses a new folder (not this name's doing: every name would fail).
+        """
+        try:
+            fd = folders.ensure(rel)
+        except NotADirectoryError:
+            return False
+        except PermissionError:
+            if not folders.lexists(rel):
+                raise
+            usable = False  # there, but it cannot even be opened
+        else:
+            usable = os.access(".", os.W_OK | os.X_OK, dir_fd=fd)
+        if not usable and rel not in self._refused:
+            self._refused.add(rel)
+            get_logger().warning("route.folder_refused", folder=rel,
+                                 hint="this result folder refuses the daemon's writes (its permissions, or chattr "
+                                      "+i); items bound for it go to a free name beside it")
+        return usable
 
     def ensure_parent(self, dest: str) -> None:
         """Make ``dest``'s folders again (removed since :meth:`destination`), following no link."""

@@ -1050,6 +1050,30 @@ def test_a_finished_folder_batch_is_not_rejected_as_empty_after_a_crash(root, ma
     assert list((root / ".aemon" / "claims").iterdir()) == []
 
 
+def test_a_journal_into_a_folder_that_now_refuses_writes_finishes_beside_it(root, make_daemon, digits):
+    """A batch journalled into ok/b1/, which was made immutable (or read-only for the daemon's user) before the
+    move: every restart replayed the journal, failed and exited, and nothing else was routed again. The image
+    now goes to a free folder name beside it, and its record says where."""
+    import subprocess
+
+    from aemon.journal import Journal, Step
+
+    batch = root / ".aemon" / "claims" / "0001700000000000-0123456789ab"
+    _png(batch / "b1" / "x.png", digits[1])
+    record = {"item": "b1/x.png", "verdict": "ok", "path": "ok/b1/x.png", "batch": "b1"}
+    Journal(entries=["b1"], steps=[Step("b1/x.png", "ok/b1/x.png", record)]).write(batch)
+    (root / "ok" / "b1").mkdir(parents=True)
+    if subprocess.run(["chattr", "+i", str(root / "ok" / "b1")], capture_output=True).returncode:
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
+    try:
+        make_daemon().run(until_idle=True)
+    finally:
+        subprocess.run(["chattr", "-i", str(root / "ok" / "b1")], check=True)
+    assert _record(root / "ok" / "b1-1" / "x.png") == {**record, "path": "ok/b1-1/x.png"}
+    assert list((root / "ok" / "b1").iterdir()) == []
+    assert list((root / ".aemon" / "claims").iterdir()) == []
+
+
 @pytest.mark.parametrize("n", [3, 10])
 def test_write_all_durably_leaves_only_the_files(tmp_path, n):
     """Many files, fsync'd each (a few) or with one filesystem sync (many): all written whole, no temp names

@@ -1075,3 +1075,37 @@ def test_a_full_disk_at_every_start_is_not_counted_as_deaths_of_the_items_it_sto
         if daemon is not None:
             daemon.stop()
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_result_subfolder_that_refuses_writes_gets_a_free_name(tmp_path, digits):
+    """ok/cam and anomaly/cam made immutable (chattr +i; an archiver's read-only folder does the same to a
+    daemon without CAP_DAC_OVERRIDE) while the daemon runs: the next image of a batch folder `cam` failed its
+    move, the daemon exited 1, and every restart replayed that batch and failed again, so nothing else was
+    ever routed. A sub-folder that refuses writes is now passed over like a file in the way (`cam-1/`); the
+    other items of the batch and later ones are decided, and the daemon keeps running."""
+    _skip_without_chattr(tmp_path)
+    root = new_root(tmp_path)
+    daemon = Daemon(root, tmp_path / "daemon.log", settle=SETTLE).wait_ready()
+    stage = tmp_path / "stage"
+    frozen = [root / folder / "cam" for folder in ("ok", "anomaly")]
+    try:
+        write_png(stage / "cam" / "a.png", digits[0])
+        _publish(stage / "cam", root / "inbox")
+        assert _wait_item(daemon, "cam/a.png")["verdict"] in ("ok", "anomaly")
+        for folder in frozen:
+            folder.mkdir(parents=True, exist_ok=True)
+            assert _chattr("+i", folder)
+        write_png(stage / "cam" / "b.png", digits[1])
+        write_png(stage / "cam" / "c.png", digits[2])
+        _publish(stage / "cam", root / "inbox")
+        placed = [_wait_item(daemon, f"cam/{name}") for name in ("b.png", "c.png")]
+        _drop_after(daemon, tmp_path, digits[4])
+        assert daemon.proc.poll() is None, daemon.text()
+        for record in placed:
+            assert record["path"].split("/")[1] == "cam-1", record
+            assert (root / record["path"]).is_file() and (root / (record["path"] + ".json")).is_file()
+    finally:
+        for folder in frozen:
+            _chattr("-i", folder)
+        code = daemon.stop()
+    assert code == 0, daemon.text()
