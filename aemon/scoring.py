@@ -328,6 +328,43 @@ def _nearest_fit(x: np.ndarray, r: np.ndarray) -> State:
     return {"neighbours": features(x)}
 
 
+def _left_out_nearest(neighbours: np.ndarray) -> np.ndarray:
+    """Each remembered image's ``nearest`` score against the others (its own distance, 0, left out)."""
+    best = np.empty(len(neighbours), np.float64)
+    for i in range(0, len(neighbours), _NEAREST_CHUNK):
+        sims = neighbours[i : i + _NEAREST_CHUNK] @ neighbours.T
+        sims[np.arange(len(sims)), np.arange(i, i + len(sims))] = -np.inf
+        best[i : i + _NEAREST_CHUNK] = sims.max(axis=1)
+    return np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
+
+
+def _plus_nearest(base: ScoreFunction) -> ScoreFunction:
+    """``base`` (a local score) plus ``nearest``, each standardised on the fitted images (``nearest`` by each
+    image's distance to the others): a defect of the surface and a change of shape both count."""
+
+    def numpy(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+        t = state["terms_nearest"]
+        return (base.numpy(x, r, state) - t[0]) / t[1] + (_nearest_np(x, r, state) - t[2]) / t[3]
+
+    def tf_score(x, r, state):
+        t = state["terms_nearest"]
+        return (base.tf(x, r, state) - t[0]) / t[1] + (_nearest_tf(x, r, state) - t[2]) / t[3]
+
+    def fit(x: np.ndarray, r: np.ndarray) -> State:
+        state = {**base.fit(x, r), **_nearest_fit(x, r)}
+        state["terms_nearest"] = _terms(base.numpy(x, r, state), _left_out_nearest(state["neighbours"]))
+        return state
+
+    def where(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
+        """The base score's map on the sum's scale: its largest value is (about, exactly for zmax) the score."""
+        t = state["terms_nearest"]
+        shape_term = (_nearest_np(x, r, state) - t[2]) / t[3]
+        return (base.where(x, r, state) - t[0]) / t[1] + shape_term[:, None, None].astype(np.float32)
+
+    return ScoreFunction(f"{base.summary}, plus nearest (each standardised on the normal images)",
+                         numpy, tf_score, fit, where)
+
+
 #: Score functions by the name stored in a bundle. To add one, write its pair (and ``fit`` if it
 #: needs state) above and add a row here.
 SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
@@ -344,6 +381,8 @@ SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
                              "training image's (shapes and strokes: another class, a part turned or missing)",
                              _nearest_np, _nearest_tf, _nearest_fit, _nearest_where, uses_reconstruction=False),
 }
+SCORE_FUNCTIONS["zmax+nearest"] = _plus_nearest(SCORE_FUNCTIONS["zmax"])
+SCORE_FUNCTIONS["zmax+mean+nearest"] = _plus_nearest(SCORE_FUNCTIONS["zmax+mean"])
 
 
 def lookup(kind: str) -> ScoreFunction:

@@ -122,7 +122,9 @@ def part_a(args, archs: list[str], tmp: Path) -> list[dict]:
         bundle, _, seconds, fit = _train(train, arch, args.epochs_a, out, args.latent_dim, args.seed)
         cal = _scores(bundle, _held_out(train, bundle), args.scores, fit)
         # The bundle's own calibration must be reproduced exactly, or the split above is not train_bundle's.
-        np.testing.assert_allclose(np.sort(cal[bundle.meta.score_fn]), bundle.meta.calibration.scores, rtol=1e-5)
+        # (float32 in the compiled call against numpy: scores near 0 differ by a few 1e-6.)
+        np.testing.assert_allclose(np.sort(cal[bundle.meta.score_fn]), bundle.meta.calibration.scores,
+                                   rtol=1e-5, atol=1e-4)
         s_n, s_a = _scores(bundle, normal, args.scores, fit), _scores(bundle, anomalous, args.scores, fit)
         for kind in args.scores:
             threshold = conformal_threshold(cal[kind], 0.01)

@@ -155,3 +155,29 @@ def test_daemon_decides_and_maps_with_a_nearest_bundle(digits: tuple[np.ndarray,
         assert record["verdict"] == "anomaly", record
         with Image.open(root / "anomaly" / record["map"]) as drawn:
             assert drawn.mode == "RGB" and drawn.size[0] >= 28
+
+
+def test_left_out_distances_leave_each_image_itself_out() -> None:
+    """The standardising distances of a ``+nearest`` score are each remembered image's distance to its nearest
+    other one (by brute force here), not 0 to itself."""
+    from aemon.scoring import _left_out_nearest
+
+    x = np.random.default_rng(3).random((30, 12, 12, 1)).astype(np.float32)
+    f = features(x)
+    brute = [min(np.linalg.norm(f[i] - f[j]) for j in range(len(f)) if j != i) for i in range(len(f))]
+    np.testing.assert_allclose(_left_out_nearest(f), brute, atol=1e-5)
+
+
+def test_a_sum_with_nearest_maps_to_its_own_score(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """zmax+nearest: the map's largest value is the score (both terms on the sum's scale), and a 3 scores above
+    the 7s it was not fitted on."""
+    x, y = digits
+    sevens = x[y == 7]
+    recon = np.clip(sevens + 0.05, 0, 1)  # a stand-in reconstruction: the sum's formula is what is tested
+    state = fit_state("zmax+nearest", sevens[:300], recon[:300])
+    probe = np.concatenate([sevens[300:310], x[y == 3][:10]])
+    r = np.clip(probe + 0.05, 0, 1)
+    scores = reconstruction_error(probe, r, "zmax+nearest", state)
+    where = lookup("zmax+nearest").where(probe, r, state)
+    np.testing.assert_allclose(where.reshape(len(probe), -1).max(axis=1), scores, rtol=1e-4, atol=1e-4)
+    assert np.median(scores[10:]) > np.median(scores[:10])
