@@ -91,8 +91,11 @@ def _train_parser(sub) -> None:
     p.add_argument("--loss", default="binary_crossentropy", help="binary_crossentropy or mse")
     p.add_argument("--score", default="auto", dest="score_fn",
                    help="score function: auto (ranked like --arch auto), mse, bce, topk (mean of the worst 5%% "
-                        "pixel errors), zmax (local: the most unusual place of the smoothed error map) or "
-                        "zmax+mean (zmax plus the distance to the mean normal image) (auto)")
+                        "pixel errors), zmax (local: the most unusual place of the smoothed error map), "
+                        "zmax+mean (zmax plus the distance to the mean normal image), bce+shape (bce plus "
+                        "unusual amount, place and spread of intensity), nearest (distance of the image's "
+                        "gradient histograms to the closest normal training image's), zmax+nearest or "
+                        "zmax+mean+nearest (the sums) (auto)")
     p.add_argument("--calibration-split", type=float, default=0.1,
                    help="share held out for calibration (0.1); with too few images for that, as many as the target "
                         "FPR needs, or cross-fitting")
@@ -285,7 +288,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
     quiet_tensorflow()
     from aemon.models import CODED, check_fits
-    from aemon.train import TrainConfig, calibration_plan, train_bundle
+    from aemon.train import TrainConfig, calibration_plan, distinct, train_bundle
 
     cfg = TrainConfig(
         arch=args.arch, epochs=args.epochs, batch_size=args.train_batch_size,
@@ -311,7 +314,8 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     data = local_path(args.data)
     check_fits(cfg.arch, prep.input_shape, cfg.latent_dim, resizable=data is None or not is_array_name(data.name))
     data = load_source(args.data, prep)
-    calibration_plan(len(data), cfg)  # too few images: the one error line, before anything is said
+    _, repeats = distinct(data.x)
+    calibration_plan(len(data) - repeats, cfg, repeats)  # too few images: the one error line, before anything
     for what, why in choices.items():
         print(f"{what}: {why}", file=sys.stderr)
     path = train_bundle(data, cfg, args.out, overwrite=args.force, prep=prep, choices=choices)

@@ -414,9 +414,10 @@ class Daemon:
         it made on to the workers, which then load the same version (:class:`ModelAgreement`)."""
         self.reload_requested = False
         before = (self.settings.model, self.bundle_path)
-        if self.worker is None:
-            self._reread_model()
-        elif self.agreement is not None:  # the main process's path: it may have been changed by a reload
+        if self.worker is None and not self._reread_model():
+            self.recorder.reload(ok=False)
+            return
+        if self.worker is not None and self.agreement is not None:  # the main process's path (a reload may change it)
             self.bundle_path = self.agreement.path() or self.bundle_path
         path = self.bundle_path or default_bundle_path(self.settings.mode)
         try:
@@ -436,25 +437,39 @@ class Daemon:
             announce(self.shared, self.bundle.identity, path)
             self.pool.signal(signal.SIGHUP)
 
-    def _reread_model(self) -> None:
+    def _reread_model(self) -> bool:
         """Main process: read the settings again (the config file and flags given at start; a process's
-        environment cannot change) and take a new ``model`` path. Other settings need a restart: named."""
+        environment cannot change) and take a new ``model`` path. Other settings need a restart: named.
+
+        Returns:
+            False when the reload must change nothing: the settings cannot be read (a file deleted, or caught
+            half-way through a rewrite), or no longer name the model in use (an empty file, as between a
+            truncate and a write: the shipped digit detector is never switched to by a reload).
+        """
         if self._reread is None:
-            return
+            return True
         try:
             fresh = self._reread()
         except AemonError as exc:
-            log.error("reload.settings_failed", error=str(exc), hint="the bundle is loaded again from where it was")
-            return
+            log.error("reload.settings_failed", error=str(exc), kept=self.bundle.version,
+                      hint="nothing was reloaded; fix the settings and reload again")
+            return False
+        if fresh.model is None and self.settings.model is not None:
+            log.error("reload.model_unset", kept=self.bundle.version, model=str(self.settings.model),
+                      hint="the settings no longer name a model: the one in use is kept (restart to use the "
+                           "shipped bundle)")
+            return False
         changed = sorted(name for name in type(fresh).model_fields
                          if name != "model" and getattr(fresh, name) != getattr(self.settings, name))
         if changed:
             log.warning("reload.needs_restart", settings=changed,
                         hint="a reload takes a new model path only; restart the daemon to apply these")
         if fresh.model != self.settings.model:
-            log.info("reload.model_path", before=self.settings.model, after=fresh.model)
+            log.info("reload.model_path", before=str(self.settings.model or "the shipped bundle"),
+                     after=str(fresh.model))
             self.settings.model = fresh.model  # worker processes started from now on get it too
-            self.bundle_path = (find_bundle(fresh.model) or Path(fresh.model)) if fresh.model else None
+            self.bundle_path = find_bundle(fresh.model) or Path(fresh.model)
+        return True
 
     def drain(self) -> None:
         """Log the stop: the loop commits each batch before it looks at the stop flag, so none is in hand."""

@@ -40,9 +40,21 @@ def _weights(angle, magnitude, j: int, floor, relu):
     return relu(1.0 - abs(d)) * magnitude
 
 
+#: Most grey pixels whose features are computed at once: the temporaries take about 9 times their size
+#: (a slice of 2^22 pixels, 16 MB, about 150 MB); 10,000 images of 128×128 at once took 6 GB.
+SLICE_PIXELS = 1 << 22
+
+
 def features(x: np.ndarray) -> np.ndarray:
     """Unit-length gradient-orientation histograms of images ``(N, H, W, C)`` in [0, 1]: ``(N, cells × BINS)``
     float32 (all zeros for an image without any gradient)."""
+    rows = max(1, SLICE_PIXELS // max(1, x.shape[1] * x.shape[2]))
+    if len(x) > rows:
+        return np.concatenate([_features(x[i : i + rows]) for i in range(0, len(x), rows)])
+    return _features(x)
+
+
+def _features(x: np.ndarray) -> np.ndarray:
     grey = np.asarray(x, np.float32).mean(axis=-1)
     n, h, w = grey.shape
     gy, gx = np.zeros_like(grey), np.zeros_like(grey)  # 0 on the border rows and columns

@@ -314,12 +314,14 @@ def _nearest_tf(x, r, state):
 
 
 def _nearest_where(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
-    """Per cell, how far the image's histograms are from its nearest normal image's, scaled so that a
-    difference spread evenly over every cell maps to the score itself."""
-    f, (_, which) = _similarities_np(x, state)
+    """Per cell, how far the image's histograms are from its nearest normal image's, scaled so that the
+    largest cell is the score (as a local score's map): an image under the threshold is nowhere at full colour."""
+    f, (best, which) = _similarities_np(x, state)
     gh, gw, _, _ = grid_of(x.shape[1], x.shape[2])
-    diff = (f - state["neighbours"][which]).reshape(len(f), gh, gw, BINS)
-    return np.sqrt(np.square(diff).sum(axis=-1) * (gh * gw))
+    cells = np.sqrt(np.square((f - state["neighbours"][which]).reshape(len(f), gh, gw, BINS)).sum(axis=-1))
+    score = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0)).astype(np.float32)
+    largest = cells.reshape(len(cells), -1).max(axis=1)
+    return cells * (score / np.maximum(largest, np.float32(1e-12)))[:, None, None]
 
 
 def _nearest_fit(x: np.ndarray, r: np.ndarray) -> State:

@@ -1310,13 +1310,16 @@ def test_a_named_dataset_that_cannot_be_scored_stops_score_before_any_record(cap
     assert len(errors) == 1 and named.split("?")[0] in errors[0], err
 
 
-@pytest.mark.parametrize("data", ["sample:mnist?digits=x", "sample:elpv?type=foo", "sample:mnist?limit=10"])
-def test_train_on_bad_data_says_one_line(tmp_path: Path, data: str) -> None:
-    """A bad source or too few images is one error line: the size and colour lines (said before the data was
-    read) made it three."""
+@pytest.mark.parametrize("data", ["sample:mnist?digits=x", "sample:elpv?type=foo", "sample:mnist?limit=10",
+                                  "repeats.npy"])
+def test_train_on_bad_data_says_one_line(tmp_path: Path, data: str, mnist_digits: np.ndarray) -> None:
+    """A bad source or too few images (also 200 images that are 50 repeated) is one error line: the size and
+    colour lines (said before the data was read) made it three, and a warning about the repeats four."""
     import subprocess
     import sys
 
+    np.save(tmp_path / "repeats.npy", np.repeat(mnist_digits[:50], 4, axis=0))
+    data = str(tmp_path / data) if data.endswith(".npy") else data
     done = subprocess.run([sys.executable, "-m", "aemon", "train", "--data", data, "--out", str(tmp_path / "b")],
                           stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
     lines = [line for line in done.stderr.splitlines() if line.strip()]

@@ -578,6 +578,43 @@ def test_good_reload_switches_bundle_and_model_info(root, make_daemon, digits, t
     assert rec["threshold"] == pytest.approx(daemon.bundle.threshold) != pytest.approx(old.threshold)
 
 
+def test_a_reload_takes_a_new_model_path_only_from_settings_it_could_read(root, tmp_path, tiny_bundle, bundle):
+    """SIGHUP reads the config file again. A new `model` is loaded; a file that cannot be read (deleted, or
+    invalid TOML half-way through a rewrite) changes nothing and counts as a failed reload (it counted as ok);
+    a file that names no model (empty, as it is between a truncate and a write) keeps the model in use
+    instead of switching to the shipped digit detector."""
+    from aemon.settings import load_settings
+
+    config = tmp_path / "aemon.toml"
+    config.write_text(f'model = "{default_bundle_path("detect")}"\n')
+
+    def reread() -> Settings:
+        return load_settings(config, root=root, metrics_port=0, settle_seconds=0, batch_wait_ms=0)
+
+    daemon = Daemon(reread(), bundle=bundle, reread=reread)
+
+    def reload_with(text: str | None) -> list[dict]:
+        if text is None:
+            config.unlink(missing_ok=True)
+        else:
+            config.write_text(text)
+        with capture_logs() as logs:
+            daemon.reload()
+        return logs
+
+    def count(result: str) -> float:
+        return daemon.registry.get_sample_value("aemon_reloads_total", {"result": result}) or 0.0
+
+    logs = reload_with(f'model = "{tiny_bundle}"\n')
+    assert daemon.bundle.name == "tiny" and count("ok") == 1
+    assert [e["after"] for e in logs if e["event"] == "reload.model_path"] == [str(tiny_bundle)]
+    for text in (None, 'model = "', ""):
+        logs = reload_with(text)
+        assert daemon.bundle.name == "tiny", text
+        assert any(e["event"] in ("reload.settings_failed", "reload.model_unset") for e in logs), (text, logs)
+    assert count("ok") == 1 and count("failed") == 3
+
+
 def test_the_loaded_model_is_kept_out_of_the_collectors_sight_and_an_old_one_freed_on_reload(
         root, make_daemon, tiny_bundle):
     """A full collection walked every object of TensorFlow, Keras and the bundle (about 400,000): 150-270 ms

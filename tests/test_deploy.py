@@ -405,7 +405,9 @@ def test_systemd_env_file_holds_valid_settings(monkeypatch):
             assert name.startswith("AEMON_")
             monkeypatch.setenv(name, value)
             names.add(name)
-    assert {"AEMON_METRICS_HOST", "AEMON_METRICS_PORT", "AEMON_MODEL"} <= names
+    assert {"AEMON_METRICS_HOST", "AEMON_METRICS_PORT"} <= names
+    # AEMON_MODEL is shown commented out: set but empty, it would override a config file's `model`.
+    assert "AEMON_MODEL" not in names and "\n#AEMON_MODEL=" in (DEPLOY / "systemd" / "aemon.env").read_text()
     settings = load_settings()
     assert settings.metrics_host == "127.0.0.1" and settings.model is None
 

@@ -30,6 +30,14 @@ from daemon_process import (
 )
 
 
+def _records_after(daemon: Daemon, root: Path, digits: np.ndarray) -> list[dict]:
+    """Drop 40 digits into the running ``daemon`` and wait for their records; every record of the root."""
+    for i in range(40):
+        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
+    wait_records(root, 40, daemon)
+    return [json.loads(p.read_text()) for p in records(root)]
+
+
 def _wait_event(daemon: Daemon, name: str, n: int = 1, timeout: float = 120) -> list[dict]:
     deadline = time.monotonic() + timeout
     while len(found := daemon.events(name)) < n:
@@ -357,10 +365,7 @@ def test_every_process_serves_one_model_after_the_bundle_changes(tmp_path, digit
         assert time.monotonic() < deadline and daemon.proc.poll() is None, daemon.text()
         time.sleep(0.2)
     time.sleep(3)  # the main process's reload is passed on to the worker
-    for i in range(40):
-        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
-    wait_records(root, 40, daemon)
-    versions = {json.loads(p.read_text())["model"]["version"] for p in records(root)}
+    versions = {record["model"]["version"] for record in _records_after(daemon, root, digits)}
     _, text = daemon.get("/metrics")
     assert daemon.stop() == 0, daemon.text()
     assert versions == {new}, (versions, old, new)
@@ -403,10 +408,7 @@ def test_a_worker_whose_reload_failed_catches_up_with_the_main_process(tmp_path,
     while not any(e.get("version") == new for e in daemon.events("bundle.loaded") if e.get("worker") == 1):
         assert time.monotonic() < deadline, f"the worker never loaded {new}\n{daemon.text()}"
         time.sleep(0.2)
-    for i in range(40):
-        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
-    wait_records(root, 40, daemon)
-    versions = {json.loads(p.read_text())["model"]["version"] for p in records(root)}
+    versions = {record["model"]["version"] for record in _records_after(daemon, root, digits)}
     assert daemon.stop() == 0, daemon.text()
     assert versions == {new}, versions
 
@@ -591,10 +593,7 @@ def test_two_calibrations_of_one_model_are_told_apart_by_the_processes(tmp_path,
         assert time.monotonic() < deadline and daemon.proc.poll() is None, f"main kept loose:\n{daemon.text()}"
         time.sleep(0.2)
     time.sleep(2)
-    for i in range(40):
-        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
-    wait_records(root, 40, daemon)
-    thresholds = {json.loads(p.read_text())["threshold"] for p in records(root)}
+    thresholds = {record["threshold"] for record in _records_after(daemon, root, digits)}
     assert daemon.stop() == 0, daemon.text()
     assert thresholds == {strict.threshold}, (thresholds, loose.threshold, strict.threshold)
 
@@ -653,10 +652,7 @@ def test_a_reload_takes_the_model_path_from_the_changed_config_file(tmp_path, di
     while {e.get("worker") for e in daemon.events("bundle.loaded") if e.get("version") == versions[1]} != {None, 1}:
         assert time.monotonic() < deadline, daemon.text()
         time.sleep(0.2)
-    for i in range(40):
-        write_png(root / "inbox" / f"after-{i:02d}.png", digits[i])
-    wait_records(root, 40, daemon)
-    named = {json.loads(p.read_text())["model"]["version"] for p in records(root)}
+    named = {record["model"]["version"] for record in _records_after(daemon, root, digits)}
     _, text = daemon.get("/metrics")
     assert daemon.stop() == 0, daemon.text()
     assert named == {versions[1]}, (named, versions)
