@@ -281,17 +281,18 @@ class Daemon:
         except OSError as exc:
             raise StartupError.unusable_root(self.root, exc) from exc
 
-    def _refuse_bundle_in_inbox(self) -> None:
+    def _refuse_bundle_in_inbox(self, path: Path | None = None) -> None:
         """A bundle inside the inbox would be taken as an entry (and then be gone at the next reload).
 
         Raises:
-            StartupError: AEMON_MODEL lies in the inbox.
+            StartupError: the bundle (``path``, default the one set at start) lies in the inbox.
         """
-        if self.bundle_path is None:
+        path = path or self.bundle_path
+        if path is None:
             return
         inbox = os.path.realpath(self.root / "inbox")
-        if os.path.commonpath([inbox, os.path.realpath(self.bundle_path)]) == inbox:
-            raise StartupError(f"the bundle {self.bundle_path} lies inside the inbox {self.root / 'inbox'}, where "
+        if os.path.commonpath([inbox, os.path.realpath(path)]) == inbox:
+            raise StartupError(f"the bundle {path} lies inside the inbox {self.root / 'inbox'}, where "
                                "it would be taken as an item: move it out of the inbox and set AEMON_MODEL to it")
 
     def _check_task(self, bundle: Bundle, error: type[AemonError]) -> None:
@@ -450,7 +451,7 @@ class Daemon:
             return True
         try:
             fresh = self._reread()
-        except AemonError as exc:
+        except (AemonError, OSError) as exc:  # OSError: a config folder that cannot be searched
             log.error("reload.settings_failed", error=str(exc), kept=self.bundle.version,
                       hint="nothing was reloaded; fix the settings and reload again")
             return False
@@ -465,10 +466,17 @@ class Daemon:
             log.warning("reload.needs_restart", settings=changed,
                         hint="a reload takes a new model path only; restart the daemon to apply these")
         if fresh.model != self.settings.model:
+            path = find_bundle(fresh.model) or Path(fresh.model)
+            try:
+                self._refuse_bundle_in_inbox(path)
+            except StartupError as exc:
+                log.error("reload.settings_failed", error=str(exc), kept=self.bundle.version,
+                          hint="nothing was reloaded; fix the settings and reload again")
+                return False
             log.info("reload.model_path", before=str(self.settings.model or "the shipped bundle"),
                      after=str(fresh.model))
             self.settings.model = fresh.model  # worker processes started from now on get it too
-            self.bundle_path = find_bundle(fresh.model) or Path(fresh.model)
+            self.bundle_path = path
         return True
 
     def drain(self) -> None:

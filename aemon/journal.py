@@ -28,7 +28,7 @@ from typing import Any
 from aemon.fsio import Folders, fsync_dir, mount_points, rename_noreplace, write_durably
 from aemon.logs import get_logger
 from aemon.records import encode_exact
-from aemon.router import FOLDERS, Router
+from aemon.router import FOLDERS, USABLE, Router
 
 __all__ = ["JOURNAL_NAME", "NAMING_FIELDS", "Step", "Journal", "read_journal", "output_path", "drop_undecided",
            "remove_batch", "prune_empty"]
@@ -57,7 +57,7 @@ def _subfolder_refuses(dest: str, router: Router) -> bool:
     """Whether ``dest``'s folder is a folder inside a result folder (``ok/cam``, not ``ok`` itself) that refuses
     this process's writes: the router then passes it over for a free name (:meth:`Router.destination`)."""
     folder = os.path.dirname(dest)
-    return "/" in router.relative(Path(folder)) and not os.access(folder, os.W_OK | os.X_OK)
+    return "/" in router.relative(Path(folder)) and not os.access(folder, USABLE)
 
 
 @dataclass
@@ -139,7 +139,10 @@ class Journal:
                 for start in range(0, len(records), STEPS_PER_PROGRESS):
                     some = [self.steps[i] for i in records[start : start + STEPS_PER_PROGRESS]]
                     pairs = [(os.path.join(root, st.dest), st.record) for st in some]
-                    taken |= set(router.write_records(pairs, batch_dir))
+                    try:
+                        taken |= set(router.write_records(pairs, batch_dir))
+                    except PermissionError:
+                        taken |= self._records_one_by_one(some, pairs, router, batch_dir)
                     progress()
                 # A record name taken meanwhile by someone else: move the item to a free name and try again
                 # (its maps, placed already beside it, keep their names: the record names them as they are).
@@ -157,6 +160,24 @@ class Journal:
                     os.unlink(name, dir_fd=fd)
             router.sync_dirs(touched)
         return done
+
+    def _records_one_by_one(self, steps: list[Step], pairs: list[tuple[str, dict]], router: Router,
+                            batch_dir: Path) -> set[str]:
+        """Write records one at a time after a group failed. The item of a record whose folder refuses writes
+        was placed before the folder turned so (a replay, or a race): its step is stuck, and the batch is kept
+        for a later start, where the record is written once the folder takes it. Returns the names taken."""
+        taken: set[str] = set()
+        for step, pair in zip(steps, pairs, strict=True):
+            try:
+                taken |= set(router.write_records([pair], batch_dir))
+            except PermissionError as exc:
+                if not _subfolder_refuses(pair[0], router):
+                    raise
+                get_logger().error("commit.record_refused", item=step.dest, error=str(exc),
+                                   hint="its folder refuses the daemon's writes; the record is written at a later "
+                                        "start, once it does")
+                self.stuck.append(step)
+        return taken
 
     def _place(self, index: int, router: Router, dests: Folders, here: Folders, batch_dir: Path) -> str:
         """Move the file of step ``index`` from the batch folder (``here``) to its destination (``dests``),
@@ -189,11 +210,14 @@ class Journal:
                 dest = self._rename(index, router, batch_dir)
                 continue
             except OSError as exc:
-                if isinstance(exc, PermissionError) and _subfolder_refuses(dest, router):
+                refused = isinstance(exc, PermissionError) and _subfolder_refuses(dest, router)
+                if refused and step.map_suffix is None:
                     dest = self._rename(index, router, batch_dir)  # a free folder name beside it: cam-1/
                     continue
-                if not _item_unmovable(exc, dest, batch_dir):
+                if not refused and not _item_unmovable(exc, dest, batch_dir):
                     raise  # e.g. the result folder refuses writes: the daemon's problem, not the item's
+                # A map whose item is placed already, in a folder that has refused writes since, waits too: the
+                # record names it beside its item.
                 # The item itself cannot be moved (immutable, in a sticky folder of another user, or on a
                 # filesystem mounted inside the dropped folder): it stays in the batch folder, which is kept,
                 # and the daemon goes on.

@@ -120,6 +120,10 @@ def png_name(rel: str) -> str:
 DERIVED = (".json", ".map.png")
 
 
+#: What the daemon needs of a result folder: to read it (it is opened to be fsync'd), write in it and enter it.
+USABLE = os.R_OK | os.W_OK | os.X_OK
+
+
 class Router:
     """Chooses free destinations under ``root`` and places files there.
 
@@ -200,18 +204,24 @@ class Router:
         """Whether ``rel`` is (or is now made) a folder this process can place files in.
 
         Raises:
-            PermissionError: its parent refuses a new folder (not this name's doing: every name would fail).
+            PermissionError: its parent refuses a new folder, or the folder just made refuses writes (not this
+                name's doing: every name would fail).
         """
+        made = not folders.lexists(self._prefix + rel)
         try:
             fd = folders.ensure(rel)
         except NotADirectoryError:
             return False
         except PermissionError:
-            if not folders.lexists(rel):
+            if not folders.lexists(self._prefix + rel):
                 raise
             usable = False  # there, but it cannot even be opened
         else:
-            usable = os.access(".", os.W_OK | os.X_OK, dir_fd=fd)
+            usable = os.access(".", USABLE, dir_fd=fd)  # read too: the folder is opened to be fsync'd
+            if not usable and made:
+                raise PermissionError(errno.EACCES, "a folder the daemon has just made refuses its writes (the "
+                                                    "umask, or a default ACL of the folder above)",
+                                      self._prefix + rel)
         if not usable and rel not in self._refused:
             self._refused.add(rel)
             get_logger().warning("route.folder_refused", folder=rel,

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic_settings import BaseSettings, InitSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
 
 from aemon.errors import UsageError
 
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     #: Seconds allowed to finish the batch in flight on SIGTERM.
     shutdown_grace_seconds: float = Field(10.0, ge=0, le=3600)
 
-    _toml_file: ClassVar[Path | None] = None
+    _toml_table: ClassVar[dict[str, Any] | None] = None
 
     @property
     def limits(self):
@@ -96,8 +96,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if cls._toml_file is not None:
-            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls._toml_file))
+        if cls._toml_table is not None:  # the table load_settings read and checked, never read again
+            sources.append(InitSettingsSource(settings_cls, init_kwargs=cls._toml_table))
         return tuple(sources)
 
 
@@ -226,10 +226,10 @@ def load_settings(config: Path | None = None, **flags: Any) -> Settings:
         if wrong:
             raise UsageError(f"config file {path}: {'; '.join(wrong)}")
     given = {k: v for k, v in flags.items() if v is not None}
-    Settings._toml_file = path
+    Settings._toml_table = table if path is not None else None
     try:
         return Settings(**given)
     except ValidationError as exc:
         raise UsageError(_describe(exc)) from None
     finally:
-        Settings._toml_file = None
+        Settings._toml_table = None

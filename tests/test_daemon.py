@@ -6,6 +6,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -608,11 +609,13 @@ def test_a_reload_takes_a_new_model_path_only_from_settings_it_could_read(root, 
     logs = reload_with(f'model = "{tiny_bundle}"\n')
     assert daemon.bundle.name == "tiny" and count("ok") == 1
     assert [e["after"] for e in logs if e["event"] == "reload.model_path"] == [str(tiny_bundle)]
-    for text in (None, 'model = "', ""):
+    # A model inside the inbox is refused as at start-up (it would be taken as an item).
+    shutil.copytree(tiny_bundle, root / "inbox" / "bundle")
+    for text in (None, 'model = "', "", f'model = "{root / "inbox" / "bundle"}"\n'):
         logs = reload_with(text)
-        assert daemon.bundle.name == "tiny", text
+        assert daemon.bundle.name == "tiny" and daemon.bundle_path == tiny_bundle, text
         assert any(e["event"] in ("reload.settings_failed", "reload.model_unset") for e in logs), (text, logs)
-    assert count("ok") == 1 and count("failed") == 3
+    assert count("ok") == 1 and count("failed") == 4
 
 
 def test_the_loaded_model_is_kept_out_of_the_collectors_sight_and_an_old_one_freed_on_reload(
@@ -1108,6 +1111,60 @@ def test_a_journal_into_a_folder_that_now_refuses_writes_finishes_beside_it(root
         subprocess.run(["chattr", "-i", str(root / "ok" / "b1")], check=True)
     assert _record(root / "ok" / "b1-1" / "x.png") == {**record, "path": "ok/b1-1/x.png"}
     assert list((root / "ok" / "b1").iterdir()) == []
+    assert list((root / ".aemon" / "claims").iterdir()) == []
+
+
+def test_a_record_its_folder_refuses_leaves_the_batch_kept_and_the_daemon_running(root, make_daemon, digits):
+    """The item was placed in ok/b1/ before a stop, then ok/b1 was made immutable: writing its record at the
+    restart failed, and every restart stopped there. The step is now stuck: the batch is kept in the claims
+    folder with one commit.record_refused error, the daemon goes on, and a later start writes the record."""
+    from aemon.journal import Journal, Step
+
+    batch = root / ".aemon" / "claims" / "0001700000000000-0123456789ab"
+    batch.mkdir(parents=True)
+    record = {"item": "b1/x.png", "verdict": "ok", "path": "ok/b1/x.png", "batch": "b1"}
+    Journal(entries=["b1"], steps=[Step("b1/x.png", "ok/b1/x.png", record)]).write(batch)
+    _png(root / "ok" / "b1" / "x.png", digits[1])  # placed; its record not yet written
+    if subprocess.run(["chattr", "+i", str(root / "ok" / "b1")], capture_output=True).returncode:
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
+    try:
+        with capture_logs() as logs:
+            make_daemon().run(until_idle=True)
+    finally:
+        subprocess.run(["chattr", "-i", str(root / "ok" / "b1")], check=True)
+    assert [e["item"] for e in logs if e["event"] == "commit.record_refused"] == ["ok/b1/x.png"]
+    assert not (root / "ok" / "b1" / "x.png.json").exists()
+    assert len(list((root / ".aemon" / "claims").rglob(".journal.json"))) == 1  # kept, adopted by this daemon
+    make_daemon().run(until_idle=True)
+    assert _record(root / "ok" / "b1" / "x.png") == record
+    assert list((root / ".aemon" / "claims").iterdir()) == []
+
+
+def test_a_map_its_folder_refuses_waits_beside_its_item(root, make_daemon, digits):
+    """The item was placed in anomaly/b1/ before a stop, then the folder refused writes: its map, placed after
+    it, would have gone to a free folder (b1-1/) while the record names it beside its item. It waits in the
+    kept batch instead, and a later start places it where the record says."""
+    from aemon.journal import Journal, Step
+
+    batch = root / ".aemon" / "claims" / "0001700000000000-0123456789ab"
+    batch.mkdir(parents=True)
+    (batch / ".out-1.png").write_bytes(b"the map")
+    record = {"item": "b1/x.png", "verdict": "anomaly", "path": "anomaly/b1/x.png", "batch": "b1",
+              "map": "x.png.map.png"}
+    steps = [Step("b1/x.png", "anomaly/b1/x.png", record),
+             Step(".out-1.png", "anomaly/b1/x.png.map.png", None, [[0, "map", None]], ".map.png")]
+    Journal(entries=["b1"], steps=steps).write(batch)
+    _png(root / "anomaly" / "b1" / "x.png", digits[1])  # placed; its map and record not yet
+    if subprocess.run(["chattr", "+i", str(root / "anomaly" / "b1")], capture_output=True).returncode:
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
+    try:
+        make_daemon().run(until_idle=True)
+    finally:
+        subprocess.run(["chattr", "-i", str(root / "anomaly" / "b1")], check=True)
+    assert not (root / "anomaly" / "b1-1").exists()
+    make_daemon().run(until_idle=True)
+    assert _record(root / "anomaly" / "b1" / "x.png") == record
+    assert (root / "anomaly" / "b1" / "x.png.map.png").read_bytes() == b"the map"
     assert list((root / ".aemon" / "claims").iterdir()) == []
 
 
