@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -1090,11 +1091,21 @@ def test_a_finished_folder_batch_is_not_rejected_as_empty_after_a_crash(root, ma
     assert list((root / ".aemon" / "claims").iterdir()) == []
 
 
+@contextlib.contextmanager
+def _immutable(folder: Path):
+    """``folder`` made immutable (chattr +i: even root cannot write in it) for the block; skip where impossible."""
+    if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
 def test_a_journal_into_a_folder_that_now_refuses_writes_finishes_beside_it(root, make_daemon, digits):
     """A batch journalled into ok/b1/, which was made immutable (or read-only for the daemon's user) before the
     move: every restart replayed the journal, failed and exited, and nothing else was routed again. The image
     now goes to a free folder name beside it, and its record says where."""
-    import subprocess
 
     from aemon.journal import Journal, Step
 
@@ -1103,12 +1114,8 @@ def test_a_journal_into_a_folder_that_now_refuses_writes_finishes_beside_it(root
     record = {"item": "b1/x.png", "verdict": "ok", "path": "ok/b1/x.png", "batch": "b1"}
     Journal(entries=["b1"], steps=[Step("b1/x.png", "ok/b1/x.png", record)]).write(batch)
     (root / "ok" / "b1").mkdir(parents=True)
-    if subprocess.run(["chattr", "+i", str(root / "ok" / "b1")], capture_output=True).returncode:
-        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
-    try:
+    with _immutable(root / "ok" / "b1"):
         make_daemon().run(until_idle=True)
-    finally:
-        subprocess.run(["chattr", "-i", str(root / "ok" / "b1")], check=True)
     assert _record(root / "ok" / "b1-1" / "x.png") == {**record, "path": "ok/b1-1/x.png"}
     assert list((root / "ok" / "b1").iterdir()) == []
     assert list((root / ".aemon" / "claims").iterdir()) == []
@@ -1125,13 +1132,8 @@ def test_a_record_its_folder_refuses_leaves_the_batch_kept_and_the_daemon_runnin
     record = {"item": "b1/x.png", "verdict": "ok", "path": "ok/b1/x.png", "batch": "b1"}
     Journal(entries=["b1"], steps=[Step("b1/x.png", "ok/b1/x.png", record)]).write(batch)
     _png(root / "ok" / "b1" / "x.png", digits[1])  # placed; its record not yet written
-    if subprocess.run(["chattr", "+i", str(root / "ok" / "b1")], capture_output=True).returncode:
-        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
-    try:
-        with capture_logs() as logs:
-            make_daemon().run(until_idle=True)
-    finally:
-        subprocess.run(["chattr", "-i", str(root / "ok" / "b1")], check=True)
+    with _immutable(root / "ok" / "b1"), capture_logs() as logs:
+        make_daemon().run(until_idle=True)
     assert [e["item"] for e in logs if e["event"] == "commit.record_refused"] == ["ok/b1/x.png"]
     assert not (root / "ok" / "b1" / "x.png.json").exists()
     assert len(list((root / ".aemon" / "claims").rglob(".journal.json"))) == 1  # kept, adopted by this daemon
@@ -1155,12 +1157,8 @@ def test_a_map_its_folder_refuses_waits_beside_its_item(root, make_daemon, digit
              Step(".out-1.png", "anomaly/b1/x.png.map.png", None, [[0, "map", None]], ".map.png")]
     Journal(entries=["b1"], steps=steps).write(batch)
     _png(root / "anomaly" / "b1" / "x.png", digits[1])  # placed; its map and record not yet
-    if subprocess.run(["chattr", "+i", str(root / "anomaly" / "b1")], capture_output=True).returncode:
-        pytest.skip("chattr +i is not possible here (needs root and a filesystem with the flag)")
-    try:
+    with _immutable(root / "anomaly" / "b1"):
         make_daemon().run(until_idle=True)
-    finally:
-        subprocess.run(["chattr", "-i", str(root / "anomaly" / "b1")], check=True)
     assert not (root / "anomaly" / "b1-1").exists()
     make_daemon().run(until_idle=True)
     assert _record(root / "anomaly" / "b1" / "x.png") == record
