@@ -288,7 +288,7 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
 
     quiet_tensorflow()
     from aemon.models import CODED, check_fits
-    from aemon.train import TrainConfig, calibration_plan, distinct, train_bundle
+    from aemon.train import TrainConfig, train_bundle
 
     cfg = TrainConfig(
         arch=args.arch, epochs=args.epochs, batch_size=args.train_batch_size,
@@ -314,11 +314,12 @@ def _train(args: argparse.Namespace, settings: Settings) -> int:
     data = local_path(args.data)
     check_fits(cfg.arch, prep.input_shape, cfg.latent_dim, resizable=data is None or not is_array_name(data.name))
     data = load_source(args.data, prep)
-    _, repeats = distinct(data.x)
-    calibration_plan(len(data) - repeats, cfg, repeats)  # too few images: the one error line, before anything
-    for what, why in choices.items():
-        print(f"{what}: {why}", file=sys.stderr)
-    path = train_bundle(data, cfg, args.out, overwrite=args.force, prep=prep, choices=choices)
+
+    def say_choices() -> None:  # once the images are enough: too few is the one error line
+        for what, why in choices.items():
+            print(f"{what}: {why}", file=sys.stderr)
+
+    path = train_bundle(data, cfg, args.out, overwrite=args.force, prep=prep, choices=choices, on_start=say_choices)
     from aemon.bundle import read_meta
 
     meta = read_meta(path)

@@ -224,13 +224,13 @@ class Daemon:
             self.heartbeat = time.monotonic()
             self._serve_http()
         if self.bundle is None:
-            self._refuse_bundle_in_inbox()
-            self.bundle = self._load(self.bundle_path or default_bundle_path(self.settings.mode), startup=True)
+            self._refuse_bundle_in_inbox(self.bundle_path)
+            self.bundle = self._load(self._model_path(), startup=True)
         self._check_task(self.bundle, StartupError)
         if self.agreement is not None:
             self.bundle = self.agreement.choose(self.bundle)
         elif self.pool is not None and self.shared:
-            announce(self.shared, self.bundle.identity, self.bundle_path or default_bundle_path(self.settings.mode))
+            announce(self.shared, self.bundle.identity, self._model_path())
         self._set_model_metrics()
         freeze_heap()
         if self.worker is not None:
@@ -281,13 +281,16 @@ class Daemon:
         except OSError as exc:
             raise StartupError.unusable_root(self.root, exc) from exc
 
-    def _refuse_bundle_in_inbox(self, path: Path | None = None) -> None:
+    def _model_path(self) -> Path:
+        """The folder the bundle is loaded from: the one set (at start or by a reload), else the shipped one."""
+        return self.bundle_path or default_bundle_path(self.settings.mode)
+
+    def _refuse_bundle_in_inbox(self, path: Path | None) -> None:
         """A bundle inside the inbox would be taken as an entry (and then be gone at the next reload).
 
         Raises:
-            StartupError: the bundle (``path``, default the one set at start) lies in the inbox.
+            StartupError: the bundle at ``path`` (None: none set) lies in the inbox.
         """
-        path = path or self.bundle_path
         if path is None:
             return
         inbox = os.path.realpath(self.root / "inbox")
@@ -420,7 +423,7 @@ class Daemon:
             return
         if self.worker is not None and self.agreement is not None:  # the main process's path (a reload may change it)
             self.bundle_path = self.agreement.path() or self.bundle_path
-        path = self.bundle_path or default_bundle_path(self.settings.mode)
+        path = self._model_path()
         try:
             bundle = self._load(path)
         except AemonError as exc:
@@ -451,6 +454,9 @@ class Daemon:
             return True
         try:
             fresh = self._reread()
+            # None: no new path (the same, or none: see below)
+            path = None if fresh.model in (None, self.settings.model) else find_bundle(fresh.model) or Path(fresh.model)
+            self._refuse_bundle_in_inbox(path)
         except (AemonError, OSError) as exc:  # OSError: a config folder that cannot be searched
             log.error("reload.settings_failed", error=str(exc), kept=self.bundle.version,
                       hint="nothing was reloaded; fix the settings and reload again")
@@ -465,14 +471,7 @@ class Daemon:
         if changed:
             log.warning("reload.needs_restart", settings=changed,
                         hint="a reload takes a new model path only; restart the daemon to apply these")
-        if fresh.model != self.settings.model:
-            path = find_bundle(fresh.model) or Path(fresh.model)
-            try:
-                self._refuse_bundle_in_inbox(path)
-            except StartupError as exc:
-                log.error("reload.settings_failed", error=str(exc), kept=self.bundle.version,
-                          hint="nothing was reloaded; fix the settings and reload again")
-                return False
+        if path is not None:
             log.info("reload.model_path", before=str(self.settings.model or "the shipped bundle"),
                      after=str(fresh.model))
             self.settings.model = fresh.model  # worker processes started from now on get it too

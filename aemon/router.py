@@ -213,7 +213,7 @@ class Router:
         except NotADirectoryError:
             return False
         except PermissionError:
-            if not folders.lexists(self._prefix + rel):
+            if made:  # the folder above refuses a new one
                 raise
             usable = False  # there, but it cannot even be opened
         else:

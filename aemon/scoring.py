@@ -292,34 +292,39 @@ MAX_NEIGHBOURS = 10_000
 _NEAREST_CHUNK = 2000
 
 
-def _similarities_np(x: np.ndarray, state: State) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Each image's features and its highest cosine similarity to the normal images' (and which one)."""
+def _distance(similarity):
+    """The distance between unit vectors of this cosine similarity (numpy or TF), never NaN from rounding."""
+    lib = np if isinstance(similarity, np.ndarray) else tf
+    return lib.sqrt(lib.maximum(2.0 - 2.0 * similarity, 0.0))
+
+
+def _similarities_np(x: np.ndarray, state: State) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each image's features, its highest cosine similarity to the normal images', and which one that is."""
     f = features(x)
     best, which = np.empty(len(f), np.float32), np.empty(len(f), np.int64)
     for i in range(0, len(f), _NEAREST_CHUNK):
         sims = f[i : i + _NEAREST_CHUNK] @ state["neighbours"].T
         which[i : i + _NEAREST_CHUNK] = sims.argmax(axis=1)
         best[i : i + _NEAREST_CHUNK] = sims[np.arange(len(sims)), which[i : i + _NEAREST_CHUNK]]
-    return f, (best, which)
+    return f, best, which
 
 
 def _nearest_np(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
-    _, (best, _) = _similarities_np(x, state)
-    return np.sqrt(np.maximum(2.0 - 2.0 * best.astype(np.float64), 0.0))
+    _, best, _ = _similarities_np(x, state)
+    return _distance(best.astype(np.float64))
 
 
 def _nearest_tf(x, r, state):
-    best = tf.reduce_max(tf.matmul(features_tf(x), state["neighbours"], transpose_b=True), axis=1)
-    return tf.sqrt(tf.maximum(2.0 - 2.0 * best, 0.0))
+    return _distance(tf.reduce_max(tf.matmul(features_tf(x), state["neighbours"], transpose_b=True), axis=1))
 
 
 def _nearest_where(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
     """Per cell, how far the image's histograms are from its nearest normal image's, scaled so that the
     largest cell is the score (as a local score's map): an image under the threshold is nowhere at full colour."""
-    f, (best, which) = _similarities_np(x, state)
+    f, best, which = _similarities_np(x, state)
     gh, gw, _, _ = grid_of(x.shape[1], x.shape[2])
     cells = np.sqrt(np.square((f - state["neighbours"][which]).reshape(len(f), gh, gw, BINS)).sum(axis=-1))
-    score = np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0)).astype(np.float32)
+    score = _distance(best).astype(np.float32)
     largest = cells.reshape(len(cells), -1).max(axis=1)
     return cells * (score / np.maximum(largest, np.float32(1e-12)))[:, None, None]
 
@@ -337,7 +342,7 @@ def _left_out_nearest(neighbours: np.ndarray) -> np.ndarray:
         sims = neighbours[i : i + _NEAREST_CHUNK] @ neighbours.T
         sims[np.arange(len(sims)), np.arange(i, i + len(sims))] = -np.inf
         best[i : i + _NEAREST_CHUNK] = sims.max(axis=1)
-    return np.sqrt(np.maximum(2.0 - 2.0 * best, 0.0))
+    return _distance(best)
 
 
 def _plus_nearest(base: ScoreFunction) -> ScoreFunction:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -315,7 +316,7 @@ def _score_state(cfg: TrainConfig, scorer: Scorer, x_fit: np.ndarray, x_sel: np.
 
 def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool = False,
                  prep: Preprocessing = Preprocessing(), verbose: bool | None = None,
-                 choices: dict[str, str] | None = None) -> Path:
+                 choices: dict[str, str] | None = None, on_start: Callable[[], None] = lambda: None) -> Path:
     """Train, calibrate and save a bundle.
 
     Args:
@@ -326,6 +327,8 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
         prep: Preprocessing the data was decoded with (stored in the bundle).
         verbose: Keras progress bar; ``None`` shows it only on a terminal.
         choices: How the input size and colour were chosen (stored in ``bundle.json``).
+        on_start: Called once the images are known to be enough, before anything else is said or fitted (the
+            CLI prints its choices then: a refusal is its one line).
 
     Raises:
         CalibrationError: too few images for an honest threshold at the target FPR.
@@ -333,12 +336,13 @@ def train_bundle(data: Dataset, cfg: TrainConfig, out: Path, *, overwrite: bool 
     cfg.check()
     log = get_logger()
     x, repeats = distinct(data.x)
+    n = len(x)
+    plan = calibration_plan(n, cfg, repeats)
+    on_start()
     if repeats:
         log.warning("train.repeats_dropped", dropped=repeats, kept=len(x),
                     hint="an image repeated in the fitted and the calibration part scores as if unseen and makes "
                          "the threshold too low; each image is used once")
-    n = len(x)
-    plan = calibration_plan(n, cfg, repeats)
     log.info("train.calibration", method=plan.method, held_out=plan.reason)
     keras.utils.set_random_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

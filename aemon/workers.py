@@ -291,20 +291,25 @@ def announce(folder: Path, identity: str, path: Path) -> None:
         folders.sync(rel)
 
 
+def _served(folder: Path) -> dict:
+    """What :func:`announce` stored (empty where the main process has not said, or the file is unreadable)."""
+    try:
+        served = json.loads((folder / SERVED_MODEL).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return served if isinstance(served, dict) else {}
+
+
 def announced(folder: Path) -> str | None:
     """The identity of the bundle the main process serves, or None where it has not said."""
-    try:
-        return str(json.loads((folder / SERVED_MODEL).read_text())["identity"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return None
+    identity = _served(folder).get("identity")
+    return None if identity is None else str(identity)
 
 
 def announced_path(folder: Path) -> Path | None:
     """The bundle folder the main process loaded last, or None where it has not said."""
-    try:
-        return Path(json.loads((folder / SERVED_MODEL).read_text())["path"])
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return None
+    path = _served(folder).get("path")
+    return Path(path) if isinstance(path, str) else None
 
 
 class ModelAgreement:
