@@ -938,6 +938,13 @@ def test_a_folder_is_the_one_judged_whatever_its_own_size_and_time_after_the_mov
         assert not _moved_unchanged(os.stat_result(fields, times), judged)
 
 
+def _takes_nothing(inbox: Inbox, looks: int) -> None:
+    """``looks`` takes 0.1 s apart, each taking nothing (the entry waits)."""
+    for _ in range(looks):
+        assert inbox.take(10) == []
+        time.sleep(0.1)
+
+
 def test_a_new_entry_under_a_name_never_inherits_what_was_known_of_the_old(tmp_path, digits):
     """A process whose events lag (a starved reader) still tracked an entry that another process had claimed;
     the writer made a new file of that name in place at once, and the process took the new file for the old
@@ -959,13 +966,9 @@ def test_a_new_entry_under_a_name_never_inherits_what_was_known_of_the_old(tmp_p
     data = png_bytes(digits[1])
     held = half_written(entry, data)
     try:
-        for _ in range(5):
-            assert inbox.take(10) == []
-            time.sleep(0.1)
+        _takes_nothing(inbox, 5)
         inbox.notify(str(entry), _CLOSED)  # a late event of the old file: it must not close the new one
-        for _ in range(5):
-            assert inbox.take(10) == []
-            time.sleep(0.1)
+        _takes_nothing(inbox, 5)
     finally:
         held.close()
         inbox.stop()
@@ -985,9 +988,7 @@ def test_an_entry_first_told_of_by_a_late_close_is_looked_up_before_it_is_taken(
     held = half_written(entry, png_bytes(digits[1]))  # the next file of the name; its events still on the way
     try:
         inbox.notify(str(entry), _CLOSED)  # the late close of the file taken before
-        for _ in range(8):
-            assert inbox.take(10) == []
-            time.sleep(0.1)
+        _takes_nothing(inbox, 8)
     finally:
         held.close()
         inbox.stop()
@@ -1017,20 +1018,14 @@ def test_late_events_of_an_entry_this_process_claimed_never_speak_for_the_next(t
             time.sleep(0.05)
         assert len(inbox.claim_taken(store, judged, store.new_batch(time.time()), set(), lambda n: None)) == 1
         held = half_written(entry, png_bytes(digits[1]))  # the next file, written in place, paused
-        for _ in range(15):
-            assert inbox.take(10) == []  # found by a scan: settled, its writer seen in /proc
-            time.sleep(0.1)
+        _takes_nothing(inbox, 15)  # found by a scan: settled, its writer seen in /proc
         inbox.notify(str(entry), _WRITING)  # the late events of the file claimed
         inbox.notify(str(entry), _CLOSED)
-        for _ in range(5):
-            assert inbox.take(10) == []
-            time.sleep(0.1)
+        _takes_nothing(inbox, 5)
         inbox.notify(str(entry), _GONE)  # the claim's own departure: what comes after is of the new file
         inbox.notify(str(entry), _CREATED)
         inbox.notify(str(entry), _WRITING)
-        for _ in range(3):
-            assert inbox.take(10) == []
-            time.sleep(0.1)
+        _takes_nothing(inbox, 3)
     finally:
         if held is not None:
             held.close()
