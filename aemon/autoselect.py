@@ -29,7 +29,8 @@ __all__ = ["AUTO_COMPONENTS", "AUTO_SCORES", "Choice", "choose_pca", "choose_sco
 #: Components tried by ``--arch auto`` (those below the number of fitted images).
 AUTO_COMPONENTS = (32, 64, 128, 256)
 #: Scores tried by ``--score auto``.
-AUTO_SCORES = ("mse", "topk", "zmax", "zmax+mean", "nearest", "zmax+nearest", "zmax+mean+nearest")
+AUTO_SCORES = ("mse", "topk", "zmax", "zmax+mean", "nearest", "patches", "zmax+nearest", "zmax+mean+nearest",
+               "zmax+patches", "zmax+mean+patches")
 #: Share of the training images set aside to rank candidates (at least :data:`MIN_SELECTION`, at most
 #: :data:`MAX_SELECTION`: each is damaged once per family).
 SELECTION_SHARE = 0.2

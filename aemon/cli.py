@@ -94,8 +94,9 @@ def _train_parser(sub) -> None:
                         "pixel errors), zmax (local: the most unusual place of the smoothed error map), "
                         "zmax+mean (zmax plus the distance to the mean normal image), bce+shape (bce plus "
                         "unusual amount, place and spread of intensity), nearest (distance of the image's "
-                        "gradient histograms to the closest normal training image's), zmax+nearest or "
-                        "zmax+mean+nearest (the sums) (auto)")
+                        "gradient histograms to the closest normal training image's), patches (the same region "
+                        "by region: the farthest region from its closest match), zmax+nearest, zmax+patches, "
+                        "zmax+mean+nearest or zmax+mean+patches (the sums) (auto)")
     p.add_argument("--calibration-split", type=float, default=0.1,
                    help="share held out for calibration (0.1); with too few images for that, as many as the target "
                         "FPR needs, or cross-fitting")

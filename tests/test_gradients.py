@@ -203,3 +203,71 @@ def test_features_of_many_large_images_are_computed_in_slices() -> None:
         np.testing.assert_array_equal(gradients.features(x), whole)
     finally:
         gradients.SLICE_PIXELS = limit
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (2, 5, 1), (28, 28, 1), (37, 53, 3), (300, 300, 1)])
+def test_numpy_and_tensorflow_regions_agree(shape: tuple[int, int, int]) -> None:
+    """Region descriptors agree in both forms on every size; the grid has at most 8 regions a side, as square
+    as the image allows, and a flat image has none but zero descriptors."""
+    import tensorflow as tf
+
+    from aemon.gradients import BLOCK, region_grid, regions, regions_tf
+
+    x = np.random.default_rng(5).random((4, *shape)).astype(np.float32)
+    x[0] = 0.25
+    got = regions_tf(tf.constant(x)).numpy()
+    gh, gw = region_grid(*shape[:2])
+    assert got.shape == (4, gh, gw, BLOCK * BLOCK * BINS)
+    assert max(gh, gw) == min(8, max(shape[:2])) and gh <= shape[0] and gw <= shape[1]
+    np.testing.assert_allclose(got, regions(x), atol=1e-5)
+    assert not regions(x[:1]).any()
+
+
+def test_regions_count_every_pixel() -> None:
+    """An edge in the last rows of a 28x28 image (past the last whole cell of 3 pixels) still shows in the
+    descriptors of the bottom regions."""
+    from aemon.gradients import regions
+
+    image = np.zeros((1, 28, 28, 1), np.float32)
+    image[0, 26:, 10:18] = 1.0
+    f = regions(image)
+    assert f[0, -1].any() and not f[0, :4].any()
+
+
+def test_patches_scores_a_local_mark_and_maps_it(digits: tuple[np.ndarray, np.ndarray]) -> None:
+    """Fitted on 7s: unseen 7s score low, the same 7s with a short bar added score higher, and each map is
+    highest where its bar is, its largest value the score."""
+    x, y = digits
+    sevens = x[y == 7]
+    state = fit_state("patches", sevens[20:], sevens[20:])
+    unseen = sevens[:20]
+    marked = unseen.copy()
+    marked[:, 20:23, 2:9] = 1.0  # rows 20-22, columns 2-8: regions (5 or 6, 0 to 2) of 3.5 pixels
+    scores = reconstruction_error(np.concatenate([unseen, marked]), unseen, "patches", state)
+    assert np.mean(scores[20:] > scores[:20]) > 0.9
+    assert np.median(scores[20:]) > np.percentile(scores[:20], 90)
+    where = lookup("patches").where(marked, marked, state)
+    assert where.shape == (20, 8, 8)
+    np.testing.assert_allclose(where.reshape(20, -1).max(axis=1), scores[20:], rtol=1e-5)
+    rows, cols = np.unravel_index(where.reshape(20, -1).argmax(axis=1), (8, 8))
+    assert np.mean((rows >= 4) & (rows <= 7) & (cols <= 3)) > 0.8, list(zip(rows, cols, strict=True))
+
+
+def test_patches_keeps_at_most_its_limit_and_leaves_each_image_out() -> None:
+    """A state of more images than the limit keeps a seeded subset (the same at each fit); the standardising
+    scores of a ``+patches`` sum are each remembered image's score against the others (by brute force here)."""
+    from aemon import scoring
+
+    x = np.random.default_rng(6).random((30, 12, 12, 1)).astype(np.float32)
+    limit = scoring.MAX_PATCH_NEIGHBOURS
+    try:
+        scoring.MAX_PATCH_NEIGHBOURS = 20
+        first, again = fit_state("patches", x, x), fit_state("patches", x, x)
+    finally:
+        scoring.MAX_PATCH_NEIGHBOURS = limit
+    assert first["regions"].shape[0] == 20
+    np.testing.assert_array_equal(first["regions"], again["regions"])
+    ref = fit_state("patches", x, x)["regions"]
+    brute = [reconstruction_error(x[i : i + 1], x[i : i + 1], "patches", {"regions": np.delete(ref, i, axis=0)})[0]
+             for i in range(len(x))]
+    np.testing.assert_allclose(scoring._left_out_patches(ref), brute, rtol=1e-4, atol=1e-4)
