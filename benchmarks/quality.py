@@ -154,7 +154,8 @@ def part_b(args, archs: list[str], tmp: Path) -> list[dict]:
             for kind in args.scores:
                 auroc = roc_auc(test.labels != digit, scores[kind])
                 rows.append({"arch": arch, "score": kind, "digit": digit, "auroc": auroc, "picked": _name(arch, bundle),
-                             "epochs": bundle.meta.training["epochs_run"], "train_s": round(seconds, 1)})
+                             "own": kind == bundle.meta.score_fn, "epochs": bundle.meta.training["epochs_run"],
+                             "train_s": round(seconds, 1)})
                 print(f"(b) {arch:<10} {kind:<4} digit {digit}  AUROC {auroc:.4f}  epochs "
                       f"{bundle.meta.training['epochs_run']} ({seconds:.1f}s)", file=sys.stderr, flush=True)
     return rows
@@ -234,6 +235,12 @@ def _print_tables(rows_a: list[dict], rows_b: list[dict], args) -> None:
                 picks = sorted({r["picked"] for r in rows_b if r["arch"] == "auto" and r["score"] == kind})
                 arch = f"auto (picked: {'; '.join(picks)})"
             print(f"| {arch} | {kind} | " + " | ".join(f"{a:.3f}" for a in aurocs) + f" | {np.mean(aurocs):.4f} |")
+        own = {r["digit"]: r for r in rows_b if r["arch"] == "auto" and r["own"]}
+        if len(own) == len(digits):  # every digit's picked score was among those reported
+            picks = "; ".join(f"{d}: {own[d]['picked'].removeprefix('auto → ')}" for d in digits)
+            aurocs = [own[d]["auroc"] for d in digits]
+            print(f"| **defaults** (each digit's own pick) | {picks} | " + " | ".join(f"{a:.3f}" for a in aurocs)
+                  + f" | **{np.mean(aurocs):.4f}** |")
         print()
 
 
