@@ -126,9 +126,11 @@ def test_nearest_keeps_at_most_its_limit_of_neighbours() -> None:
     np.testing.assert_array_equal(first["neighbours"], again["neighbours"])
 
 
-def test_daemon_decides_and_maps_with_a_nearest_bundle(digits: tuple[np.ndarray, np.ndarray], tmp_path) -> None:
-    """`aemon train --score nearest` on 300 PNGs of 0s, then a real daemon: unseen 0s go to ok/, 1s to anomaly/
-    with a map named in their records."""
+@pytest.mark.parametrize("score", ["nearest", "patches"])
+def test_daemon_decides_and_maps_with_a_bundle_of_the_image_alone(digits: tuple[np.ndarray, np.ndarray], tmp_path,
+                                                                    score: str) -> None:
+    """`aemon train --score nearest` (or `patches`) on 300 PNGs of 0s, then a real daemon: unseen 0s go to ok/,
+    1s to anomaly/ with a map named in their records."""
     import contextlib
     import io
 
@@ -144,7 +146,7 @@ def test_daemon_decides_and_maps_with_a_nearest_bundle(digits: tuple[np.ndarray,
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = main(["train", "--data", str(tmp_path / "normal"), "--out", str(tmp_path / "bundle"),
-                     "--arch", "pca", "--score", "nearest"])
+                     "--arch", "pca", "--score", score])
     assert code == 0, err.getvalue()
     root = new_root(tmp_path)
     daemon = Daemon(root, tmp_path / "log", env={"AEMON_MODEL": str(tmp_path / "bundle")}).wait_ready()
