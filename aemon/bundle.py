@@ -361,7 +361,9 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
         if state and lookup(meta.score_fn).fit is None:
             raise ValueError(f"bundle.json names a score state, which {meta.score_fn!r} has none of")
         scorer = Scorer(model, meta.score_fn, chunk=chunk, state=state)
-        probe = scorer.score(np.zeros((1, *scorer.input_shape), np.float32))
+        blank = np.zeros((1, *scorer.input_shape), np.float32)
+        probe = scorer.score(blank)
+        scorer.where(blank, scorer.reconstruct(blank))  # the map's numpy path reads the state too
     except Exception as exc:  # a state that does not fit its score function: KeyError, ValueError, TF errors
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"{path}: the model or its score state does not fit the {meta.score_fn!r} score "

@@ -22,13 +22,16 @@ import math
 
 import numpy as np
 
-__all__ = ["BINS", "BLOCK", "GRID", "REGIONS", "area_pooling", "features", "features_tf", "grid_of", "region_grid",
-           "regions", "regions_tf"]
+__all__ = ["BINS", "BLOCK", "GRID", "MIN_SIDE", "REGIONS", "area_pooling", "features", "features_tf", "grid_of",
+           "region_grid", "regions", "regions_tf"]
 
 #: Orientation bins over 0–180° (a stroke's direction, not its sign).
 BINS = 9
 #: Most cells along each side (a 28×28 digit: 7×7 cells of 4×4 pixels).
 GRID = 7
+#: Shortest side with a gradient anywhere (a central difference needs a pixel on each side): on smaller
+#: images every feature is 0.
+MIN_SIDE = 3
 #: Most regions along each side for :func:`regions` (a 128×128 image: 8×8 regions of 16×16 pixels).
 REGIONS = 8
 #: A region is described by the histograms of the ``BLOCK`` × ``BLOCK`` cells around it (as HOG's blocks).

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-from aemon.gradients import BINS, area_pooling, features, features_tf, grid_of, regions, regions_tf
+from aemon.gradients import BINS, MIN_SIDE, area_pooling, features, features_tf, grid_of, regions, regions_tf
 
 __all__ = ["GRID", "SCORE_FUNCTIONS", "ScoreFunction", "TOPK_SHARE", "fit_state", "local_operators",
            "reconstruction_error", "Scorer"]
@@ -280,6 +280,8 @@ class ScoreFunction:
     where: Callable[[np.ndarray, np.ndarray, State], np.ndarray] | None = field(default=None)
     #: False for a score of the image alone (the same whatever the model): ranked once, not per model.
     uses_reconstruction: bool = True
+    #: Shortest image side (pixels) on which the score can tell images apart.
+    min_side: int = 1
 
 
 # "nearest": how far the image's strokes and edges are from those of the closest normal image the model
@@ -459,7 +461,7 @@ def _plus(base: ScoreFunction, term: _ImageTerm) -> ScoreFunction:
         return (base.where(x, r, state) - t[0]) / t[1] + image_term[:, None, None].astype(np.float32)
 
     return ScoreFunction(f"{base.summary}, plus {term.name} (each standardised on the normal images)",
-                         numpy, tf_score, fit, where)
+                         numpy, tf_score, fit, where, min_side=MIN_SIDE)
 
 
 #: Score functions by the name stored in a bundle. To add one, write its pair (and ``fit`` if it
@@ -476,11 +478,12 @@ SCORE_FUNCTIONS: dict[str, ScoreFunction] = {
                                "shrunk, moved or turned)", _bce_shape_np, _bce_shape_tf, _bce_shape_fit),
     "nearest": ScoreFunction("distance of the image's gradient-orientation histograms to the nearest normal "
                              "training image's (shapes and strokes: another class, a part turned or missing)",
-                             _nearest_np, _nearest_tf, _nearest_fit, _nearest_where, uses_reconstruction=False),
+                             _nearest_np, _nearest_tf, _nearest_fit, _nearest_where, uses_reconstruction=False,
+                             min_side=MIN_SIDE),
     "patches": ScoreFunction("distance of each region's gradient-orientation histograms to the closest normal "
                              "training image's at the same place, the farthest region (small local defects, "
                              "without a model)", _patches_np, _patches_tf, _patches_fit, _patches_where,
-                             uses_reconstruction=False),
+                             uses_reconstruction=False, min_side=MIN_SIDE),
 }
 for _base in ("zmax", "zmax+mean"):
     for _term in (_NEAREST, _PATCHES):

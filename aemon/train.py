@@ -231,6 +231,23 @@ def _optimizer(cfg: TrainConfig):
     return cls(learning_rate=cfg.learning_rate) if cfg.learning_rate else cls()
 
 
+def _usable_scores(cfg: TrainConfig, size: tuple[int, ...]) -> tuple[str, ...]:
+    """The scores ``cfg`` may use on images of ``size``: the requested one, or the ``auto`` candidates that can
+    tell images of that size apart.
+
+    Raises:
+        UsageError: the requested score cannot (a score of gradients on images under 3 pixels a side).
+    """
+    side = min(size)
+    if cfg.score_fn == "auto":
+        return tuple(kind for kind in AUTO_SCORES if lookup(kind).min_side <= side)
+    needed = lookup(cfg.score_fn).min_side
+    if needed > side:
+        raise UsageError(f"--score {cfg.score_fn} compares image gradients, which need images of at least "
+                         f"{needed}x{needed} pixels; these are {'x'.join(map(str, size))}: choose another --score")
+    return (cfg.score_fn,)
+
+
 def _resolve_auto(cfg: TrainConfig, x_fit: np.ndarray) -> tuple[np.ndarray, np.ndarray | None, Choice | None]:
     """Settle ``--arch auto`` now (PCA candidates ranked on synthetic anomalies, :mod:`aemon.autoselect`).
 
@@ -238,7 +255,7 @@ def _resolve_auto(cfg: TrainConfig, x_fit: np.ndarray) -> tuple[np.ndarray, np.n
         The images to fit, the images set aside to rank scores after fitting (``--score auto`` with
         a given architecture) or None, and the choice made here (or None).
     """
-    scores = AUTO_SCORES if cfg.score_fn == "auto" else (cfg.score_fn,)
+    scores = _usable_scores(cfg, x_fit.shape[1:3])
     if cfg.arch == "auto" and cfg.denoise:
         cfg.arch = "conv"  # the seed's denoiser: restoring images is what it was made for
     if cfg.arch == "auto":
@@ -306,7 +323,8 @@ def _score_state(cfg: TrainConfig, scorer: Scorer, x_fit: np.ndarray, x_sel: np.
     choice = None
     if x_sel is not None:
         damaged, _ = damage(x_sel, cfg.seed)
-        choice = pick(choose_score(scorer.reconstruct, x_state, x_sel, damaged, x_all=x_fit), len(x_sel), cfg.arch)
+        choice = pick(choose_score(scorer.reconstruct, x_state, x_sel, damaged, _usable_scores(cfg, x_fit.shape[1:3]),
+                                   x_all=x_fit), len(x_sel), cfg.arch)
         choice.latent_dim = cfg.latent_dim if cfg.arch != "conv" else None
         cfg.score_fn = choice.score_fn
     if not lookup(cfg.score_fn).uses_reconstruction:  # learns from every fitted image (up to its own limit)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -273,3 +275,50 @@ def test_patches_keeps_at_most_its_limit_and_leaves_each_image_out() -> None:
     brute = [reconstruction_error(x[i : i + 1], x[i : i + 1], "patches", {"regions": np.delete(ref, i, axis=0)})[0]
              for i in range(len(x))]
     np.testing.assert_allclose(scoring._left_out_patches(ref), brute, rtol=1e-4, atol=1e-4)
+
+
+def test_a_patches_state_of_another_grid_is_refused_at_load(digits: tuple[np.ndarray, np.ndarray], tmp_path) -> None:
+    """A `patches` bundle whose remembered regions were rewritten to another grid (its sha256 updated, as a careless
+    tool would) is refused when loaded, not when its first map is drawn (that took the daemon down)."""
+    import json
+
+    from aemon.bundle import META_FILE, STATE_FILE, BundleError, load_bundle, sha256_of
+    from aemon.cli import main
+    from tests.daemon_process import write_png
+
+    x, y = digits
+    for i, image in enumerate(np.round(x[y == 3][:200, :, :, 0] * 255).astype(np.uint8)):
+        write_png(tmp_path / "normal" / f"{i:03d}.png", image)
+    bundle = tmp_path / "bundle"
+    assert main(["train", "--data", str(tmp_path / "normal"), "--out", str(bundle), "--arch", "pca",
+                 "--score", "patches"]) == 0
+    load_bundle(bundle)
+    with np.load(bundle / STATE_FILE) as npz:
+        regions = npz["regions"]
+    k, gh, gw, d = regions.shape
+    with (bundle / STATE_FILE).open("wb") as fp:
+        np.savez(fp, regions=regions.reshape(k * 4, gh // 2, gw // 2, d))
+    meta = json.loads((bundle / META_FILE).read_text())
+    meta["score_state_sha256"] = sha256_of(bundle / STATE_FILE)
+    (bundle / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(BundleError, match="does not fit"):
+        load_bundle(bundle)
+
+
+def test_scores_of_gradients_need_three_pixels_a_side(tmp_path, capsys) -> None:
+    """On 2x2 images every gradient is 0: `--score patches` (or nearest, or a sum with them) is refused with the
+    reason, and `auto` does not offer them (a bundle that could never flag anything)."""
+    from aemon.cli import main
+
+    rng = np.random.default_rng(7)
+    np.save(tmp_path / "tiny.npy", rng.random((400, 2, 2)).astype(np.float32))
+    for score in ("patches", "nearest", "zmax+patches"):
+        assert main(["train", "--data", str(tmp_path / "tiny.npy"), "--out", str(tmp_path / score), "--arch", "pca",
+                     "--latent-dim", "2", "--score", score]) == 2
+        err = capsys.readouterr().err
+        assert "at least 3x3" in err and score in err, err
+    assert main(["train", "--data", str(tmp_path / "tiny.npy"), "--out", str(tmp_path / "auto")]) == 0
+    meta = json.loads((tmp_path / "auto" / "bundle.json").read_text())
+    offered = {row["score_fn"] for row in meta["auto"]["candidates"]}
+    assert offered and not offered & {"nearest", "patches", "zmax+nearest", "zmax+patches", "zmax+mean+nearest",
+                                      "zmax+mean+patches"}, offered
