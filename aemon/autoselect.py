@@ -22,7 +22,7 @@ from aemon.logs import get_logger
 from aemon.models import fit_pca, pca_reconstruct
 from aemon.ranking import roc_auc
 from aemon.scoring import fit_state, lookup, reconstruction_error
-from aemon.synthetic import FAMILIES, damage
+from aemon.synthetic import FAMILIES, damage, families_for
 
 __all__ = ["AUTO_COMPONENTS", "AUTO_SCORES", "Choice", "choose_pca", "choose_score", "split_for_selection"]
 
@@ -52,18 +52,20 @@ class Choice:
     synthetic_auroc: float
     n_selection: int
     table: list[dict] = field(default_factory=list)
+    #: The damage families the candidates were ranked on.
+    families: list[str] = field(default_factory=lambda: list(FAMILIES))
 
     def summary(self) -> str:
         """One line for the terminal and the bundle."""
         model = f"{self.arch} {self.latent_dim}" if self.arch == "pca" else self.arch
         return (f"{model} scored by {self.score_fn}: synthetic AUROC {self.synthetic_auroc:.3f}, the best of "
                 f"{len(self.table)} candidates on {self.n_selection} set-aside normal images and their damaged "
-                f"copies ({', '.join(FAMILIES)})")
+                f"copies ({', '.join(self.families)})")
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "latent_dim": self.latent_dim, "score_fn": self.score_fn,
                 "synthetic_auroc": round(self.synthetic_auroc, 4), "n_selection": self.n_selection,
-                "families": list(FAMILIES), "candidates": self.table}
+                "families": self.families, "candidates": self.table}
 
 
 def split_for_selection(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +107,7 @@ def choose_score(reconstruct: Callable[[np.ndarray], np.ndarray], x_fit: np.ndar
     return rows
 
 
-def pick(rows: list[dict], n_selection: int, arch: str) -> Choice:
+def pick(rows: list[dict], n_selection: int, arch: str, channels: int = 3) -> Choice:
     """The first row with the highest synthetic AUROC (a weak best is logged as a warning)."""
     best = max(rows, key=lambda row: row["synthetic_auroc"])  # max keeps the first of equals
     if best["synthetic_auroc"] < WEAK_AUROC:
@@ -113,7 +115,8 @@ def pick(rows: list[dict], n_selection: int, arch: str) -> Choice:
                              hint="no candidate tells the set-aside images from their damaged copies well: "
                                   "more (or larger) normal images help")
     return Choice(arch=arch, latent_dim=best.get("latent_dim"), score_fn=best["score_fn"],
-                  synthetic_auroc=best["synthetic_auroc"], n_selection=n_selection, table=rows)
+                  synthetic_auroc=best["synthetic_auroc"], n_selection=n_selection, table=rows,
+                  families=families_for(channels))
 
 
 def choose_pca(x: np.ndarray, seed: int, scores: tuple[str, ...] = AUTO_SCORES) -> Choice | None:
@@ -135,4 +138,4 @@ def choose_pca(x: np.ndarray, seed: int, scores: tuple[str, ...] = AUTO_SCORES) 
         ranked = [kind for kind in scores if k == sizes[0] or lookup(kind).uses_reconstruction]
         rows += [{"arch": "pca", "latent_dim": k, **row}
                  for row in choose_score(reconstruct, x_state, x_sel, x_damaged, tuple(ranked), x_all=x_fit)]
-    return pick(rows, len(x_sel), "pca")
+    return pick(rows, len(x_sel), "pca", x.shape[-1])

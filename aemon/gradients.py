@@ -110,7 +110,9 @@ def region_grid(height: int, width: int) -> tuple[int, int]:
 def regions(x: np.ndarray) -> np.ndarray:
     """Each region's gradient-orientation histograms: images ``(N, H, W, C)`` in [0, 1] → ``(N, g_h, g_w,
     BLOCK² × BINS)`` float32, the histograms (mean magnitude per pixel) of the region's cell and its neighbours
-    (edge cells repeated), scaled to about unit length (see :data:`FLAT`)."""
+    (edge cells repeated), scaled to about unit length (see :data:`FLAT`). Colour images get 3 more values: the
+    region's mean colour less its brightness (each channel minus the mean of the three), which the gradients of
+    the grey image cannot see."""
     rows = max(1, SLICE_PIXELS // max(1, x.shape[1] * x.shape[2]))
     if len(x) > rows:
         return np.concatenate([_regions(x[i : i + rows]) for i in range(0, len(x), rows)])
@@ -127,7 +129,12 @@ def _regions(x: np.ndarray) -> np.ndarray:
     pad = BLOCK // 2
     padded = np.pad(cells, ((0, 0), (pad, pad), (pad, pad), (0, 0)), mode="edge")
     block = np.concatenate([padded[:, i : i + gh, j : j + gw] for i in range(BLOCK) for j in range(BLOCK)], axis=-1)
-    return (block / (np.sqrt((block * block).sum(axis=-1, keepdims=True)) + np.float32(FLAT))).astype(np.float32)
+    shape = block / (np.sqrt((block * block).sum(axis=-1, keepdims=True)) + np.float32(FLAT))
+    if x.shape[-1] != 3:
+        return shape.astype(np.float32)
+    colour = np.asarray(x, np.float32) - np.asarray(x, np.float32).mean(axis=-1, keepdims=True)
+    tint = np.stack([pool_h @ colour[..., c] @ pool_w.T for c in range(3)], axis=-1)
+    return np.concatenate([shape, tint], axis=-1).astype(np.float32)
 
 
 def _gradients_tf(x):
@@ -172,4 +179,8 @@ def regions_tf(x):
     rows = tf.concat([cells[:, :1]] * pad + [cells] + [cells[:, -1:]] * pad, axis=1)  # edge cells repeated
     padded = tf.concat([rows[:, :, :1]] * pad + [rows] + [rows[:, :, -1:]] * pad, axis=2)
     block = tf.concat([padded[:, i : i + gh, j : j + gw] for i in range(BLOCK) for j in range(BLOCK)], axis=-1)
-    return block / (tf.sqrt(tf.reduce_sum(block * block, axis=-1, keepdims=True)) + FLAT)
+    shape = block / (tf.sqrt(tf.reduce_sum(block * block, axis=-1, keepdims=True)) + FLAT)
+    if int(x.shape[-1]) != 3:
+        return shape
+    colour = tf.cast(x, tf.float32) - tf.reduce_mean(tf.cast(x, tf.float32), axis=-1, keepdims=True)
+    return tf.concat([shape, tf.einsum("ih,nhwc,jw->nijc", pool_h, colour, pool_w)], axis=-1)

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["FAMILIES", "damage"]
+__all__ = ["FAMILIES", "damage", "families_for"]
 
 
 def _cutpaste(img: np.ndarray, other: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -127,6 +127,21 @@ def _stain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return img + (1 - img) * rng.uniform(0.1, 0.3) * g
 
 
+def _tint(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A soft ellipse, 6–18 % of the side in radius, shifted in colour without changing its brightness (the mean
+    of its channels): a discoloured spot. Colour images only; a grey image is returned unchanged."""
+    if img.shape[-1] != 3:
+        return img
+    h, w = img.shape[:2]
+    yy, xx = _grid(img)
+    cy, cx = rng.uniform(0.1, 0.9) * h, rng.uniform(0.1, 0.9) * w
+    ry, rx = rng.uniform(0.06, 0.18, 2) * min(h, w) + 0.5
+    g = np.exp(-0.5 * (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) ** 1.5)[..., None]
+    hue = rng.uniform(0, 2 * np.pi)  # a direction across the grey axis: its three parts sum to 0
+    chroma = np.cos(hue + np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3], np.float32))
+    return img + rng.uniform(0.2, 0.4) * g * chroma
+
+
 def _blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A square of 10–25 % of the side blurred (lost focus, smudge)."""
     h, w = img.shape[:2]
@@ -178,10 +193,20 @@ FAMILIES: dict[str, Callable[..., np.ndarray]] = {
     "crack": _crack,
     "blob": _blob,
     "stain": _stain,
+    "tint": _tint,
     "blur": _blur,
     "warp": _warp,
     "geometry": _geometry,
 }
+
+
+#: Families that change only colour: left out for grey images.
+COLOUR_ONLY = frozenset({"tint"})
+
+
+def families_for(channels: int) -> list[str]:
+    """The families that damage images of ``channels`` channels (the colour-only ones need 3)."""
+    return [name for name in FAMILIES if channels == 3 or name not in COLOUR_ONLY]
 
 
 #: Smallest change, somewhere in the image, that counts as damage: a family drawn again until it makes one
@@ -192,17 +217,22 @@ MAX_DRAWS = 30  # 10 left a crack and a blur that missed the thin stroke of a "1
 
 
 def damage(x: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """One damaged copy of every image ``x`` ``(N, H, W, C)`` per family, each visibly changed where it can be.
+    """One damaged copy of every image ``x`` ``(N, H, W, C)`` per family of :func:`families_for` its channels,
+    each visibly changed where it can be.
 
     Returns:
-        The damaged images ``(N × families, H, W, C)`` float32 in [0, 1], and each one's family index.
+        The damaged images ``(N × families, H, W, C)`` float32 in [0, 1], and each one's family index (in
+        :data:`FAMILIES`).
     """
     rng = np.random.default_rng(seed)
     x = np.asarray(x, np.float32)
+    used = families_for(x.shape[-1])
     out, family = [], []
     n = len(x)
     for i in range(n):
         for k, (name, fn) in enumerate(FAMILIES.items()):
+            if name not in used:
+                continue
             for _ in range(MAX_DRAWS):
                 if name == "cutpaste":
                     other = x[(i + 1 + int(rng.integers(0, max(1, n - 1)))) % n] if n > 1 else x[i][::-1, ::-1]

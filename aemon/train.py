@@ -324,7 +324,7 @@ def _score_state(cfg: TrainConfig, scorer: Scorer, x_fit: np.ndarray, x_sel: np.
     if x_sel is not None:
         damaged, _ = damage(x_sel, cfg.seed)
         choice = pick(choose_score(scorer.reconstruct, x_state, x_sel, damaged, _usable_scores(cfg, x_fit.shape[1:3]),
-                                   x_all=x_fit), len(x_sel), cfg.arch)
+                                   x_all=x_fit), len(x_sel), cfg.arch, x_sel.shape[-1])
         choice.latent_dim = cfg.latent_dim if cfg.arch != "conv" else None
         cfg.score_fn = choice.score_fn
     if not lookup(cfg.score_fn).uses_reconstruction:  # learns from every fitted image (up to its own limit)

@@ -14,7 +14,7 @@ from aemon.bundle import META_FILE, STATE_FILE, load_bundle
 from aemon.cli import main
 from aemon.errors import BundleError
 from aemon.scoring import lookup
-from aemon.synthetic import FAMILIES, damage
+from aemon.synthetic import FAMILIES, damage, families_for
 from tests.daemon_process import write_png
 
 H, W = 40, 48
@@ -137,10 +137,23 @@ def test_every_family_damages_grey_and_colour() -> None:
     for shape in ((28, 28, 1), (40, 48, 3)):
         x = rng.random((4, *shape)).astype(np.float32) * 0.8 + 0.1
         out, family = damage(x, seed=1)
-        assert out.shape == (4 * len(FAMILIES), *shape) and out.min() >= 0 and out.max() <= 1
-        assert np.bincount(family).tolist() == [4] * len(FAMILIES)
-        changed = np.abs(out - np.repeat(x, len(FAMILIES), axis=0)).reshape(len(out), -1).max(axis=1)
+        used = families_for(shape[-1])
+        assert out.shape == (4 * len(used), *shape) and out.min() >= 0 and out.max() <= 1
+        assert np.bincount(family, minlength=len(FAMILIES)).tolist() == [4 * (name in used) for name in FAMILIES]
+        changed = np.abs(out - np.repeat(x, len(used), axis=0)).reshape(len(out), -1).max(axis=1)
         assert (changed > 0.01).all()
+    assert families_for(3) == list(FAMILIES) and "tint" not in families_for(1)
+
+
+def test_tint_changes_colour_not_brightness() -> None:
+    """The tint family recolours a spot of a colour image visibly while the mean of its channels (what the
+    gradient scores see) stays the same."""
+    x = np.full((20, 40, 40, 3), 0.5, np.float32)
+    out, family = damage(x, seed=3)
+    tinted = out[family == list(FAMILIES).index("tint")]
+    assert len(tinted) == 20
+    assert np.abs(tinted - x).reshape(20, -1).max(axis=1).min() >= 0.1
+    np.testing.assert_allclose(tinted.mean(axis=-1), x.mean(axis=-1), atol=1e-6)
 
 
 def test_every_family_visibly_damages_dark_background_digits() -> None:
@@ -150,7 +163,7 @@ def test_every_family_visibly_damages_dark_background_digits() -> None:
 
     x = load_source("sample:mnist").x[:200]
     out, family = damage(x, seed=0)
-    changed = np.abs(out - np.repeat(x, len(FAMILIES), axis=0)).reshape(len(out), -1).max(axis=1)
+    changed = np.abs(out - np.repeat(x, len(families_for(1)), axis=0)).reshape(len(out), -1).max(axis=1)
     unchanged = {name: int(np.sum(changed[family == k] < 0.1)) for k, name in enumerate(FAMILIES)}
     assert sum(unchanged.values()) == 0, unchanged
 

@@ -221,7 +221,7 @@ def test_numpy_and_tensorflow_regions_agree(shape: tuple[int, int, int]) -> None
     x[0] = 0.25
     got = regions_tf(tf.constant(x)).numpy()
     gh, gw = region_grid(*shape[:2])
-    assert got.shape == (4, gh, gw, BLOCK * BLOCK * BINS)
+    assert got.shape == (4, gh, gw, BLOCK * BLOCK * BINS + (3 if shape[2] == 3 else 0))
     assert max(gh, gw) == min(8, max(shape[:2])) and gh <= shape[0] and gw <= shape[1]
     np.testing.assert_allclose(got, regions(x), atol=1e-5)
     assert not regions(x[:1]).any()
@@ -322,3 +322,24 @@ def test_scores_of_gradients_need_three_pixels_a_side(tmp_path, capsys) -> None:
     offered = {row["score_fn"] for row in meta["auto"]["candidates"]}
     assert offered and not offered & {"nearest", "patches", "zmax+nearest", "zmax+patches", "zmax+mean+nearest",
                                       "zmax+mean+patches"}, offered
+
+
+def test_patches_sees_a_change_of_colour_at_the_same_brightness() -> None:
+    """Fitted on red squares on grey: the same squares green (the same mean of the channels, so the same grey
+    gradients) score above every red one; a grey image's descriptors carry no colour values."""
+    from aemon.gradients import BLOCK, regions
+
+    rng = np.random.default_rng(8)
+
+    def squares(colour: list[float], n: int) -> np.ndarray:
+        x = np.full((n, 32, 32, 3), 0.2, np.float32)
+        for image in x:
+            y0, x0 = rng.integers(0, 20, 2)
+            image[y0 : y0 + 10, x0 : x0 + 10] = colour
+        return np.clip(x + rng.normal(0, 0.01, x.shape), 0, 1).astype(np.float32)
+
+    red, green = squares([0.9, 0.1, 0.1], 170), squares([0.1, 0.9, 0.1], 20)
+    state = fit_state("patches", red[:150], red[:150])
+    scores = reconstruction_error(np.concatenate([red[150:], green]), red[:40], "patches", state)
+    assert scores[20:].min() > scores[:20].max(), scores
+    assert regions(red[:1, :, :, :1]).shape[-1] == BLOCK * BLOCK * BINS
