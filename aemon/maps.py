@@ -3,8 +3,8 @@
 A pixel is tinted red in proportion to a *strength* in [0, 1]. The colour scale is fixed per
 bundle, never per image, so two maps of one bundle can be compared:
 
-* local scores (``zmax``, ``zmax+mean``): the score's own map (how unusual each place is against the
-  normal images at that place), full colour at the bundle's threshold (:func:`local_strength`);
+* local scores (``zmax``, ``zmax+mean``, ``patches``, the sums): the score's own map (how unusual each place
+  is), full colour at the bundle's threshold and none at its lowest calibration score (:func:`local_strength`);
 * global scores: the absolute difference between the image and its reconstruction (pixels in
   [0, 1]), full colour at :data:`FULL_SCALE` or more (:func:`difference`).
 
@@ -40,14 +40,15 @@ def difference(x: np.ndarray, recon: np.ndarray) -> np.ndarray:
 
 
 def local_strength(where: np.ndarray, threshold: float, size: tuple[int, int], lowest: float = 0.0) -> np.ndarray:
-    """Strength ``(N, H, W)`` from a local score's map ``(N, g_h, g_w)``: 1 at the threshold, 0 at 0 or at
-    the ``lowest`` calibration score when that is below 0 (combined scores can be negative).
+    """Strength ``(N, H, W)`` from a local score's map ``(N, g_h, g_w)``: 1 at the threshold, 0 at the ``lowest``
+    calibration score (no place is drawn that is less unusual than the least unusual normal image as a whole:
+    a distance of ``patches`` is never 0, and normal images were tinted all over).
 
     The grid is enlarged to the image ``size`` by bilinear interpolation.
     """
     from PIL import Image
 
-    base = min(0.0, lowest)
+    base = lowest
     if threshold > base:
         scaled = np.clip((where - base) / (threshold - base), 0.0, 1.0).astype(np.float32)
     else:

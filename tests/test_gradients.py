@@ -343,3 +343,30 @@ def test_patches_sees_a_change_of_colour_at_the_same_brightness() -> None:
     scores = reconstruction_error(np.concatenate([red[150:], green]), red[:40], "patches", state)
     assert scores[20:].min() > scores[:20].max(), scores
     assert regions(red[:1, :, :, :1]).shape[-1] == BLOCK * BLOCK * BINS
+
+
+def test_maps_of_ordinary_images_stay_nearly_clear(digits: tuple[np.ndarray, np.ndarray], tmp_path) -> None:
+    """A `patches` bundle's maps start at its lowest calibration score: unseen 3s judged ok are barely tinted
+    (a region's distance is never 0, and at 0 every ok digit was a third red), while a 3 with a bar down its
+    left side is tinted most there and clear on its right."""
+    from aemon.bundle import load_bundle
+    from aemon.cli import main
+    from aemon.maps import strengths
+    from tests.daemon_process import write_png
+
+    x, y = digits
+    threes = x[y == 3]
+    for i, image in enumerate(np.round(threes[:200, :, :, 0] * 255).astype(np.uint8)):
+        write_png(tmp_path / "normal" / f"{i:03d}.png", image)
+    assert main(["train", "--data", str(tmp_path / "normal"), "--out", str(tmp_path / "b"), "--arch", "pca",
+                 "--score", "patches"]) == 0
+    bundle = load_bundle(tmp_path / "b")
+    unseen = threes[200:260]
+    ok = unseen[bundle.score(unseen) <= bundle.threshold]
+    assert len(ok) >= 40
+    assert strengths(bundle, ok, bundle.scorer.reconstruct(ok)).mean() < 0.1
+    marked = unseen[:1].copy()
+    marked[0, 4:24, 1:4] = 1.0  # a bar down the left edge, where 3s have no ink
+    strength = strengths(bundle, marked, bundle.scorer.reconstruct(marked))[0]
+    row, col = np.unravel_index(np.argmax(strength), strength.shape)
+    assert col <= 10 and strength.max() > 0.3 and strength[:, 18:].mean() < 0.1, (row, col, strength.max())
