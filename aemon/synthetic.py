@@ -129,7 +129,7 @@ def _stain(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _tint(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A soft ellipse, 6–18 % of the side in radius, shifted in colour without changing its brightness (the mean
-    of its channels): a discoloured spot. Colour images only; a grey image is returned unchanged."""
+    of its channels, never clipped): a discoloured spot. Colour images only; a grey image is returned unchanged."""
     if img.shape[-1] != 3:
         return img
     h, w = img.shape[:2]
@@ -139,7 +139,11 @@ def _tint(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     g = np.exp(-0.5 * (((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2) ** 1.5)[..., None]
     hue = rng.uniform(0, 2 * np.pi)  # a direction across the grey axis: its three parts sum to 0
     chroma = np.cos(hue + np.array([0.0, 2 * np.pi / 3, 4 * np.pi / 3], np.float32))
-    return img + rng.uniform(0.2, 0.4) * g * chroma
+    # At each pixel at most the shift that keeps every channel in [0, 1]: clipping would change the brightness
+    # (a black or a saturated pixel cannot be recoloured at the same brightness, and is left as it is).
+    with np.errstate(divide="ignore", invalid="ignore"):
+        room = np.where(chroma > 0, (1.0 - img) / chroma, np.where(chroma < 0, -img / chroma, np.inf)).min(axis=-1)
+    return img + np.minimum(rng.uniform(0.2, 0.4) * g[..., 0], np.maximum(room, 0.0))[..., None] * chroma
 
 
 def _blur(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
