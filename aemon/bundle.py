@@ -360,6 +360,10 @@ def load_bundle(path: Path, *, chunk: int = 1024) -> Bundle:
     try:
         if state and lookup(meta.score_fn).fit is None:
             raise ValueError(f"bundle.json names a score state, which {meta.score_fn!r} has none of")
+        needed, size = lookup(meta.score_fn).min_side, tuple(model.input_shape[1:3])
+        if min(size) < needed:
+            raise ValueError(f"it compares image gradients, which need images of at least {needed}x{needed} "
+                             f"pixels; this input is {'x'.join(map(str, size))}, so every image would score the same")
         scorer = Scorer(model, meta.score_fn, chunk=chunk, state=state)
         blank = np.zeros((1, *scorer.input_shape), np.float32)
         probe = scorer.score(blank)

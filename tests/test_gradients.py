@@ -370,3 +370,21 @@ def test_maps_of_ordinary_images_stay_nearly_clear(digits: tuple[np.ndarray, np.
     strength = strengths(bundle, marked, bundle.scorer.reconstruct(marked))[0]
     row, col = np.unravel_index(np.argmax(strength), strength.shape)
     assert col <= 10 and strength.max() > 0.3 and strength[:, 18:].mean() < 0.1, (row, col, strength.max())
+
+
+def test_a_bundle_of_gradients_on_images_too_small_is_refused_at_load(tmp_path, monkeypatch) -> None:
+    """A `nearest` bundle of 2x2 images (trainable before the 3-pixel limit) scores every image the same; loading
+    it says why instead of serving a detector that can never flag anything."""
+    import dataclasses
+
+    from aemon import scoring
+    from aemon.bundle import BundleError, load_bundle
+    from aemon.cli import main
+
+    np.save(tmp_path / "tiny.npy", np.random.default_rng(9).random((400, 2, 2)).astype(np.float32))
+    with monkeypatch.context() as patch:  # as the code before the limit trained it
+        patch.setitem(scoring.SCORE_FUNCTIONS, "nearest", dataclasses.replace(lookup("nearest"), min_side=1))
+        assert main(["train", "--data", str(tmp_path / "tiny.npy"), "--out", str(tmp_path / "b"), "--arch", "pca",
+                     "--latent-dim", "2", "--score", "nearest"]) == 0
+    with pytest.raises(BundleError, match="at least 3x3"):
+        load_bundle(tmp_path / "b")
