@@ -17,7 +17,8 @@ from keras import layers
 
 from aemon.errors import UsageError
 
-__all__ = ["ARCHS", "BUILDERS", "POOLED", "build", "check_fits", "fit_pca", "pca_reconstruct", "set_pca_weights"]
+__all__ = ["ARCHS", "BUILDERS", "POOLED", "build", "check_fits", "fit_pca", "pca_reconstruct", "seeded_subset",
+           "set_pca_weights"]
 
 #: Architectures ``build`` knows, with a one-line description for ``--help``.
 ARCHS: dict[str, str] = {
@@ -163,6 +164,13 @@ def set_pca_weights(model: keras.Model, mean, components) -> None:
 MAX_PCA_VALUES = 60_000_000
 
 
+def seeded_subset(x: np.ndarray, most: int) -> np.ndarray:
+    """``x`` itself, or ``most`` of its rows in their order, the same ones at every call (seed 0)."""
+    if len(x) <= most:
+        return x
+    return x[np.sort(np.random.default_rng(0).choice(len(x), most, replace=False))]
+
+
 def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, float]:
     """Principal components of ``x`` by SVD of the centred data (of a subset, past :data:`MAX_PCA_VALUES`).
 
@@ -175,8 +183,7 @@ def fit_pca(x: np.ndarray, n_components: int) -> tuple[np.ndarray, np.ndarray, f
     """
     pixels = x[0].size
     most = max(1000, MAX_PCA_VALUES // pixels)
-    if len(x) > most:
-        x = x[np.sort(np.random.default_rng(0).choice(len(x), most, replace=False))]
+    x = seeded_subset(x, most)
     flat = x.reshape(len(x), -1).astype(np.float64)
     if n_components > min(flat.shape):
         raise UsageError(f"--arch pca with {len(flat)} images of {flat.shape[1]} pixels keeps at most "

@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from aemon.gradients import BINS, MIN_SIDE, area_pooling, features, features_tf, grid_of, regions, regions_tf
+from aemon.models import seeded_subset
 
 __all__ = ["GRID", "SCORE_FUNCTIONS", "ScoreFunction", "TOPK_SHARE", "fit_state", "local_operators",
            "reconstruction_error", "Scorer"]
@@ -333,9 +334,7 @@ def _nearest_where(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
 
 
 def _nearest_fit(x: np.ndarray, r: np.ndarray) -> State:
-    if len(x) > MAX_NEIGHBOURS:
-        x = x[np.sort(np.random.default_rng(0).choice(len(x), MAX_NEIGHBOURS, replace=False))]
-    return {"neighbours": features(x)}
+    return {"neighbours": features(seeded_subset(x, MAX_NEIGHBOURS))}
 
 
 def _left_out_nearest(neighbours: np.ndarray) -> np.ndarray:
@@ -407,9 +406,7 @@ def _patches_where(x: np.ndarray, r: np.ndarray, state: State) -> np.ndarray:
 
 
 def _patches_fit(x: np.ndarray, r: np.ndarray) -> State:
-    if len(x) > MAX_PATCH_NEIGHBOURS:
-        x = x[np.sort(np.random.default_rng(0).choice(len(x), MAX_PATCH_NEIGHBOURS, replace=False))]
-    return {"regions": regions(x)}
+    return {"regions": regions(seeded_subset(x, MAX_PATCH_NEIGHBOURS))}
 
 
 def _left_out_patches(ref: np.ndarray) -> np.ndarray:

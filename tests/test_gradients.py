@@ -113,17 +113,13 @@ def test_nearest_map_points_at_the_change(digits: tuple[np.ndarray, np.ndarray])
                                rtol=1e-5, atol=1e-6)
 
 
-def test_nearest_keeps_at_most_its_limit_of_neighbours() -> None:
+def test_nearest_keeps_at_most_its_limit_of_neighbours(monkeypatch) -> None:
     """A state of more images than the limit keeps a seeded subset of them (the same at each fit)."""
     from aemon import scoring
 
     x = np.random.default_rng(2).random((50, 8, 8, 1)).astype(np.float32)
-    limit = scoring.MAX_NEIGHBOURS
-    try:
-        scoring.MAX_NEIGHBOURS = 20
-        first, again = fit_state("nearest", x, x), fit_state("nearest", x, x)
-    finally:
-        scoring.MAX_NEIGHBOURS = limit
+    monkeypatch.setattr(scoring, "MAX_NEIGHBOURS", 20)
+    first, again = fit_state("nearest", x, x), fit_state("nearest", x, x)
     assert first["neighbours"].shape == (20, 7 * 7 * BINS)
     np.testing.assert_array_equal(first["neighbours"], again["neighbours"])
 
@@ -257,18 +253,15 @@ def test_patches_scores_a_local_mark_and_maps_it(digits: tuple[np.ndarray, np.nd
     assert np.mean((rows >= 4) & (rows <= 7) & (cols <= 3)) > 0.8, list(zip(rows, cols, strict=True))
 
 
-def test_patches_keeps_at_most_its_limit_and_leaves_each_image_out() -> None:
+def test_patches_keeps_at_most_its_limit_and_leaves_each_image_out(monkeypatch) -> None:
     """A state of more images than the limit keeps a seeded subset (the same at each fit); the standardising
     scores of a ``+patches`` sum are each remembered image's score against the others (by brute force here)."""
     from aemon import scoring
 
     x = np.random.default_rng(6).random((30, 12, 12, 1)).astype(np.float32)
-    limit = scoring.MAX_PATCH_NEIGHBOURS
-    try:
-        scoring.MAX_PATCH_NEIGHBOURS = 20
+    with monkeypatch.context() as patch:
+        patch.setattr(scoring, "MAX_PATCH_NEIGHBOURS", 20)
         first, again = fit_state("patches", x, x), fit_state("patches", x, x)
-    finally:
-        scoring.MAX_PATCH_NEIGHBOURS = limit
     assert first["regions"].shape[0] == 20
     np.testing.assert_array_equal(first["regions"], again["regions"])
     ref = fit_state("patches", x, x)["regions"]
